@@ -1,0 +1,1 @@
+"""Annotations: the interleaved serialisation, chunking, the annotated JSONL schema and annotators."""

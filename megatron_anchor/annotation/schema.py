@@ -1,0 +1,168 @@
+"""The annotated JSONL schema: the interface between annotators and the preprocessing tools.
+
+One JSON object per line. An *annotated* document::
+
+    {"id": "doc-17",                       # optional, any JSON string or number
+     "chunks": [                           # required, non-empty, in document order
+        {"text": "First paragraph ...",    # required: the chunk's exact text
+         "sep": "\\n\\n",                    # optional (default ""): the blank-line separator after the chunk
+         "tags": [["topic", "cooking"],    # required for annotated chunks: ordered [key, value] pairs;
+                  ["genre", "recipe"]]},   #   [] means "annotated, no tags"; null/absent means "not annotated"
+        {"text": "Second paragraph ...", "sep": "", "tags": [["topic", "baking"]]}],
+     "meta": {...}}                        # optional, carried through untouched
+
+Joining ``text + sep`` over the chunks gives the original document. A *raw* document is ``{"text": "..."}``
+(the key is configurable); the tools chunk it at blank lines and annotate it.
+
+Keys are lower-case identifiers (``[a-z][a-z0-9_]*``); values are non-empty single-line strings without the
+annotation delimiters or the tag separator ``;`` (see :mod:`megatron_anchor.annotation.format`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from megatron_anchor.annotation.chunking import split_chunks
+from megatron_anchor.annotation.format import MAX_VALUE_CHARS, Tag, tag_problem
+
+
+class DocumentError(ValueError):
+    """A document that cannot be used, with where it came from (``file:line``) in the message."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+
+    def __reduce__(self):
+        # Keep both fields when the error crosses a process boundary (worker pools pickle exceptions).
+        return (type(self), (self.where, self.reason))
+
+
+@dataclass
+class Chunk:
+    """One chunk of a document: its exact text, the separator after it, and its tags (None: not annotated)."""
+
+    text: str
+    sep: str = ""
+    tags: Optional[List[Tag]] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"text": self.text, "sep": self.sep}
+        if self.tags is not None:
+            out["tags"] = [list(t) for t in self.tags]
+        return out
+
+
+@dataclass
+class Document:
+    """A document as a list of chunks. ``doc_id`` and ``meta`` are carried through untouched."""
+
+    chunks: List[Chunk]
+    doc_id: Optional[Union[str, int]] = None
+    meta: Optional[Dict[str, Any]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The original document text."""
+        return "".join(c.text + c.sep for c in self.chunks)
+
+    @property
+    def annotated(self) -> bool:
+        """True when every chunk carries a tag list (possibly empty)."""
+        return all(c.tags is not None for c in self.chunks)
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = dict(self.extra)
+        if self.doc_id is not None:
+            out["id"] = self.doc_id
+        out["chunks"] = [c.to_json() for c in self.chunks]
+        if self.meta is not None:
+            out["meta"] = self.meta
+        return out
+
+    def to_jsonl(self) -> str:
+        """One line of annotated JSONL (no trailing newline)."""
+        return json.dumps(self.to_json(), ensure_ascii=False)
+
+
+def _parse_tags(raw: Any, where: str, max_value_chars: int) -> List[Tag]:
+    if not isinstance(raw, list):
+        raise DocumentError(where, f"'tags' must be a list of [key, value] pairs, got {type(raw).__name__}")
+    tags: List[Tag] = []
+    for t in raw:
+        if not (isinstance(t, (list, tuple)) and len(t) == 2):
+            raise DocumentError(where, f"each tag must be a [key, value] pair, got {t!r:.80}")
+        problem = tag_problem(t[0], t[1], max_value_chars)
+        if problem:
+            raise DocumentError(where, problem)
+        tags.append((t[0], t[1]))
+    return tags
+
+
+def parse_document(
+    obj: Any,
+    where: str,
+    text_key: str = "text",
+    max_value_chars: int = MAX_VALUE_CHARS,
+) -> Document:
+    """Validate one decoded JSON line and return a :class:`Document`.
+
+    Raises :class:`DocumentError` naming ``where`` for any problem: not an object, neither ``chunks`` nor
+    ``text_key``, wrong types, empty documents, bad tags. Raw documents come back chunked, with ``tags=None``.
+    """
+    if not isinstance(obj, dict):
+        raise DocumentError(where, f"expected a JSON object, got {type(obj).__name__}")
+    doc_id = obj.get("id")
+    meta = obj.get("meta")
+    if "chunks" in obj:
+        raw_chunks = obj["chunks"]
+        if not isinstance(raw_chunks, list):
+            raise DocumentError(where, f"'chunks' must be a list, got {type(raw_chunks).__name__}")
+        if not raw_chunks:
+            raise DocumentError(where, "empty document: 'chunks' is an empty list")
+        chunks: List[Chunk] = []
+        for i, c in enumerate(raw_chunks):
+            cw = f"{where} chunk {i}"
+            if not isinstance(c, dict):
+                raise DocumentError(cw, f"a chunk must be an object, got {type(c).__name__}")
+            text = c.get("text")
+            if not isinstance(text, str):
+                raise DocumentError(cw, "missing or non-string 'text'")
+            if not text:
+                raise DocumentError(cw, "empty chunk text")
+            sep = c.get("sep", "")
+            if not isinstance(sep, str) or sep.strip():
+                raise DocumentError(cw, f"'sep' must be a whitespace-only string, got {sep!r:.40}")
+            tags = c.get("tags")
+            chunks.append(Chunk(text, sep, None if tags is None else _parse_tags(tags, cw, max_value_chars)))
+        extra = {k: v for k, v in obj.items() if k not in ("id", "meta", "chunks")}
+        return Document(chunks, doc_id, meta, extra)
+    if text_key in obj:
+        text = obj[text_key]
+        if not isinstance(text, str):
+            raise DocumentError(where, f"'{text_key}' must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise DocumentError(where, "empty document")
+        chunks = [Chunk(t, s, None) for t, s in split_chunks(text)]
+        extra = {k: v for k, v in obj.items() if k not in ("id", "meta", text_key)}
+        return Document(chunks, doc_id, meta, extra)
+    raise DocumentError(where, f"a document needs 'chunks' (annotated) or '{text_key}' (raw); keys: {sorted(obj)[:8]}")
+
+
+def parse_line(
+    line: bytes, where: str, text_key: str = "text", max_value_chars: int = MAX_VALUE_CHARS
+) -> Document:
+    """Decode (strict UTF-8) and parse one JSONL line; every failure is a :class:`DocumentError`."""
+    try:
+        s = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DocumentError(where, f"invalid UTF-8 at byte {e.start}") from None
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise DocumentError(where, f"malformed JSON: {e.msg} at column {e.colno}") from None
+    return parse_document(obj, where, text_key, max_value_chars)

@@ -1,0 +1,1 @@
+"""Token + role-channel datasets: writing, merging, validating and reading them."""

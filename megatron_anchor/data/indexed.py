@@ -1,0 +1,274 @@
+"""Megatron indexed mmap datasets (``.bin``/``.idx``) with a sibling role channel.
+
+The format is megatron-core's ``IndexedDataset`` (non-multimodal)::
+
+    .idx: b"MMIDIDX\\x00\\x00" | u64 version=1 | u8 dtype code | u64 sequence count | u64 len(document_indices)
+          | int32 sequence_lengths[S] | int64 byte pointers[S] | int64 document_indices[D+1] (starts at 0)
+    .bin: the tokens of all sequences, back to back
+
+Every document here is one sequence. The role channel ``<prefix>_roles`` is the same format with dtype uint8
+and exactly the same sequence lengths and document indices. Writers here emit megatron-core's bytes exactly
+(the tests compare against ``IndexedDatasetBuilder``) but buffer whole parts, stream merges without holding
+any index in memory, and only ever write under temporary names that are renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from typing import Iterable, List, Sequence, Tuple
+
+import numpy as np
+
+from megatron_anchor.roles import KNOWN_ROLE_CODES, ROLE_DTYPE
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+_HEADER = struct.Struct("<9sQBQQ")
+DTYPE_CODES = {
+    np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8,
+}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+ROLES_SUFFIX = "_roles"
+TMP_SUFFIX = ".tmp"
+_COPY_CHUNK = 16 << 20
+
+
+def roles_prefix(prefix: str) -> str:
+    """Path prefix of the role channel for a token dataset prefix."""
+    return prefix + ROLES_SUFFIX
+
+
+def bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+class DatasetFormatError(ValueError):
+    """An indexed dataset that is missing, truncated or inconsistent (the message names the file)."""
+
+
+@dataclass
+class IndexHeader:
+    """The fixed-size head of an ``.idx`` file and where its arrays lie."""
+
+    path: str
+    dtype: type
+    sequence_count: int
+    document_count: int  # number of documents (len(document_indices) - 1)
+
+    @property
+    def arrays_offset(self) -> int:
+        return _HEADER.size
+
+    def expected_idx_size(self) -> int:
+        return _HEADER.size + self.sequence_count * (4 + 8) + (self.document_count + 1) * 8
+
+
+def read_index_header(path: str) -> IndexHeader:
+    """Read and check an ``.idx`` header, including that the file is as long as its header says."""
+    if not os.path.isfile(path):
+        raise DatasetFormatError(f"{path}: index file not found")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise DatasetFormatError(f"{path}: truncated index header ({size} bytes)")
+    magic, version, code, seq_count, doc_idx_count = _HEADER.unpack(head)
+    if magic != INDEX_MAGIC:
+        raise DatasetFormatError(f"{path}: not a Megatron indexed dataset (bad magic {magic!r})")
+    if version != INDEX_VERSION:
+        raise DatasetFormatError(f"{path}: unsupported index version {version}")
+    if code not in CODE_DTYPES:
+        raise DatasetFormatError(f"{path}: unknown dtype code {code}")
+    if doc_idx_count < 1:
+        raise DatasetFormatError(f"{path}: document index is empty")
+    header = IndexHeader(path, CODE_DTYPES[code], seq_count, doc_idx_count - 1)
+    if size != header.expected_idx_size():
+        raise DatasetFormatError(
+            f"{path}: index is {size} bytes but its header describes {header.expected_idx_size()} "
+            "(truncated or corrupt file)"
+        )
+    return header
+
+
+def read_index_arrays(path: str) -> Tuple[IndexHeader, np.ndarray, np.ndarray, np.ndarray]:
+    """Header, sequence lengths (int32), byte pointers (int64) and document indices (int64), memory-mapped."""
+    h = read_index_header(path)
+    raw = np.memmap(path, np.uint8, "r")
+    off = h.arrays_offset
+    n = h.sequence_count
+    lengths = raw[off : off + 4 * n].view(np.int32)
+    off += 4 * n
+    pointers = raw[off : off + 8 * n].view(np.int64)
+    off += 8 * n
+    doc_idx = raw[off : off + 8 * (h.document_count + 1)].view(np.int64)
+    return h, lengths, pointers, doc_idx
+
+
+def _write_index(f, dtype: type, lengths: np.ndarray, doc_indices: np.ndarray) -> None:
+    itemsize = np.dtype(dtype).itemsize
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1].astype(np.int64) * itemsize, out=pointers[1:])
+    f.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, DTYPE_CODES[dtype], len(lengths), len(doc_indices)))
+    f.write(np.asarray(lengths, dtype=np.int32).tobytes())
+    f.write(pointers.tobytes())
+    f.write(np.asarray(doc_indices, dtype=np.int64).tobytes())
+
+
+def publish(tmp_prefix: str, final_prefix: str) -> None:
+    """Rename ``tmp_prefix.{bin,idx}`` to ``final_prefix.{bin,idx}``: ``.idx`` last, so a reader never sees a
+    complete-looking index beside a half-renamed ``.bin``."""
+    os.replace(bin_path(tmp_prefix), bin_path(final_prefix))
+    os.replace(idx_path(tmp_prefix), idx_path(final_prefix))
+
+
+def write_documents(prefix: str, docs: Sequence[np.ndarray], dtype: type) -> None:
+    """Write documents (one sequence each) as ``prefix.{bin,idx}``, via temporary names."""
+    tmp = prefix + TMP_SUFFIX
+    with open(bin_path(tmp), "wb") as f:
+        for d in docs:
+            f.write(np.ascontiguousarray(d, dtype=dtype).tobytes())
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int32, count=len(docs))
+    with open(idx_path(tmp), "wb") as f:
+        _write_index(f, dtype, lengths, np.arange(len(docs) + 1, dtype=np.int64))
+    publish(tmp, prefix)
+
+
+def write_token_role_documents(prefix: str, docs: Sequence[Tuple[np.ndarray, np.ndarray]], dtype: type) -> None:
+    """Write ``(ids, roles)`` documents as the token dataset ``prefix`` and its role channel.
+
+    The role channel is published first, so an existing token dataset always has its matching channel.
+    """
+    for ids, roles in docs:
+        if len(ids) != len(roles):
+            raise ValueError(f"a document has {len(ids)} tokens but {len(roles)} roles")
+    write_documents(roles_prefix(prefix), [r for _, r in docs], ROLE_DTYPE)
+    write_documents(prefix, [i for i, _ in docs], dtype)
+
+
+def merge_datasets(prefixes: Sequence[str], out_prefix: str, show_progress: bool = False) -> IndexHeader:
+    """Concatenate indexed datasets (same dtype) in order into ``out_prefix``, streaming.
+
+    Index arrays are copied part by part (pointers rebased on the fly) and ``.bin`` files by block copy, so
+    memory stays flat whatever the total size. Output goes to temporary names, renamed at the end.
+    """
+    if not prefixes:
+        raise ValueError("nothing to merge")
+    headers = [read_index_header(idx_path(p)) for p in prefixes]
+    dtype = headers[0].dtype
+    for h in headers:
+        if h.dtype != dtype:
+            raise DatasetFormatError(f"{h.path}: dtype {np.dtype(h.dtype).name} differs from {np.dtype(dtype).name}")
+        check_bin_size(h)
+    n_seq = sum(h.sequence_count for h in headers)
+    n_doc = sum(h.document_count for h in headers)
+    tmp = out_prefix + TMP_SUFFIX
+    itemsize = np.dtype(dtype).itemsize
+    with open(idx_path(tmp), "wb") as out:
+        out.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, DTYPE_CODES[dtype], n_seq, n_doc + 1))
+        for p in prefixes:
+            _, lengths, _, _ = read_index_arrays(idx_path(p))
+            out.write(np.asarray(lengths).tobytes())
+        base = 0
+        for p in prefixes:
+            _, lengths, pointers, _ = read_index_arrays(idx_path(p))
+            out.write((np.asarray(pointers) + base).tobytes())
+            base += int(np.asarray(lengths, dtype=np.int64).sum()) * itemsize
+        seq_base = 0
+        out.write(np.zeros(1, dtype=np.int64).tobytes())
+        for p, h in zip(prefixes, headers):
+            _, _, _, doc_idx = read_index_arrays(idx_path(p))
+            out.write((np.asarray(doc_idx[1:]) + seq_base).tobytes())
+            seq_base += h.sequence_count
+    with open(bin_path(tmp), "wb") as out:
+        for p in prefixes:
+            with open(bin_path(p), "rb") as f:
+                shutil.copyfileobj(f, out, _COPY_CHUNK)
+    publish(tmp, out_prefix)
+    return read_index_header(idx_path(out_prefix))
+
+
+def merge_token_role_datasets(prefixes: Sequence[str], out_prefix: str) -> IndexHeader:
+    """Merge token datasets and their role channels, keeping the two aligned (roles published first)."""
+    for p in prefixes:
+        check_role_channel(p, deep=False)
+    merge_datasets([roles_prefix(p) for p in prefixes], roles_prefix(out_prefix))
+    return merge_datasets(prefixes, out_prefix)
+
+
+def check_bin_size(h: IndexHeader) -> None:
+    """The ``.bin`` beside an index must hold exactly the tokens the index describes."""
+    prefix = h.path[: -len(".idx")]
+    bpath = bin_path(prefix)
+    if not os.path.isfile(bpath):
+        raise DatasetFormatError(f"{bpath}: data file not found")
+    _, lengths, _, _ = read_index_arrays(h.path)
+    want = int(np.asarray(lengths, dtype=np.int64).sum()) * np.dtype(h.dtype).itemsize
+    got = os.path.getsize(bpath)
+    if got != want:
+        raise DatasetFormatError(
+            f"{bpath}: {got} bytes but {h.path} describes {want} (truncated, or .bin/.idx from different runs)"
+        )
+
+
+def check_role_channel(prefix: str, deep: bool = True) -> Tuple[IndexHeader, IndexHeader]:
+    """Validate a token dataset and its role channel; raise :class:`DatasetFormatError` naming the problem.
+
+    Checks: both pairs exist and are complete, roles are uint8, sequence lengths and document indices are
+    equal. With ``deep``, also that every role code is known (reads the whole role ``.bin``).
+    """
+    rprefix = roles_prefix(prefix)
+    if not os.path.isfile(idx_path(rprefix)) and not os.path.isfile(bin_path(rprefix)):
+        raise DatasetFormatError(
+            f"{prefix}: role channel {rprefix}.{{bin,idx}} not found; preprocess the data with "
+            "tools/preprocess_data.py (or use --loss-mask-policy none for plain token data)"
+        )
+    th = read_index_header(idx_path(prefix))
+    rh = read_index_header(idx_path(rprefix))
+    check_bin_size(th)
+    check_bin_size(rh)
+    if rh.dtype != ROLE_DTYPE:
+        raise DatasetFormatError(f"{rh.path}: role channel dtype is {np.dtype(rh.dtype).name}, expected uint8")
+    if (th.sequence_count, th.document_count) != (rh.sequence_count, rh.document_count):
+        raise DatasetFormatError(
+            f"{prefix}: role channel has {rh.sequence_count} sequences / {rh.document_count} documents but the "
+            f"tokens have {th.sequence_count} / {th.document_count}"
+        )
+    _, tl, _, td = read_index_arrays(th.path)
+    _, rl, _, rd = read_index_arrays(rh.path)
+    if not np.array_equal(tl, rl):
+        bad = int(np.flatnonzero(np.asarray(tl) != np.asarray(rl))[0])
+        raise DatasetFormatError(
+            f"{prefix}: sequence {bad} has {int(tl[bad])} tokens but {int(rl[bad])} roles in {rh.path}"
+        )
+    if not np.array_equal(td, rd):
+        raise DatasetFormatError(f"{prefix}: document indices of the role channel differ from the tokens'")
+    if deep:
+        unknown = unknown_role_codes(rprefix)
+        if unknown:
+            raise DatasetFormatError(f"{bin_path(rprefix)}: unknown role codes {sorted(unknown)}")
+    return th, rh
+
+
+def unknown_role_codes(rprefix: str) -> List[int]:
+    """Role codes in a role channel's ``.bin`` that :class:`~megatron_anchor.roles.Role` does not define."""
+    data = np.memmap(bin_path(rprefix), ROLE_DTYPE, "r") if os.path.getsize(bin_path(rprefix)) else np.zeros(0, ROLE_DTYPE)
+    counts = np.bincount(np.asarray(data), minlength=256)
+    return [c for c in np.flatnonzero(counts).tolist() if c not in KNOWN_ROLE_CODES]
+
+
+def iter_documents(prefix: str) -> Iterable[np.ndarray]:
+    """Yield each document's array (for inspection and tests; one sequence per document assumed)."""
+    h, lengths, pointers, _ = read_index_arrays(idx_path(prefix))
+    data = np.memmap(bin_path(prefix), h.dtype, "r") if os.path.getsize(bin_path(prefix)) else np.zeros(0, h.dtype)
+    itemsize = np.dtype(h.dtype).itemsize
+    for n, p in zip(np.asarray(lengths), np.asarray(pointers)):
+        start = int(p) // itemsize
+        yield np.array(data[start : start + int(n)])

@@ -1,0 +1,372 @@
+"""The preprocessing engine behind ``tools/preprocess_data.py``: annotated JSONL -> tokens + role channel.
+
+How it runs:
+- The input is read as a stream of lines and cut into *parts* of ``docs_per_part`` physical lines. Parts are
+  tokenized by a pool of worker processes, with at most ``2 * workers`` parts in flight, so memory does not grow
+  with the corpus.
+- Each finished part is written into ``<output>.parts/`` under temporary names, renamed, and then marked done by
+  its stats file. A killed run, started again with the same arguments, skips the done parts and redoes the
+  rest; a run with different arguments refuses to mix its parts with the old ones.
+- When every part is done they are merged in order into ``<output>_text_document.{bin,idx}`` and
+  ``<output>_text_document_roles.{bin,idx}`` (again via temporary names) and the parts are removed.
+The output bytes depend only on the input and the output-affecting options, never on ``workers`` or on where a
+run was interrupted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from tqdm import tqdm
+
+from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotate_document
+from megatron_anchor.annotation.format import Segment, chunk_segments
+from megatron_anchor.annotation.schema import Document, DocumentError, parse_line
+from megatron_anchor.data.indexed import (
+    bin_path,
+    idx_path,
+    merge_token_role_datasets,
+    roles_prefix,
+    write_token_role_documents,
+)
+from megatron_anchor.roles import ANNOTATION_ROLES, Role
+from megatron_anchor.tokenizer import AnchorTokenizer, build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MAX_REASONS = 20
+
+
+@dataclass
+class PreprocessConfig:
+    """Options of a preprocessing run. Fields marked *output-affecting* are checked on resume."""
+
+    input: str
+    """JSONL (optionally .gz) with annotated (``chunks``) or raw (``json_key``) documents."""
+    output_prefix: str
+    """Outputs are ``<output_prefix>_<json_key>_document.{bin,idx}`` and the ``_roles`` channel beside them."""
+    tokenizer_type: str
+    """Megatron-LM tokenizer type name (output-affecting)."""
+    tokenizer_model: str
+    """SentencePiece model file or Hugging Face tokenizer.json / folder (output-affecting)."""
+    json_key: str = "text"
+    """Key holding a raw document's text (output-affecting)."""
+    workers: int = 1
+    """Tokenizing processes."""
+    append_eod: bool = False
+    """Append the end-of-document token to each document (output-affecting)."""
+    annotations: bool = True
+    """Interleave annotations; False writes the same text without them (output-affecting)."""
+    annotator: str = "default"
+    """How to annotate raw documents: ``default`` (embedded) or ``none`` (raw documents are an error)."""
+    skip_bad_documents: bool = False
+    """Skip and count bad documents instead of stopping at the first (output-affecting)."""
+    max_chunk_tokens: int = 0
+    """Reject chunks with more text tokens than this (e.g. the training sequence length); 0: no limit."""
+    docs_per_part: int = 2000
+    """Input lines per part: the unit of parallel work and of resumption (output-affecting)."""
+    eod_token: Optional[str] = None
+    """End-of-document token text for Hugging Face tokenizers that do not declare one (output-affecting)."""
+    overwrite: bool = False
+    """Replace existing outputs and discard parts left by a run with other arguments."""
+    show_progress: bool = True
+    """Show a tqdm progress bar."""
+
+    @property
+    def output_path_prefix(self) -> str:
+        return f"{self.output_prefix}_{self.json_key}_document"
+
+    @property
+    def parts_dir(self) -> str:
+        return self.output_path_prefix + ".parts"
+
+    def fingerprint(self) -> Dict[str, object]:
+        """What must match for a resumed run to reuse finished parts."""
+        st = os.stat(self.input)
+        with open(self.tokenizer_model if os.path.isfile(self.tokenizer_model)
+                  else os.path.join(self.tokenizer_model, "tokenizer.json"), "rb") as f:
+            tok_hash = hashlib.sha256(f.read()).hexdigest()
+        return {
+            "input": os.path.abspath(self.input), "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns,
+            "tokenizer_type": self.tokenizer_type, "tokenizer_sha256": tok_hash, "json_key": self.json_key,
+            "append_eod": self.append_eod, "annotations": self.annotations, "annotator": self.annotator,
+            "default_annotator": ANNOTATOR_NAME, "skip_bad_documents": self.skip_bad_documents,
+            "max_chunk_tokens": self.max_chunk_tokens, "docs_per_part": self.docs_per_part,
+            "eod_token": self.eod_token,
+        }
+
+
+@dataclass
+class PartStats:
+    """Counts for one part (summed for the closing summary)."""
+
+    documents: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    annotation_tokens: int = 0
+    text_bytes: int = 0
+    annotated_here: int = 0
+    skipped: int = 0
+    reasons: List[str] = field(default_factory=list)
+
+    def add(self, other: "PartStats") -> None:
+        for name in ("documents", "chunks", "tokens", "annotation_tokens", "text_bytes", "annotated_here", "skipped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.reasons.extend(other.reasons[: max(0, MAX_REASONS - len(self.reasons))])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Work inside one part
+# ------------------------------------------------------------------------------------------------------------
+
+_WORKER: Dict[str, object] = {}
+
+
+def _init_worker(cfg: PreprocessConfig) -> None:
+    _WORKER["cfg"] = cfg
+    kwargs = {"eod_token": cfg.eod_token} if cfg.tokenizer_type == "HuggingFaceTokenizer" else {}
+    _WORKER["tok"] = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, **kwargs)
+
+
+def document_segments(doc: Document, annotations: bool, eod: Optional[Segment]) -> List[Segment]:
+    """A document's segments: each chunk's annotation (if wanted and present), its text and separator, EOD."""
+    segs: List[Segment] = []
+    for c in doc.chunks:
+        segs.extend(chunk_segments(c.text, c.sep, c.tags if annotations else None))
+    if eod is not None:
+        segs.append(eod)
+    return segs
+
+
+def _process_part(args: Tuple[int, int, List[Tuple[int, bytes]]]) -> Tuple[int, PartStats]:
+    part, _, lines = args
+    cfg: PreprocessConfig = _WORKER["cfg"]  # type: ignore[assignment]
+    tok: AnchorTokenizer = _WORKER["tok"]  # type: ignore[assignment]
+    stats = PartStats()
+    docs: List[List[Segment]] = []
+    doc_lines: List[int] = []
+    eod = tok.eod_segment() if cfg.append_eod else None
+    for line_no, line in lines:
+        where = f"{cfg.input}:{line_no}"
+        try:
+            doc = parse_line(line, where, cfg.json_key)
+            if cfg.annotations and not doc.annotated:
+                if cfg.annotator != "default":
+                    raise DocumentError(
+                        where, "raw document but --annotator none; annotate it first (tools/annotate.py), "
+                        "use --annotator default, or pass --no-annotations"
+                    )
+                annotate_document(doc)
+                stats.annotated_here += 1
+        except DocumentError as e:
+            if not cfg.skip_bad_documents:
+                raise
+            stats.skipped += 1
+            if len(stats.reasons) < MAX_REASONS:
+                stats.reasons.append(str(e))
+            continue
+        segs = document_segments(doc, cfg.annotations, eod)
+        docs.append(segs)
+        doc_lines.append(line_no)
+        stats.chunks += len(doc.chunks)
+        stats.text_bytes += sum(len(c.text.encode()) + len(c.sep) for c in doc.chunks)
+    seg_lengths: List[List[int]] = []
+    encoded = tok.encode_segments(docs, seg_lengths)
+    if cfg.max_chunk_tokens:
+        encoded = _drop_long_chunks(cfg, docs, encoded, seg_lengths, doc_lines, stats)
+    for ids, roles in encoded:
+        stats.documents += 1
+        stats.tokens += len(ids)
+        stats.annotation_tokens += int(sum((roles == r).sum() for r in ANNOTATION_ROLES))
+    prefix = part_prefix(cfg, part)
+    write_token_role_documents(prefix, encoded, tok.token_dtype)
+    _write_json_atomic(prefix + ".stats.json", asdict(stats))
+    return part, stats
+
+
+def _drop_long_chunks(cfg, docs, encoded, seg_lengths, doc_lines, stats):
+    """Reject (or, with skip_bad_documents, drop) documents with a chunk over ``max_chunk_tokens``."""
+    kept = []
+    for segs, enc, lens, line_no in zip(docs, encoded, seg_lengths, doc_lines):
+        worst = max((n for s, n in zip(segs, lens) if s.role == Role.TEXT), default=0)
+        if worst > cfg.max_chunk_tokens:
+            err = DocumentError(
+                f"{cfg.input}:{line_no}",
+                f"a chunk has {worst} tokens, more than --max-chunk-tokens {cfg.max_chunk_tokens}; "
+                "split it or raise the limit",
+            )
+            if not cfg.skip_bad_documents:
+                raise err
+            stats.skipped += 1
+            if len(stats.reasons) < MAX_REASONS:
+                stats.reasons.append(str(err))
+            continue
+        kept.append(enc)
+    return kept
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The driver
+# ------------------------------------------------------------------------------------------------------------
+
+
+def part_prefix(cfg: PreprocessConfig, part: int) -> str:
+    return os.path.join(cfg.parts_dir, f"part-{part:06d}")
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _open_input(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def iter_parts(cfg: PreprocessConfig) -> Iterator[Tuple[int, int, List[Tuple[int, bytes]]]]:
+    """Yield ``(part, bytes_read_so_far, [(line_no, line), ...])``; blank lines are skipped but counted."""
+    with _open_input(cfg.input) as f:
+        part, lines, line_no, nbytes = 0, [], 0, 0
+        for line in f:
+            line_no += 1
+            nbytes += len(line)
+            if line.strip():
+                lines.append((line_no, line))
+            if line_no % cfg.docs_per_part == 0:
+                yield part, nbytes, lines
+                part, lines = part + 1, []
+        if lines or line_no % cfg.docs_per_part:
+            yield part, nbytes, lines
+
+
+def _prepare_parts_dir(cfg: PreprocessConfig) -> None:
+    fingerprint = cfg.fingerprint()
+    manifest = os.path.join(cfg.parts_dir, MANIFEST)
+    if os.path.isdir(cfg.parts_dir):
+        old = None
+        if os.path.isfile(manifest):
+            with open(manifest, encoding="utf-8") as f:
+                old = json.load(f)
+        if old != fingerprint:
+            if not cfg.overwrite:
+                raise SystemExit(
+                    f"{cfg.parts_dir} holds parts of a run with other arguments or input; rerun with the same "
+                    "arguments to resume it, or pass --overwrite to start afresh"
+                )
+            shutil.rmtree(cfg.parts_dir)
+    os.makedirs(cfg.parts_dir, exist_ok=True)
+    _write_json_atomic(manifest, fingerprint)
+
+
+def _outputs_exist(prefix: str) -> bool:
+    return any(os.path.exists(p) for p in (bin_path(prefix), idx_path(prefix)))
+
+
+def run(cfg: PreprocessConfig) -> PartStats:
+    """Run (or resume) preprocessing; returns the totals. Raises :class:`DocumentError` on bad input."""
+    if not os.path.isfile(cfg.input):
+        raise SystemExit(f"input {cfg.input!r} not found")
+    if cfg.docs_per_part < 1 or cfg.workers < 1:
+        raise SystemExit("--docs-per-part and --workers must be at least 1")
+    out = cfg.output_path_prefix
+    resuming = os.path.isdir(cfg.parts_dir)
+    if _outputs_exist(out) and not resuming and not cfg.overwrite:
+        raise SystemExit(f"{out}.bin/.idx already exist; pass --overwrite to replace them")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    _prepare_parts_dir(cfg)
+    _init_worker(cfg)  # checks the tokenizer loads before any worker starts
+
+    total = PartStats()
+    done_parts: List[int] = []
+    start = time.time()
+    size = os.path.getsize(cfg.input) if not cfg.input.endswith(".gz") else None
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="preprocess", disable=not cfg.show_progress)
+    pending: Dict[int, Tuple[int, object]] = {}
+    last_bytes = 0
+
+    def finish(part: int, nbytes: int, stats: PartStats) -> None:
+        nonlocal last_bytes
+        total.add(stats)
+        done_parts.append(part)
+        bar.update(nbytes - last_bytes)
+        last_bytes = nbytes
+        bar.set_postfix(docs=total.documents, tokens=total.tokens, refresh=False)
+
+    def load_done(part: int) -> Optional[PartStats]:
+        path = part_prefix(cfg, part) + ".stats.json"
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return PartStats(**json.load(f))
+
+    pool = get_context("fork").Pool(cfg.workers, _init_worker, (cfg,)) if cfg.workers > 1 else None
+    try:
+        next_to_finish = 0
+        for item in iter_parts(cfg):
+            part, nbytes, _ = item
+            cached = load_done(part)
+            if cached is not None:
+                pending[part] = (nbytes, cached)
+            elif pool is None:
+                pending[part] = (nbytes, _process_part(item)[1])
+            else:
+                pending[part] = (nbytes, pool.apply_async(_process_part, (item,)))
+            # Finish parts in order; block when too many are in flight so memory stays bounded.
+            while next_to_finish in pending and (
+                len(pending) > 2 * cfg.workers or _ready(pending[next_to_finish][1])
+            ):
+                nb, res = pending.pop(next_to_finish)
+                finish(next_to_finish, nb, _result(res))
+                next_to_finish += 1
+        while next_to_finish in pending:
+            nb, res = pending.pop(next_to_finish)
+            finish(next_to_finish, nb, _result(res))
+            next_to_finish += 1
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        bar.close()
+
+    if total.documents == 0:
+        raise SystemExit(f"{cfg.input}: no usable documents (skipped {total.skipped}); nothing written")
+    merge_token_role_datasets([part_prefix(cfg, p) for p in sorted(done_parts)], out)
+    shutil.rmtree(cfg.parts_dir)
+    elapsed = time.time() - start
+    _log_summary(cfg, total, elapsed, resumed=resuming)
+    return total
+
+
+def _ready(res) -> bool:
+    return isinstance(res, PartStats) or res.ready()
+
+
+def _result(res) -> PartStats:
+    return res if isinstance(res, PartStats) else res.get()[1]
+
+
+def _log_summary(cfg: PreprocessConfig, t: PartStats, elapsed: float, resumed: bool) -> None:
+    share = t.annotation_tokens / t.tokens if t.tokens else 0.0
+    lines = [
+        f"wrote {cfg.output_path_prefix}.{{bin,idx}} and {roles_prefix(cfg.output_path_prefix)}.{{bin,idx}}"
+        + (" (resumed run)" if resumed else ""),
+        f"  documents {t.documents:,}  chunks {t.chunks:,}  tokens {t.tokens:,}  "
+        f"annotation tokens {t.annotation_tokens:,} ({share:.1%})",
+        f"  annotated here by the default annotator: {t.annotated_here:,}  skipped: {t.skipped:,}",
+        f"  {elapsed:.1f} s, {t.text_bytes / max(elapsed, 1e-9) / 1e6:.2f} MB/s of text, "
+        f"{t.tokens / max(elapsed, 1e-9):,.0f} tokens/s",
+    ]
+    lines += [f"  skipped: {r}" for r in t.reasons]
+    logger.info("\n".join(lines))

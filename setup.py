@@ -1,0 +1,40 @@
+"""Packaging for megatron-anchor.
+
+Install on a CPU machine with the pinned CPU torch (see README):
+    pip install -c constraints-cpu.txt -e ".[test]"
+GPU images (NGC PyTorch, Python 3.12) already carry torch, Transformer Engine and apex:
+    pip install -e ".[gpu,logging]"
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-anchor",
+    version="0.1.0",
+    description="Annotation-anchored pretraining and fine-tuning on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_anchor", "megatron_anchor.*"]),
+    package_data={"megatron_anchor": ["annotation/*.yaml", "annotation/prompts/*"]},
+    install_requires=[
+        "torch>=2.4",
+        # 0.16.1 is the newest release installable on Python 3.11; 0.17+ need Python 3.12 (GPU images).
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "packaging",
+        "psutil",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.19",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        "logging": ["wandb", "tensorboard"],
+        # GPU-only: never needed on CPU. Transformer Engine and apex are usually preinstalled in NGC images.
+        "gpu": ["transformer-engine[pytorch]", "apex"],
+    },
+    scripts=[],
+)

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Preprocess annotated (or raw) JSONL into Megatron indexed datasets with a per-token role channel.
+
+Writes ``PREFIX_text_document.{bin,idx}`` (readable by stock megatron-core ``IndexedDataset``) and
+``PREFIX_text_document_roles.{bin,idx}`` (uint8 role per token). Example::
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --append-eod --workers 8
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_anchor.annotation.schema import DocumentError  # noqa: E402
+from megatron_anchor.data.preprocess import PreprocessConfig, run  # noqa: E402
+from megatron_anchor.tokenizer import TOKENIZER_TYPES, TokenizerError  # noqa: E402
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", required=True,
+                   help="JSONL file (or .jsonl.gz): annotated documents ({'chunks': [...]}) or raw ones "
+                        "({'text': ...}); see docs/data_formats.md")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="key of a raw document's text; also names the output (PREFIX_<key>_document). "
+                        "One key is supported (default: text)")
+    g.add_argument("--no-annotations", action="store_true",
+                   help="write the same text without annotations (the plain-pretraining baseline); "
+                        "roles are then TEXT and EOD only")
+    g.add_argument("--annotator", choices=["default", "none"], default="default",
+                   help="how raw documents are annotated: 'default' uses the embedded offline annotator; "
+                        "'none' makes raw documents an error (annotate them first with tools/annotate.py)")
+    g.add_argument("--skip-bad-documents", action="store_true",
+                   help="skip bad documents (malformed JSON, invalid UTF-8, empty, bad tags, over-long chunks) "
+                        "and count them in the summary, instead of stopping at the first with its file:line")
+    g.add_argument("--max-chunk-tokens", type=int, default=0,
+                   help="reject chunks with more text tokens than this, e.g. your --seq-length (0: no limit)")
+
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=sorted(TOKENIZER_TYPES),
+                   help="tokenizer kind (Megatron-LM names); the annotation delimiters are special tokens")
+    g.add_argument("--tokenizer-model", required=True,
+                   help="SentencePiece .model file, or a Hugging Face tokenizer.json or folder holding one")
+    g.add_argument("--eod-token", default=None,
+                   help="end-of-document token text for Hugging Face tokenizers that do not declare an eos")
+    g.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
+
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True,
+                   help="path prefix of the outputs: PREFIX_text_document.{bin,idx} and _roles beside them")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs / discard unfinished parts of a run with other arguments")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizing worker processes")
+    g.add_argument("--docs-per-part", type=int, default=2000,
+                   help="input lines per part, the unit of parallel work and of resumption (a killed run "
+                        "restarted with the same arguments skips finished parts)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if len(args.json_keys) != 1:
+        print("error: exactly one --json-keys value is supported", file=sys.stderr)
+        return 2
+    cfg = PreprocessConfig(
+        input=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+        json_key=args.json_keys[0],
+        workers=args.workers,
+        append_eod=args.append_eod,
+        annotations=not args.no_annotations,
+        annotator=args.annotator,
+        skip_bad_documents=args.skip_bad_documents,
+        max_chunk_tokens=args.max_chunk_tokens,
+        docs_per_part=args.docs_per_part,
+        eod_token=args.eod_token,
+        overwrite=args.overwrite,
+        show_progress=not args.no_progress,
+    )
+    try:
+        run(cfg)
+    except (DocumentError, TokenizerError) as e:
+        print(f"error: {e}\n(finished parts are kept: fix the input, or pass --skip-bad-documents, and rerun "
+              "the same command to resume)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
