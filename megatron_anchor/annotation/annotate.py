@@ -1,0 +1,480 @@
+"""The annotate job: raw JSONL in, annotated JSONL out, streaming and resumable.
+
+Files (for ``--output OUT``):
+
+- ``OUT``: annotated documents (:mod:`megatron_anchor.annotation.schema`), in input order;
+- ``OUT.failed.jsonl``: documents with at least one chunk that could not be annotated, in the same schema (the
+  chunks that failed have no ``tags``) plus ``"annotation_errors": [{"chunk": i, "reason": ..., "detail": ...}]``;
+  feeding this file back as ``--input`` retries exactly those chunks. Input lines that are not documents are
+  listed there too, with their line number;
+- ``OUT.progress.json``: the checkpoint (input lines and bytes consumed, both outputs' sizes, the counters);
+- ``OUT.cache.sqlite`` (unless ``--cache`` names another): the annotation cache.
+
+Why nothing is lost or duplicated after a kill: documents are written strictly in input order, and a checkpoint
+records, after an fsync, how many input lines are fully reflected in the outputs and how long the outputs were
+at that moment. A resumed run truncates the outputs back to the checkpoint and re-reads the input from there.
+Whatever was written after the last checkpoint is redone, at no server cost since the cache has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Deque, Dict, List, Optional, Sequence, TextIO
+
+from megatron_anchor.annotation import default_annotator
+from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash
+from megatron_anchor.annotation.llm.client import Annotation, AnnotatorClient, ClientConfig
+from megatron_anchor.annotation.llm.prompt import prompt_id
+from megatron_anchor.annotation.llm.tagschema import TagSchema, load_schema
+from megatron_anchor.annotation.schema import Document, DocumentError, parse_line
+
+PROGRESS_VERSION = 1
+_ERRORS_KEY = "annotation_errors"
+_READ_BLOCK = 256  # input lines parsed (and looked up in the cache) together
+
+
+class AnnotateError(RuntimeError):
+    """A job that cannot start or continue (bad arguments, a progress file for another input, ...)."""
+
+
+@dataclass
+class AnnotateConfig:
+    """Everything the annotate job needs. ``tools/annotate.py`` maps its flags onto these fields."""
+
+    input: Path
+    """Raw (``{"text": ...}``) or partly annotated JSONL."""
+    output: Path
+    """Annotated JSONL; side files are named after it."""
+    annotator: str = "default"
+    """``default`` (embedded, no server) or ``vllm`` (OpenAI-compatible servers at ``client.urls``)."""
+    client: Optional[ClientConfig] = None
+    """Server settings for ``vllm``."""
+    schema_path: Optional[Path] = None
+    """Tag schema file (None: the packaged default)."""
+    cache_path: Optional[Path] = None
+    """SQLite cache (None: ``OUTPUT.cache.sqlite``)."""
+    use_cache: bool = True
+    """Look chunks up in / store them into the cache."""
+    text_key: str = "text"
+    """Field holding a raw document's text."""
+    window: int = 0
+    """Chunk requests allowed in flight before reading stops (0: four times the concurrency)."""
+    checkpoint_every_s: float = 2.0
+    """Seconds between checkpoints (each costs an fsync of both outputs)."""
+    overwrite: bool = False
+    """Start from scratch even when a checkpoint or an output exists."""
+    progress: bool = True
+    """Show a tqdm bar on stderr."""
+    limit: Optional[int] = None
+    """Stop after this many input lines (for trials)."""
+
+    @property
+    def failed_path(self) -> Path:
+        return Path(str(self.output) + ".failed.jsonl")
+
+    @property
+    def progress_path(self) -> Path:
+        return Path(str(self.output) + ".progress.json")
+
+
+@dataclass
+class Stats:
+    """Counters over the whole job (a resumed run continues the checkpoint's)."""
+
+    lines: int = 0
+    documents: int = 0
+    documents_failed: int = 0
+    chunks: int = 0
+    annotated: int = 0
+    """Chunks annotated by the server (or the embedded annotator) in this job."""
+    cached: int = 0
+    """Chunks served from the cache, or shared with an identical chunk annotated at the same time."""
+    pretagged: int = 0
+    """Chunks that already had tags in the input (kept as they are)."""
+    retried: int = 0
+    """Chunks that needed more than one request."""
+    extra_requests: int = 0
+    failed: int = 0
+    tokens: int = 0
+    """Completion tokens generated."""
+    reasons: Dict[str, int] = field(default_factory=dict)
+    """Failed chunks (and bad input lines) per reason."""
+    seconds: float = 0.0
+
+    def to_json(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, raw: Dict[str, Any]) -> "Stats":
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        return cls(**known)
+
+
+@dataclass
+class _Doc:
+    """A document in flight, waiting for its chunks."""
+
+    line: int
+    doc: Optional[Document]
+    end: int = 0
+    """Input byte offset just after this document's line (what a checkpoint records once it is written)."""
+    pending: int = 0
+    errors: List[Dict[str, Any]] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    bad_input: Optional[str] = None
+
+
+def _input_fingerprint(path: Path) -> str:
+    """Identifies the input: its name and its first 64 KiB (enough to tell files apart, cheap for huge ones)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    return hashlib.sha256(path.name.encode() + b"\0" + head).hexdigest()[:16]
+
+
+def _fsync(f: Any) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class AnnotateJob:
+    """One run of the annotate job. ``run()`` returns the final :class:`Stats`."""
+
+    def __init__(self, config: AnnotateConfig, log: TextIO = sys.stderr):
+        if config.annotator not in ("default", "vllm"):
+            raise AnnotateError(f"unknown annotator {config.annotator!r} (choose default or vllm)")
+        if config.annotator == "vllm" and (config.client is None or not config.client.urls):
+            raise AnnotateError("the vllm annotator needs at least one server URL")
+        if not config.input.is_file():
+            raise AnnotateError(f"input {config.input} does not exist")
+        self.cfg = config
+        self.log = log
+        self.schema: TagSchema = load_schema(config.schema_path)
+        self.stats = Stats()
+        self.client: Optional[AnnotatorClient] = None
+        self.cache: Optional[AnnotationCache] = None
+        self._docs: Deque[_Doc] = deque()
+        self._inflight: Dict[bytes, "asyncio.Future[Annotation]"] = {}
+        self._outstanding = 0
+        self._changed: Optional[asyncio.Event] = None
+        self._bar: Any = None
+        self._run_tokens = 0
+        self._run_chunks = 0
+        self._t0 = time.monotonic()
+
+    # -- checkpoint ----------------------------------------------------------------------------------------
+
+    def _load_checkpoint(self) -> Optional[Dict[str, Any]]:
+        cfg = self.cfg
+        if cfg.overwrite:
+            for p in (cfg.output, cfg.failed_path, cfg.progress_path):
+                p.unlink(missing_ok=True)
+            return None
+        if cfg.progress_path.exists():
+            state = json.loads(cfg.progress_path.read_text())
+            if state.get("version") != PROGRESS_VERSION:
+                raise AnnotateError(f"{cfg.progress_path}: unknown progress version; rerun with --overwrite")
+            if state.get("input") != _input_fingerprint(cfg.input):
+                raise AnnotateError(
+                    f"{cfg.progress_path} belongs to another input than {cfg.input}; "
+                    "use another --output or --overwrite"
+                )
+            return state
+        if cfg.output.exists() and cfg.output.stat().st_size > 0:
+            raise AnnotateError(
+                f"{cfg.output} exists without a progress file; refusing to overwrite it (use --overwrite)"
+            )
+        return None
+
+    def _checkpoint(self, out: Any, failed: Any, complete: bool = False) -> None:
+        _fsync(out)
+        _fsync(failed)
+        if self.cache is not None:
+            self.cache.flush()
+        self.stats.seconds = self._elapsed_before + (time.monotonic() - self._t0)
+        state = {
+            "version": PROGRESS_VERSION,
+            "input": _input_fingerprint(self.cfg.input),
+            "input_path": str(self.cfg.input),
+            "lines_done": self.stats.lines,
+            "in_bytes": self._written_end,
+            "out_bytes": out.tell(),
+            "failed_bytes": failed.tell(),
+            "complete": complete,
+            "stats": self.stats.to_json(),
+        }
+        tmp = self.cfg.progress_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            _fsync(f)
+        os.replace(tmp, self.cfg.progress_path)  # atomic: a kill leaves the old or the new checkpoint
+        self._last_checkpoint = time.monotonic()
+
+    # -- annotation ----------------------------------------------------------------------------------------
+
+    def _finish_chunk(self, d: _Doc, index: int, result: Annotation, shared: bool) -> None:
+        assert d.doc is not None
+        chunk = d.doc.chunks[index]
+        if result.ok:
+            chunk.tags = list(result.tags or [])
+            d.counts["cached" if shared else "annotated"] += 1
+        else:
+            d.errors.append({"chunk": index, "reason": result.error, "detail": result.detail})
+            d.counts["failed"] += 1
+        if not shared:
+            d.counts["tokens"] += result.tokens
+            d.counts["extra_requests"] += result.retries
+            d.counts["retried"] += result.retries > 0
+            self._run_tokens += result.tokens
+        d.pending -= 1
+        self._run_chunks += 1
+        if self._bar is not None:
+            self._bar.update(1)
+
+    async def _request(self, h: bytes, text: str) -> Annotation:
+        assert self.client is not None
+        result = await self.client.annotate(text)
+        if result.ok and self.cache is not None:
+            self.cache.put(h, result.tags or [], result.tokens)
+        return result
+
+    def _on_done(self, d: _Doc, index: int, shared: bool, fut: "asyncio.Future[Annotation]") -> None:
+        self._outstanding -= 1
+        self._finish_chunk(d, index, fut.result(), shared)
+        assert self._changed is not None
+        self._changed.set()
+
+    def _submit(self, d: _Doc, index: int, h: bytes, text: str) -> None:
+        fut = self._inflight.get(h)
+        shared = fut is not None
+        if fut is None:
+            fut = asyncio.ensure_future(self._request(h, text))
+            self._inflight[h] = fut
+            fut.add_done_callback(lambda _f, h=h: self._inflight.pop(h, None))
+        self._outstanding += 1
+        d.pending += 1
+        fut.add_done_callback(lambda f, d=d, i=index, s=shared: self._on_done(d, i, s, f))
+
+    def _start_block(self, block: List[_Doc]) -> None:
+        """Annotate what can be done at once (embedded annotator, cache) and submit the rest."""
+        todo = []  # (doc, chunk index, hash)
+        for d in block:
+            if d.doc is None:
+                continue
+            for i, c in enumerate(d.doc.chunks):
+                if c.tags is not None:
+                    d.counts["pretagged"] += 1
+                elif self.client is None:
+                    c.tags = default_annotator.annotate_text(c.text)
+                    d.counts["annotated"] += 1
+                    self._run_chunks += 1
+                else:
+                    todo.append((d, i, chunk_hash(c.text)))
+        if not todo:
+            if self._bar is not None and self.client is None:
+                self._bar.update(sum(len(d.doc.chunks) for d in block if d.doc is not None))
+            return
+        hits = self.cache.get_many([h for _, _, h in todo]) if self.cache is not None else {}
+        for d, i, h in todo:
+            tags = hits.get(h)
+            if tags is not None:
+                d.doc.chunks[i].tags = tags  # type: ignore[union-attr]
+                d.counts["cached"] += 1
+                self._run_chunks += 1
+                if self._bar is not None:
+                    self._bar.update(1)
+            else:
+                self._submit(d, i, h, d.doc.chunks[i].text)  # type: ignore[union-attr]
+
+    # -- output --------------------------------------------------------------------------------------------
+
+    def _write_ready(self, out: Any, failed: Any) -> None:
+        """Write finished documents from the head of the queue, keeping input order."""
+        s = self.stats
+        while self._docs and self._docs[0].pending == 0:
+            d = self._docs.popleft()
+            s.lines += 1
+            self._written_end = d.end
+            if d.bad_input is not None:
+                s.documents_failed += 1
+                s.reasons["bad input"] = s.reasons.get("bad input", 0) + 1
+                rec = {"line": d.line, _ERRORS_KEY: [{"reason": "bad input", "detail": d.bad_input}]}
+                failed.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                continue
+            if d.doc is None:  # a blank line
+                continue
+            s.documents += 1
+            s.chunks += len(d.doc.chunks)
+            for k in ("annotated", "cached", "pretagged", "retried", "extra_requests", "failed", "tokens"):
+                setattr(s, k, getattr(s, k) + d.counts[k])
+            if d.errors:
+                s.documents_failed += 1
+                for e in d.errors:
+                    s.reasons[e["reason"]] = s.reasons.get(e["reason"], 0) + 1
+                rec = d.doc.to_json()
+                rec[_ERRORS_KEY] = d.errors
+                failed.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            else:
+                out.write(d.doc.to_jsonl() + "\n")
+
+    # -- main loop -----------------------------------------------------------------------------------------
+
+    async def _open_client(self) -> None:
+        cfg = self.cfg
+        if cfg.annotator == "default":
+            return
+        assert cfg.client is not None
+        self.client = AnnotatorClient(cfg.client, self.schema)
+        await self.client.start()
+        model = await self.client.resolve_model()
+        if cfg.use_cache:
+            cache_path = cfg.cache_path or Path(str(cfg.output) + ".cache.sqlite")
+            self.cache = AnnotationCache(cache_path, model, prompt_id(self.schema))
+
+    def _parse(self, raw: bytes, line_no: int) -> _Doc:
+        if not raw.strip():
+            return _Doc(line_no, None)
+        where = f"{self.cfg.input}:{line_no}"
+        try:
+            doc = parse_line(raw.rstrip(b"\r\n"), where, self.cfg.text_key, self.schema.max_value_chars)
+        except DocumentError as e:
+            return _Doc(line_no, None, bad_input=str(e))
+        doc.extra.pop(_ERRORS_KEY, None)  # a failed file fed back as input: drop the old reasons
+        return _Doc(line_no, doc)
+
+    async def _run(self) -> Stats:
+        cfg = self.cfg
+        state = self._load_checkpoint()
+        if state is not None:
+            self.stats = Stats.from_json(state["stats"])
+            if state.get("complete"):
+                print(f"annotate: {cfg.output} is already complete (use --overwrite to redo it)", file=self.log)
+                return self.stats
+        self._elapsed_before = self.stats.seconds
+        self._changed = asyncio.Event()
+        await self._open_client()
+        window = cfg.window or 4 * (cfg.client.concurrency if cfg.client else 32)
+
+        cfg.output.parent.mkdir(parents=True, exist_ok=True)
+        out = open(cfg.output, "a+b" if state else "wb")
+        failed = open(cfg.failed_path, "a+b" if state else "wb")
+        # Text mode on top of the binary files would buffer separately; write encoded bytes through wrappers.
+        out_w, failed_w = _Utf8Writer(out), _Utf8Writer(failed)
+        inp = open(cfg.input, "rb")
+        try:
+            if state:
+                out.truncate(state["out_bytes"])
+                failed.truncate(state["failed_bytes"])
+                out.seek(state["out_bytes"])
+                failed.seek(state["failed_bytes"])
+                inp.seek(state["in_bytes"])
+                print(f"annotate: resuming {cfg.output} after input line {state['lines_done']}", file=self.log)
+            self._last_checkpoint = time.monotonic()
+            self._bar = self._make_bar()
+            line_no = self.stats.lines
+            offset = self._written_end = inp.tell()
+            eof = False
+            while True:
+                # Read while there is room: in-flight requests below the window and the reorder queue bounded
+                # (a slow head document must not let the queue grow without end).
+                while not eof and self._outstanding < window and len(self._docs) < 64 * window:
+                    block = []
+                    for _ in range(_READ_BLOCK):
+                        if cfg.limit is not None and line_no >= cfg.limit:
+                            eof = True
+                            break
+                        raw = inp.readline()
+                        if not raw:
+                            eof = True
+                            break
+                        line_no += 1
+                        offset += len(raw)
+                        d = self._parse(raw, line_no)
+                        d.end = offset
+                        block.append(d)
+                    self._start_block(block)
+                    self._docs.extend(block)
+                    self._write_ready(out_w, failed_w)
+                self._write_ready(out_w, failed_w)
+                if time.monotonic() - self._last_checkpoint >= cfg.checkpoint_every_s:
+                    self._checkpoint(out, failed)
+                if eof and not self._docs:
+                    break
+                if self._outstanding:
+                    self._changed.clear()
+                    await self._changed.wait()
+                self._refresh_bar()
+            self._checkpoint(out, failed, complete=True)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            inp.close()
+            out.close()
+            failed.close()
+            if self.cache is not None:
+                self.cache.close()
+            if self.client is not None:
+                await self.client.close()
+        return self.stats
+
+    def _make_bar(self) -> Any:
+        if not self.cfg.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(unit="chunk", desc="annotate", file=self.log, mininterval=0.5, smoothing=0.1, dynamic_ncols=True)
+
+    def _refresh_bar(self) -> None:
+        if self._bar is None:
+            return
+        elapsed = max(1e-9, time.monotonic() - self._t0)
+        if time.monotonic() - getattr(self, "_bar_t", 0.0) >= 0.5:
+            self._bar_t = time.monotonic()
+            self._bar.set_postfix_str(f"gen {self._run_tokens / elapsed:.1f} tok/s", refresh=False)
+
+    def run(self) -> Stats:
+        """Run the job to completion (or until killed: rerun to resume)."""
+        return asyncio.run(self._run())
+
+
+class _Utf8Writer:
+    """``write(str)`` onto a binary file, so its ``tell()`` stays exact for checkpoints."""
+
+    def __init__(self, f: Any):
+        self.f = f
+
+    def write(self, s: str) -> None:
+        self.f.write(s.encode("utf-8", "surrogatepass"))
+
+
+def format_summary(stats: Stats, config: AnnotateConfig) -> str:
+    """The closing summary printed by ``tools/annotate.py``."""
+    s = stats
+    rate = s.chunks / s.seconds if s.seconds else 0.0
+    tok_rate = s.tokens / s.seconds if s.seconds else 0.0
+    lines = [
+        f"annotate: {s.documents} documents, {s.chunks} chunks in {s.seconds:.1f}s "
+        f"({rate:.1f} chunks/s, {tok_rate:.1f} generated tok/s)",
+        f"  annotated: {s.annotated}   cached: {s.cached}   already tagged: {s.pretagged}",
+        f"  retried:   {s.retried} chunks ({s.extra_requests} extra requests)",
+        f"  failed:    {s.failed} chunks, {s.documents_failed} documents",
+    ]
+    for reason, n in sorted(s.reasons.items(), key=lambda kv: -kv[1]):
+        lines.append(f"    {n:>8}  {reason}")
+    lines.append(f"  output: {config.output}")
+    if s.documents_failed:
+        lines.append(f"  failed documents (feed back as --input to retry): {config.failed_path}")
+    return "\n".join(lines)
+
+
+def annotate_file(config: AnnotateConfig, log: TextIO = sys.stderr) -> Stats:
+    """Run the annotate job described by ``config`` and return its counters."""
+    return AnnotateJob(config, log).run()
+

@@ -1,0 +1,373 @@
+"""An asynchronous client for OpenAI-compatible ``/v1/chat/completions`` servers (vLLM) that annotates chunks.
+
+What it guarantees per chunk: a result, either tags or a failure with its reason, never an exception and never
+a silent empty list. On the way it:
+
+- bounds the requests in flight (a semaphore; a retry waits for its backoff *outside* it, so a slow replica
+  does not hold slots that healthy ones could use);
+- retries connection errors, timeouts, 429 and 5xx with exponential backoff and full jitter (many clients that
+  failed together must not come back together), honouring ``Retry-After``; other 4xx answers are final;
+- spreads requests round-robin over several replica URLs and fails over: a replica that just failed is skipped
+  for a cool-down while others are up;
+- asks again (at a higher temperature, since the same greedy answer would come back) when an answer cannot be
+  parsed, and gives up with the parser's reason after ``parse_retries``;
+- caps the response body it reads, so a runaway answer cannot exhaust memory.
+
+The API key is held in :class:`Secret`, whose ``repr`` and ``str`` hide it, and only ever goes into the
+``Authorization`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import aiohttp
+
+from megatron_anchor.annotation.format import Tag
+from megatron_anchor.annotation.llm.parser import parse_output
+from megatron_anchor.annotation.llm.prompt import DEFAULT_MAX_CHUNK_CHARS, build_messages
+from megatron_anchor.annotation.llm.tagschema import TagSchema
+
+API_KEY_ENV = "ANNOTATOR_API_KEY"
+
+
+class Secret:
+    """A string that never shows itself in logs, reprs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself (for the request header only)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+def load_api_key(key_file: Optional[str] = None, env_var: str = API_KEY_ENV) -> Optional[Secret]:
+    """The API key from ``key_file`` (first line) if given, else from ``$env_var``, else None.
+
+    A file is preferred because environment variables leak into child processes and crash reports.
+    """
+    if key_file:
+        try:
+            value = Path(key_file).read_text(encoding="utf-8").strip().splitlines()
+        except OSError as e:
+            raise ValueError(f"cannot read API key file {key_file}: {e.strerror or e}") from None
+        if not value or not value[0].strip():
+            raise ValueError(f"API key file {key_file} is empty")
+        return Secret(value[0].strip())
+    value_env = os.environ.get(env_var, "").strip()
+    return Secret(value_env) if value_env else None
+
+
+def normalize_url(url: str) -> str:
+    """``http://h:8000``, ``http://h:8000/`` and ``http://h:8000/v1`` all name the same server root."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    return url
+
+
+@dataclass
+class ClientConfig:
+    """How the client talks to the annotator servers. Defaults suit a vLLM deployment."""
+
+    urls: Sequence[str]
+    """Replica base URLs (``http://host:port``, with or without ``/v1``); used round-robin."""
+    model: Optional[str] = None
+    """Served model name; None asks the first reachable replica's ``/v1/models``."""
+    concurrency: int = 32
+    """Requests in flight at once, over all replicas (vLLM batches them; too few leaves it idle)."""
+    request_timeout_s: float = 120.0
+    """Total time allowed for one request; a stalled replica is abandoned after it."""
+    connect_timeout_s: float = 10.0
+    """Time allowed to open a connection."""
+    max_attempts: int = 8
+    """Failed transport attempts (connection errors, timeouts, 429, 5xx) before a chunk fails."""
+    retry_budget_s: float = 600.0
+    """Give up retrying a chunk after this many seconds since its first attempt."""
+    backoff_base_s: float = 0.5
+    """First backoff ceiling; doubles per failed attempt."""
+    backoff_max_s: float = 30.0
+    """Largest backoff ceiling."""
+    cooldown_s: float = 2.0
+    """How long a replica that just failed is skipped while others are up."""
+    parse_retries: int = 2
+    """Extra requests when an answer has no usable tags."""
+    max_tokens: int = 96
+    """Generation cap per answer (tags are short; this also bounds a runaway answer)."""
+    temperature: float = 0.0
+    """Sampling temperature of the first attempt (greedy: reproducible annotations)."""
+    retry_temperature: float = 0.7
+    """Temperature for re-asking after an unparseable answer."""
+    max_chunk_chars: int = DEFAULT_MAX_CHUNK_CHARS
+    """Chunks are clipped to this many characters in the prompt."""
+    max_response_bytes: int = 1 << 20
+    """Response bodies beyond this are refused."""
+    api_key: Optional[Secret] = field(default=None, repr=False)
+    """Bearer token, if the servers need one."""
+    extra_body: Dict[str, Any] = field(default_factory=dict)
+    """Extra fields merged into every request body (e.g. ``{"top_p": 0.9}``)."""
+
+
+@dataclass
+class Annotation:
+    """The outcome for one chunk."""
+
+    tags: Optional[List[Tag]]
+    """Tags on success, None on failure."""
+    error: Optional[str] = None
+    """Why it failed (short and groupable, e.g. ``"HTTP 500"``, ``"connection refused"``)."""
+    detail: Optional[str] = None
+    """More about the failure (the last server message or parser complaint)."""
+    attempts: int = 0
+    """Requests sent for this chunk."""
+    tokens: int = 0
+    """Completion tokens the servers reported generating for it (all attempts)."""
+
+    @property
+    def ok(self) -> bool:
+        """True on success."""
+        return self.tags is not None
+
+    @property
+    def retries(self) -> int:
+        """Requests beyond the first."""
+        return max(0, self.attempts - 1)
+
+
+class _Retryable(Exception):
+    """A transport-level failure worth another attempt."""
+
+    def __init__(self, reason: str, detail: str = "", retry_after: Optional[float] = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class _Final(Exception):
+    """A failure that another attempt would not fix (e.g. HTTP 400)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _describe_connection_error(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "server disconnected"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        err = getattr(e, "os_error", None)
+        if isinstance(err, ConnectionRefusedError) or "refused" in str(e).lower():
+            return "connection refused"
+        return "cannot connect"
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "truncated response"
+    if isinstance(e, (aiohttp.ClientOSError, ConnectionError)):
+        return "connection reset"
+    return f"connection error ({type(e).__name__})"
+
+
+def _retry_after(headers: Any) -> Optional[float]:
+    raw = headers.get("Retry-After") if headers is not None else None
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except ValueError:
+        return None  # an HTTP date: rare from inference servers, and backoff covers it
+
+
+class AnnotatorClient:
+    """Annotate chunks through OpenAI-compatible servers. Use as ``async with AnnotatorClient(...) as c``."""
+
+    def __init__(self, config: ClientConfig, schema: TagSchema):
+        if not config.urls:
+            raise ValueError("at least one annotator server URL is needed")
+        self.config = config
+        self.schema = schema
+        self.urls = [normalize_url(u) for u in config.urls]
+        self.model: Optional[str] = config.model
+        self._next = 0
+        self._down_until = [0.0] * len(self.urls)
+        self._sem: Optional[asyncio.Semaphore] = None
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._rng = random.Random()
+
+    async def __aenter__(self) -> "AnnotatorClient":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the HTTP session (inside the running event loop)."""
+        if self._session is not None:
+            return
+        cfg = self.config
+        self._sem = asyncio.Semaphore(cfg.concurrency)
+        connector = aiohttp.TCPConnector(limit=cfg.concurrency + len(self.urls), limit_per_host=0)
+        timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=cfg.connect_timeout_s)
+        headers = {"Content-Type": "application/json"}
+        if cfg.api_key:
+            headers["Authorization"] = f"Bearer {cfg.api_key.reveal()}"
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- replicas ------------------------------------------------------------------------------------------
+
+    def _pick(self) -> int:
+        """Next replica round-robin, skipping ones in cool-down unless all are."""
+        now = time.monotonic()
+        n = len(self.urls)
+        for _ in range(n):
+            i = self._next
+            self._next = (self._next + 1) % n
+            if self._down_until[i] <= now:
+                return i
+        return min(range(n), key=lambda j: self._down_until[j])
+
+    def _mark_down(self, i: int) -> None:
+        self._down_until[i] = time.monotonic() + self.config.cooldown_s
+
+    async def resolve_model(self) -> str:
+        """The served model name: the configured one, else the first id any replica lists in ``/v1/models``."""
+        if self.model:
+            return self.model
+        await self.start()
+        assert self._session is not None
+        errors = []
+        deadline = time.monotonic() + self.config.retry_budget_s
+        attempt = 0
+        while True:
+            for url in self.urls:
+                try:
+                    async with self._session.get(url + "/v1/models") as resp:
+                        if resp.status == 200:
+                            data = await resp.json(content_type=None)
+                            self.model = str(data["data"][0]["id"])
+                            return self.model
+                        errors.append(f"{url}: HTTP {resp.status}")
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, KeyError, IndexError, ValueError) as e:
+                    errors.append(f"{url}: {_describe_connection_error(e)}")
+            attempt += 1
+            if attempt >= self.config.max_attempts or time.monotonic() > deadline:
+                raise ConnectionError("no annotator server answered /v1/models: " + "; ".join(errors[-len(self.urls):]))
+            await asyncio.sleep(self._backoff(attempt, None))
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def _backoff(self, failures: int, retry_after: Optional[float]) -> float:
+        cfg = self.config
+        ceiling = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** (failures - 1)))
+        delay = self._rng.uniform(0, ceiling)  # full jitter
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, cfg.backoff_max_s))
+        return delay
+
+    def request_body(self, text: str, temperature: Optional[float] = None) -> Dict[str, Any]:
+        """The JSON body sent for one chunk (also used by the benchmark's bare loop)."""
+        cfg = self.config
+        body: Dict[str, Any] = {
+            "model": self.model,
+            "messages": build_messages(text, self.schema, cfg.max_chunk_chars),
+            "max_tokens": cfg.max_tokens,
+            "temperature": cfg.temperature if temperature is None else temperature,
+        }
+        body.update(cfg.extra_body)
+        return body
+
+    async def _post(self, url: str, body: Dict[str, Any]) -> Tuple[str, int]:
+        """One request; returns (answer text, completion tokens) or raises _Retryable/_Final."""
+        assert self._session is not None
+        try:
+            async with self._session.post(url + "/v1/chat/completions", json=body) as resp:
+                raw = await resp.content.read(self.config.max_response_bytes + 1)
+                status = resp.status
+                headers = resp.headers
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise _Retryable(_describe_connection_error(e), str(e)[:200]) from None
+        if status == 429 or status >= 500:
+            raise _Retryable(f"HTTP {status}", raw[:200].decode("utf-8", "replace"), _retry_after(headers))
+        if status != 200:
+            raise _Final(f"HTTP {status}", raw[:300].decode("utf-8", "replace"))
+        if len(raw) > self.config.max_response_bytes:
+            raise _Final("response too large", f"over {self.config.max_response_bytes} bytes")
+        try:
+            data = json.loads(raw)
+            content = data["choices"][0]["message"]["content"] or ""
+            usage = data.get("usage") or {}
+            tokens = int(usage.get("completion_tokens") or 0)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            # A 200 with a body that is not a chat completion: a proxy or a half-dead replica. Try again.
+            raise _Retryable("malformed response", f"{type(e).__name__}: {raw[:120]!r}") from None
+        return str(content), tokens
+
+    async def annotate(self, text: str) -> Annotation:
+        """Annotate one chunk; always returns an :class:`Annotation` (tags, or the reason there are none)."""
+        if self._session is None:
+            await self.start()
+        if self.model is None:
+            try:
+                await self.resolve_model()
+            except ConnectionError as e:
+                return Annotation(None, "no server", str(e))
+        assert self._sem is not None
+        cfg = self.config
+        start = time.monotonic()
+        attempts = tokens = transport_failures = parse_failures = 0
+        body = self.request_body(text)
+        while True:
+            i = self._pick()
+            attempts += 1
+            try:
+                async with self._sem:
+                    content, used = await self._post(self.urls[i], body)
+            except _Retryable as e:
+                self._mark_down(i)
+                transport_failures += 1
+                if transport_failures >= cfg.max_attempts or time.monotonic() - start > cfg.retry_budget_s:
+                    return Annotation(None, e.reason, f"gave up after {attempts} attempts: {e.detail}", attempts, tokens)
+                await asyncio.sleep(self._backoff(transport_failures, e.retry_after))
+                continue
+            except _Final as e:
+                return Annotation(None, e.reason, e.detail, attempts, tokens)
+            self._down_until[i] = 0.0
+            tokens += used
+            parsed = parse_output(content, self.schema)
+            if parsed.ok:
+                return Annotation(parsed.tags, None, None, attempts, tokens)
+            parse_failures += 1
+            if parse_failures > cfg.parse_retries:
+                return Annotation(None, "unparseable output", parsed.problem, attempts, tokens)
+            body = self.request_body(text, cfg.retry_temperature)
+
+    async def annotate_many(self, texts: Sequence[str]) -> List[Annotation]:
+        """Annotate several chunks concurrently (bounded by ``concurrency``); results in input order."""
+        return list(await asyncio.gather(*(self.annotate(t) for t in texts)))

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Annotate a JSONL corpus: every chunk gets ``<key>:<value>`` tags (see docs/annotator.md).
+
+Examples:
+
+    # embedded annotator, no server
+    python tools/annotate.py --input raw.jsonl --output annotated.jsonl
+
+    # vLLM replicas (OpenAI-compatible API), round-robin with failover
+    python tools/annotate.py --annotator vllm --url http://node1:8000 --url http://node2:8000 \\
+        --input raw.jsonl --output annotated.jsonl --concurrency 64
+
+Rerunning the same command after a kill resumes where the last checkpoint left off; nothing is lost or written
+twice, and chunks already annotated come from the cache. Documents whose chunks could not be annotated go to
+OUTPUT.failed.jsonl with the reasons; feed that file back as --input to retry them.
+
+Exit status: 0 when the job completed (2 with --strict when some chunks failed), 1 on a usage or setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+# Runnable as a script from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_anchor.annotation.annotate import AnnotateConfig, AnnotateError, annotate_file, format_summary  # noqa: E402
+from megatron_anchor.annotation.llm.client import API_KEY_ENV, ClientConfig, load_api_key  # noqa: E402
+from megatron_anchor.annotation.llm.tagschema import SchemaError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (every flag documented in --help)."""
+    d = ClientConfig(urls=[])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", "-i", type=Path, required=True,
+                    help="JSONL input: raw documents {\"text\": ...} (chunked at blank lines) or annotated-schema "
+                         "documents whose chunks without tags get annotated")
+    io.add_argument("--output", "-o", type=Path, required=True,
+                    help="annotated JSONL output; OUTPUT.failed.jsonl, OUTPUT.progress.json and (by default) "
+                         "OUTPUT.cache.sqlite are written beside it")
+    io.add_argument("--text-key", default="text", help="field holding a raw document's text (default: text)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="start from scratch, discarding the output and its checkpoint (the cache is kept)")
+    io.add_argument("--limit", type=int, default=None, help="stop after this many input lines (for trials)")
+    io.add_argument("--checkpoint-every", type=float, default=2.0, metavar="SECONDS",
+                    help="seconds between checkpoints; each fsyncs the outputs (default: 2)")
+    io.add_argument("--no-progress", action="store_true", help="no progress bar")
+    io.add_argument("--strict", action="store_true", help="exit with status 2 when any chunk failed")
+
+    ann = p.add_argument_group("annotator")
+    ann.add_argument("--annotator", choices=["default", "vllm"], default="default",
+                     help="default: the embedded annotator (no server, deterministic); vllm: OpenAI-compatible "
+                          "servers given by --url (default: default)")
+    ann.add_argument("--schema", type=Path, default=None,
+                     help="tag schema YAML (keys, descriptions, aliases, limits); default: the packaged schema")
+    ann.add_argument("--cache", type=Path, default=None,
+                     help="SQLite annotation cache keyed by model, prompt version and chunk hash; share one "
+                          "file between runs to never pay twice (default: OUTPUT.cache.sqlite)")
+    ann.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+
+    srv = p.add_argument_group("servers (--annotator vllm)")
+    srv.add_argument("--url", action="append", default=[], metavar="URL",
+                     help="a replica's base URL, e.g. http://127.0.0.1:8000 (repeat, or comma-separate, for "
+                          "several; requests go round-robin and fail over)")
+    srv.add_argument("--model", default=None,
+                     help="served model name; default: the first model the first reachable replica lists")
+    srv.add_argument("--api-key-file", default=None,
+                     help=f"file whose first line is the API key; otherwise ${API_KEY_ENV} is used if set. "
+                          "The key is never printed")
+    srv.add_argument("--concurrency", type=int, default=d.concurrency,
+                     help=f"requests in flight over all replicas (default: {d.concurrency})")
+    srv.add_argument("--window", type=int, default=0,
+                     help="chunk requests queued before input reading pauses (default: 4 x concurrency)")
+    srv.add_argument("--timeout", type=float, default=d.request_timeout_s, metavar="SECONDS",
+                     help=f"total time for one request before it is retried (default: {d.request_timeout_s:g})")
+    srv.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s, metavar="SECONDS",
+                     help=f"time to open a connection (default: {d.connect_timeout_s:g})")
+    srv.add_argument("--max-attempts", type=int, default=d.max_attempts,
+                     help="failed attempts (connection errors, timeouts, 429, 5xx) before a chunk fails "
+                          f"(default: {d.max_attempts})")
+    srv.add_argument("--retry-budget", type=float, default=d.retry_budget_s, metavar="SECONDS",
+                     help=f"stop retrying a chunk this long after its first attempt (default: {d.retry_budget_s:g})")
+    srv.add_argument("--backoff-base", type=float, default=d.backoff_base_s, metavar="SECONDS",
+                     help=f"first backoff ceiling, doubled per failure, with full jitter (default: {d.backoff_base_s:g})")
+    srv.add_argument("--backoff-max", type=float, default=d.backoff_max_s, metavar="SECONDS",
+                     help=f"largest backoff ceiling (default: {d.backoff_max_s:g})")
+    srv.add_argument("--parse-retries", type=int, default=d.parse_retries,
+                     help=f"re-asks when an answer has no usable tags (default: {d.parse_retries})")
+    srv.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                     help=f"generation cap per answer (default: {d.max_tokens})")
+    srv.add_argument("--temperature", type=float, default=d.temperature,
+                     help=f"sampling temperature of the first attempt (default: {d.temperature:g})")
+    srv.add_argument("--max-chunk-chars", type=int, default=d.max_chunk_chars,
+                     help=f"chunks are clipped to this many characters in the prompt (default: {d.max_chunk_chars})")
+    return p
+
+
+def _urls(raw: List[str]) -> List[str]:
+    return [u.strip() for item in raw for u in item.split(",") if u.strip()]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the annotate job; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    client = None
+    if args.annotator == "vllm":
+        urls = _urls(args.url)
+        if not urls:
+            print("annotate: --annotator vllm needs at least one --url", file=sys.stderr)
+            return 1
+        try:
+            api_key = load_api_key(args.api_key_file)
+        except ValueError as e:
+            print(f"annotate: {e}", file=sys.stderr)
+            return 1
+        client = ClientConfig(
+            urls=urls,
+            model=args.model,
+            concurrency=args.concurrency,
+            request_timeout_s=args.timeout,
+            connect_timeout_s=args.connect_timeout,
+            max_attempts=args.max_attempts,
+            retry_budget_s=args.retry_budget,
+            backoff_base_s=args.backoff_base,
+            backoff_max_s=args.backoff_max,
+            parse_retries=args.parse_retries,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            max_chunk_chars=args.max_chunk_chars,
+            api_key=api_key,
+        )
+    config = AnnotateConfig(
+        input=args.input,
+        output=args.output,
+        annotator=args.annotator,
+        client=client,
+        schema_path=args.schema,
+        cache_path=args.cache,
+        use_cache=not args.no_cache,
+        text_key=args.text_key,
+        window=args.window,
+        checkpoint_every_s=args.checkpoint_every,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        limit=args.limit,
+    )
+    try:
+        stats = annotate_file(config)
+    except (AnnotateError, SchemaError, ConnectionError) as e:
+        print(f"annotate: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(stats, config), file=sys.stderr)
+    return 2 if args.strict and stats.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

