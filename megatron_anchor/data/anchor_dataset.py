@@ -30,10 +30,20 @@ class RoleChannelIndexedDataset(IndexedDataset):
     :meth:`get_roles` return the two channels separately.
     """
 
+    def __new__(cls, path_prefix: Optional[str] = None, *args, **kwargs):
+        # Validate before the parent's __init__ runs: a half-built IndexedDataset fails in its __del__.
+        # (Unpickling calls __new__ without arguments.)
+        if path_prefix is not None:
+            check_role_channel(path_prefix, deep=False)
+        return super().__new__(cls)
+
     def __init__(self, path_prefix: str, mmap: bool = True, **kwargs) -> None:
-        check_role_channel(path_prefix, deep=False)
         super().__init__(path_prefix, multimodal=False, mmap=mmap, **kwargs)
         self.roles = IndexedDataset(roles_prefix(path_prefix), multimodal=False, mmap=mmap)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.roles = IndexedDataset(roles_prefix(self.path_prefix), multimodal=False, mmap=self.mmap)
 
     def get_tokens(self, idx: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
         return super().get(idx, offset=offset, length=length)

@@ -1,0 +1,84 @@
+"""Shared fixtures: a small synthetic corpus, tokenizers trained on it, and a preprocessed dataset.
+
+Everything is built once per test session under pytest's temporary directory, by calling the project's own
+tools (``main(argv)``), so the fixtures exercise the same paths a user runs.
+"""
+
+import json
+import os
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+from megatron_anchor.data.synthetic import write_raw_jsonl  # noqa: E402
+
+N_DOCS = 400
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """Folder with ``raw.jsonl`` (N_DOCS raw documents) and ``annotated.jsonl`` (the same, annotated)."""
+    from megatron_anchor.annotation.default_annotator import annotate_document
+    from megatron_anchor.annotation.schema import parse_line
+
+    d = tmp_path_factory.mktemp("corpus")
+    write_raw_jsonl(str(d / "raw.jsonl"), N_DOCS, seed=7)
+    with open(d / "raw.jsonl", "rb") as src, open(d / "annotated.jsonl", "w", encoding="utf-8") as dst:
+        for i, line in enumerate(src, 1):
+            doc = annotate_document(parse_line(line, f"raw.jsonl:{i}"))
+            dst.write(doc.to_jsonl() + "\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def sp_model(corpus_dir):
+    """A SentencePiece model (vocab 512) trained by tools/train_tokenizer.py on the corpus."""
+    from tools import train_tokenizer
+
+    prefix = str(corpus_dir / "sp")
+    assert train_tokenizer.main(["--input", str(corpus_dir / "raw.jsonl"), "--output-prefix", prefix,
+                                 "--vocab-size", "512"]) == 0
+    return prefix + ".model"
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(corpus_dir):
+    """A byte-level BPE tokenizer folder (vocab 600) trained by tools/train_tokenizer.py --type hf."""
+    from tools import train_tokenizer
+
+    out = str(corpus_dir / "hf")
+    assert train_tokenizer.main(["--input", str(corpus_dir / "raw.jsonl"), "--output-prefix", out,
+                                 "--vocab-size", "600", "--type", "hf"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(corpus_dir, sp_model):
+    """A preprocessed token + role dataset; returns a dict with ``prefix``, ``tokenizer_model``, ``input``."""
+    from tools import preprocess_data
+
+    out = str(corpus_dir / "data" / "tiny")
+    assert preprocess_data.main([
+        "--input", str(corpus_dir / "annotated.jsonl"), "--output-prefix", out,
+        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model,
+        "--append-eod", "--workers", "1", "--no-progress",
+    ]) == 0
+    return {"prefix": out + "_text_document", "tokenizer_type": "SentencePieceTokenizer",
+            "tokenizer_model": sp_model, "input": str(corpus_dir / "annotated.jsonl")}
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def file_bytes(prefix):
+    """The four output files' bytes, for byte-identity checks."""
+    out = {}
+    for p in (prefix, prefix + "_roles"):
+        for ext in (".bin", ".idx"):
+            with open(p + ext, "rb") as f:
+                out[os.path.basename(p + ext)] = f.read()
+    return out
