@@ -305,8 +305,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     proc = start_server(spec, args.log)
-    # Forward Ctrl-C / SIGTERM to the whole server process group.
-    signal.signal(signal.SIGTERM, lambda *_: stop_server(proc))
+
+    def forward(signum: int, _frame: object) -> None:
+        # Only signal here: waiting inside a handler would re-enter Popen.wait() and deadlock on its lock.
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
     try:
         model = wait_ready(spec.url, args.ready_timeout, proc)
         print(f"annotator server ready at {spec.url} serving {model}", flush=True)

