@@ -1,0 +1,190 @@
+"""Checkpoints with megatron-core dist_checkpointing: model, optimizer, LR schedule, RNG and data position.
+
+Layout: ``SAVE/iter_0000100/`` (a dist_checkpointing directory) and ``SAVE/latest_checkpointed_iteration.txt``,
+written only after every rank finished writing, so a run killed mid-save resumes from the previous one.
+Model and optimizer tensors are saved as sharded tensors, so a checkpoint loads under a different TP/PP layout.
+RNG states are per (pipeline, tensor) rank and are restored only when the layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
+@dataclass
+class TrainState:
+    """Where training stands: restored from a checkpoint, advanced by the loop."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    """Directory of the checkpoint at ``iteration`` under ``root``."""
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: Optional[str]) -> Optional[int]:
+    """Iteration named by the tracker file under ``root``, or None when there is no finished checkpoint."""
+    if not root:
+        return None
+    tracker = os.path.join(root, TRACKER_FILE)
+    if not os.path.exists(tracker):
+        return None
+    with open(tracker, encoding="utf-8") as fh:
+        return int(fh.read().strip())
+
+
+def _layout():
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state):
+    """Per (pp, tp) rank RNG state; data-parallel ranks hold replicas."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        "rng_state",
+        state,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(),
+    )
+
+
+def _model_sharded_state_dict(model_chunks: List) -> dict:
+    # One chunk per rank (no virtual pipeline): the key is "model" as in Megatron-LM checkpoints.
+    assert len(model_chunks) == 1, "virtual pipeline stages are not supported"
+    return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+
+
+def _unwrap(module):
+    return getattr(module, "module", module)
+
+
+def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer, scheduler,
+                    fully_parallel: bool = False) -> str:
+    """Write a checkpoint of the current step under ``root`` and update the tracker file."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = checkpoint_dir(root, state.iteration)
+    if dist.get_rank() == 0:
+        os.makedirs(ckpt, exist_ok=True)
+    dist.barrier()
+    sharded = _model_sharded_state_dict(model_chunks)
+    sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=False)
+    sharded["opt_param_scheduler"] = scheduler.state_dict()
+    sharded["rng_state"] = _rng_sharded_object(_rng_state())
+    sharded["train_state"] = {"iteration": state.iteration,
+                              "consumed_train_samples": state.consumed_train_samples}
+    sharded["layout"] = _layout()
+    strategy = None
+    if fully_parallel:
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
+        )
+
+        strategy = FullyParallelSaveStrategyWrapper(
+            get_default_save_sharded_strategy(), ps.get_data_parallel_group(with_context_parallel=True)
+        )
+    dist_checkpointing.save(sharded, ckpt, sharded_strategy=strategy)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tmp = os.path.join(root, TRACKER_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(str(state.iteration))
+        os.replace(tmp, os.path.join(root, TRACKER_FILE))  # atomic: never a half-written tracker
+    dist.barrier()
+    return ckpt
+
+
+def load_checkpoint(root: str, model_chunks: List, optimizer, scheduler, finetune: bool = False,
+                    load_optim: bool = True, load_rng: bool = True) -> TrainState:
+    """Restore from the latest checkpoint under ``root``; returns the position to continue from.
+
+    With ``finetune`` only model weights are read and training starts at iteration 0. Without a finished
+    checkpoint under ``root`` a fresh run starts (finetune then is an error: there is nothing to tune).
+    """
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        if finetune:
+            raise FileNotFoundError(f"--finetune: no checkpoint under {root} ({TRACKER_FILE} missing)")
+        if dist.get_rank() == 0:
+            logger.warning("no checkpoint under %s: starting from scratch", root)
+        return TrainState()
+    ckpt = checkpoint_dir(root, iteration)
+    saved_common = dist_checkpointing.load_common_state_dict(ckpt)
+    saved_layout = saved_common.get("layout", {})
+    layout = _layout()
+    same_model_layout = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp"))
+
+    sharded = _model_sharded_state_dict(model_chunks)
+    if not finetune and load_optim:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True)
+    restore_rng = not finetune and load_rng and same_model_layout
+    if restore_rng:
+        sharded["rng_state"] = _rng_sharded_object(_rng_state())
+    state = dist_checkpointing.load(sharded, ckpt)
+
+    _unwrap(model_chunks[0]).load_state_dict(state["model"])
+    if finetune:
+        return TrainState()
+    if load_optim:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(saved_common["opt_param_scheduler"])
+    if restore_rng:
+        _set_rng_state(state["rng_state"])
+    elif load_rng and dist.get_rank() == 0:
+        logger.warning("checkpoint layout %s differs from this run's %s: RNG state not restored",
+                       saved_layout, layout)
+    train_state = saved_common["train_state"]
+    return TrainState(iteration=train_state["iteration"],
+                      consumed_train_samples=train_state["consumed_train_samples"])

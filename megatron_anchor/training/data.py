@@ -1,0 +1,201 @@
+"""Tokenizer, datasets provider and resumable data iterators.
+
+Datasets are megatron-core's: ``AnchorGPTDataset`` (samples carry ``roles``) through
+``BlendedMegatronDatasetBuilder``; ``GPTDataset`` for a stock baseline (``--no-role-channel``) and
+``MockGPTDataset`` for ``--mock-data``. The data position is the number of consumed training samples; the
+sampler restarts exactly there on resume.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+
+from megatron_anchor.training.arguments import ConfigError, parse_data_path
+from megatron_anchor.training.config import AnchorConfig
+
+
+class NullTokenizer:
+    """Vocabulary-size-only tokenizer for mock data and pre-tokenized data; EOD is the last id."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+        self.eod = self.vocab_size - 1
+        # megatron-core's dataset cache key serialises the tokenizer through this attribute.
+        self.unique_identifiers = {"class": "NullTokenizer", "vocab_size": self.vocab_size}
+
+    def encode_text(self, text: str) -> List[int]:  # pragma: no cover - not meaningful without a vocabulary
+        raise NotImplementedError("NullTokenizer cannot encode text")
+
+
+def build_tokenizer(cfg: AnchorConfig):
+    """The run's tokenizer (its ``vocab_size`` includes the annotation special tokens)."""
+    d = cfg.data
+    if d.tokenizer_type in (None, "NullTokenizer"):
+        return NullTokenizer(d.vocab_size)
+    from megatron_anchor.tokenizer import build_tokenizer as _build
+
+    return _build(d.tokenizer_type, d.tokenizer_model)
+
+
+def check_data_paths(cfg: AnchorConfig) -> None:
+    """Fail before any step when a data file or its role channel is missing or does not match.
+
+    Runs the data package's full channel check (lengths and document indices) on every prefix.
+    """
+    d = cfg.data
+    if d.mock_data:
+        return
+    prefixes, _ = parse_data_path(d.data_path)
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.exists(prefix + ext):
+                raise ConfigError(f"data file {prefix + ext} not found (--data-path takes the prefix without "
+                                  ".bin/.idx)")
+        _check_split_nonempty(cfg, prefix)
+        if d.no_role_channel:
+            continue
+        from megatron_anchor.data.anchor_dataset import check_role_channel
+
+        try:
+            check_role_channel(prefix)
+        except ValueError as exc:
+            raise ConfigError(f"role channel of {prefix}: {exc}") from None
+
+
+def _check_split_nonempty(cfg: AnchorConfig, prefix: str) -> None:
+    """A split with a positive weight but no documents makes megatron's index builder loop forever."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import Split
+
+    weights = [float(x) for x in _split_string(cfg.data.split).split(",")]
+    total = sum(weights)
+    num_docs = len(IndexedDataset(prefix, mmap=True).sequence_lengths)
+    bounds = [0.0]
+    for w in weights:
+        bounds.append(bounds[-1] + w / total)
+    sizes = dataset_sizes(cfg)
+    for i, split in enumerate(Split):
+        begin, end = int(round(bounds[i] * num_docs)), int(round(bounds[i + 1] * num_docs))
+        if weights[i] > 0 and sizes[i] > 0 and end <= begin:
+            raise ConfigError(
+                f"--split {cfg.data.split} leaves the {split.name} split of {prefix} ({num_docs} documents) "
+                f"empty; give it more weight or weight 0 (e.g. --split 98,2,0)"
+            )
+
+
+def _split_string(split: str) -> str:
+    return ",".join(split.replace("/", ",").split(","))
+
+
+def dataset_sizes(cfg: AnchorConfig) -> List[int]:
+    """Samples needed from train/valid/test: every step's global batch, every evaluation's batches."""
+    t, lg = cfg.training, cfg.logging
+    gbs = t.global_batch_size
+    evals = (t.train_iters // lg.eval_interval + 1) if lg.eval_interval else 1
+    return [t.train_iters * gbs, evals * lg.eval_iters * gbs, lg.eval_iters * gbs]
+
+
+def build_datasets(cfg: AnchorConfig, tokenizer, is_built_on_rank=lambda: True):
+    """train/valid/test datasets (any may be None when its split is empty)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    d, t = cfg.data, cfg.training
+    common = dict(
+        random_seed=t.seed,
+        sequence_length=cfg.model.seq_length,
+        tokenizer=tokenizer,
+        reset_position_ids=d.reset_position_ids,
+        reset_attention_mask=d.reset_attention_mask,
+        eod_mask_loss=t.eod_mask_loss,
+        # The causal mask is implicit in the attention kernel; a dense mask only for document resets.
+        create_attention_mask=d.reset_attention_mask,
+        path_to_cache=d.data_cache_path,
+        mmap_bin_files=True,
+    )
+    if d.mock_data:
+        dataset_cls = MockGPTDataset
+        config = GPTDatasetConfig(blend=None, split=_split_string(d.split), **common)
+    else:
+        prefixes, weights = parse_data_path(d.data_path)
+        config = GPTDatasetConfig(blend=(prefixes, weights), split=_split_string(d.split), **common)
+        if d.no_role_channel:
+            dataset_cls = GPTDataset
+        else:
+            from megatron_anchor.data.anchor_dataset import AnchorGPTDataset
+
+            dataset_cls = AnchorGPTDataset
+    return BlendedMegatronDatasetBuilder(dataset_cls, dataset_sizes(cfg), is_built_on_rank, config).build()
+
+
+class ResumableSampler:
+    """Yields this data-parallel rank's micro-batch index lists, starting from ``consumed_samples``.
+
+    Sample ``consumed + k`` of a global batch goes to DP rank ``(k // mbs) % dp`` so that a run resumed at any
+    step, with any TP/PP layout, reads the same samples the uninterrupted run would have read.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int):
+        self.total = total_samples
+        self.consumed = consumed_samples
+        self.mbs = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+    def __len__(self):
+        return max(self.total - self.consumed, 0) // (self.mbs * self.dp_size)
+
+    def __iter__(self):
+        stride = self.mbs * self.dp_size
+        start = self.consumed
+        while start + stride <= self.total:
+            first = start + self.dp_rank * self.mbs
+            yield list(range(first, first + self.mbs))
+            start += stride
+
+
+def build_iterator(dataset, consumed_samples: int, cfg: AnchorConfig, dp_rank: int, dp_size: int,
+                   cyclic: bool = False) -> Optional[Iterator]:
+    """A DataLoader iterator over ``dataset`` from ``consumed_samples`` on; cyclic for validation."""
+    if dataset is None:
+        return None
+    t = cfg.training
+
+    def make(consumed):
+        sampler = ResumableSampler(len(dataset), consumed, t.micro_batch_size, dp_rank, dp_size)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=cfg.data.num_workers > 0,
+        )
+
+    if not cyclic:
+        return iter(make(consumed_samples))
+
+    def forever():
+        while True:
+            for batch in make(0):
+                yield batch
+
+    return forever()
+
+
+def build_data(cfg: AnchorConfig, tokenizer, consumed_train_samples: int, dp_rank: int, dp_size: int):
+    """The datasets provider: (train iterator from the data position, factory of validation iterators).
+
+    Each call of the factory starts at the first validation sample, so every evaluation scores the same
+    batches and validation curves are comparable across steps and resumed runs.
+    """
+    train_ds, valid_ds, _test_ds = build_datasets(cfg, tokenizer)
+    train_iter = build_iterator(train_ds, consumed_train_samples, cfg, dp_rank, dp_size)
+
+    def make_valid_iter():
+        return build_iterator(valid_ds, 0, cfg, dp_rank, dp_size, cyclic=True)
+
+    return train_iter, make_valid_iter

@@ -1,0 +1,89 @@
+"""Process groups, parallel state and seeds."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_anchor import cpu_compat
+from megatron_anchor.training.config import AnchorConfig
+
+
+def world_size_from_env() -> int:
+    """World size before init (torchrun's WORLD_SIZE), or the initialised group's size."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def initialize_distributed(cfg: AnchorConfig) -> None:
+    """Start torch.distributed (env:// from torchrun, or a single local process) and megatron's groups.
+
+    Reuses an existing default process group (tests spawn their own). Activates the CPU workarounds when
+    there is no GPU, before megatron builds any buffer.
+    """
+    from megatron.core import parallel_state
+
+    p = cfg.parallel
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    cpu_compat.activate()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            # A plain `python pretrain_anchor.py`: a one-process group on a free local port.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(
+            backend=p.distributed_backend,
+            timeout=datetime.timedelta(minutes=p.distributed_timeout_minutes),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_seeds(seed: int) -> None:
+    """Seed python, numpy and torch per pipeline stage, and megatron's tensor-parallel RNG tracker.
+
+    Tensor-parallel ranks share the CPU seed so that CPU initialisation builds the same full weight on each
+    (each keeps its shard): TP=2 then starts from exactly the TP=1 weights.
+    """
+    from megatron.core import parallel_state
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    cpu_compat.seed_model_parallel_rng(stage_seed)
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def shutdown() -> None:
+    """Tear down megatron's groups and the default process group we may have created."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,63 @@
+"""Pretrain or fine-tune a GPT model with annotation-anchored loss masks.
+
+    torchrun --nproc-per-node 4 pretrain_anchor.py --tensor-model-parallel-size 2 \\
+        --pipeline-model-parallel-size 2 --data-path DIR/data_text_document ... --loss-mask-policy pretrain
+
+The shape of Megatron-LM's pretrain_gpt.py: a model provider, a datasets provider and a forward step handed
+to the training loop. Flags: ``--help`` or ``docs/trainer.md``; ``--config run.yaml`` for a YAML file.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+from megatron_anchor.training.config import AnchorConfig
+
+
+def model_provider(cfg: AnchorConfig, vocab_size: int, pre_process: bool = True, post_process: bool = True):
+    """Build this pipeline stage's GPTModel (RoPE/SwiGLU/RMSNorm/GQA as configured, vocab padded for TP)."""
+    from megatron_anchor.training.model import model_provider as build
+
+    return build(cfg, vocab_size, pre_process=pre_process, post_process=post_process)
+
+
+def train_valid_test_datasets_provider(cfg: AnchorConfig, tokenizer, consumed_train_samples: int,
+                                       dp_rank: int, dp_size: int):
+    """Build AnchorGPTDataset splits (roles beside tokens) and this rank's data iterators."""
+    from megatron_anchor.training.data import build_data
+
+    return build_data(cfg, tokenizer, consumed_train_samples, dp_rank, dp_size)
+
+
+def forward_step_factory(cfg: AnchorConfig, device):
+    """``forward_step(data_iterator, model) -> (output, partial(loss_func, loss_mask, roles))``.
+
+    The loss mask is megatron's own mask times the ``--loss-mask-policy`` mask of the label roles.
+    """
+    from megatron_anchor.training.loss import make_forward_step
+
+    use_roles = not (cfg.data.mock_data or cfg.data.no_role_channel)
+    report = cfg.logging.log_role_losses and cfg.training.loss_mask_policy == "pretrain" and use_roles
+    return make_forward_step(cfg.training.loss_mask_policy, device, use_roles=use_roles,
+                             report_role_losses=report)
+
+
+def main(argv: Optional[List[str]] = None):
+    """Parse flags, train, and return the run's :class:`RunResult`."""
+    from megatron_anchor.training.arguments import ConfigError, parse_args
+    from megatron_anchor.training.loop import pretrain
+
+    try:
+        cfg = parse_args(argv)
+        return pretrain(cfg, model_provider, train_valid_test_datasets_provider, forward_step_factory)
+    except ConfigError as exc:
+        print(f"pretrain_anchor.py: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
+    from megatron_anchor.training.initialize import shutdown
+
+    shutdown()
