@@ -23,6 +23,7 @@ setup(
         # 0.16.1 is the newest release installable on Python 3.11; 0.17+ need Python 3.12 (GPU images).
         "megatron-core>=0.16.1,<0.20",
         "numpy",
+        "orjson",
         "packaging",
         "psutil",
         "sentencepiece>=0.2",

@@ -115,4 +115,5 @@ def test_low_level_dataset_pickles(keyed_dataset):
     ds = RoleChannelIndexedDataset(prefix)
     copy = pickle.loads(pickle.dumps(ds))
     assert np.array_equal(copy.get(3, 1, 2), ds.get(3, 1, 2))
-    assert np.array_equal(copy.get_roles(3), role_of(copy.get_tokens(3).astype(np.int64)))
+    assert np.array_equal(copy.get_roles(3), role_of(copy.get(3).astype(np.int64)))
+    assert np.array_equal(copy.get_roles(3, 1, 2), role_of(copy.get(3, 1, 2).astype(np.int64)))

@@ -40,11 +40,16 @@ Tag = Tuple[str, str]
 _KEY_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
 _DELIM_RE = re.compile("|".join(re.escape(d) for d in DELIMITERS))
 _WS_RE = re.compile(r"\s+")
+# A value with no '<', ';' or line break, not starting or ending with whitespace: valid without further checks.
+_PLAIN_VALUE_RE = re.compile(r"[^\s;<](?:[^;<\r\n]*[^\s;<])?\Z")
 _ANNOTATION_RE = re.compile(re.escape(ANN_OPEN) + r"(.*?)" + re.escape(ANN_CLOSE), re.DOTALL)
 
 
 class Segment(NamedTuple):
-    """A run of text with one role. ``special`` segments are a single special token (a delimiter)."""
+    """A run of text with one role. ``special`` segments are a single special token (a delimiter).
+
+    ``role`` holds a :class:`~megatron_anchor.roles.Role` or its int code (they compare equal).
+    """
 
     text: str
     role: Role
@@ -66,6 +71,15 @@ def tag_problem(key: object, value: object, max_value_chars: int = MAX_VALUE_CHA
 
     Used to reject bad annotated input with a clear message instead of silently rewriting it.
     """
+    if (
+        type(key) is str
+        and type(value) is str
+        and len(key) <= MAX_KEY_CHARS
+        and len(value) <= max_value_chars
+        and _KEY_RE.match(key)
+        and _PLAIN_VALUE_RE.match(value)
+    ):
+        return None  # the common case, decided by two regex matches; the checks below explain failures
     if not isinstance(key, str) or not isinstance(value, str):
         return f"tag key and value must be strings, got {type(key).__name__} and {type(value).__name__}"
     if not _KEY_RE.match(key) or len(key) > MAX_KEY_CHARS:
@@ -121,18 +135,26 @@ def sanitize_tags(tags: Iterable[Tag], max_value_chars: int = MAX_VALUE_CHARS) -
 # ---------------------------------------------------------------------------------------------------------
 
 
+_KEY = int(Role.ANNOTATION_KEY)
+_VALUE = int(Role.ANNOTATION_VALUE)
+_OPEN_SEG = Segment(ANN_OPEN, Role.ANNOTATION_KEY, True)
+_CLOSE_SEG = Segment(ANN_CLOSE, Role.ANNOTATION_KEY, True)
+_new_segment = tuple.__new__  # NamedTuple's own __new__ is a Python-level call; this is the hot path
+
+
 def annotation_segments(tags: Sequence[Tag]) -> List[Segment]:
     """Segments of one annotation: delimiters, keys and separators are ANNOTATION_KEY, values ANNOTATION_VALUE.
 
     ``[("topic", "x"), ("genre", "y")]`` gives ``<|ann|>`` ``topic:`` ``x`` ``; genre:`` ``y`` ``<|/ann|>``.
     Tags must already be valid (see :func:`tag_problem`).
     """
-    segs = [Segment(ANN_OPEN, Role.ANNOTATION_KEY, True)]
-    for i, (key, value) in enumerate(tags):
-        prefix = TAG_SEP if i else ""
-        segs.append(Segment(prefix + key + KV_SEP, Role.ANNOTATION_KEY))
-        segs.append(Segment(value, Role.ANNOTATION_VALUE))
-    segs.append(Segment(ANN_CLOSE, Role.ANNOTATION_KEY, True))
+    segs = [_OPEN_SEG]
+    prefix = ""
+    for key, value in tags:
+        segs.append(_new_segment(Segment, (prefix + key + KV_SEP, _KEY, False)))
+        segs.append(_new_segment(Segment, (value, _VALUE, False)))
+        prefix = TAG_SEP
+    segs.append(_CLOSE_SEG)
     return segs
 
 
@@ -149,7 +171,7 @@ def chunk_segments(
     A chunk with no tags (``None`` or empty) gets no annotation block at all.
     """
     segs = annotation_segments(tags) if tags else []
-    segs.append(Segment(text + sep, role))
+    segs.append(_new_segment(Segment, (text + sep, int(role), False)))
     return segs
 
 

@@ -22,7 +22,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+try:  # orjson parses JSONL several times faster; the standard library is the fallback
+    from orjson import JSONDecodeError as _JSONDecodeError
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    from json import JSONDecodeError as _JSONDecodeError
+    from json import loads as _loads
 
 from megatron_anchor.annotation.chunking import split_chunks
 from megatron_anchor.annotation.format import MAX_VALUE_CHARS, Tag, tag_problem
@@ -89,17 +96,29 @@ class Document:
         return json.dumps(self.to_json(), ensure_ascii=False)
 
 
+_VALID_TAGS: Dict[Tuple[int, str, str], bool] = {}
+_VALID_TAGS_LIMIT = 500_000
+
+
 def _parse_tags(raw: Any, where: str, max_value_chars: int) -> List[Tag]:
     if not isinstance(raw, list):
         raise DocumentError(where, f"'tags' must be a list of [key, value] pairs, got {type(raw).__name__}")
     tags: List[Tag] = []
+    valid = _VALID_TAGS
     for t in raw:
+        # Tags repeat across a corpus: remember the ones already validated (a dict probe beats the checks).
+        if type(t) is list and len(t) == 2 and type(t[0]) is str and type(t[1]) is str:
+            if (max_value_chars, t[0], t[1]) in valid:
+                tags.append((t[0], t[1]))
+                continue
         if not (isinstance(t, (list, tuple)) and len(t) == 2):
             raise DocumentError(where, f"each tag must be a [key, value] pair, got {t!r:.80}")
         problem = tag_problem(t[0], t[1], max_value_chars)
         if problem:
             raise DocumentError(where, problem)
         tags.append((t[0], t[1]))
+        if len(valid) < _VALID_TAGS_LIMIT:
+            valid[(max_value_chars, t[0], t[1])] = True
     return tags
 
 
@@ -162,7 +181,7 @@ def parse_line(
     except UnicodeDecodeError as e:
         raise DocumentError(where, f"invalid UTF-8 at byte {e.start}") from None
     try:
-        obj = json.loads(s)
-    except json.JSONDecodeError as e:
+        obj = _loads(s)
+    except _JSONDecodeError as e:
         raise DocumentError(where, f"malformed JSON: {e.msg} at column {e.colno}") from None
     return parse_document(obj, where, text_key, max_value_chars)

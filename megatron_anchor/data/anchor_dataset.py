@@ -1,33 +1,32 @@
 """``AnchorGPTDataset``: megatron-core's ``GPTDataset`` plus the role channel.
 
 The subclass reuses the parent's sample assembly unchanged (samples span documents, offsets, padding, the
-extra label token). The low-level dataset it builds, :class:`RoleChannelIndexedDataset`, returns from ``get``
-each token with its role packed above bit 32 of an int64, so the parent's slicing carries the roles along for
-free. The subclass then unpacks them and returns ``roles`` aligned with ``labels``: ``roles[i]`` is the role of
-the token predicted at position ``i``. Padding positions get role PAD.
+extra label token). Its low-level dataset, :class:`RoleChannelIndexedDataset`, notes each ``(document, offset,
+length)`` the parent reads while it assembles a sample; the subclass then cuts the same slices out of the role
+channel. So the roles follow exactly the slicing the parent used for the tokens, at the cost of one slice per
+document piece. ``roles`` is returned aligned with ``labels``: ``roles[i]`` is the role of the token predicted
+at position ``i``; padding gets role PAD.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import os
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_anchor.data.indexed import DatasetFormatError, check_role_channel, roles_prefix
-from megatron_anchor.roles import Role
-
-_ROLE_SHIFT = 32
-_TOKEN_MASK = (1 << _ROLE_SHIFT) - 1
+from megatron_anchor.data.indexed import DatasetFormatError, bin_path, check_role_channel, roles_prefix
+from megatron_anchor.roles import ROLE_DTYPE, Role
 
 
 class RoleChannelIndexedDataset(IndexedDataset):
     """An ``IndexedDataset`` over the tokens that also holds the role channel.
 
-    ``get(idx, offset, length)`` returns ``token | role << 32`` (int64); :meth:`get_tokens` and
-    :meth:`get_roles` return the two channels separately.
+    ``get`` behaves exactly like the parent's; between :meth:`start_recording` and :meth:`stop_recording` it
+    also notes what it read, and :meth:`roles_for` returns the role slices of those reads.
     """
 
     def __new__(cls, path_prefix: Optional[str] = None, *args, **kwargs):
@@ -39,33 +38,50 @@ class RoleChannelIndexedDataset(IndexedDataset):
 
     def __init__(self, path_prefix: str, mmap: bool = True, **kwargs) -> None:
         super().__init__(path_prefix, multimodal=False, mmap=mmap, **kwargs)
-        self.roles = IndexedDataset(roles_prefix(path_prefix), multimodal=False, mmap=mmap)
+        self._open_roles()
+
+    def _open_roles(self) -> None:
+        self._reads: Optional[List[Tuple[int, int, int]]] = None
+        path = bin_path(roles_prefix(self.path_prefix))
+        # A plain ndarray over the map: slicing it is much cheaper than slicing an np.memmap.
+        self._roles_map = np.memmap(path, ROLE_DTYPE, "r") if os.path.getsize(path) else None
+        self._roles = np.asarray(self._roles_map) if self._roles_map is not None else np.zeros(0, ROLE_DTYPE)
+        self._token_itemsize = np.dtype(self.index.dtype).itemsize
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        self.roles = IndexedDataset(roles_prefix(self.path_prefix), multimodal=False, mmap=self.mmap)
-
-    def get_tokens(self, idx: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
-        return super().get(idx, offset=offset, length=length)
-
-    def get_roles(self, idx: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
-        return self.roles.get(idx, offset=offset, length=length)
+        self._open_roles()
 
     def get(self, idx: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
         tokens = super().get(idx, offset=offset, length=length)
-        roles = self.roles.get(idx, offset=offset, length=length)
-        packed = roles.astype(np.int64)
-        packed <<= _ROLE_SHIFT
-        packed |= tokens
-        return packed
+        if self._reads is not None:
+            self._reads.append((idx, offset, len(tokens)))
+        return tokens
 
+    def get_roles(self, idx: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
+        """Roles of sequence ``idx`` (the same slice ``get`` returns tokens for)."""
+        start = int(self.index.sequence_pointers[idx]) // self._token_itemsize + offset
+        if length is None:
+            length = int(self.index.sequence_lengths[idx]) - offset
+        return np.array(self._roles[start : start + length])
 
-def unpack_roles(packed: np.ndarray) -> tuple:
-    """Split packed values into (tokens, roles). Entries without a role (< 2**32) are padding: role PAD."""
-    has_role = packed > _TOKEN_MASK
-    tokens = np.where(has_role, packed & _TOKEN_MASK, packed)
-    roles = np.where(has_role, packed >> _ROLE_SHIFT, int(Role.PAD))
-    return tokens, roles
+    def start_recording(self) -> None:
+        self._reads = []
+
+    def stop_recording(self) -> List[Tuple[int, int, int]]:
+        reads, self._reads = self._reads or [], None
+        return reads
+
+    def roles_for(self, reads: List[Tuple[int, int, int]], total: int) -> np.ndarray:
+        """Roles of the recorded reads, concatenated and padded with PAD up to ``total``."""
+        out = np.zeros(total, dtype=np.int64)  # Role.PAD == 0
+        pointers = self.index.sequence_pointers
+        pos = 0
+        for idx, offset, n in reads:
+            start = int(pointers[idx]) // self._token_itemsize + offset
+            out[pos : pos + n] = self._roles[start : start + n]
+            pos += n
+        return out
 
 
 class AnchorGPTDataset(GPTDataset):
@@ -84,16 +100,19 @@ class AnchorGPTDataset(GPTDataset):
             raise DatasetFormatError(f"cannot use {dataset_path} as anchored training data: {e}") from None
 
     def _query_document_sample_shuffle_indices(self, idx: int):
-        # The parent assembles the sample from packed values; unpack here so it sees plain tokens after this.
-        out = super()._query_document_sample_shuffle_indices(idx)
-        tokens, self._last_roles = unpack_roles(out[0])
-        return (tokens,) + tuple(out[1:])
+        self.dataset.start_recording()
+        try:
+            out = super()._query_document_sample_shuffle_indices(idx)
+        finally:
+            reads = self.dataset.stop_recording()
+        self._last_roles = self.dataset.roles_for(reads, len(out[0]))
+        return out
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
         sample = super().__getitem__(idx)
         roles = torch.from_numpy(self._last_roles)
         if self.config.add_extra_token_to_sequence:
-            roles = roles[1:].contiguous()
+            roles = roles[1:]
         else:
             roles = torch.roll(roles, shifts=-1, dims=0)
             roles[-1] = int(Role.PAD)

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 from tqdm import tqdm
 
 from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotate_document
@@ -114,13 +115,13 @@ class PartStats:
     chunks: int = 0
     tokens: int = 0
     annotation_tokens: int = 0
-    text_bytes: int = 0
+    input_bytes: int = 0
     annotated_here: int = 0
     skipped: int = 0
     reasons: List[str] = field(default_factory=list)
 
     def add(self, other: "PartStats") -> None:
-        for name in ("documents", "chunks", "tokens", "annotation_tokens", "text_bytes", "annotated_here", "skipped"):
+        for name in ("documents", "chunks", "tokens", "annotation_tokens", "input_bytes", "annotated_here", "skipped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.reasons.extend(other.reasons[: max(0, MAX_REASONS - len(self.reasons))])
 
@@ -179,15 +180,16 @@ def _process_part(args: Tuple[int, int, List[Tuple[int, bytes]]]) -> Tuple[int, 
         docs.append(segs)
         doc_lines.append(line_no)
         stats.chunks += len(doc.chunks)
-        stats.text_bytes += sum(len(c.text.encode()) + len(c.sep) for c in doc.chunks)
+        stats.input_bytes += len(line)
     seg_lengths: List[List[int]] = []
     encoded = tok.encode_segments(docs, seg_lengths)
     if cfg.max_chunk_tokens:
         encoded = _drop_long_chunks(cfg, docs, encoded, seg_lengths, doc_lines, stats)
-    for ids, roles in encoded:
-        stats.documents += 1
-        stats.tokens += len(ids)
-        stats.annotation_tokens += int(sum((roles == r).sum() for r in ANNOTATION_ROLES))
+    stats.documents = len(encoded)
+    stats.tokens = sum(len(ids) for ids, _ in encoded)
+    if encoded:
+        counts = np.bincount(np.concatenate([roles for _, roles in encoded]), minlength=len(Role))
+        stats.annotation_tokens = int(sum(counts[r] for r in ANNOTATION_ROLES))
     prefix = part_prefix(cfg, part)
     write_token_role_documents(prefix, encoded, tok.token_dtype)
     _write_json_atomic(prefix + ".stats.json", asdict(stats))
@@ -365,7 +367,7 @@ def _log_summary(cfg: PreprocessConfig, t: PartStats, elapsed: float, resumed: b
         f"  documents {t.documents:,}  chunks {t.chunks:,}  tokens {t.tokens:,}  "
         f"annotation tokens {t.annotation_tokens:,} ({share:.1%})",
         f"  annotated here by the default annotator: {t.annotated_here:,}  skipped: {t.skipped:,}",
-        f"  {elapsed:.1f} s, {t.text_bytes / max(elapsed, 1e-9) / 1e6:.2f} MB/s of text, "
+        f"  {elapsed:.1f} s, {t.input_bytes / max(elapsed, 1e-9) / 1e6:.2f} MB/s of input, "
         f"{t.tokens / max(elapsed, 1e-9):,.0f} tokens/s",
     ]
     lines += [f"  skipped: {r}" for r in t.reasons]

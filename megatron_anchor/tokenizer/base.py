@@ -12,7 +12,9 @@ from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, Segment
 from megatron_anchor.roles import ROLE_DTYPE, Role
 
 _ROUNDTRIP_PROBE = "Tokens  round-trip:\n\n\tcafé, 42 <|ann|> ☃ \n"
-_KEY_CACHE_LIMIT = 100_000
+_KEY_CACHE_LIMIT = 200_000
+# Plain ints: hashing an IntEnum member is a Python-level call, and this set is probed once per segment.
+_CACHED_ROLES = frozenset((int(Role.ANNOTATION_KEY), int(Role.ANNOTATION_VALUE)))
 
 
 class TokenizerError(ValueError):
@@ -28,6 +30,7 @@ class AnchorTokenizer(ABC):
 
     def __init__(self) -> None:
         self._key_cache: Dict[str, List[int]] = {}
+        self._special_map: Optional[Dict[str, int]] = None
 
     # -- what subclasses provide -------------------------------------------------------------------------
     @abstractmethod
@@ -97,12 +100,6 @@ class AnchorTokenizer(ABC):
         """megatron-core name for :meth:`decode`."""
         return self.decode(ids)
 
-    def _special_segment_id(self, text: str) -> int:
-        ids = self.special_ids
-        if text not in ids:
-            raise TokenizerError(f"{text!r} is not a special token of this tokenizer")
-        return ids[text]
-
     def eod_segment(self) -> Segment:
         """The end-of-document token as a segment (role EOD)."""
         return Segment(self.eod_text, Role.EOD, True)
@@ -113,43 +110,59 @@ class AnchorTokenizer(ABC):
         """Tokenize documents given as segments; returns ``(ids, roles)`` arrays per document.
 
         Each segment is encoded on its own, so every token has exactly one role. Special segments become their
-        single id. Annotation keys/separators repeat across a corpus and are cached; everything else is encoded
-        in one batched call for all documents, which is what keeps this near the tokenizer's raw speed.
+        single id. Annotation segments (keys, separators, values) repeat across a corpus and are cached; all
+        other text, and the cache misses, go to the tokenizer in one batched call for all documents, which is
+        what keeps this near the tokenizer's raw speed.
         If ``segment_lengths`` is a list, it receives each document's per-segment token counts.
         """
-        todo: List[str] = []
-        for segs in docs:
-            for s in segs:
-                if not s.special and s.role != Role.ANNOTATION_KEY:
-                    todo.append(s.text)
-        encoded = iter(self.encode_texts(todo)) if todo else iter(())
+        specials = self._special_map
+        if specials is None:
+            specials = self._special_map = self.special_ids
         cache = self._key_cache
+        misses: Dict[str, int] = {}
+        texts: List[str] = []
+        for segs in docs:
+            for text, role, special in segs:
+                if special:
+                    continue
+                if role in _CACHED_ROLES:
+                    if text not in cache and text not in misses:
+                        misses[text] = len(misses)
+                else:
+                    texts.append(text)
+        miss_list = list(misses)
+        encoded = self.encode_texts(miss_list + texts) if (miss_list or texts) else []
+        local = dict(zip(miss_list, encoded))
+        if len(cache) + len(local) <= _KEY_CACHE_LIMIT:
+            cache.update(local)
+        text_ids = iter(encoded[len(miss_list):])
         out: List[Tuple[np.ndarray, np.ndarray]] = []
         for segs in docs:
-            id_parts: List[List[int]] = []
-            role_parts: List[Tuple[int, int]] = []
-            for s in segs:
-                if s.special:
-                    ids = [self._special_segment_id(s.text)]
-                elif s.role == Role.ANNOTATION_KEY:
-                    ids = cache.get(s.text)
-                    if ids is None:
-                        ids = self.encode_text(s.text)
-                        if len(cache) < _KEY_CACHE_LIMIT:
-                            cache[s.text] = ids
+            flat: List[int] = []
+            role_codes: List[int] = []
+            counts: List[int] = []
+            for text, role, special in segs:
+                if special:
+                    if text not in specials:
+                        raise TokenizerError(f"{text!r} is not a special token of this tokenizer")
+                    flat.append(specials[text])
+                    n = 1
                 else:
-                    ids = next(encoded)
-                id_parts.append(ids)
-                role_parts.append((int(s.role), len(ids)))
-            flat = [i for part in id_parts for i in part]
+                    if role in _CACHED_ROLES:
+                        ids = cache.get(text)
+                        if ids is None:
+                            ids = local[text]
+                    else:
+                        ids = next(text_ids)
+                    flat.extend(ids)
+                    n = len(ids)
+                role_codes.append(role)
+                counts.append(n)
             ids_arr = np.array(flat, dtype=self.token_dtype)
-            roles_arr = np.repeat(
-                np.array([r for r, _ in role_parts], dtype=ROLE_DTYPE),
-                np.array([n for _, n in role_parts], dtype=np.int64),
-            )
+            roles_arr = np.repeat(np.array(role_codes, dtype=ROLE_DTYPE), counts)
             out.append((ids_arr, roles_arr))
             if segment_lengths is not None:
-                segment_lengths.append([n for _, n in role_parts])
+                segment_lengths.append(counts)
         return out
 
     def check_roundtrip(self, source: str) -> Optional[str]:

@@ -34,6 +34,7 @@ def train_sentencepiece(texts: Iterable[str], output_prefix: str, vocab_size: in
         split_digits=True,
         allow_whitespace_only_pieces=True,
         max_sentence_length=1 << 16,
+        hard_vocab_limit=False,  # a small corpus may not support the requested size: take what it supports
         unk_id=0,
         eos_id=1,
         bos_id=-1,

@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Preprocessing and role-channel benchmarks. Every figure is a ratio against a baseline measured in the same run.
+
+1. throughput: tools/preprocess_data.py end to end (read JSONL, annotate-format, tokenize, write tokens + roles,
+   merge) against the tokenizer's raw batched encode of the same documents' text, same number of workers.
+   Target: >= 0.7 of the raw rate.
+2. write: writing tokens + roles with our writer (parts + streaming merge, as the tool does) against writing
+   tokens alone with megatron-core's IndexedDatasetBuilder. Target: <= 1.15x.
+3. memory: peak resident memory (process tree) preprocessing a corpus 10x larger. Target: <= 1.2x.
+4. fetch: AnchorGPTDataset sample fetch (tokens + roles) against stock GPTDataset on the same files.
+   Target: <= 1.2x.
+
+    python benchmarks/bench_preprocess.py --mb 20 --workers 2
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import get_context
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from megatron_anchor.annotation.default_annotator import annotate_document  # noqa: E402
+from megatron_anchor.annotation.schema import parse_line  # noqa: E402
+from megatron_anchor.data.synthetic import generate_documents  # noqa: E402
+
+
+def make_corpus(path: str, mb: float, seed: int = 0) -> int:
+    """Annotated JSONL of about ``mb`` megabytes; returns the number of documents."""
+    n = 0
+    size = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for text in generate_documents(10**9, seed):
+            doc = annotate_document(parse_line(json.dumps({"text": text}).encode(), "gen"))
+            line = doc.to_jsonl() + "\n"
+            f.write(line)
+            size += len(line.encode())
+            n += 1
+            if size >= mb * 1e6:
+                return n
+    return n
+
+
+def preprocess_cmd(inp, out, model, workers):
+    return [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", inp,
+            "--output-prefix", out, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
+            "--append-eod", "--workers", str(workers), "--no-progress", "--overwrite"]
+
+
+def run_tree_peak_rss(cmd) -> tuple:
+    """Run ``cmd``; return (seconds, peak summed RSS of the process tree in bytes)."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            procs = [proc] + proc.children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.read().decode())
+    return elapsed, peak
+
+
+_SP = {}
+
+
+def _raw_init(model):
+    import sentencepiece as spm
+
+    _SP["sp"] = spm.SentencePieceProcessor(model_file=model)
+
+
+def _raw_encode(texts):
+    return sum(len(x) for x in _SP["sp"].encode(texts, num_threads=1))
+
+
+def bench_throughput(corpus, model, workers, tmp):
+    texts = []
+    with open(corpus, "rb") as f:
+        for line in f:
+            obj = json.loads(line)
+            texts.append("".join(c["text"] + c["sep"] for c in obj["chunks"]))
+    batches = [texts[i:i + 2000] for i in range(0, len(texts), 2000)]
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+
+    def raw():
+        t = time.perf_counter()
+        with get_context("fork").Pool(workers, _raw_init, (model,)) as pool:
+            tokens = sum(pool.imap(_raw_encode, batches))
+        return time.perf_counter() - t, tokens
+
+    def ours():
+        t = time.perf_counter()
+        subprocess.run(preprocess_cmd(corpus, os.path.join(tmp, "thr"), model, workers), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - t
+
+    raw_t, ours_t = [], []
+    for _ in range(3):  # interleave to share the machine's noise
+        raw_t.append(raw()[0])
+        ours_t.append(ours())
+    r, o = min(raw_t), min(ours_t)
+    return {"text_mb": round(mb, 1), "raw_encode_s": round(r, 2), "preprocess_s": round(o, 2),
+            "raw_mb_s": round(mb / r, 2), "preprocess_mb_s": round(mb / o, 2), "ratio": round(r / o, 3),
+            "target": ">= 0.7"}
+
+
+def bench_write(prefix, tmp):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_anchor.data.indexed import iter_documents, merge_token_role_datasets, roles_prefix
+    from megatron_anchor.data.indexed import write_token_role_documents
+
+    docs = [(d, r) for d, r in zip(iter_documents(prefix), iter_documents(roles_prefix(prefix)))]
+    dtype = docs[0][0].dtype.type
+
+    def megatron_tokens_only():
+        t = time.perf_counter()
+        b = IndexedDatasetBuilder(os.path.join(tmp, "mc.bin"), dtype=dtype)
+        for d, _ in docs:
+            b.add_document(torch.from_numpy(d.astype(np.int64)), [len(d)])
+        b.finalize(os.path.join(tmp, "mc.idx"))
+        return time.perf_counter() - t
+
+    def ours_tokens_roles():
+        t = time.perf_counter()
+        parts = []
+        for i in range(0, len(docs), 2000):
+            p = os.path.join(tmp, f"wpart{i}")
+            write_token_role_documents(p, docs[i:i + 2000], dtype)
+            parts.append(p)
+        merge_token_role_datasets(parts, os.path.join(tmp, "ours"))
+        return time.perf_counter() - t
+
+    a, b = [], []
+    for _ in range(5):
+        a.append(megatron_tokens_only())
+        b.append(ours_tokens_roles())
+    return {"documents": len(docs), "megatron_tokens_s": round(min(a), 3), "ours_tokens_roles_s": round(min(b), 3),
+            "ratio": round(min(b) / min(a), 3), "target": "<= 1.15"}
+
+
+def bench_memory(model, mb, workers, tmp):
+    small = os.path.join(tmp, "mem_small.jsonl")
+    big = os.path.join(tmp, "mem_big.jsonl")
+    make_corpus(small, mb, seed=1)
+    with open(small, "rb") as src, open(big, "wb") as dst:
+        data = src.read()
+        for _ in range(10):
+            dst.write(data)
+    _, peak_small = run_tree_peak_rss(preprocess_cmd(small, os.path.join(tmp, "ms"), model, workers))
+    _, peak_big = run_tree_peak_rss(preprocess_cmd(big, os.path.join(tmp, "mb"), model, workers))
+    return {"small_mb": mb, "big_mb": 10 * mb, "peak_small_mib": round(peak_small / 2**20, 1),
+            "peak_big_mib": round(peak_big / 2**20, 1), "ratio": round(peak_big / peak_small, 3),
+            "target": "<= 1.2"}
+
+
+def bench_fetch(prefix, model, tmp, seq_length=2048, n=2000):
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from megatron_anchor.data.anchor_dataset import AnchorGPTDataset
+    from megatron_anchor.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("SentencePieceTokenizer", model)
+    cfg = GPTDatasetConfig(random_seed=1, sequence_length=seq_length, blend=([prefix], None), split="100,0,0",
+                           tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
+                           eod_mask_loss=False, create_attention_mask=False, path_to_cache=os.path.join(tmp, "c"))
+    stock = BlendedMegatronDatasetBuilder(GPTDataset, [n, 0, 0], lambda: True, cfg).build()[0]
+    ours = BlendedMegatronDatasetBuilder(AnchorGPTDataset, [n, 0, 0], lambda: True, cfg).build()[0]
+    order = list(range(min(len(stock), n)))
+    random.Random(0).shuffle(order)
+
+    def timed(ds):
+        t = time.perf_counter()
+        for i in order:
+            ds[i]
+        return (time.perf_counter() - t) / len(order)
+
+    a, b = [], []
+    for _ in range(5):
+        a.append(timed(stock))
+        b.append(timed(ours))
+    return {"seq_length": seq_length, "samples": len(order), "stock_us": round(min(a) * 1e6, 1),
+            "anchor_us": round(min(b) * 1e6, 1), "ratio": round(min(b) / min(a), 3), "target": "<= 1.2"}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mb", type=float, default=20, help="size of the throughput corpus (annotated JSONL, MB)")
+    p.add_argument("--memory-mb", type=float, default=5, help="size of the small memory corpus (the big one is 10x)")
+    p.add_argument("--workers", type=int, default=2, help="workers for the tool and the raw-encode baseline")
+    p.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece vocabulary for the benchmark")
+    p.add_argument("--only", nargs="*", default=["throughput", "write", "memory", "fetch"],
+                   help="which benchmarks to run")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="bench_pre_")
+    try:
+        corpus = os.path.join(tmp, "corpus.jsonl")
+        n = make_corpus(corpus, args.mb)
+        subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", corpus,
+                        "--output-prefix", os.path.join(tmp, "tok"), "--vocab-size", str(args.vocab_size),
+                        "--max-bytes", "5000000"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        model = os.path.join(tmp, "tok.model")
+        results = {"corpus_documents": n, "workers": args.workers, "cpus": os.cpu_count()}
+        if "throughput" in args.only:
+            results["throughput"] = bench_throughput(corpus, model, args.workers, tmp)
+            print("throughput", results["throughput"], flush=True)
+        prefix = os.path.join(tmp, "thr_text_document")
+        if not os.path.exists(prefix + ".bin"):
+            subprocess.run(preprocess_cmd(corpus, os.path.join(tmp, "thr"), model, args.workers), check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if "write" in args.only:
+            results["write"] = bench_write(prefix, tmp)
+            print("write", results["write"], flush=True)
+        if "memory" in args.only:
+            results["memory"] = bench_memory(model, args.memory_mb, args.workers, tmp)
+            print("memory", results["memory"], flush=True)
+        if "fetch" in args.only:
+            results["fetch"] = bench_fetch(prefix, model, tmp)
+            print("fetch", results["fetch"], flush=True)
+        print(json.dumps(results, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
