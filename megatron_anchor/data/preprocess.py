@@ -82,6 +82,8 @@ class PreprocessConfig:
     """Replace existing outputs and discard parts left by a run with other arguments."""
     show_progress: bool = True
     """Show a tqdm progress bar."""
+    converter: "DocumentConverter" = field(default_factory=lambda: DocumentConverter())
+    """What an input line means (pretraining documents by default; SFT preprocessing passes its own)."""
 
     @property
     def output_path_prefix(self) -> str:
@@ -101,7 +103,8 @@ class PreprocessConfig:
             "input": os.path.abspath(self.input), "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns,
             "tokenizer_type": self.tokenizer_type, "tokenizer_sha256": tok_hash, "json_key": self.json_key,
             "append_eod": self.append_eod, "annotations": self.annotations, "annotator": self.annotator,
-            "default_annotator": ANNOTATOR_NAME, "skip_bad_documents": self.skip_bad_documents,
+            "converter": self.converter.name, "converter_options": self.converter.fingerprint(),
+            "skip_bad_documents": self.skip_bad_documents,
             "max_chunk_tokens": self.max_chunk_tokens, "docs_per_part": self.docs_per_part,
             "eod_token": self.eod_token,
         }
@@ -130,10 +133,52 @@ class PartStats:
 # Work inside one part
 # ------------------------------------------------------------------------------------------------------------
 
+class DocumentConverter:
+    """Turns input lines into segments, and vets documents once tokenized.
+
+    The engine (parts, workers, resume, merge) is the same for every kind of input; a converter says what one
+    line means. This one reads pretraining documents (annotated or raw); SFT preprocessing supplies its own.
+    Converters run inside worker processes and must be picklable (plain attributes only).
+    """
+
+    name = "pretrain"
+
+    def fingerprint(self) -> Dict[str, object]:
+        """Converter options that change the output (checked when a run resumes)."""
+        return {"default_annotator": ANNOTATOR_NAME}
+
+    def segments(self, line: bytes, where: str, cfg: "PreprocessConfig", tok: AnchorTokenizer,
+                 stats: "PartStats") -> Tuple[List[Segment], int]:
+        """``(segments, number of chunks)`` for one line; raise :class:`DocumentError` for bad input."""
+        doc = parse_line(line, where, cfg.json_key)
+        if cfg.annotations and not doc.annotated:
+            if cfg.annotator != "default":
+                raise DocumentError(
+                    where, "raw document but --annotator none; annotate it first (tools/annotate.py), "
+                    "use --annotator default, or pass --no-annotations"
+                )
+            annotate_document(doc)
+            stats.annotated_here += 1
+        eod = tok.eod_segment() if cfg.append_eod else None
+        return document_segments(doc, cfg.annotations, eod), len(doc.chunks)
+
+    def check_encoded(self, segs: List[Segment], encoded: Tuple[np.ndarray, np.ndarray], seg_lengths: List[int],
+                      where: str, cfg: "PreprocessConfig") -> Tuple[np.ndarray, np.ndarray]:
+        """Return the document's ``(ids, roles)`` (possibly changed), or raise :class:`DocumentError`."""
+        if cfg.max_chunk_tokens:
+            worst = max((n for s, n in zip(segs, seg_lengths) if s.role == Role.TEXT), default=0)
+            if worst > cfg.max_chunk_tokens:
+                raise DocumentError(
+                    where, f"a chunk has {worst} tokens, more than --max-chunk-tokens {cfg.max_chunk_tokens}; "
+                    "split it or raise the limit",
+                )
+        return encoded
+
+
 _WORKER: Dict[str, object] = {}
 
 
-def _init_worker(cfg: PreprocessConfig) -> None:
+def _init_worker(cfg: "PreprocessConfig") -> None:
     _WORKER["cfg"] = cfg
     kwargs = {"eod_token": cfg.eod_token} if cfg.tokenizer_type == "HuggingFaceTokenizer" else {}
     _WORKER["tok"] = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, **kwargs)
@@ -149,42 +194,40 @@ def document_segments(doc: Document, annotations: bool, eod: Optional[Segment]) 
     return segs
 
 
-def _process_part(args: Tuple[int, int, List[Tuple[int, bytes]]]) -> Tuple[int, PartStats]:
+def _skip_or_raise(cfg: "PreprocessConfig", stats: "PartStats", err: DocumentError) -> None:
+    if not cfg.skip_bad_documents:
+        raise err
+    stats.skipped += 1
+    if len(stats.reasons) < MAX_REASONS:
+        stats.reasons.append(str(err))
+
+
+def _process_part(args: Tuple[int, int, List[Tuple[int, bytes]]]) -> Tuple[int, "PartStats"]:
     part, _, lines = args
     cfg: PreprocessConfig = _WORKER["cfg"]  # type: ignore[assignment]
     tok: AnchorTokenizer = _WORKER["tok"]  # type: ignore[assignment]
+    conv = cfg.converter
     stats = PartStats()
     docs: List[List[Segment]] = []
-    doc_lines: List[int] = []
-    eod = tok.eod_segment() if cfg.append_eod else None
+    wheres: List[str] = []
     for line_no, line in lines:
         where = f"{cfg.input}:{line_no}"
         try:
-            doc = parse_line(line, where, cfg.json_key)
-            if cfg.annotations and not doc.annotated:
-                if cfg.annotator != "default":
-                    raise DocumentError(
-                        where, "raw document but --annotator none; annotate it first (tools/annotate.py), "
-                        "use --annotator default, or pass --no-annotations"
-                    )
-                annotate_document(doc)
-                stats.annotated_here += 1
+            segs, n_chunks = conv.segments(line, where, cfg, tok, stats)
         except DocumentError as e:
-            if not cfg.skip_bad_documents:
-                raise
-            stats.skipped += 1
-            if len(stats.reasons) < MAX_REASONS:
-                stats.reasons.append(str(e))
+            _skip_or_raise(cfg, stats, e)
             continue
-        segs = document_segments(doc, cfg.annotations, eod)
         docs.append(segs)
-        doc_lines.append(line_no)
-        stats.chunks += len(doc.chunks)
+        wheres.append(where)
+        stats.chunks += n_chunks
         stats.input_bytes += len(line)
     seg_lengths: List[List[int]] = []
-    encoded = tok.encode_segments(docs, seg_lengths)
-    if cfg.max_chunk_tokens:
-        encoded = _drop_long_chunks(cfg, docs, encoded, seg_lengths, doc_lines, stats)
+    encoded = []
+    for segs, enc, lens, where in zip(docs, tok.encode_segments(docs, seg_lengths), seg_lengths, wheres):
+        try:
+            encoded.append(conv.check_encoded(segs, enc, lens, where, cfg))
+        except DocumentError as e:
+            _skip_or_raise(cfg, stats, e)
     stats.documents = len(encoded)
     stats.tokens = sum(len(ids) for ids, _ in encoded)
     if encoded:
@@ -194,27 +237,6 @@ def _process_part(args: Tuple[int, int, List[Tuple[int, bytes]]]) -> Tuple[int, 
     write_token_role_documents(prefix, encoded, tok.token_dtype)
     _write_json_atomic(prefix + ".stats.json", asdict(stats))
     return part, stats
-
-
-def _drop_long_chunks(cfg, docs, encoded, seg_lengths, doc_lines, stats):
-    """Reject (or, with skip_bad_documents, drop) documents with a chunk over ``max_chunk_tokens``."""
-    kept = []
-    for segs, enc, lens, line_no in zip(docs, encoded, seg_lengths, doc_lines):
-        worst = max((n for s, n in zip(segs, lens) if s.role == Role.TEXT), default=0)
-        if worst > cfg.max_chunk_tokens:
-            err = DocumentError(
-                f"{cfg.input}:{line_no}",
-                f"a chunk has {worst} tokens, more than --max-chunk-tokens {cfg.max_chunk_tokens}; "
-                "split it or raise the limit",
-            )
-            if not cfg.skip_bad_documents:
-                raise err
-            stats.skipped += 1
-            if len(stats.reasons) < MAX_REASONS:
-                stats.reasons.append(str(err))
-            continue
-        kept.append(enc)
-    return kept
 
 
 # ------------------------------------------------------------------------------------------------------------
