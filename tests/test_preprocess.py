@@ -206,3 +206,56 @@ def test_help_explains_every_flag(capsys):
                  "--append-eod", "--no-annotations", "--skip-bad-documents", "--max-chunk-tokens",
                  "--docs-per-part", "--overwrite", "--json-keys", "--annotator", "--eod-token"):
         assert flag in text
+
+
+@pytest.mark.parametrize("num_shards", [1, 3, 7])
+def test_sharded_runs_merge_to_the_unsharded_output(corpus_dir, sp_model, tmp_path, num_shards):
+    from tools import merge_datasets
+
+    inp = tmp_path / "in.jsonl"
+    data = open(corpus_dir / "annotated.jsonl", "rb").read().splitlines(keepends=True)[:60]
+    data.insert(10, b"\n")  # blank lines are skipped, wherever a shard boundary falls
+    inp.write_bytes(b"".join(data))
+    assert _run(inp, tmp_path / "single", sp_model, "--append-eod") == 0
+    want = list(file_bytes(str(tmp_path / "single_text_document")).values())
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(num_shards):
+        assert _run(inp, shards / "x", sp_model, "--append-eod", "--num-shards", str(num_shards),
+                    "--shard-index", str(i), "--docs-per-part", "7") == 0
+    names = sorted(os.listdir(shards))
+    assert len([n for n in names if n.endswith(".done")]) == (num_shards if num_shards > 1 else 0)
+    out = str(tmp_path / "merged_text_document")
+    assert merge_datasets.main(["--input", str(shards), "--output-prefix", out]) == 0
+    assert list(file_bytes(out).values()) == want
+
+
+def test_shard_rerun_skips_complete_and_redoes_half_written(corpus_dir, sp_model, tmp_path, caplog):
+    import logging
+
+    inp = corpus_dir / "annotated.jsonl"
+    args = ("--num-shards", "3", "--shard-index", "1", "--docs-per-part", "20")
+    assert _run(inp, tmp_path / "x", sp_model, *args) == 0
+    prefix = str(tmp_path / "x_text_document.shard00001-of-00003")
+    before = file_bytes(prefix)
+    caplog.set_level(logging.INFO)
+    assert _run(inp, tmp_path / "x", sp_model, *args) == 0
+    assert "skipping this shard" in caplog.text
+    # half-written: outputs without the marker (killed while publishing) -> the rerun redoes the shard
+    os.remove(prefix + ".done")
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(100)
+    assert _run(inp, tmp_path / "x", sp_model, *args) == 0
+    assert file_bytes(prefix) == before and os.path.isfile(prefix + ".done")
+    with pytest.raises(SystemExit, match="shard-index"):
+        _run(inp, tmp_path / "x", sp_model, "--num-shards", "3", "--shard-index", "3")
+
+
+def test_shard_errors_name_the_global_line(tmp_path, sp_model, capsys):
+    inp = tmp_path / "bad.jsonl"
+    lines = [b'{"text": "document %d"}\n' % i for i in range(30)]
+    lines[23] = b"{broken\n"
+    inp.write_bytes(b"".join(lines))
+    rcs = [_run(inp, tmp_path / "o", sp_model, "--num-shards", "4", "--shard-index", str(i)) for i in range(4)]
+    assert rcs.count(1) == 1
+    assert f"{inp}:24" in capsys.readouterr().err

@@ -57,6 +57,13 @@ def get_parser() -> argparse.ArgumentParser:
                    help="path prefix of the outputs: PREFIX_text_document.{bin,idx} and _roles beside them")
     g.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs / discard unfinished parts of a run with other arguments")
+    g.add_argument("--num-shards", type=int, default=1,
+                   help="split the input into N shards by byte range (shard i owns the lines starting in bytes "
+                        "[i*size/N, (i+1)*size/N)); each run writes PREFIX_text_document.shardIIIII-of-NNNNN "
+                        "plus a .done marker; merge the shards with tools/merge_datasets.py")
+    g.add_argument("--shard-index", type=int, default=0,
+                   help="which shard this run processes (0-based); a rerun skips a completed shard and "
+                        "resumes a half-written one")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizing worker processes")
@@ -88,6 +95,8 @@ def main(argv=None) -> int:
         docs_per_part=args.docs_per_part,
         eod_token=args.eod_token,
         overwrite=args.overwrite,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
         show_progress=not args.no_progress,
     )
     try:

@@ -82,12 +82,24 @@ class PreprocessConfig:
     """Replace existing outputs and discard parts left by a run with other arguments."""
     show_progress: bool = True
     """Show a tqdm progress bar."""
+    num_shards: int = 1
+    """Split the input into this many shards by byte range (see :func:`shard_byte_range`); one run per shard."""
+    shard_index: int = 0
+    """Which shard this run processes (0-based)."""
     converter: "DocumentConverter" = field(default_factory=lambda: DocumentConverter())
     """What an input line means (pretraining documents by default; SFT preprocessing passes its own)."""
 
     @property
     def output_path_prefix(self) -> str:
-        return f"{self.output_prefix}_{self.json_key}_document"
+        base = f"{self.output_prefix}_{self.json_key}_document"
+        if self.num_shards > 1:
+            return f"{base}.shard{self.shard_index:05d}-of-{self.num_shards:05d}"
+        return base
+
+    @property
+    def done_marker(self) -> str:
+        """Written beside a shard's outputs once they are complete; a rerun then skips the shard."""
+        return self.output_path_prefix + ".done"
 
     @property
     def parts_dir(self) -> str:
@@ -106,7 +118,7 @@ class PreprocessConfig:
             "converter": self.converter.name, "converter_options": self.converter.fingerprint(),
             "skip_bad_documents": self.skip_bad_documents,
             "max_chunk_tokens": self.max_chunk_tokens, "docs_per_part": self.docs_per_part,
-            "eod_token": self.eod_token,
+            "eod_token": self.eod_token, "num_shards": self.num_shards, "shard_index": self.shard_index,
         }
 
 
@@ -259,19 +271,58 @@ def _open_input(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+def shard_byte_range(size: int, num_shards: int, shard_index: int) -> Tuple[int, int]:
+    """The stable sharding rule: shard ``i`` owns the lines that *start* in bytes ``[i*size//n, (i+1)*size//n)``.
+
+    It depends only on the input's size, so shard outputs are reproducible, and concatenating the shards in
+    order gives back every line exactly once, in input order.
+    """
+    return size * shard_index // num_shards, size * (shard_index + 1) // num_shards
+
+
+def _count_newlines(f, end: int) -> int:
+    f.seek(0)
+    n, left = 0, end
+    while left > 0:
+        block = f.read(min(left, 1 << 24))
+        if not block:
+            break
+        n += block.count(b"\n")
+        left -= len(block)
+    return n
+
+
 def iter_parts(cfg: PreprocessConfig) -> Iterator[Tuple[int, int, List[Tuple[int, bytes]]]]:
-    """Yield ``(part, bytes_read_so_far, [(line_no, line), ...])``; blank lines are skipped but counted."""
+    """Yield ``(part, bytes_read_so_far, [(line_no, line), ...])`` for this run's shard of the input.
+
+    Blank lines are skipped but counted (line numbers stay those of the file, for error messages).
+    """
     with _open_input(cfg.input) as f:
-        part, lines, line_no, nbytes = 0, [], 0, 0
+        start, end = 0, None
+        line_no = 0
+        if cfg.num_shards > 1:
+            start, end = shard_byte_range(os.path.getsize(cfg.input), cfg.num_shards, cfg.shard_index)
+            line_no = _count_newlines(f, start)
+            f.seek(max(start - 1, 0))
+            # A line starting exactly at ``start`` follows a newline; anything else is the previous shard's.
+            if start > 0 and f.read(1) != b"\n":
+                line_no += 1
+                f.readline()
+        pos = f.tell() if cfg.num_shards > 1 else 0
+        part, lines, seen, nbytes = 0, [], 0, 0
         for line in f:
+            if end is not None and pos >= end:
+                break
+            pos += len(line)
             line_no += 1
+            seen += 1
             nbytes += len(line)
             if line.strip():
                 lines.append((line_no, line))
-            if line_no % cfg.docs_per_part == 0:
+            if seen % cfg.docs_per_part == 0:
                 yield part, nbytes, lines
                 part, lines = part + 1, []
-        if lines or line_no % cfg.docs_per_part:
+        if lines or seen % cfg.docs_per_part:
             yield part, nbytes, lines
 
 
@@ -304,10 +355,24 @@ def run(cfg: PreprocessConfig) -> PartStats:
         raise SystemExit(f"input {cfg.input!r} not found")
     if cfg.docs_per_part < 1 or cfg.workers < 1:
         raise SystemExit("--docs-per-part and --workers must be at least 1")
+    if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
+        raise SystemExit(f"--shard-index must be in [0, --num-shards); got {cfg.shard_index} of {cfg.num_shards}")
+    if cfg.num_shards > 1 and cfg.input.endswith(".gz"):
+        raise SystemExit("sharding needs a seekable input: decompress the .gz file, or split it into files")
     out = cfg.output_path_prefix
+    if cfg.num_shards > 1 and os.path.isfile(cfg.done_marker) and _outputs_exist(out) and not cfg.overwrite:
+        with open(cfg.done_marker, encoding="utf-8") as f:
+            stats = PartStats(**json.load(f))
+        shutil.rmtree(cfg.parts_dir, ignore_errors=True)
+        logger.info("%s is complete (%s); skipping this shard", out, cfg.done_marker)
+        return stats
     resuming = os.path.isdir(cfg.parts_dir)
-    if _outputs_exist(out) and not resuming and not cfg.overwrite:
+    # A shard's outputs without its marker are a run killed while publishing: redo them, never trust them.
+    half_written_shard = cfg.num_shards > 1 and not os.path.isfile(cfg.done_marker)
+    if _outputs_exist(out) and not resuming and not cfg.overwrite and not half_written_shard:
         raise SystemExit(f"{out}.bin/.idx already exist; pass --overwrite to replace them")
+    if os.path.exists(cfg.done_marker):  # only reached with --overwrite: the shard is being redone
+        os.remove(cfg.done_marker)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     _prepare_parts_dir(cfg)
     _init_worker(cfg)  # checks the tokenizer loads before any worker starts
@@ -315,7 +380,10 @@ def run(cfg: PreprocessConfig) -> PartStats:
     total = PartStats()
     done_parts: List[int] = []
     start = time.time()
-    size = os.path.getsize(cfg.input) if not cfg.input.endswith(".gz") else None
+    size = None
+    if not cfg.input.endswith(".gz"):
+        lo, hi = shard_byte_range(os.path.getsize(cfg.input), cfg.num_shards, cfg.shard_index)
+        size = hi - lo
     bar = tqdm(total=size, unit="B", unit_scale=True, desc="preprocess", disable=not cfg.show_progress)
     pending: Dict[int, Tuple[int, object]] = {}
     last_bytes = 0
@@ -364,9 +432,14 @@ def run(cfg: PreprocessConfig) -> PartStats:
             pool.join()
         bar.close()
 
-    if total.documents == 0:
+    if total.documents == 0 and cfg.num_shards == 1:
         raise SystemExit(f"{cfg.input}: no usable documents (skipped {total.skipped}); nothing written")
-    merge_token_role_datasets([part_prefix(cfg, p) for p in sorted(done_parts)], out)
+    if done_parts:
+        merge_token_role_datasets([part_prefix(cfg, p) for p in sorted(done_parts)], out)
+    else:  # a shard whose byte range holds no line start: an empty dataset keeps the shard set complete
+        write_token_role_documents(out, [], _WORKER["tok"].token_dtype)
+    if cfg.num_shards > 1:
+        _write_json_atomic(cfg.done_marker, asdict(total))
     shutil.rmtree(cfg.parts_dir)
     elapsed = time.time() - start
     _log_summary(cfg, total, elapsed, resumed=resuming)
