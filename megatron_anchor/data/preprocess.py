@@ -371,7 +371,7 @@ def run(cfg: PreprocessConfig) -> PartStats:
     half_written_shard = cfg.num_shards > 1 and not os.path.isfile(cfg.done_marker)
     if _outputs_exist(out) and not resuming and not cfg.overwrite and not half_written_shard:
         raise SystemExit(f"{out}.bin/.idx already exist; pass --overwrite to replace them")
-    if os.path.exists(cfg.done_marker):  # only reached with --overwrite: the shard is being redone
+    if os.path.exists(cfg.done_marker):  # a stale marker goes before the shard is redone
         os.remove(cfg.done_marker)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     _prepare_parts_dir(cfg)
