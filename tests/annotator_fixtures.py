@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import logging
+
 import aiohttp
 import pytest
 from aiohttp import web
@@ -165,6 +167,8 @@ class FaultProxy(_LoopThread):
         self.fates: List[str] = []
         self._session: Optional[aiohttp.ClientSession] = None
         self._lock = threading.Lock()
+        # Writing to connections the proxy itself cut logs tracebacks; those faults are the point here.
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
         super().__init__(self._app)
 
     def _app(self) -> web.Application:

