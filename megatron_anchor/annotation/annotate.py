@@ -27,7 +27,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Deque, Dict, List, Optional, TextIO
 
 from megatron_anchor.annotation import default_annotator
 from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash
@@ -240,7 +240,10 @@ class AnnotateJob:
 
     async def _request(self, h: bytes, text: str) -> Annotation:
         assert self.client is not None
-        result = await self.client.annotate(text)
+        try:
+            result = await self.client.annotate(text)
+        except Exception as e:  # noqa: BLE001 - a bug must fail the chunk, not hang its document forever
+            result = Annotation(None, "internal error", f"{type(e).__name__}: {e}")
         if result.ok and self.cache is not None:
             self.cache.put(h, result.tags or [], result.tokens)
         return result
