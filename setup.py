@@ -32,7 +32,9 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "ray>=2.9"],
+        # Running the data tools as shards on a Ray cluster (tools/run_on_ray.py).
+        "scaleout": ["ray>=2.9"],
         "logging": ["wandb", "tensorboard"],
         # GPU-only: never needed on CPU. Transformer Engine and apex are usually preinstalled in NGC images.
         "gpu": ["transformer-engine[pytorch]", "apex"],

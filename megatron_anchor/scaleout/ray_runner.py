@@ -1,0 +1,178 @@
+"""Run a sharded data stage on a Ray cluster (a local instance here, a multi-node cluster unchanged).
+
+Each shard is one Ray task that calls the stage's own tool, ``main(argv + ["--num-shards", N, "--shard-index",
+i])``, so a shard's output is byte-for-byte what the single-machine tool writes for that shard. The tools are
+resumable and mark finished shards, so a task that Ray retries after its worker died continues where it stopped,
+and a rerun of the whole job skips finished shards. The driver collects per-shard statistics and failures
+(with reasons), shows progress, and merges the shards in shard order when every one has finished.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    """A data tool that can run as shards: its module, how to find a shard's outputs, and how to merge them."""
+
+    module: str
+    output_flag: str
+    shard_output: Callable[[str, Dict[str, str], int, int], str]
+    merge: Callable[[List[str], str], None]
+    final_output: Callable[[str, Dict[str, str]], str]
+
+
+def _preprocess_shard(out: str, opts: Dict[str, str], i: int, n: int) -> str:
+    return f"{out}_{opts.get('--json-keys', 'text')}_document.shard{i:05d}-of-{n:05d}"
+
+
+def _preprocess_final(out: str, opts: Dict[str, str]) -> str:
+    return f"{out}_{opts.get('--json-keys', 'text')}_document"
+
+
+def _merge_datasets(shards: List[str], out: str) -> None:
+    from megatron_anchor.data.indexed import merge_token_role_datasets
+
+    merge_token_role_datasets(shards, out)
+
+
+STAGES: Dict[str, Stage] = {
+    "preprocess": Stage("tools.preprocess_data", "--output-prefix", _preprocess_shard, _merge_datasets,
+                        _preprocess_final),
+}
+"""Stages the runner knows, by name."""
+
+
+@dataclass
+class ShardResult:
+    """What the driver learns about one shard."""
+
+    index: int
+    ok: bool
+    stats: Dict[str, object] = field(default_factory=dict)
+    error: str = ""
+    attempts: int = 1
+
+
+@dataclass
+class StageSummary:
+    """Totals for a whole sharded run."""
+
+    stage: str
+    num_shards: int
+    results: List[ShardResult]
+    output: Optional[str]
+    seconds: float
+
+    @property
+    def failed(self) -> List[ShardResult]:
+        return [r for r in self.results if not r.ok]
+
+    def lines(self) -> List[str]:
+        ok = [r for r in self.results if r.ok]
+        totals: Dict[str, int] = {}
+        for r in ok:
+            for k, v in r.stats.items():
+                if isinstance(v, int):
+                    totals[k] = totals.get(k, 0) + v
+        out = [f"{self.stage}: {len(ok)}/{self.num_shards} shards done in {self.seconds:.1f} s"]
+        if totals:
+            out.append("  " + "  ".join(f"{k} {v:,}" for k, v in totals.items()))
+        out += [f"  shard {r.index} FAILED: {r.error}" for r in self.failed]
+        if self.output:
+            out.append(f"  merged into {self.output}")
+        return out
+
+
+def _option_values(argv: Sequence[str]) -> Dict[str, str]:
+    opts: Dict[str, str] = {}
+    for i, a in enumerate(argv):
+        if a.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            opts[a] = argv[i + 1]
+    return opts
+
+
+def init_ray(address: Optional[str] = None, **kwargs) -> None:
+    """Connect to (or start) Ray so that workers import this checkout's ``tools`` and ``megatron_anchor``."""
+    import ray
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}},
+             **kwargs)
+
+
+def run_shard(stage_name: str, argv: Sequence[str], index: int, num_shards: int) -> Dict[str, object]:
+    """Run one shard in this process (what each Ray task does); returns the shard's statistics."""
+    stage = STAGES[stage_name]
+    tool = importlib.import_module(stage.module)
+    rc = tool.main(list(argv) + ["--num-shards", str(num_shards), "--shard-index", str(index), "--no-progress"])
+    if rc != 0:
+        raise RuntimeError(f"{stage.module} exited with status {rc} on shard {index} (its error is in the task log)")
+    opts = _option_values(argv)
+    marker = stage.shard_output(opts[stage.output_flag], opts, index, num_shards) + ".done"
+    with open(marker, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run_on_ray(stage_name: str, argv: Sequence[str], num_shards: int, address: Optional[str] = None,
+               max_retries: int = 3, cpus_per_task: float = 1.0, merge: bool = True,
+               show_progress: bool = True) -> StageSummary:
+    """Fan ``num_shards`` shards of a stage out over Ray, wait, account, and merge in shard order.
+
+    ``address``: an existing cluster (``"auto"`` or ``ray://host:port``); None starts a local instance.
+    ``max_retries``: how often Ray reruns a shard whose worker process died (the tool resumes it).
+    """
+    import ray
+
+    if stage_name not in STAGES:
+        raise ValueError(f"unknown stage {stage_name!r}; choose one of {sorted(STAGES)}")
+    stage = STAGES[stage_name]
+    opts = _option_values(argv)
+    if stage.output_flag not in opts:
+        raise ValueError(f"the {stage_name} arguments need {stage.output_flag}")
+    started_here = not ray.is_initialized()
+    if started_here:
+        init_ray(address)
+    task = ray.remote(max_retries=max_retries, num_cpus=cpus_per_task)(run_shard)
+    start = time.time()
+    futures = {task.remote(stage_name, list(argv), i, num_shards): i for i in range(num_shards)}
+    results: Dict[int, ShardResult] = {}
+    bar = tqdm(total=num_shards, desc=f"{stage_name} shards", unit="shard", disable=not show_progress)
+    try:
+        pending = list(futures)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                i = futures[ref]
+                try:
+                    results[i] = ShardResult(i, True, ray.get(ref))
+                except Exception as e:  # a task error after retries: record it, keep the other shards going
+                    cause = getattr(e, "cause", None) or e
+                    results[i] = ShardResult(i, False, error=f"{type(cause).__name__}: {cause}")
+                bar.update(1)
+    finally:
+        bar.close()
+        if started_here:
+            ray.shutdown()
+    ordered = [results[i] for i in range(num_shards)]
+    output = None
+    if merge and all(r.ok for r in ordered):
+        out = opts[stage.output_flag]
+        shards = [stage.shard_output(out, opts, i, num_shards) for i in range(num_shards)]
+        output = stage.final_output(out, opts)
+        stage.merge(shards, output)
+    summary = StageSummary(stage_name, num_shards, ordered, output, time.time() - start)
+    logger.info("\n".join(summary.lines()))
+    return summary
