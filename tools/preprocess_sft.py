@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Preprocess SFT JSONL into Megatron indexed datasets with a per-token role channel (see docs/sft.md).
+
+Each sample is written as prompt, annotation, response, EOD (every assistant turn of a conversation preceded by
+its own annotation) with roles PROMPT, ANNOTATION_KEY/VALUE, RESPONSE, EOD, into
+``PREFIX_text_document.{bin,idx}`` and ``PREFIX_text_document_roles.{bin,idx}``. Train on it with
+``pretrain_anchor.py --finetune --load PRETRAINED --loss-mask-policy sft-anchored`` (or ``sft-standard`` for
+data written with ``--no-annotations``). Examples::
+
+    # responses annotated by the embedded annotator, ChatML template, samples over 1024 tokens dropped
+    python tools/preprocess_sft.py --input sft.jsonl --output-prefix data/sft \\
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --chat-template chatml \\
+        --seq-length 1024
+
+    # responses annotated by the LLM annotator (cached, resumable), then tokenized
+    python tools/preprocess_sft.py --input sft.jsonl --output-prefix data/sft --annotator vllm \\
+        --url http://node1:8000 ... --tokenizer-type ... --tokenizer-model ...
+
+    # the standard-SFT baseline from the same input
+    python tools/preprocess_sft.py --input sft.jsonl --output-prefix data/sft_std --no-annotations ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_anchor.annotation.schema import DocumentError  # noqa: E402
+from megatron_anchor.data.preprocess import PreprocessConfig, run  # noqa: E402
+from megatron_anchor.data.sft import (  # noqa: E402
+    DEFAULT_FORMAT_STABILITY_FRACTION,
+    OVERLONG_MODES,
+    TEMPLATE_PRESETS,
+    SFTConverter,
+    SFTInputError,
+    count_events,
+    load_template,
+    parse_sample_line,
+    with_annotations,
+)
+from megatron_anchor.tokenizer import TOKENIZER_TYPES, TokenizerError  # noqa: E402
+
+logger = logging.getLogger("preprocess_sft")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The command-line interface (every flag documented in --help)."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", required=True,
+                   help="SFT JSONL: {'prompt', 'response'[, 'system'][, 'annotation']} or {'messages': [{'role': "
+                        "system|user|assistant, 'content', ['annotation']}, ...]} per line; see docs/sft.md")
+    g.add_argument("--chat-template", default="plain",
+                   help=f"preset ({', '.join(TEMPLATE_PRESETS)}) or a JSON/YAML file of template fields "
+                        "(system_prefix, system_suffix, user_prefix, user_suffix, assistant_prefix, "
+                        "assistant_suffix; 'base: PRESET' to extend a preset). Default: plain")
+    g.add_argument("--no-annotations", action="store_true",
+                   help="write standard-SFT data (no annotation before the responses) from the same input: the "
+                        "baseline for --loss-mask-policy sft-standard")
+    g.add_argument("--skip-bad-samples", "--skip-bad-documents", dest="skip_bad_samples", action="store_true",
+                   help="skip bad samples (malformed JSON, missing response, empty turns, unknown roles, bad "
+                        "annotations) and count them, instead of stopping at the first with its file:line")
+
+    g = p.add_argument_group("annotation")
+    g.add_argument("--annotator", choices=["default", "vllm", "none"], default="default",
+                   help="how responses without an 'annotation' are annotated: 'default' the embedded annotator "
+                        "(in the tokenizing workers); 'vllm' the LLM annotator at --url, as a first stage that "
+                        "writes PREFIX.sft_annotated.jsonl (cached and resumable, the same client and cache as "
+                        "pretraining annotation); 'none' makes unannotated responses an error")
+    g.add_argument("--format-stability-fraction", type=float, default=DEFAULT_FORMAT_STABILITY_FRACTION,
+                   help="share of samples, chosen by a stable hash of the sample's content and the seed (identical "
+                        "between runs), whose annotation delimiters, keys and separators are written with role "
+                        "RESPONSE and so keep their loss; values stay masked (default: %(default)s)")
+    g.add_argument("--format-stability-seed", type=int, default=0,
+                   help="seed of the format-stability choice (default: 0)")
+    g.add_argument("--url", action="append", default=[], metavar="URL",
+                   help="--annotator vllm: a replica's base URL (repeat or comma-separate for several)")
+    g.add_argument("--model", default=None, help="--annotator vllm: served model name (default: the first listed)")
+    g.add_argument("--api-key-file", default=None,
+                   help="--annotator vllm: file whose first line is the API key (else $ANNOTATOR_API_KEY)")
+    g.add_argument("--concurrency", type=int, default=32, help="--annotator vllm: requests in flight (default: 32)")
+    g.add_argument("--schema", default=None, help="--annotator vllm: tag schema YAML (default: the packaged one)")
+    g.add_argument("--annotation-cache", default=None,
+                   help="--annotator vllm: SQLite annotation cache; point it at the pretraining run's cache to "
+                        "share it (default: PREFIX.sft_annotated.jsonl.cache.sqlite)")
+
+    g = p.add_argument_group("sequences")
+    g.add_argument("--seq-length", type=int, default=0,
+                   help="the training --seq-length; samples with more tokens are handled by --overlong "
+                        "(0: no limit)")
+    g.add_argument("--overlong", choices=OVERLONG_MODES, default="drop",
+                   help="samples over --seq-length: 'drop' them, or 'truncate' them to --seq-length tokens "
+                        "(the cut sample ends in an EOD id with role PAD, so it carries no loss; samples with no "
+                        "response token left are dropped). Both are counted (default: drop)")
+
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=sorted(TOKENIZER_TYPES),
+                   help="tokenizer kind (Megatron-LM names); the annotation delimiters are special tokens")
+    g.add_argument("--tokenizer-model", required=True,
+                   help="SentencePiece .model file, or a Hugging Face tokenizer.json or folder holding one")
+    g.add_argument("--eod-token", default=None,
+                   help="end-of-document token text for Hugging Face tokenizers that do not declare an eos")
+
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True,
+                   help="path prefix of the outputs: PREFIX_text_document.{bin,idx} and _roles beside them")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs / discard unfinished parts of a run with other arguments")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizing worker processes (default: 1)")
+    g.add_argument("--docs-per-part", type=int, default=2000,
+                   help="input lines per part, the unit of parallel work and of resumption (default: 2000)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def annotate_with_llm(args, annotated_path: str) -> str:
+    """First stage for ``--annotator vllm``: annotate every response through the annotate job.
+
+    Each valid sample becomes one job document whose chunks are its assistant turns (already annotated turns keep
+    their tags); the job output is turned back into annotated SFT JSONL at ``annotated_path``. Rerunning resumes
+    the job; its cache makes repeated responses free. Returns the path the second stage reads.
+    """
+    from pathlib import Path
+
+    from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file, format_summary
+    from megatron_anchor.annotation.llm.client import ClientConfig, load_api_key
+
+    urls = [u.strip() for item in args.url for u in item.split(",") if u.strip()]
+    if not urls:
+        raise SystemExit("--annotator vllm needs at least one --url")
+    job_in, job_out = annotated_path + ".job-input.jsonl", annotated_path + ".job-output.jsonl"
+    bad = 0
+    with open(args.input, "rb") as src, open(job_in + ".tmp", "w", encoding="utf-8") as dst:
+        for line_no, line in enumerate(src, 1):
+            if not line.strip():
+                continue
+            where = f"{args.input}:{line_no}"
+            try:
+                sample = parse_sample_line(line, where)
+            except DocumentError as e:
+                if not args.skip_bad_samples:
+                    raise SFTInputError(str(e)) from None
+                bad += 1
+                continue
+            chunks = [{"text": t.content, "sep": ""} | ({"tags": [list(x) for x in t.tags]} if t.tags is not None
+                                                          else {}) for t in sample.assistant_turns]
+            dst.write(json.dumps({"chunks": chunks, "sft_line": line_no, "sft": sample.raw},
+                                 ensure_ascii=False) + "\n")
+    os.replace(job_in + ".tmp", job_in)  # same bytes on a rerun, so the job recognises its input and resumes
+    client = ClientConfig(urls=urls, model=args.model, concurrency=args.concurrency,
+                          api_key=load_api_key(args.api_key_file))
+    cfg = AnnotateConfig(input=Path(job_in), output=Path(job_out), annotator="vllm", client=client,
+                         schema_path=Path(args.schema) if args.schema else None,
+                         cache_path=Path(args.annotation_cache or annotated_path + ".cache.sqlite"),
+                         overwrite=args.overwrite, progress=not args.no_progress)
+    stats = annotate_file(cfg)
+    logger.info(format_summary(stats, cfg))
+    with open(job_out, "rb") as src, open(annotated_path + ".tmp", "w", encoding="utf-8") as dst:
+        for line in src:
+            rec = json.loads(line)
+            sample = parse_sample_line(json.dumps(rec["sft"]).encode(), f"{args.input}:{rec['sft_line']}")
+            tags = [[tuple(t) for t in c["tags"]] for c in rec["chunks"]]
+            dst.write(json.dumps(with_annotations(sample, tags), ensure_ascii=False) + "\n")
+    os.replace(annotated_path + ".tmp", annotated_path)
+    logger.info(f"annotated SFT JSONL: {annotated_path} (bad input lines skipped: {bad}; samples whose "
+                f"responses could not be annotated: {stats.documents_failed}, see {cfg.failed_path})")
+    return annotated_path
+
+
+def main(argv=None) -> int:
+    """Run SFT preprocessing; returns the exit status (0 ok, 1 bad input, 2 usage error)."""
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        template = load_template(args.chat_template)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    data_input = args.input
+    try:
+        if args.annotator == "vllm" and not args.no_annotations:
+            data_input = annotate_with_llm(args, args.output_prefix + ".sft_annotated.jsonl")
+        events_dir = args.output_prefix + "_text_document.sft_events"
+        if args.overwrite and os.path.isdir(events_dir):
+            shutil.rmtree(events_dir)
+        os.makedirs(events_dir, exist_ok=True)
+        converter = SFTConverter(
+            template, annotations=not args.no_annotations,
+            annotator="none" if args.annotator == "vllm" else args.annotator,
+            format_stability_fraction=args.format_stability_fraction,
+            format_stability_seed=args.format_stability_seed, seq_length=args.seq_length,
+            overlong=args.overlong, skip_bad_samples=args.skip_bad_samples, events_dir=events_dir,
+        )
+        cfg = PreprocessConfig(
+            input=data_input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model, workers=args.workers, append_eod=True,
+            annotations=not args.no_annotations,
+            # Dropping over-long samples goes through the engine's skip path; bad input is raised as
+            # SFTInputError unless --skip-bad-samples, so it still stops the run.
+            skip_bad_documents=True, docs_per_part=args.docs_per_part, eod_token=args.eod_token,
+            overwrite=args.overwrite, show_progress=not args.no_progress, converter=converter,
+        )
+        total = run(cfg)
+    except (SFTInputError, DocumentError, TokenizerError) as e:
+        print(f"error: {e}\n(finished parts are kept: fix the input, or pass --skip-bad-samples, and rerun the "
+              "same command to resume)", file=sys.stderr)
+        return 1
+    counts = count_events(events_dir)
+    shutil.rmtree(events_dir, ignore_errors=True)
+    share = counts["format_stable"] / total.documents if total.documents else 0.0
+    summary = {
+        "samples": total.documents, "assistant_turns": total.chunks, "tokens": total.tokens,
+        "annotation_tokens": total.annotation_tokens, "annotated_here": total.annotated_here,
+        "format_stable": counts["format_stable"], "format_stable_share": round(share, 6),
+        "truncated": counts["truncated"], "dropped_overlong": counts["dropped"], "skipped_bad": counts["bad"],
+        "template": template.name, "annotations": not args.no_annotations,
+    }
+    with open(args.output_prefix + "_text_document.sft_stats.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    logger.info("SFT: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
