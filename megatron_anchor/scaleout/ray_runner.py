@@ -108,6 +108,9 @@ def init_ray(address: Optional[str] = None, **kwargs) -> None:
     import ray
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if address is None and "num_cpus" not in kwargs and os.environ.get("MEGATRON_ANCHOR_RAY_NUM_CPUS"):
+        # Cap a local instance (benchmarks, shared machines); a cluster's size is its own business.
+        kwargs["num_cpus"] = float(os.environ["MEGATRON_ANCHOR_RAY_NUM_CPUS"])
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}},
              **kwargs)
