@@ -173,6 +173,9 @@ def build_iterator(dataset, consumed_samples: int, cfg: AnchorConfig, dp_rank: i
             num_workers=cfg.data.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=cfg.data.num_workers > 0,
+            # Its own generator: creating a DataLoader iterator draws a seed, and drawing it from the global
+            # generator would shift dropout after a resume (the iterator is built after RNG is restored).
+            generator=torch.Generator().manual_seed(t.seed),
         )
 
     if not cyclic:

@@ -112,13 +112,14 @@ def setup(cfg: AnchorConfig, model_provider: Callable, datasets_provider: Callab
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
-    validate(cfg, initialize.world_size_from_env(), torch.cuda.is_available(), has_transformer_engine())
-    initialize.initialize_distributed(cfg)
-    # Data files and role channels are checked before the model exists: a bad path fails in seconds.
     from megatron_anchor.training.data import build_tokenizer, check_data_paths
 
+    validate(cfg, initialize.world_size_from_env(), torch.cuda.is_available(), has_transformer_engine())
+    # Data files and role channels are checked before any process group or model exists: a bad path or a
+    # mismatched channel fails in seconds, the same way on every rank.
     check_data_paths(cfg)
     tokenizer = build_tokenizer(cfg)
+    initialize.initialize_distributed(cfg)
     initialize.set_seeds(cfg.training.seed)
     device = initialize.device()
 
