@@ -175,3 +175,24 @@ def test_help_documents_every_flag(capsys):
         assert action.help, action.option_strings
     for flag in ("--no-annotations", "--format-stability-fraction", "--overlong", "--chat-template", "--annotator"):
         assert flag in text
+
+
+def test_llm_annotator_stage_annotates_responses_and_resumes(sp_model, tmp_path):
+    from tests.annotator_fixtures import FakeOpenAIServer
+
+    inp = write_sft_jsonl(str(tmp_path / "sft.jsonl"), 20, seed=1)
+    srv = FakeOpenAIServer().start()
+    try:
+        argv = sft_argv(sp_model, inp, tmp_path / "llm", "--annotator", "vllm", "--url", srv.url)
+        assert preprocess_sft.main(argv) == 0
+        first = len(srv.requests)
+        annotated = [json.loads(x) for x in open(str(tmp_path / "llm") + ".sft_annotated.jsonl")]
+        assert len(annotated) == 20
+        turns = [m for a in annotated for m in a.get("messages", [a]) if m.get("role", "assistant") == "assistant"]
+        assert len(turns) == 25 and first <= 25  # one request per distinct response
+        assert all(t["annotation"][0][0] == "topic" and t["annotation"][0][1].startswith("subject ") for t in turns)
+        assert preprocess_sft.main(argv + ["--overwrite"]) == 0  # answers come from the cache
+        assert len(srv.requests) == first
+    finally:
+        srv.stop()
+    assert stats(tmp_path / "llm")["annotated_here"] == 0 and stats(tmp_path / "llm")["samples"] == 20
