@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             kind = _base_type(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_text = docs.get(f.name, "")
+            help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
             dest = f"{section}.{f.name}"
             flag = "--" + f.name.replace("_", "-")
             if kind is bool:
