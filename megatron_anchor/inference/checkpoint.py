@@ -1,0 +1,216 @@
+"""Load a megatron-anchor checkpoint, saved under any TP/PP layout, into one process.
+
+The checkpoint is read by megatron-core's own ``dist_checkpointing.load`` into a TP=1, PP=1 ``GPTModel``: its
+sharded tensors are stored with their global shapes, so megatron reassembles any saved split (fused QKV,
+SwiGLU halves, vocabulary shards, pipeline stages) for us. What comes out is a plain full state dict in megatron's
+names, which :mod:`megatron_anchor.inference.model` and :mod:`megatron_anchor.export` turn into their own layouts.
+
+The model architecture is not stored in checkpoints today, so it is given with the trainer's own flags
+(``--config run.yaml`` or ``--num-layers ...``): :func:`config_from_args` goes through the trainer's parser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from megatron_anchor.training.config import AnchorConfig
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, read, or matched to the given model configuration."""
+
+
+def config_from_args(argv: Sequence[str]) -> AnchorConfig:
+    """An inference-ready config from the trainer's model flags (``--config run.yaml``, ``--num-layers`` ...).
+
+    Derived defaults (ffn size, max positions) are filled exactly as the trainer fills them; data, batch and
+    parallel settings are irrelevant here and reset so they cannot make the config invalid.
+    """
+    from megatron_anchor.training.arguments import ConfigError, parse_args, validate
+
+    try:
+        cfg = parse_args(list(argv))
+    except SystemExit as exc:  # argparse already printed the reason
+        raise CheckpointError(f"bad model flags: {' '.join(argv)}") from exc
+    return prepare_config(cfg, ConfigError, validate)
+
+
+def prepare_config(cfg: AnchorConfig, _error=None, _validate=None) -> AnchorConfig:
+    """Copy of ``cfg`` laid out for one process (TP=1, PP=1, local layers, no data), with defaults filled."""
+    from megatron_anchor.training.arguments import ConfigError, validate
+
+    cfg = copy.deepcopy(cfg)
+    cfg.parallel.tensor_model_parallel_size = 1
+    cfg.parallel.pipeline_model_parallel_size = 1
+    cfg.parallel.sequence_parallel = False
+    cfg.parallel.use_distributed_optimizer = False
+    cfg.parallel.distributed_backend = "gloo"
+    cfg.model.transformer_impl = "local"
+    cfg.data.data_path = []
+    cfg.data.mock_data = True
+    cfg.data.no_role_channel = False
+    cfg.training.loss_mask_policy = "pretrain"
+    cfg.training.bf16 = False
+    cfg.training.micro_batch_size, cfg.training.global_batch_size = 1, 1
+    if not cfg.data.tokenizer_type:
+        raise CheckpointError("the model's tokenizer is needed: pass --tokenizer-type and --tokenizer-model "
+                              "(or a --config run.yaml holding them)")
+    try:
+        validate(cfg, world_size=1, has_cuda=False, has_te=False)
+    except ConfigError as exc:
+        raise CheckpointError(f"model configuration: {exc}") from None
+    return cfg
+
+
+def resolve_checkpoint(load: str, iteration: Optional[int] = None) -> str:
+    """The ``iter_XXXXXXX`` directory to read: ``load`` itself when it is one, else its latest (or ``iteration``).
+
+    Raises :class:`CheckpointError` naming what is missing when ``load`` is not a megatron-anchor checkpoint.
+    """
+    if not load or not os.path.isdir(load):
+        raise CheckpointError(f"checkpoint directory {load!r} does not exist")
+    if os.path.isfile(os.path.join(load, "metadata.json")):
+        return load
+    if iteration is None:
+        tracker = os.path.join(load, TRACKER_FILE)
+        if not os.path.isfile(tracker):
+            raise CheckpointError(
+                f"{load}: unknown checkpoint layout: no {TRACKER_FILE} and no dist_checkpointing metadata.json "
+                "(expected a --save directory of pretrain_anchor.py or one of its iter_XXXXXXX folders)")
+        with open(tracker, encoding="utf-8") as fh:
+            text = fh.read().strip()
+        if not text.isdigit():
+            raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
+        iteration = int(text)
+    ckpt = os.path.join(load, f"iter_{iteration:07d}")
+    if not os.path.isfile(os.path.join(ckpt, "metadata.json")):
+        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: not a finished megatron dist_checkpointing "
+                              "directory (metadata.json missing)")
+    return ckpt
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def megatron_session(seed: int = 1234) -> Iterator[None]:
+    """A one-process gloo group and megatron's parallel state for the duration of the block.
+
+    Only what this block created is torn down, so it nests inside a process that already runs a group.
+    The environment (MASTER_PORT, RANK, ...) is left untouched: a TCP init method carries the address.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_anchor import cpu_compat
+
+    created_group = not dist.is_initialized()
+    if created_group:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(minutes=5))
+    cpu_compat.activate()
+    created_state = not parallel_state.model_parallel_is_initialized()
+    if created_state:
+        parallel_state.initialize_model_parallel(1, 1)
+    torch.manual_seed(seed)
+    cpu_compat.seed_model_parallel_rng(seed)
+    try:
+        yield
+    finally:
+        if created_state:
+            parallel_state.destroy_model_parallel()
+        if created_group:
+            dist.destroy_process_group()
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read into one process."""
+
+    cfg: AnchorConfig
+    """The single-process config the model was built with."""
+    path: str
+    """The ``iter_XXXXXXX`` directory that was read."""
+    state_dict: Dict[str, torch.Tensor]
+    """Full (unsharded) float32 tensors in megatron's parameter names."""
+    vocab_size: int
+    """The tokenizer's vocabulary size (the embedding holds the padded size)."""
+    saved_layout: Dict[str, int]
+    """The TP/PP/DP layout the checkpoint was saved under."""
+    megatron_model: Optional[torch.nn.Module] = None
+    """The GPTModel itself, kept only when asked (it needs the megatron session to run)."""
+
+
+def load_megatron_model(cfg: AnchorConfig, load: str, vocab_size: int, iteration: Optional[int] = None,
+                        keep_model: bool = False) -> LoadedCheckpoint:
+    """Read the checkpoint under ``load`` into a TP=1/PP=1 GPTModel (inside :func:`megatron_session`).
+
+    Errors name the cause: a missing directory, an unknown layout, or model flags that do not match the
+    saved tensors (the message lists the mismatched shapes and says which flags to check).
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_anchor.training.model import model_provider
+
+    ckpt = resolve_checkpoint(load, iteration)
+    try:
+        common = dist_checkpointing.load_common_state_dict(ckpt)
+    except Exception as exc:  # noqa: BLE001 (torch raises many kinds for unreadable files)
+        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: cannot read its common state ({exc})") from None
+    if not isinstance(common, dict) or "layout" not in common:
+        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: no 'layout' record (not written by "
+                              "pretrain_anchor.py)")
+    model = model_provider(cfg, vocab_size)
+    model.eval()
+    sharded = {"model": model.sharded_state_dict()}
+    _check_shapes(ckpt, sharded["model"])
+    try:
+        state = dist_checkpointing.load(sharded, ckpt)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{ckpt}: loading failed ({type(exc).__name__}: {exc}); check the model flags "
+                              "against the run that saved it") from None
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(f"{ckpt}: tensors missing from the checkpoint: {missing[:6]}")
+    full = {k: v.detach().float().clone() for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    return LoadedCheckpoint(cfg=cfg, path=ckpt, state_dict=full, vocab_size=vocab_size,
+                            saved_layout=dict(common["layout"]), megatron_model=model if keep_model else None)
+
+
+def _check_shapes(ckpt: str, sharded: dict) -> None:
+    """Compare the model's expected global shapes with the saved ones, for an error that names the flags."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    try:
+        saved = dist_checkpointing.load_tensors_metadata(ckpt)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: unreadable tensor metadata ({exc})") from None
+    problems: List[str] = []
+    for sh in sharded.values():
+        if not isinstance(sh, ShardedTensor):
+            continue
+        if sh.key not in saved:
+            problems.append(f"{sh.key}: not in the checkpoint")
+        elif tuple(saved[sh.key].global_shape) != tuple(sh.global_shape):
+            problems.append(f"{sh.key}: saved {tuple(saved[sh.key].global_shape)}, flags give {tuple(sh.global_shape)}")
+    if problems:
+        raise CheckpointError(
+            f"{ckpt}: the model flags do not match the saved model (pass the training run's --config or its "
+            "--num-layers/--hidden-size/--num-attention-heads/--ffn-hidden-size/--swiglu/... flags):\n  "
+            + "\n  ".join(sorted(set(problems))[:12]))

@@ -1,0 +1,116 @@
+"""What users call: a model and tokenizer loaded from a checkpoint or an exported folder, and prompt -> samples."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_anchor.data.sft import TEMPLATE_PRESETS, ChatTemplate
+from megatron_anchor.inference.model import DecoderLM, ModelSpec
+from megatron_anchor.inference.prompts import Prompt, prompt_segments
+from megatron_anchor.inference.sampler import (
+    GenerationStats,
+    SamplingParams,
+    annotation_of,
+    generate_ids,
+)
+
+
+@dataclass
+class AnchorGenerator:
+    """A decoder, its tokenizer and the chat template prompts are formatted with."""
+
+    model: DecoderLM
+    tokenizer: object
+    template: ChatTemplate = TEMPLATE_PRESETS["plain"]
+    source: str = ""
+
+    def prompt_ids(self, prompt: Prompt, mode: str) -> List[int]:
+        """Token ids of the formatted prompt (with the given annotation in conditioned mode)."""
+        annotation = None
+        if mode == "conditioned":
+            if not prompt.annotation:
+                raise ValueError(f"prompt {prompt.id!r}: conditioned mode needs an 'annotation' on the prompt")
+            annotation = prompt.annotation
+        (ids, _roles), = self.tokenizer.encode_segments([prompt_segments(prompt, self.template, annotation)])
+        return [int(i) for i in ids]
+
+    def generate(self, prompt: Prompt, n: int, mode: str, params: SamplingParams, seed: Optional[int] = None,
+                 stats: Optional[GenerationStats] = None) -> List[Dict]:
+        """``n`` samples for one prompt: dicts with ``response``, ``annotation`` (anchored/conditioned) and
+        token counts. The response never contains annotation tokens; the template's end-of-turn text is cut."""
+        tok = self.tokenizer
+        samples = generate_ids(self.model, self.prompt_ids(prompt, mode), n, mode, params, tok.eod, tok.ann_open,
+                               tok.ann_close, vocab_size=tok.vocab_size, seed=seed, stats=stats)
+        out = []
+        suffix = self.template.assistant_suffix
+        for s in samples:
+            text = tok.decode(s.response_ids)
+            if suffix and text.endswith(suffix):
+                text = text[: -len(suffix)]
+            row = {"response": text, "response_tokens": len(s.response_ids), "finished": s.finished}
+            if mode == "anchored":
+                row["annotation"] = annotation_of(s, tok)
+                row["annotation_tokens"] = len(s.annotation_ids)
+            elif mode == "conditioned":
+                row["annotation"] = {"tags": [list(t) for t in prompt.annotation], "closed": True, "given": True}
+            out.append(row)
+        return out
+
+    @torch.no_grad()
+    def response_logprobs(self, prompt: Prompt, response: str) -> List[float]:
+        """Log-probabilities of the response's tokens after the plain-formatted prompt (quality proxy)."""
+        ids = self.prompt_ids(prompt, "plain")
+        resp = self.tokenizer.encode_text(response + self.template.assistant_suffix) + [self.tokenizer.eod]
+        seq = torch.tensor([ids + resp])
+        logits = self.model(seq[:, :-1]).float()
+        logp = torch.log_softmax(logits[0, len(ids) - 1:], dim=-1)
+        return logp.gather(-1, seq[0, len(ids):, None]).squeeze(-1).tolist()
+
+
+def load_from_checkpoint(model_args: Sequence[str], load: Optional[str] = None, iteration: Optional[int] = None,
+                         template: Optional[ChatTemplate] = None) -> AnchorGenerator:
+    """Read a megatron-anchor checkpoint (any saved TP/PP layout) given the trainer's model flags.
+
+    ``load`` defaults to the flags' ``--load``. Raises
+    :class:`~megatron_anchor.inference.checkpoint.CheckpointError` for unreadable or mismatched checkpoints.
+    """
+    from megatron_anchor.inference.checkpoint import (
+        CheckpointError,
+        config_from_args,
+        load_megatron_model,
+        megatron_session,
+    )
+    from megatron_anchor.tokenizer import build_tokenizer
+
+    cfg = config_from_args(model_args)
+    load = load or cfg.checkpoint.load
+    if not load:
+        raise CheckpointError("no checkpoint given (--load DIR)")
+    tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    with megatron_session(cfg.training.seed):
+        loaded = load_megatron_model(cfg, load, tok.vocab_size, iteration)
+    spec = ModelSpec.from_anchor_config(cfg, loaded.state_dict["embedding.word_embeddings.weight"].shape[0])
+    model = DecoderLM.from_megatron_state(loaded.state_dict, spec)
+    return AnchorGenerator(model, tok, template or TEMPLATE_PRESETS["plain"], source=loaded.path)
+
+
+def load_from_hf_folder(folder: str, template: Optional[ChatTemplate] = None) -> AnchorGenerator:
+    """Load a folder written by ``tools/export_hf.py`` (weights, config and tokenizer.json)."""
+    from megatron_anchor.tokenizer import HuggingFaceAnchorTokenizer
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder}: no config.json (not an exported model folder)")
+    model = DecoderLM.from_hf_folder(folder)
+    tok = HuggingFaceAnchorTokenizer(folder, check_roundtrip=False)
+    return AnchorGenerator(model, tok, template or TEMPLATE_PRESETS["plain"], source=folder)
+
+
+def load_any(path: str, model_args: Sequence[str] = (), template: Optional[ChatTemplate] = None) -> AnchorGenerator:
+    """An exported folder (has config.json) or a checkpoint directory (needs the trainer's model flags)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_from_hf_folder(path, template)
+    return load_from_checkpoint(list(model_args), path, template=template)

@@ -1,0 +1,341 @@
+"""A single-process decoder with a KV cache, holding a megatron-anchor GPT's weights under Hugging Face names.
+
+Why our own decoder rather than megatron-core's inference engine: megatron-core 0.16's engines and dynamic
+context allocate CUDA memory and graphs, and the trainer's CPU workarounds do not reach them; a 200-line decoder
+is simple to check against the megatron forward (tests compare logits) and runs anywhere. Its module names are the
+Llama names of ``transformers`` (``model.layers.N.self_attn.q_proj`` ...), so for a Llama-shaped run
+(RoPE, RMSNorm, SwiGLU) its ``state_dict()`` *is* the exported checkpoint, and an exported folder loads back into
+it unchanged. Architectures Llama cannot express (LayerNorm, learned positions, GeLU MLP, biases) still run here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelSpec:
+    """Architecture of a decoder-only GPT, as the decoder needs it."""
+
+    vocab_size: int
+    """Rows of the (padded) embedding."""
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    max_positions: int
+    norm: str = "RMSNorm"
+    """RMSNorm or LayerNorm."""
+    norm_eps: float = 1e-5
+    position_embedding: str = "rope"
+    """rope or learned_absolute."""
+    rope_base: float = 10000.0
+    rotary_percent: float = 1.0
+    swiglu: bool = True
+    bias: bool = False
+    """Biases on every linear layer (megatron's add_bias_linear)."""
+    tied_embeddings: bool = True
+
+    @classmethod
+    def from_anchor_config(cls, cfg, padded_vocab: int) -> "ModelSpec":
+        """From the trainer's :class:`~megatron_anchor.training.config.AnchorConfig` (defaults filled)."""
+        m = cfg.model
+        heads = m.num_attention_heads
+        return cls(
+            vocab_size=padded_vocab, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=heads,
+            num_kv_heads=m.num_query_groups if m.group_query_attention else heads,
+            head_dim=m.kv_channels or m.hidden_size // heads, ffn_hidden_size=m.ffn_hidden_size,
+            max_positions=m.max_position_embeddings or m.seq_length, norm=m.normalization,
+            norm_eps=m.norm_epsilon, position_embedding=m.position_embedding_type, rope_base=float(m.rotary_base),
+            rotary_percent=m.rotary_percent, swiglu=m.swiglu, bias=not m.disable_bias_linear,
+            tied_embeddings=not m.untie_embeddings_and_output_weights,
+        )
+
+    def llama_problems(self) -> List[str]:
+        """What keeps this architecture from being a Hugging Face Llama (empty when it is one)."""
+        out = []
+        if self.position_embedding != "rope":
+            out.append("--position-embedding-type rope (Llama has no learned absolute positions)")
+        if self.norm != "RMSNorm":
+            out.append("--normalization RMSNorm")
+        if not self.swiglu:
+            out.append("--swiglu (Llama's MLP is gated SiLU)")
+        if self.rotary_percent != 1.0:
+            out.append("--rotary-percent 1.0")
+        return out
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm, with parameter names that both megatron and transformers use (weight, bias)."""
+
+    def __init__(self, dim: int, kind: str, eps: float):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "LayerNorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "LayerNorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE and an external KV cache."""
+
+    def __init__(self, s: ModelSpec):
+        super().__init__()
+        self.s = s
+        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=s.bias)
+        self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.bias)
+        self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.bias)
+        self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=s.bias)
+
+    def forward(self, x, rope, cache: Optional[Tuple[torch.Tensor, torch.Tensor]], start: int):
+        b, t, _ = x.shape
+        s = self.s
+        # [b, t, heads * d] -> [b, heads, t, d]
+        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = _apply_rope(q, rope), _apply_rope(k, rope)
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:b, :, start:start + t] = k
+            v_cache[:b, :, start:start + t] = v
+            k, v = k_cache[:b, :, :start + t], v_cache[:b, :, :start + t]
+        mask = None
+        if t > 1:
+            # Query i (absolute position start + i) sees keys 0 .. start + i.
+            q_pos = torch.arange(start, start + t, device=x.device)[:, None]
+            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=s.num_kv_heads != s.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
+
+
+def _apply_rope(x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate the first ``rot_dim`` channels (halves layout, as megatron's default and transformers' Llama)."""
+    cos, sin = rope  # [t, rot_dim]
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    out = x_rot * cos + rotated * sin
+    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+class MLP(nn.Module):
+    """SwiGLU (gate, up, down) or a GeLU MLP (up, down)."""
+
+    def __init__(self, s: ModelSpec):
+        super().__init__()
+        self.swiglu = s.swiglu
+        if s.swiglu:
+            self.gate_proj = nn.Linear(s.hidden_size, s.ffn_hidden_size, bias=s.bias)
+        self.up_proj = nn.Linear(s.hidden_size, s.ffn_hidden_size, bias=s.bias)
+        self.down_proj = nn.Linear(s.ffn_hidden_size, s.hidden_size, bias=s.bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Layer(nn.Module):
+    """Pre-norm transformer layer."""
+
+    def __init__(self, s: ModelSpec):
+        super().__init__()
+        self.input_layernorm = Norm(s.hidden_size, s.norm, s.norm_eps)
+        self.self_attn = Attention(s)
+        self.post_attention_layernorm = Norm(s.hidden_size, s.norm, s.norm_eps)
+        self.mlp = MLP(s)
+
+    def forward(self, x, rope, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Body(nn.Module):
+    def __init__(self, s: ModelSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
+        if s.position_embedding == "learned_absolute":
+            self.embed_positions = nn.Embedding(s.max_positions, s.hidden_size)
+        self.layers = nn.ModuleList(Layer(s) for _ in range(s.num_layers))
+        self.norm = Norm(s.hidden_size, s.norm, s.norm_eps)
+
+
+class KVCache:
+    """Preallocated keys and values per layer: [batch, kv_heads, max_len, head_dim] each."""
+
+    def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (batch, spec.num_kv_heads, max_len, spec.head_dim)
+        self.layers = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+                       for _ in range(spec.num_layers)]
+        self.max_len = max_len
+
+
+class DecoderLM(nn.Module):
+    """The decoder: ``forward(ids, start, cache)`` -> logits [batch, tokens, vocab]."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = _Body(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tied_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def _rope(self, start: int, t: int, device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        s = self.spec
+        if s.position_embedding != "rope":
+            return None
+        need = start + t
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
+            rot = int(s.head_dim * s.rotary_percent)
+            inv_freq = 1.0 / (s.rope_base ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+            n = max(need, s.max_positions)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)  # [n, rot]
+            self._rope_cache = (emb.cos(), emb.sin())
+        cos, sin = self._rope_cache
+        return cos[start:need], sin[start:need]
+
+    def forward(self, ids: torch.Tensor, start: int = 0, cache: Optional[KVCache] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits for ``ids`` [batch, t] at absolute positions ``start .. start + t - 1``.
+
+        With a ``cache``, keys/values of earlier positions are read from it and this call's are written to it.
+        ``last_only`` computes the output layer for the final position only (what sampling needs).
+        """
+        b, t = ids.shape
+        x = self.model.embed_tokens(ids)
+        if self.spec.position_embedding == "learned_absolute":
+            x = x + self.model.embed_positions(torch.arange(start, start + t, device=ids.device))
+        rope = self._rope(start, t, ids.device)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rope, cache.layers[i] if cache is not None else None, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    # -- weights ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_megatron_state(cls, state: Dict[str, torch.Tensor], spec: ModelSpec) -> "DecoderLM":
+        """Build from a full megatron GPTModel state dict (TP=1/PP=1 names, local or Transformer Engine spec)."""
+        model = cls(spec)
+        model.load_state_dict(megatron_to_hf_names(state, spec), strict=True)
+        return model.eval()
+
+    def hf_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Weights under transformers' Llama names (the tied output layer is left out, as transformers saves it)."""
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.spec.tied_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    @classmethod
+    def from_hf_folder(cls, folder: str) -> "DecoderLM":
+        """Load a folder written by :mod:`megatron_anchor.export` (config.json + model.safetensors)."""
+        from safetensors.torch import load_file
+
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        spec = spec_from_hf_config(config)
+        model = cls(spec)
+        state = load_file(os.path.join(folder, "model.safetensors"))
+        if spec.tied_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+
+
+def spec_from_hf_config(config: dict) -> ModelSpec:
+    """:class:`ModelSpec` of a Llama ``config.json`` (ours carries the exact spec under ``megatron_anchor``)."""
+    if "megatron_anchor" in config:
+        return ModelSpec(**config["megatron_anchor"]["spec"])
+    heads = config["num_attention_heads"]
+    return ModelSpec(
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=config.get("num_key_value_heads", heads),
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        ffn_hidden_size=config["intermediate_size"], max_positions=config["max_position_embeddings"],
+        norm_eps=config.get("rms_norm_eps", 1e-5), rope_base=float(config.get("rope_theta", 10000.0)),
+        bias=bool(config.get("attention_bias", False)), tied_embeddings=bool(config.get("tie_word_embeddings")),
+    )
+
+
+def spec_dict(spec: ModelSpec) -> dict:
+    """JSON-ready spec."""
+    return asdict(spec)
+
+
+def _pick(state: Dict[str, torch.Tensor], *names: str) -> Optional[torch.Tensor]:
+    for n in names:
+        if n in state:
+            return state[n]
+    return None
+
+
+def megatron_to_hf_names(state: Dict[str, torch.Tensor], spec: ModelSpec) -> Dict[str, torch.Tensor]:
+    """Megatron GPTModel tensors -> this decoder's (transformers Llama) names, splitting fused QKV and SwiGLU."""
+    out: Dict[str, torch.Tensor] = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"]}
+    if spec.position_embedding == "learned_absolute":
+        out["model.embed_positions.weight"] = state["embedding.position_embeddings.weight"]
+    groups, per_group, d = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads, spec.head_dim
+    for i in range(spec.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        # The local spec has separate norm modules; Transformer Engine fuses them into the next linear layer.
+        for ours, names in (("input_layernorm", ("input_layernorm", "self_attention.linear_qkv.layer_norm")),
+                            ("post_attention_layernorm", ("pre_mlp_layernorm", "mlp.linear_fc1.layer_norm"))):
+            for p in ("weight", "bias"):
+                t = _pick(state, *(src + n + "." + p if n.endswith("norm") else src + n + "_" + p for n in names))
+                if t is not None:
+                    out[dst + ours + "." + p] = t
+        for p in ("weight", "bias") if spec.bias else ("weight",):
+            qkv = state[src + f"self_attention.linear_qkv.{p}"]
+            # Megatron interleaves per query group: [groups * (per_group + 2) * d, ...] -> q, k, v
+            qkv = qkv.reshape(groups, per_group + 2, d, *qkv.shape[1:])
+            rest = qkv.shape[3:]
+            out[dst + f"self_attn.q_proj.{p}"] = qkv[:, :per_group].reshape(groups * per_group * d, *rest)
+            out[dst + f"self_attn.k_proj.{p}"] = qkv[:, per_group].reshape(groups * d, *rest)
+            out[dst + f"self_attn.v_proj.{p}"] = qkv[:, per_group + 1].reshape(groups * d, *rest)
+            out[dst + f"self_attn.o_proj.{p}"] = state[src + f"self_attention.linear_proj.{p}"]
+            fc1 = state[src + f"mlp.linear_fc1.{p}"]
+            if spec.swiglu:
+                gate, up = torch.chunk(fc1, 2, dim=0)  # megatron's GLU: act(first half) * second half
+                out[dst + f"mlp.gate_proj.{p}"], out[dst + f"mlp.up_proj.{p}"] = gate, up
+            else:
+                out[dst + f"mlp.up_proj.{p}"] = fc1
+            out[dst + f"mlp.down_proj.{p}"] = state[src + f"mlp.linear_fc2.{p}"]
+    for p in ("weight", "bias"):
+        if f"decoder.final_layernorm.{p}" in state:
+            out[f"model.norm.{p}"] = state[f"decoder.final_layernorm.{p}"]
+    out["lm_head.weight"] = (state["embedding.word_embeddings.weight"] if spec.tied_embeddings
+                             else state["output_layer.weight"])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Distinct parameters (a tied output layer counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def approx_flops_per_token(spec: ModelSpec) -> float:
+    """2 x parameters of the matmuls, for rough throughput reports."""
+    attn = spec.hidden_size * spec.head_dim * (2 * spec.num_heads + 2 * spec.num_kv_heads)
+    mlp = spec.hidden_size * spec.ffn_hidden_size * (3 if spec.swiglu else 2)
+    return 2.0 * (spec.num_layers * (attn + mlp) + spec.hidden_size * spec.vocab_size) + 0 * math.pi
