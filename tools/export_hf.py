@@ -1,0 +1,65 @@
+"""Export a megatron-anchor checkpoint as a Hugging Face Llama-style folder.
+
+    python tools/export_hf.py --load CKPT_DIR --output OUT_DIR --config run.yaml
+    python tools/export_hf.py --load CKPT_DIR --output OUT_DIR --tokenizer-type SentencePieceTokenizer \\
+        --tokenizer-model sp.model --num-layers 2 --hidden-size 64 --num-attention-heads 4 \\
+        --position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear
+
+The checkpoint may have been saved under any TP/PP layout. The model's architecture and tokenizer are given with
+the training run's own flags or ``--config`` file (every flag of ``pretrain_anchor.py --help`` is accepted; those
+that do not describe the model are ignored). The run must be Llama-shaped: RoPE, RMSNorm and SwiGLU.
+Writes config.json, model.safetensors (float32), generation_config.json, tokenizer.json, tokenizer_config.json and
+special_tokens_map.json (the annotation delimiters are special tokens with their training ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """This tool's own flags; all other flags go to the trainer's parser (model description)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint directory (a --save directory or an iter_XXXXXXX folder)")
+    p.add_argument("--output", required=True, help="folder to write the Hugging Face model into")
+    p.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the latest)")
+    p.add_argument("--check-texts", default=None,
+                   help="JSONL file whose 'text' fields are used to verify the exported tokenizer gives the "
+                        "training tokenizer's ids (first 200 lines; a few built-in texts are always checked)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Export; prints a JSON summary. Returns 0, or 2 on a bad checkpoint or configuration."""
+    from megatron_anchor.export import ExportError, TokenizerExportError, export_checkpoint
+    from megatron_anchor.inference.checkpoint import CheckpointError
+
+    args, model_args = build_parser().parse_known_args(argv)
+    texts = []
+    if args.check_texts:
+        with open(args.check_texts, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if i >= 200:
+                    break
+                if line.strip():
+                    texts.append(json.loads(line).get("text", ""))
+    try:
+        summary = export_checkpoint(model_args, args.output, load=args.load, iteration=args.iteration,
+                                    check_texts=texts)
+    except (CheckpointError, ExportError, TokenizerExportError) as exc:
+        print(f"export_hf.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Sample from a megatron-anchor checkpoint (any TP/PP layout) or an exported folder: JSONL in, JSONL out.
+
+    python tools/generate.py --prompts prompts.jsonl --output samples.jsonl --load CKPT --config run.yaml \\
+        --mode anchored --n 8 --temperature 1.0 --top-p 0.95 --max-new-tokens 256 --seed 0
+    python tools/generate.py --prompts prompts.jsonl --output samples.jsonl --model-dir exported/ --mode plain
+
+Prompts file: one JSON object per line with "prompt" (and optional "system") or "messages" ending with a user
+turn; optional "id", "n" (samples for this prompt) and "annotation" ([[key, value], ...], for --mode conditioned).
+Prompts are formatted with --chat-template exactly as SFT formats them.
+
+Modes: anchored (the model writes an annotation, then the response; the response and the sampled annotation are
+reported separately), conditioned (the prompt's given annotation is used), plain (no annotation).
+Output: one line per sample: id, sample index, mode, response, annotation (tags, raw text, whether it closed by
+itself), token counts. Model flags other than these are the trainer's (see pretrain_anchor.py --help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """This tool's flags; any other flag describes the model for the trainer's parser."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", required=True, help="prompts JSONL file")
+    p.add_argument("--output", required=True, help="where to write the samples (JSONL)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--load", help="megatron-anchor checkpoint directory (needs the model flags or --config)")
+    src.add_argument("--model-dir", help="a folder written by tools/export_hf.py")
+    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
+    p.add_argument("--mode", choices=("anchored", "conditioned", "plain"), default="anchored",
+                   help="anchored: annotation then response; conditioned: the prompt's annotation; plain: none")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt (a prompt's own 'n' wins; default 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="cap on response tokens (default 128)")
+    p.add_argument("--max-annotation-tokens", type=int, default=64,
+                   help="cap on annotation tokens; the closing delimiter is forced at the cap (default 64)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed; prompt i uses seed + i, so results do not depend on batching (default 0)")
+    p.add_argument("--chat-template", default="plain",
+                   help="chat template preset (plain, simple, chatml) or a JSON/YAML file, as in SFT preprocessing")
+    p.add_argument("--no-cache", action="store_true", help="recompute the full prefix each token (for checks)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Generate; returns 0, or 2 on bad input (prompts file, checkpoint, flags)."""
+    from megatron_anchor.data.sft import load_template
+    from megatron_anchor.inference import CheckpointError, PromptFileError, SamplingParams, read_prompts
+    from megatron_anchor.inference.generator import load_from_checkpoint, load_from_hf_folder
+    from megatron_anchor.inference.sampler import GenerationStats
+
+    args, model_args = build_parser().parse_known_args(argv)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, max_annotation_tokens=args.max_annotation_tokens,
+                            use_cache=not args.no_cache)
+    try:
+        params.check()
+        if args.n < 1:
+            raise ValueError("--n must be >= 1")
+        template = load_template(args.chat_template)
+        prompts = read_prompts(args.prompts)
+        if args.mode == "conditioned":
+            missing = [p.id for p in prompts if not p.annotation]
+            if missing:
+                raise PromptFileError(f"{args.prompts}: --mode conditioned needs an 'annotation' on every prompt; "
+                                      f"missing on ids {missing[:5]}")
+        if args.model_dir:
+            gen = load_from_hf_folder(args.model_dir, template)
+        else:
+            gen = load_from_checkpoint(model_args, args.load, args.iteration, template)
+    except (CheckpointError, PromptFileError, ValueError, FileNotFoundError) as exc:
+        print(f"generate.py: error: {exc}", file=sys.stderr)
+        return 2
+    stats = GenerationStats()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = args.output + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as out:
+        for i, prompt in enumerate(prompts):
+            rows = gen.generate(prompt, prompt.n or args.n, args.mode, params, seed=args.seed + i, stats=stats)
+            for j, row in enumerate(rows):
+                out.write(json.dumps({"id": prompt.id, "sample": j, "mode": args.mode, "prompt": prompt.text,
+                                      **row}, ensure_ascii=False) + "\n")
+    os.replace(tmp, args.output)  # never a half-written output file
+    tokens = stats.annotation_tokens + stats.response_tokens
+    print(json.dumps({"prompts": len(prompts), "output": args.output, "annotation_tokens": stats.annotation_tokens,
+                      "response_tokens": stats.response_tokens, "seconds": round(stats.seconds, 3),
+                      "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
