@@ -92,7 +92,7 @@ def test_fault_proxy_in_front_of_the_real_server(vllm_server, tmp_path):  # noqa
     # Low concurrency keeps each real request short (a few seconds on 2 cores), so a stall longer than the
     # client's timeout is told apart from a busy server.
     proxy = FaultProxy(vllm_server.url, lambda n: cycle[n % len(cycle)], stall_s=20.0).start()
-    rows = real_docs(6, seed=12)
+    rows = real_docs(4, seed=12)
     inp = write_jsonl(tmp_path / "raw.jsonl", rows)
     out = tmp_path / "ann.jsonl"
     cfg = AnnotateConfig(
@@ -113,7 +113,7 @@ def test_fault_proxy_in_front_of_the_real_server(vllm_server, tmp_path):  # noqa
 
 def test_server_killed_mid_run_and_restarted(vllm_server, tmp_path):  # noqa: F811
     """SIGKILL the whole server mid-run, start it again: the run completes with nothing lost or duplicated."""
-    rows = real_docs(8, seed=13)
+    rows = real_docs(6, seed=13)
     inp = write_jsonl(tmp_path / "raw.jsonl", rows)
     out = tmp_path / "ann.jsonl"
     # Retries must outlast a restart (2-3 minutes here): many attempts, backoff capped at a few seconds.

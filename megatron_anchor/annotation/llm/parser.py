@@ -8,7 +8,8 @@ carry a prompt injection that makes the model echo delimiters or write megabytes
   and its result are bounded whatever comes back;
 - maps keys through the schema (case, spaces, aliases, plurals) and drops unknown keys unless the schema
   keeps them;
-- sanitises values with :func:`format.sanitize_tags` (no delimiter text, no newlines, no separator, capped);
+- sanitises values with :func:`format.sanitize_tags` (no delimiter text, no newlines, no separator, capped), so
+  every tag it returns passes :func:`format.tag_problem`;
 - reports *why* when nothing usable is found, so the caller can retry and then record the reason.
 """
 
@@ -18,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional, Set, Tuple
 
-from megatron_anchor.annotation.format import DELIMITERS, Tag, sanitize_tags, tag_problem
+from megatron_anchor.annotation.format import DELIMITERS, Tag, sanitize_tags
 from megatron_anchor.annotation.llm.tagschema import TagSchema
 
 MAX_PARSE_CHARS = 16_384
@@ -98,8 +99,6 @@ def parse_output(text: str, schema: TagSchema) -> ParseResult:
         pair = (key, value.lower())
         if pair in seen_pairs or (key in seen_keys and not schema.is_multi(key)):
             continue
-        # sanitize_tags already guarantees this; asserting it keeps the contract visible to a reader.
-        assert tag_problem(key, value, schema.max_value_chars) is None
         seen_pairs.add(pair)
         seen_keys.add(key)
         tags.append((key, value))

@@ -10,7 +10,8 @@ framing only makes a well-behaved model less likely to comply.
 
 from __future__ import annotations
 
-from typing import Dict, List
+import functools
+from typing import Dict, List, Tuple
 
 from megatron_anchor.annotation.format import DELIMITERS
 from megatron_anchor.annotation.llm.tagschema import TagSchema
@@ -88,15 +89,22 @@ def system_message(schema: TagSchema) -> str:
     return "\n".join(lines)
 
 
-def build_messages(
-    text: str, schema: TagSchema, max_chunk_chars: int = DEFAULT_MAX_CHUNK_CHARS
-) -> List[Dict[str, str]]:
-    """Chat messages for one chunk: system instructions, the few-shot examples, then the chunk."""
+@functools.lru_cache(maxsize=16)
+def _prefix(schema: TagSchema) -> Tuple[Dict[str, str], ...]:
+    """System message and few-shot turns: identical for every chunk, so built once per schema."""
     allowed = {k.name for k in schema.keys}
     messages = [{"role": "system", "content": system_message(schema)}]
     for example, tags in _EXAMPLES:
         shown = [(k, v) for k, v in tags if k in allowed or schema.keep_unknown]
         messages.append({"role": "user", "content": _frame(example)})
         messages.append({"role": "assistant", "content": "\n".join(f"{k}: {v}" for k, v in shown)})
+    return tuple(messages)
+
+
+def build_messages(
+    text: str, schema: TagSchema, max_chunk_chars: int = DEFAULT_MAX_CHUNK_CHARS
+) -> List[Dict[str, str]]:
+    """Chat messages for one chunk: system instructions, the few-shot examples, then the chunk."""
+    messages = [dict(m) for m in _prefix(schema)]
     messages.append({"role": "user", "content": _frame(clip_chunk(text, max_chunk_chars))})
     return messages
