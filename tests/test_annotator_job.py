@@ -126,13 +126,16 @@ def test_failures_are_listed_with_reasons_and_can_be_retried(tmp_path, capsys):
     assert len(retry_srv.requests) == 3
 
 
-def test_progress_for_another_input_is_refused(tmp_path, capsys):
+def test_progress_for_another_input_or_a_changed_output_is_refused(tmp_path, capsys):
     inp, _ = make_raw(tmp_path / "a.jsonl", 5)
     other, _ = make_raw(tmp_path / "b.jsonl", 6, seed=1)
     out = tmp_path / "o.jsonl"
     assert annotate_tool.main(["-i", str(inp), "-o", str(out), "--no-progress"]) == 0
     assert annotate_tool.main(["-i", str(other), "-o", str(out), "--no-progress"]) == 1
     assert "belongs to another input" in capsys.readouterr().err
+    out.write_text("")
+    assert annotate_tool.main(["-i", str(inp), "-o", str(out), "--no-progress"]) == 1
+    assert "shorter" in capsys.readouterr().err
 
 
 def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path):

@@ -186,6 +186,13 @@ class AnnotateJob:
                     f"{cfg.progress_path} belongs to another input than {cfg.input}; "
                     "use another --output or --overwrite"
                 )
+            for path, key in ((cfg.output, "out_bytes"), (cfg.failed_path, "failed_bytes")):
+                size = path.stat().st_size if path.exists() else 0
+                if size < state[key]:  # truncating "back" would pad with zeros: the file was changed
+                    raise AnnotateError(
+                        f"{path} is shorter ({size} bytes) than its checkpoint says ({state[key]}); it was "
+                        "modified after the run: use --overwrite"
+                    )
             return state
         if cfg.output.exists() and cfg.output.stat().st_size > 0:
             raise AnnotateError(
