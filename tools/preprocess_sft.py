@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,8 +37,6 @@ from megatron_anchor.data.sft import (  # noqa: E402
     OVERLONG_MODES,
     TEMPLATE_PRESETS,
     SFTConverter,
-    SFTInputError,
-    count_events,
     load_template,
     parse_sample_line,
     with_annotations,
@@ -147,9 +144,9 @@ def annotate_with_llm(args, annotated_path: str) -> str:
             where = f"{args.input}:{line_no}"
             try:
                 sample = parse_sample_line(line, where)
-            except DocumentError as e:
+            except DocumentError:
                 if not args.skip_bad_samples:
-                    raise SFTInputError(str(e)) from None
+                    raise
                 bad += 1
                 continue
             chunks = [{"text": t.content, "sep": ""} | ({"tags": [list(x) for x in t.tags]} if t.tags is not None
@@ -190,39 +187,31 @@ def main(argv=None) -> int:
     try:
         if args.annotator == "vllm" and not args.no_annotations:
             data_input = annotate_with_llm(args, args.output_prefix + ".sft_annotated.jsonl")
-        events_dir = args.output_prefix + "_text_document.sft_events"
-        if args.overwrite and os.path.isdir(events_dir):
-            shutil.rmtree(events_dir)
-        os.makedirs(events_dir, exist_ok=True)
         converter = SFTConverter(
             template, annotations=not args.no_annotations,
             annotator="none" if args.annotator == "vllm" else args.annotator,
             format_stability_fraction=args.format_stability_fraction,
             format_stability_seed=args.format_stability_seed, seq_length=args.seq_length,
-            overlong=args.overlong, skip_bad_samples=args.skip_bad_samples, events_dir=events_dir,
+            overlong=args.overlong,
         )
         cfg = PreprocessConfig(
             input=data_input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
             tokenizer_model=args.tokenizer_model, workers=args.workers, append_eod=True,
-            annotations=not args.no_annotations,
-            # Dropping over-long samples goes through the engine's skip path; bad input is raised as
-            # SFTInputError unless --skip-bad-samples, so it still stops the run.
-            skip_bad_documents=True, docs_per_part=args.docs_per_part, eod_token=args.eod_token,
+            annotations=not args.no_annotations, skip_bad_documents=args.skip_bad_samples, docs_per_part=args.docs_per_part, eod_token=args.eod_token,
             overwrite=args.overwrite, show_progress=not args.no_progress, converter=converter,
         )
         total = run(cfg)
-    except (SFTInputError, DocumentError, TokenizerError) as e:
+    except (DocumentError, TokenizerError) as e:
         print(f"error: {e}\n(finished parts are kept: fix the input, or pass --skip-bad-samples, and rerun the "
               "same command to resume)", file=sys.stderr)
         return 1
-    counts = count_events(events_dir)
-    shutil.rmtree(events_dir, ignore_errors=True)
-    share = counts["format_stable"] / total.documents if total.documents else 0.0
+    counts = total.extra
+    share = counts.get("format_stable", 0) / total.documents if total.documents else 0.0
     summary = {
         "samples": total.documents, "assistant_turns": total.chunks, "tokens": total.tokens,
         "annotation_tokens": total.annotation_tokens, "annotated_here": total.annotated_here,
-        "format_stable": counts["format_stable"], "format_stable_share": round(share, 6),
-        "truncated": counts["truncated"], "dropped_overlong": counts["dropped"], "skipped_bad": counts["bad"],
+        "format_stable": counts.get("format_stable", 0), "format_stable_share": round(share, 6),
+        "truncated": counts.get("truncated", 0), "dropped_overlong": total.dropped, "skipped_bad": total.skipped,
         "template": template.name, "annotations": not args.no_annotations,
     }
     with open(args.output_prefix + "_text_document.sft_stats.json", "w", encoding="utf-8") as f:

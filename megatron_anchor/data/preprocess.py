@@ -133,17 +133,34 @@ class PartStats:
     input_bytes: int = 0
     annotated_here: int = 0
     skipped: int = 0
+    dropped: int = 0
     reasons: List[str] = field(default_factory=list)
+    extra: Dict[str, int] = field(default_factory=dict)
+    """Converter-specific counts (e.g. SFT: truncated, format-stability samples), summed like the rest."""
 
     def add(self, other: "PartStats") -> None:
-        for name in ("documents", "chunks", "tokens", "annotation_tokens", "input_bytes", "annotated_here", "skipped"):
+        for name in ("documents", "chunks", "tokens", "annotation_tokens", "input_bytes", "annotated_here",
+                     "skipped", "dropped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.reasons.extend(other.reasons[: max(0, MAX_REASONS - len(self.reasons))])
+        for k, v in other.extra.items():
+            self.extra[k] = self.extra.get(k, 0) + v
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add to a converter-specific count."""
+        self.extra[key] = self.extra.get(key, 0) + n
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Work inside one part
 # ------------------------------------------------------------------------------------------------------------
+
+class DocumentDropped(DocumentError):
+    """A valid document that a converter leaves out by design (e.g. an SFT sample over the length limit).
+
+    Unlike other document errors it never stops the run: it is counted in ``PartStats.dropped``.
+    """
+
 
 class DocumentConverter:
     """Turns input lines into segments, and vets documents once tokenized.
@@ -175,8 +192,9 @@ class DocumentConverter:
         return document_segments(doc, cfg.annotations, eod), len(doc.chunks)
 
     def check_encoded(self, segs: List[Segment], encoded: Tuple[np.ndarray, np.ndarray], seg_lengths: List[int],
-                      where: str, cfg: "PreprocessConfig") -> Tuple[np.ndarray, np.ndarray]:
-        """Return the document's ``(ids, roles)`` (possibly changed), or raise :class:`DocumentError`."""
+                      where: str, cfg: "PreprocessConfig", stats: "PartStats") -> Tuple[np.ndarray, np.ndarray]:
+        """Return the document's ``(ids, roles)`` (possibly changed), or raise :class:`DocumentError`
+        (bad input) or :class:`DocumentDropped` (left out by design)."""
         if cfg.max_chunk_tokens:
             worst = max((n for s, n in zip(segs, seg_lengths) if s.role == Role.TEXT), default=0)
             if worst > cfg.max_chunk_tokens:
@@ -207,6 +225,9 @@ def document_segments(doc: Document, annotations: bool, eod: Optional[Segment]) 
 
 
 def _skip_or_raise(cfg: "PreprocessConfig", stats: "PartStats", err: DocumentError) -> None:
+    if isinstance(err, DocumentDropped):
+        stats.dropped += 1
+        return
     if not cfg.skip_bad_documents:
         raise err
     stats.skipped += 1
@@ -237,7 +258,7 @@ def _process_part(args: Tuple[int, int, List[Tuple[int, bytes]]]) -> Tuple[int, 
     encoded = []
     for segs, enc, lens, where in zip(docs, tok.encode_segments(docs, seg_lengths), seg_lengths, wheres):
         try:
-            encoded.append(conv.check_encoded(segs, enc, lens, where, cfg))
+            encoded.append(conv.check_encoded(segs, enc, lens, where, cfg, stats))
         except DocumentError as e:
             _skip_or_raise(cfg, stats, e)
     stats.documents = len(encoded)
@@ -461,7 +482,8 @@ def _log_summary(cfg: PreprocessConfig, t: PartStats, elapsed: float, resumed: b
         + (" (resumed run)" if resumed else ""),
         f"  documents {t.documents:,}  chunks {t.chunks:,}  tokens {t.tokens:,}  "
         f"annotation tokens {t.annotation_tokens:,} ({share:.1%})",
-        f"  annotated here by the default annotator: {t.annotated_here:,}  skipped: {t.skipped:,}",
+        f"  annotated here by the default annotator: {t.annotated_here:,}  skipped: {t.skipped:,}"
+        + (f"  dropped: {t.dropped:,}" if t.dropped else ""),
         f"  {elapsed:.1f} s, {t.input_bytes / max(elapsed, 1e-9) / 1e6:.2f} MB/s of input, "
         f"{t.tokens / max(elapsed, 1e-9):,.0f} tokens/s",
     ]

@@ -38,7 +38,7 @@ import numpy as np
 from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotate_text
 from megatron_anchor.annotation.format import MAX_VALUE_CHARS, Segment, Tag, annotation_segments, tag_problem
 from megatron_anchor.annotation.schema import DocumentError
-from megatron_anchor.data.preprocess import DocumentConverter, PartStats, PreprocessConfig
+from megatron_anchor.data.preprocess import DocumentConverter, DocumentDropped, PartStats, PreprocessConfig
 from megatron_anchor.roles import ROLE_DTYPE, Role
 
 DEFAULT_FORMAT_STABILITY_FRACTION = 0.003
@@ -325,38 +325,19 @@ def annotate_sample(sample: SFTSample) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class SFTInputError(Exception):
-    """A bad sample when bad samples are not skipped: stops the run with the sample's ``file:line``.
-
-    The engine runs SFT conversion in skip mode so that over-long samples can be dropped; genuine input
-    errors are raised as this type instead, which the engine does not catch.
-    """
-
-    def __reduce__(self):
-        return (type(self), self.args)
-
-
-class _Drop(DocumentError):
-    """An over-long sample dropped by ``--overlong drop`` (skipped by the engine, counted in the events)."""
-
-
-EVENTS = ("format_stable", "truncated", "dropped", "bad")
-
-
 class SFTConverter(DocumentConverter):
     """Reads SFT JSONL lines for the preprocessing engine (:func:`megatron_anchor.data.preprocess.run`).
 
-    Counts that the engine's per-part stats cannot hold (format-stability samples, truncated and dropped
-    samples) are written as ``line<TAB>event`` records under ``events_dir``, one file per process; counting
-    distinct lines makes the totals exact after a resumed run too (see :func:`count_events`).
+    Over-long samples are dropped (:class:`DocumentDropped`, counted by the engine) or truncated; truncated and
+    format-stability samples are counted in the part statistics (``stats.extra``), so totals stay exact when a
+    run resumes. Bad input is the engine's business: an error naming the line, or skipped and counted.
     """
 
     name = "sft"
 
     def __init__(self, template: ChatTemplate, annotations: bool = True, annotator: str = "default",
                  format_stability_fraction: float = DEFAULT_FORMAT_STABILITY_FRACTION,
-                 format_stability_seed: int = 0, seq_length: int = 0, overlong: str = "drop",
-                 skip_bad_samples: bool = False, events_dir: Optional[str] = None):
+                 format_stability_seed: int = 0, seq_length: int = 0, overlong: str = "drop"):
         if overlong not in OVERLONG_MODES:
             raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
         if not 0.0 <= format_stability_fraction <= 1.0:
@@ -370,85 +351,54 @@ class SFTConverter(DocumentConverter):
         self.seed = format_stability_seed
         self.seq_length = seq_length
         self.overlong = overlong
-        self.skip_bad_samples = skip_bad_samples
-        self.events_dir = events_dir
 
     def fingerprint(self) -> Dict[str, object]:
         return {
             "template": asdict(self.template), "annotations": self.annotations, "annotator": self.annotator,
             "default_annotator": ANNOTATOR_NAME, "format_stability_fraction": self.fraction,
             "format_stability_seed": self.seed, "seq_length": self.seq_length, "overlong": self.overlong,
-            "skip_bad_samples": self.skip_bad_samples,
         }
 
-    def _event(self, where: str, kind: str) -> None:
-        if self.events_dir is None:
-            return
-        line = where.rsplit(":", 1)[-1]
-        with open(os.path.join(self.events_dir, f"events-{os.getpid()}.tsv"), "a", encoding="utf-8") as f:
-            f.write(f"{line}\t{kind}\n")
-
-    def _accepted(self, segs, where: str) -> None:
+    @staticmethod
+    def _accepted(segs, stats: PartStats) -> None:
         # A format-stability sample is the one whose delimiter tokens carry role RESPONSE.
         if any(s.special and int(s.role) == int(Role.RESPONSE) for s in segs):
-            self._event(where, "format_stable")
-
-    def _bad(self, err: DocumentError) -> DocumentError:
-        if not self.skip_bad_samples:
-            raise SFTInputError(str(err))
-        self._event(err.where.split(" ")[0], "bad")
-        return err
+            stats.count("format_stable")
 
     def segments(self, line: bytes, where: str, cfg: PreprocessConfig, tok, stats: PartStats):
         """``(segments, number of assistant turns)`` for one SFT line."""
-        try:
-            sample = parse_sample_line(line, where)
-            if self.annotations and any(t.tags is None for t in sample.assistant_turns):
-                if self.annotator == "none":
-                    raise DocumentError(where, "an assistant turn has no 'annotation' and --annotator none; "
-                                        "annotate first, use --annotator default, or pass --no-annotations")
-                stats.annotated_here += annotate_sample(sample)
-        except DocumentError as e:
-            raise self._bad(e) from None
+        sample = parse_sample_line(line, where)
+        if self.annotations and any(t.tags is None for t in sample.assistant_turns):
+            if self.annotator == "none":
+                raise DocumentError(where, "an assistant turn has no 'annotation' and --annotator none; "
+                                    "annotate first, use --annotator default, or pass --no-annotations")
+            stats.annotated_here += annotate_sample(sample)
         stable = self.annotations and is_format_stable(sample, self.fraction, self.seed)
         segs = sample_segments(sample, self.template, self.annotations, stable, tok.eod_segment())
         return segs, len(sample.assistant_turns)
 
     def check_encoded(self, segs, encoded: Tuple[np.ndarray, np.ndarray], seg_lengths, where: str,
-                      cfg: PreprocessConfig) -> Tuple[np.ndarray, np.ndarray]:
+                      cfg: PreprocessConfig, stats: PartStats) -> Tuple[np.ndarray, np.ndarray]:
         """Drop or truncate samples over ``seq_length`` tokens (counted)."""
         ids, roles = encoded
         n = self.seq_length
         if not n or len(ids) <= n:
-            self._accepted(segs, where)
+            self._accepted(segs, stats)
             return encoded
         if self.overlong == "drop":
-            self._event(where, "dropped")
-            raise _Drop(where, f"{len(ids)} tokens, more than --seq-length {n} (dropped by --overlong drop)")
+            raise DocumentDropped(
+                where, f"{len(ids)} tokens, more than --seq-length {n} (dropped by --overlong drop)"
+            )
         # Keep n - 1 tokens and close with the EOD id so document masking still separates this sample from
         # the next; that EOD gets role PAD, because the response did not really end there.
         keep_roles = roles[: n - 1]
         if not np.isin(keep_roles, (int(Role.RESPONSE),)).any():
-            self._event(where, "dropped")
-            raise _Drop(where, f"no response token within --seq-length {n} (dropped)")
-        self._event(where, "truncated")
-        self._accepted(segs, where)
+            raise DocumentDropped(where, f"no response token within --seq-length {n} (dropped)")
+        stats.count("truncated")
+        self._accepted(segs, stats)
         eod_id = ids[-1] if int(roles[-1]) == int(Role.EOD) else None
         if eod_id is None:  # pragma: no cover - SFT samples always end with EOD
             return ids[:n], roles[:n]
         new_ids = np.concatenate([ids[: n - 1], np.array([eod_id], dtype=ids.dtype)])
         new_roles = np.concatenate([keep_roles, np.array([int(Role.PAD)], dtype=ROLE_DTYPE)])
         return new_ids, new_roles
-
-
-def count_events(events_dir: str) -> Dict[str, int]:
-    """Distinct input lines per event kind recorded by :class:`SFTConverter` under ``events_dir``."""
-    seen = {k: set() for k in EVENTS}
-    if os.path.isdir(events_dir):
-        for name in sorted(os.listdir(events_dir)):
-            with open(os.path.join(events_dir, name), encoding="utf-8") as f:
-                for rec in f:
-                    line, _, kind = rec.rstrip("\n").partition("\t")
-                    if kind in seen:
-                        seen[kind].add(line)
-    return {k: len(v) for k, v in seen.items()}
