@@ -11,7 +11,6 @@ it unchanged. Architectures Llama cannot express (LayerNorm, learned positions, 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
@@ -338,4 +337,4 @@ def approx_flops_per_token(spec: ModelSpec) -> float:
     """2 x parameters of the matmuls, for rough throughput reports."""
     attn = spec.hidden_size * spec.head_dim * (2 * spec.num_heads + 2 * spec.num_kv_heads)
     mlp = spec.hidden_size * spec.ffn_hidden_size * (3 if spec.swiglu else 2)
-    return 2.0 * (spec.num_layers * (attn + mlp) + spec.hidden_size * spec.vocab_size) + 0 * math.pi
+    return 2.0 * (spec.num_layers * (attn + mlp) + spec.hidden_size * spec.vocab_size)
