@@ -71,3 +71,16 @@ def test_dockerfile_lints_clean():
     assert "FROM vllm/vllm-openai:" in text
     r = subprocess.run(["hadolint", str(dockerfile)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_benchmark_runs_small(tmp_path):
+    import json
+
+    from benchmarks import bench_annotator
+
+    out = tmp_path / "bench.json"
+    assert bench_annotator.main(["--server", "stub", "--requests", "50", "--rounds", "1", "--cached-docs", "100",
+                                 "--default-docs", "100", "--repeat", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["cached_rerun"]["chunks"] > 100 and res["embedded"]["chunks_s_per_core"] > 0
+    assert 0 < res["client"]["ratio"] < 10
