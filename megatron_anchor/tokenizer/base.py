@@ -28,6 +28,10 @@ class AnchorTokenizer(ABC):
     ``pad``, ``tokenize``, ``detokenize``).
     """
 
+    _eod: int
+    _ann_open: int
+    _ann_close: int
+
     def __init__(self) -> None:
         self._key_cache: Dict[str, List[int]] = {}
         self._special_map: Optional[Dict[str, int]] = None
@@ -46,20 +50,21 @@ class AnchorTokenizer(ABC):
     def vocab_size(self) -> int:
         """Number of ids, special tokens included (the trainer pads this for tensor parallelism)."""
 
+    # Subclasses set ``_eod``, ``_ann_open`` and ``_ann_close`` when they load their model.
     @property
-    @abstractmethod
     def eod(self) -> int:
         """End-of-document id."""
+        return self._eod
 
     @property
-    @abstractmethod
     def ann_open(self) -> int:
         """Id of ``<|ann|>``."""
+        return self._ann_open
 
     @property
-    @abstractmethod
     def ann_close(self) -> int:
         """Id of ``<|/ann|>``."""
+        return self._ann_close
 
     @property
     @abstractmethod

@@ -69,20 +69,8 @@ class HuggingFaceAnchorTokenizer(AnchorTokenizer):
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
     def eod_text(self) -> str:
         return self._eod_text
-
-    @property
-    def ann_open(self) -> int:
-        return self._ann_open
-
-    @property
-    def ann_close(self) -> int:
-        return self._ann_close
 
     def encode_texts(self, texts: Sequence[str]) -> List[List[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

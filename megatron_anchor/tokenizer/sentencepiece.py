@@ -64,20 +64,8 @@ class SentencePieceAnchorTokenizer(AnchorTokenizer):
         return self._vocab_size
 
     @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
     def eod_text(self) -> str:
         return self._sp.id_to_piece(self._eod)
-
-    @property
-    def ann_open(self) -> int:
-        return self._ann_open
-
-    @property
-    def ann_close(self) -> int:
-        return self._ann_close
 
     @property
     def pad(self) -> int:
