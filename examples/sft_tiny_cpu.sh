@@ -51,9 +51,9 @@ with open(sys.argv[1], "w") as f:
                 {"role": "assistant", "content": second}]}) + "\n")
 PY
 python tools/preprocess_sft.py --input "$WORK/sft.jsonl" --output-prefix "$WORK/sft_anchored" "${TOK[@]}" \
-  --chat-template plain --seq-length "$SEQ" --overlong drop --overwrite --no-progress
+  --chat-template plain --seq-length "$SEQ" --overlong drop --pack --overwrite --no-progress
 python tools/preprocess_sft.py --input "$WORK/sft.jsonl" --output-prefix "$WORK/sft_standard" "${TOK[@]}" \
-  --chat-template plain --seq-length "$SEQ" --overlong drop --overwrite --no-progress --no-annotations
+  --chat-template plain --seq-length "$SEQ" --overlong drop --pack --overwrite --no-progress --no-annotations
 python tools/inspect_dataset.py --input "$WORK/sft_anchored_text_document" --document 0 --max-runs 12 "${TOK[@]}"
 
 echo "== 4. anchored SFT from the pretraining checkpoint (loss on response + EOD only; packed samples masked)"

@@ -196,3 +196,46 @@ def test_llm_annotator_stage_annotates_responses_and_resumes(sp_model, tmp_path)
     finally:
         srv.stop()
     assert stats(tmp_path / "llm")["annotated_here"] == 0 and stats(tmp_path / "llm")["samples"] == 20
+
+
+def test_pack_aligns_every_training_sample_with_whole_samples(sp_model, sft_input, tmp_path):
+    """Packs are exactly --seq-length tokens, hold whole samples, and megatron's GPTDataset never splits one."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    from megatron_anchor.data.anchor_dataset import AnchorGPTDataset
+    from megatron_anchor.tokenizer import build_tokenizer
+
+    seq = 256
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    assert preprocess_sft.main(sft_argv(sp_model, sft_input, plain, "--seq-length", str(seq))) == 0
+    assert preprocess_sft.main(sft_argv(sp_model, sft_input, packed, "--seq-length", str(seq), "--pack",
+                                        "--docs-per-part", "70")) == 0
+    samples = read_docs(str(plain) + "_text_document")
+    packs = read_docs(str(packed) + "_text_document")
+    assert all(len(ids) == seq for ids, _ in packs) and len(packs) < len(samples)
+    s = stats(packed)
+    assert s["samples"] == len(samples) == stats(plain)["samples"] and s["sequences"] == len(packs)
+    # every sample appears whole in some pack; padding is role PAD
+    tok = build_tokenizer("SentencePieceTokenizer", sp_model)
+    pad_total = 0
+    unpacked = []
+    for ids, roles in packs:
+        real = roles != Role.PAD
+        pad_total += int((~real).sum())
+        assert (ids[~real] == tok.eod).all()
+        cut = np.flatnonzero((roles == Role.EOD))
+        start = 0
+        for c in cut:
+            unpacked.append(ids[start:c + 1].tobytes())
+            start = c + 1
+    assert sorted(unpacked) == sorted(ids.tobytes() for ids, _ in samples)
+    assert pad_total == s["pack_padding_tokens"]
+    # through megatron-core: each training sample is one pack, its first token a sample start
+    cfg = GPTDatasetConfig(random_seed=3, sequence_length=seq, blend=([str(packed) + "_text_document"], None),
+                           split="100,0,0", tokenizer=tok, reset_position_ids=True, reset_attention_mask=True,
+                           eod_mask_loss=False, create_attention_mask=False, path_to_cache=str(tmp_path / "c"))
+    train = BlendedMegatronDatasetBuilder(AnchorGPTDataset, [3 * len(packs), 0, 0], lambda: True, cfg).build()[0]
+    pack_set = {ids.tobytes() for ids, _ in packs}
+    for i in range(len(train)):
+        assert train[i]["tokens"].numpy().astype(packs[0][0].dtype).tobytes() in pack_set

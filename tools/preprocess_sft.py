@@ -41,7 +41,7 @@ from megatron_anchor.data.sft import (  # noqa: E402
     parse_sample_line,
     with_annotations,
 )
-from megatron_anchor.tokenizer import TOKENIZER_TYPES, TokenizerError  # noqa: E402
+from megatron_anchor.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
 
 logger = logging.getLogger("preprocess_sft")
 
@@ -93,6 +93,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, default=0,
                    help="the training --seq-length; samples with more tokens are handled by --overlong "
                         "(0: no limit)")
+    g.add_argument("--pack", action="store_true",
+                   help="pack whole samples (first fit, in order) into sequences of exactly --seq-length tokens, "
+                        "padded with role PAD, so that no training sample is split across two sequences; train "
+                        "with the same --seq-length and --reset-attention-mask --reset-position-ids")
     g.add_argument("--overlong", choices=OVERLONG_MODES, default="drop",
                    help="samples over --seq-length: 'drop' them, or 'truncate' them to --seq-length tokens "
                         "(the cut sample ends in an EOD id with role PAD, so it carries no loss; samples with no "
@@ -187,12 +191,19 @@ def main(argv=None) -> int:
     try:
         if args.annotator == "vllm" and not args.no_annotations:
             data_input = annotate_with_llm(args, args.output_prefix + ".sft_annotated.jsonl")
+        pad_id = None
+        if args.pack:
+            if not args.seq_length:
+                print("error: --pack needs --seq-length (the training sequence length)", file=sys.stderr)
+                return 2
+            kwargs = {"eod_token": args.eod_token} if args.tokenizer_type == "HuggingFaceTokenizer" else {}
+            pad_id = build_tokenizer(args.tokenizer_type, args.tokenizer_model, **kwargs).eod
         converter = SFTConverter(
             template, annotations=not args.no_annotations,
             annotator="none" if args.annotator == "vllm" else args.annotator,
             format_stability_fraction=args.format_stability_fraction,
             format_stability_seed=args.format_stability_seed, seq_length=args.seq_length,
-            overlong=args.overlong,
+            overlong=args.overlong, pack=args.pack, pad_id=pad_id,
         )
         cfg = PreprocessConfig(
             input=data_input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
@@ -206,9 +217,11 @@ def main(argv=None) -> int:
               "same command to resume)", file=sys.stderr)
         return 1
     counts = total.extra
-    share = counts.get("format_stable", 0) / total.documents if total.documents else 0.0
+    samples = counts.get("samples", 0)
+    share = counts.get("format_stable", 0) / samples if samples else 0.0
     summary = {
-        "samples": total.documents, "assistant_turns": total.chunks, "tokens": total.tokens,
+        "samples": samples, "sequences": total.documents, "assistant_turns": total.chunks, "tokens": total.tokens,
+        "pack_padding_tokens": counts.get("pack_padding_tokens", 0),
         "annotation_tokens": total.annotation_tokens, "annotated_here": total.annotated_here,
         "format_stable": counts.get("format_stable", 0), "format_stable_share": round(share, 6),
         "truncated": counts.get("truncated", 0), "dropped_overlong": total.dropped, "skipped_bad": total.skipped,

@@ -204,6 +204,11 @@ class DocumentConverter:
                 )
         return encoded
 
+    def finish_part(self, encoded: List[Tuple[np.ndarray, np.ndarray]], cfg: "PreprocessConfig",
+                    stats: "PartStats") -> List[Tuple[np.ndarray, np.ndarray]]:
+        """Last look at a part's documents, in order, before they are written (SFT packs samples here)."""
+        return encoded
+
 
 _WORKER: Dict[str, object] = {}
 
@@ -261,9 +266,10 @@ def _process_part(args: Tuple[int, int, List[Tuple[int, bytes]]]) -> Tuple[int, 
             encoded.append(conv.check_encoded(segs, enc, lens, where, cfg, stats))
         except DocumentError as e:
             _skip_or_raise(cfg, stats, e)
+    encoded = conv.finish_part(encoded, cfg, stats)
     stats.documents = len(encoded)
     stats.tokens = sum(len(ids) for ids, _ in encoded)
-    if encoded:
+    if stats.tokens:
         counts = np.bincount(np.concatenate([roles for _, roles in encoded]), minlength=len(Role))
         stats.annotation_tokens = int(sum(counts[r] for r in ANNOTATION_ROLES))
     prefix = part_prefix(cfg, part)

@@ -337,7 +337,8 @@ class SFTConverter(DocumentConverter):
 
     def __init__(self, template: ChatTemplate, annotations: bool = True, annotator: str = "default",
                  format_stability_fraction: float = DEFAULT_FORMAT_STABILITY_FRACTION,
-                 format_stability_seed: int = 0, seq_length: int = 0, overlong: str = "drop"):
+                 format_stability_seed: int = 0, seq_length: int = 0, overlong: str = "drop",
+                 pack: bool = False, pad_id: Optional[int] = None):
         if overlong not in OVERLONG_MODES:
             raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
         if not 0.0 <= format_stability_fraction <= 1.0:
@@ -351,19 +352,55 @@ class SFTConverter(DocumentConverter):
         self.seed = format_stability_seed
         self.seq_length = seq_length
         self.overlong = overlong
+        if pack and (not seq_length or pad_id is None):
+            raise ValueError("packing needs the sequence length and a padding id")
+        self.pack = pack
+        self.pad_id = pad_id
 
     def fingerprint(self) -> Dict[str, object]:
         return {
             "template": asdict(self.template), "annotations": self.annotations, "annotator": self.annotator,
             "default_annotator": ANNOTATOR_NAME, "format_stability_fraction": self.fraction,
             "format_stability_seed": self.seed, "seq_length": self.seq_length, "overlong": self.overlong,
+            "pack": self.pack, "pad_id": self.pad_id,
         }
 
     @staticmethod
     def _accepted(segs, stats: PartStats) -> None:
+        stats.count("samples")
         # A format-stability sample is the one whose delimiter tokens carry role RESPONSE.
         if any(s.special and int(s.role) == int(Role.RESPONSE) for s in segs):
             stats.count("format_stable")
+
+    def finish_part(self, encoded, cfg: PreprocessConfig, stats: PartStats):
+        """With ``pack``: pack whole samples into sequences of exactly ``seq_length`` tokens (first fit, in order).
+
+        megatron-core's GPTDataset cuts its stream into ``seq_length`` pieces; when every document is one full
+        sequence, every training sample starts at a pack boundary, so no sample is ever split across two
+        training sequences (a split would leave a response without its prompt). Packs are padded with the pad
+        id and role PAD (no loss); with ``--reset-attention-mask`` the EOD between samples keeps attention inside
+        each sample.
+        """
+        if not self.pack:
+            return encoded
+        n = self.seq_length
+        bins: List[List[Tuple[np.ndarray, np.ndarray]]] = []
+        room: List[int] = []
+        for ids, roles in encoded:
+            k = next((i for i, r in enumerate(room) if r >= len(ids)), None)
+            if k is None:
+                bins.append([])
+                room.append(n)
+                k = len(bins) - 1
+            bins[k].append((ids, roles))
+            room[k] -= len(ids)
+        packs = []
+        for items, free in zip(bins, room):
+            ids = np.concatenate([i for i, _ in items] + [np.full(free, self.pad_id, dtype=items[0][0].dtype)])
+            roles = np.concatenate([r for _, r in items] + [np.full(free, int(Role.PAD), dtype=ROLE_DTYPE)])
+            packs.append((ids, roles))
+        stats.count("pack_padding_tokens", sum(room))
+        return packs
 
     def segments(self, line: bytes, where: str, cfg: PreprocessConfig, tok, stats: PartStats):
         """``(segments, number of assistant turns)`` for one SFT line."""
