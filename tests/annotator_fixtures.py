@@ -9,6 +9,7 @@ here listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import json
 import os
@@ -241,6 +242,8 @@ class ManagedVllm:
         self.proc: Optional[subprocess.Popen] = None
         self.model: Optional[str] = None
         self.start_seconds: List[float] = []
+        # The server runs in its own session: if pytest dies without teardown, do not leave it running.
+        atexit.register(self.kill)
 
     @property
     def url(self) -> str:

@@ -211,6 +211,7 @@ class AnnotatorClient:
         self._next = 0
         self._down_until = [0.0] * len(self.urls)
         self._sem: Optional[asyncio.Semaphore] = None
+        self._model_lock: Optional[asyncio.Lock] = None
         self._session: Optional[aiohttp.ClientSession] = None
         self._rng = random.Random()
 
@@ -227,6 +228,7 @@ class AnnotatorClient:
             return
         cfg = self.config
         self._sem = asyncio.Semaphore(cfg.concurrency)
+        self._model_lock = asyncio.Lock()
         connector = aiohttp.TCPConnector(limit=cfg.concurrency + len(self.urls), limit_per_host=0)
         timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s, sock_connect=cfg.connect_timeout_s)
         headers = {"Content-Type": "application/json"}
@@ -346,20 +348,23 @@ class AnnotatorClient:
         if self._session is None:
             await self.start()
         if self.model is None:
-            try:
-                await self.resolve_model()
-            except ConnectionError as e:
-                return Annotation(None, "no server", str(e))
+            assert self._model_lock is not None
+            async with self._model_lock:  # one /v1/models probe, not one per chunk
+                try:
+                    await self.resolve_model()
+                except ConnectionError as e:
+                    return Annotation(None, "no server", str(e))
         assert self._sem is not None
         cfg = self.config
         start = time.monotonic()
         attempts = tokens = transport_failures = parse_failures = 0
         body = self.request_body(text)
         while True:
-            i = self._pick()
             attempts += 1
+            i = -1
             try:
                 async with self._sem:
+                    i = self._pick()  # after the wait for a slot, so a replica that died meanwhile is skipped
                     content, used = await self._post(self.urls[i], body)
             except _Retryable as e:
                 self._mark_down(i)
