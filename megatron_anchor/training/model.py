@@ -59,7 +59,8 @@ def build_transformer_config(cfg: AnchorConfig, pipeline_dtype: Optional[torch.d
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         # Fused kernels need CUDA (bias+activation is a jit kernel that runs on GPU only).
-        bias_activation_fusion=on_gpu,
+        # (the GeLU variant of the fused kernel needs a bias; SwiGLU's works without).
+        bias_activation_fusion=on_gpu and (m.swiglu or not m.disable_bias_linear),
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
