@@ -45,6 +45,9 @@ def forward_step_factory(cfg: AnchorConfig, device):
 
 def main(argv: Optional[List[str]] = None):
     """Parse flags, train, and return the run's :class:`RunResult`."""
+    from megatron_anchor.cpu_compat import quiet_cpu_warnings
+
+    quiet_cpu_warnings()
     from megatron_anchor.training.arguments import ConfigError, parse_args
     from megatron_anchor.training.loop import pretrain
 

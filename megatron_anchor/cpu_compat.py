@@ -45,6 +45,26 @@ _FACTORIES = frozenset(
 )
 
 
+# Warnings megatron-core prints on every CPU run that say nothing actionable there (no Transformer Engine or apex,
+# CUDA-only tuning hints); each process would print them all, burying the training log.
+_CPU_NOISE = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*Apex is not installed.*",
+    r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+    r".*full scope is deprecated.*",
+)
+
+
+def quiet_cpu_warnings() -> None:
+    """Hide megatron-core's CPU-irrelevant warnings (call before importing megatron); no-op with CUDA."""
+    if not cpu_only():
+        return
+    import warnings
+
+    for pattern in _CPU_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def is_active() -> bool:
     """True once :func:`activate` has patched megatron-core for a CPU run."""
     return _ACTIVE
