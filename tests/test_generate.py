@@ -140,7 +140,7 @@ def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path, capsys):
         load_from_checkpoint(tiny_checkpoint["args"], str(tmp_path / "junk"))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_from_checkpoint(tiny_checkpoint["args"], str(tmp_path / "missing"))
-    wrong = [a if a != "64" else "32" for a in tiny_checkpoint["args"]]  # hidden size 32 instead of 64
+    wrong = [a if a != "128" else "64" for a in tiny_checkpoint["args"]]  # hidden size 64 instead of 128
     with pytest.raises(CheckpointError, match="model flags do not match"):
         load_from_checkpoint(wrong, tiny_checkpoint["load"])
     prompts = tmp_path / "p.jsonl"

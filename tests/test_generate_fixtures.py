@@ -9,7 +9,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MODEL_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
+MODEL_FLAGS = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--group-query-attention",
                "--num-query-groups", "2", "--seq-length", "64", "--position-embedding-type", "rope",
                "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear"]
 
