@@ -43,7 +43,8 @@ def test_annotates_and_discovers_the_model(fake_server):
     for t, r in zip(texts(5), results):
         assert r.ok and r.attempts == 1 and r.tokens == 12
         assert all(tag_problem(k, v) is None for k, v in r.tags)
-    assert [r.tags[0] for r in results] == [("topic", fake_tags_for(m).split("\n")[0][7:]) for m in fake_server.requests]
+    assert [r.tags[0] for r in results] == [("topic", fake_tags_for(t).split("\n")[0][7:]) for t in texts(5)]
+    assert sorted(fake_server.requests) == sorted(texts(5))  # the server saw exactly the chunks, unframed
 
 
 def test_retries_5xx_and_429_then_succeeds():
