@@ -19,7 +19,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_anchor", "megatron_anchor.*"]),
-    package_data={"megatron_anchor": ["annotation/*.yaml", "annotation/prompts/*"]},
+    package_data={"megatron_anchor": ["annotation/llm/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         # 0.16.1 is the newest release installable on Python 3.11; 0.17+ need Python 3.12 (GPU images).
