@@ -36,16 +36,16 @@ def config_from_args(argv: Sequence[str]) -> AnchorConfig:
     Derived defaults (ffn size, max positions) are filled exactly as the trainer fills them; data, batch and
     parallel settings are irrelevant here and reset so they cannot make the config invalid.
     """
-    from megatron_anchor.training.arguments import ConfigError, parse_args, validate
+    from megatron_anchor.training.arguments import parse_args
 
     try:
         cfg = parse_args(list(argv))
     except SystemExit as exc:  # argparse already printed the reason
         raise CheckpointError(f"bad model flags: {' '.join(argv)}") from exc
-    return prepare_config(cfg, ConfigError, validate)
+    return prepare_config(cfg)
 
 
-def prepare_config(cfg: AnchorConfig, _error=None, _validate=None) -> AnchorConfig:
+def prepare_config(cfg: AnchorConfig) -> AnchorConfig:
     """Copy of ``cfg`` laid out for one process (TP=1, PP=1, local layers, no data), with defaults filled."""
     from megatron_anchor.training.arguments import ConfigError, validate
 
