@@ -151,3 +151,19 @@ def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path, capsys):
     assert generate.main(["--prompts", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                           "--load", tiny_checkpoint["load"], *tiny_checkpoint["args"]]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_checkpoint_carries_its_run_config(tiny_checkpoint):
+    """The trainer writes run_config.yaml beside the checkpoint; loading needs no model flags then."""
+    import dataclasses
+    import os
+
+    from megatron_anchor.inference.checkpoint import config_from_args
+
+    assert os.path.isfile(os.path.join(tiny_checkpoint["load"], "run_config.yaml"))
+    explicit = config_from_args(tiny_checkpoint["args"])
+    from_file = config_from_args(["--load", tiny_checkpoint["load"]])
+    assert dataclasses.asdict(from_file.model) == dataclasses.asdict(explicit.model)
+    assert os.path.samefile(from_file.data.tokenizer_model, explicit.data.tokenizer_model)
+    # flags still override the file
+    assert config_from_args(["--load", tiny_checkpoint["load"], "--seed", "7"]).training.seed == 7

@@ -84,7 +84,7 @@ def export_checkpoint(model_args: Sequence[str], out_dir: str, load: Optional[st
     )
     from megatron_anchor.tokenizer import build_tokenizer
 
-    cfg = config_from_args(model_args)
+    cfg = config_from_args(model_args, load)
     load = load or cfg.checkpoint.load
     if not load:
         raise CheckpointError("no checkpoint given (--load DIR)")

@@ -30,13 +30,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read, or matched to the given model configuration."""
 
 
-def config_from_args(argv: Sequence[str]) -> AnchorConfig:
+def config_from_args(argv: Sequence[str], load: Optional[str] = None) -> AnchorConfig:
     """An inference-ready config from the trainer's model flags (``--config run.yaml``, ``--num-layers`` ...).
 
+    When no ``--config`` is given and the checkpoint directory (``load`` or ``--load``) holds the
+    ``run_config.yaml`` the trainer writes, that file is the base and the given flags override it.
     Derived defaults (ffn size, max positions) are filled exactly as the trainer fills them; data, batch and
     parallel settings are irrelevant here and reset so they cannot make the config invalid.
     """
     from megatron_anchor.training.arguments import parse_args
+    from megatron_anchor.training.checkpointing import RUN_CONFIG_FILE
+
+    argv = list(argv)
+    if load is None and "--load" in argv[:-1]:
+        load = argv[argv.index("--load") + 1]
+    if load and "--config" not in argv and os.path.isfile(os.path.join(load, RUN_CONFIG_FILE)):
+        argv = ["--config", os.path.join(load, RUN_CONFIG_FILE)] + argv
 
     try:
         cfg = parse_args(list(argv))

@@ -86,7 +86,7 @@ def load_from_checkpoint(model_args: Sequence[str], load: Optional[str] = None, 
     )
     from megatron_anchor.tokenizer import build_tokenizer
 
-    cfg = config_from_args(model_args)
+    cfg = config_from_args(model_args, load)
     load = load or cfg.checkpoint.load
     if not load:
         raise CheckpointError("no checkpoint given (--load DIR)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import os
 import inspect
 import textwrap
 import typing
@@ -161,6 +162,25 @@ def load_yaml(path: str, cfg: Optional[AnchorConfig] = None) -> AnchorConfig:
         if value is not None and value not in _CHOICES[name]:
             raise ConfigError(f"{path}: {name} must be one of {_CHOICES[name]}, got {value!r}")
     return cfg
+
+
+def dump_yaml(cfg: AnchorConfig, path: str) -> None:
+    """Write ``cfg`` as a sectioned YAML file that :func:`load_yaml` (and ``--config``) reads back.
+
+    Paths to the tokenizer and the data are made absolute, so the file works from any working directory.
+    """
+    out = {}
+    for section in _SECTION_CLASSES:
+        out[section] = dataclasses.asdict(getattr(cfg, section))
+    data = out["data"]
+    if data.get("tokenizer_model") and os.path.exists(data["tokenizer_model"]):
+        data["tokenizer_model"] = os.path.abspath(data["tokenizer_model"])
+    if data.get("data_path"):
+        data["data_path"] = [os.path.abspath(p) if os.path.exists(p + ".idx") else p for p in data["data_path"]]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(out, fh, sort_keys=False)
+    os.replace(tmp, path)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> AnchorConfig:

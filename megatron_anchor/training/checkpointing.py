@@ -31,6 +31,10 @@ class TrainState:
     consumed_train_samples: int = 0
 
 
+RUN_CONFIG_FILE = "run_config.yaml"
+"""The training run's configuration, written beside the tracker file at every save."""
+
+
 def checkpoint_dir(root: str, iteration: int) -> str:
     """Directory of the checkpoint at ``iteration`` under ``root``."""
     return os.path.join(root, f"iter_{iteration:07d}")
@@ -107,8 +111,12 @@ def _unwrap(module):
 
 
 def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer, scheduler,
-                    fully_parallel: bool = False) -> str:
-    """Write a checkpoint of the current step under ``root`` and update the tracker file."""
+                    fully_parallel: bool = False, run_config=None) -> str:
+    """Write a checkpoint of the current step under ``root`` and update the tracker file.
+
+    With ``run_config`` (the run's :class:`AnchorConfig`), rank 0 also writes it as ``run_config.yaml`` beside the
+    tracker, so generation and export can rebuild the model without repeating the training flags.
+    """
     from megatron.core import dist_checkpointing
 
     ckpt = checkpoint_dir(root, state.iteration)
@@ -136,6 +144,10 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer,
     dist_checkpointing.save(sharded, ckpt, sharded_strategy=strategy)
     dist.barrier()
     if dist.get_rank() == 0:
+        if run_config is not None:
+            from megatron_anchor.training.arguments import dump_yaml
+
+            dump_yaml(run_config, os.path.join(root, RUN_CONFIG_FILE))
         tmp = os.path.join(root, TRACKER_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(str(state.iteration))

@@ -284,7 +284,7 @@ def run(tr: Trainer, on_step: Optional[Callable[[int, Dict], None]] = None) -> R
                 _log_valid(tr, it, valid)
         if ck.save and ck.save_interval and it % ck.save_interval == 0:
             path = checkpointing.save_checkpoint(ck.save, tr.state, tr.model, tr.optimizer, tr.scheduler,
-                                                 ck.ckpt_fully_parallel_save)
+                                                 ck.ckpt_fully_parallel_save, run_config=tr.cfg)
             tr.monitor.print(f"saved checkpoint at iteration {it} to {path}")
         if t.exit_interval and it % t.exit_interval == 0 and it != t.train_iters:
             tr.monitor.print(f"exiting at iteration {it} (--exit-interval)")
@@ -297,7 +297,7 @@ def run(tr: Trainer, on_step: Optional[Callable[[int, Dict], None]] = None) -> R
         _log_valid(tr, tr.state.iteration, valid)
     if ck.save and (not ck.save_interval or tr.state.iteration % ck.save_interval):
         path = checkpointing.save_checkpoint(ck.save, tr.state, tr.model, tr.optimizer, tr.scheduler,
-                                             ck.ckpt_fully_parallel_save)
+                                             ck.ckpt_fully_parallel_save, run_config=tr.cfg)
         tr.monitor.print(f"saved checkpoint at iteration {tr.state.iteration} to {path}")
     result.final_state = tr.state
     return result
