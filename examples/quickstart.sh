@@ -9,49 +9,53 @@
 # base model's tag entropy on held-out prompts where standard SFT loses it.
 #
 # Usage: bash examples/quickstart.sh [WORKDIR]        (default WORKDIR: runs/quickstart)
-# Environment: DOCS (pretraining documents, default 6000), PRE_ITERS (default 500), SFT_SAMPLES (default 600),
-#   SFT_ITERS (default 40), SFT_LR (default 3e-4), N (samples per held-out prompt, default 32), SEED (default 0).
+# Environment: DOCS (pretraining documents, default 12000), PRE_ITERS (default 500), SFT_SAMPLES (default 600),
+#   SFT_ITERS (default 40), SFT_LR (default 2e-4), N (samples per held-out prompt, default 32), SEED (default 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-runs/quickstart}"
-DOCS="${DOCS:-6000}"
+DOCS="${DOCS:-12000}"
 PRE_ITERS="${PRE_ITERS:-500}"
 SFT_SAMPLES="${SFT_SAMPLES:-600}"
 SFT_ITERS="${SFT_ITERS:-40}"
-SFT_LR="${SFT_LR:-3e-4}"
+SFT_LR="${SFT_LR:-2e-4}"
 N="${N:-32}"
 SEED="${SEED:-0}"
 PORT="${MASTER_PORT:-29517}"
 SEQ=256
 START=$(date +%s)
 mkdir -p "$WORK"
+stage() { echo "== [$(( $(date +%s) - START )) s] $*"; }
 TOK=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$WORK/tokenizer.model")
 MODEL=(--num-layers 2 --hidden-size 128 --num-attention-heads 4 --seq-length "$SEQ" "${TOK[@]}")
 BATCH=(--micro-batch-size 16 --global-batch-size 16 --log-interval 50 --eval-iters 2 --seed "$SEED")
 
-echo "== 1. corpus: $DOCS pretraining documents (16 topics), $SFT_SAMPLES SFT samples (3 topics), held-out prompts"
+stage "1. corpus: $DOCS pretraining documents (16 topics), $SFT_SAMPLES SFT samples (3 topics), held-out prompts"
 python -m megatron_anchor.eval.quickstart corpus --out-dir "$WORK" --documents "$DOCS" \
   --sft-samples "$SFT_SAMPLES" --seed "$SEED"
 
-echo "== 2. annotate every chunk (embedded annotator; --annotator vllm --url ... for an LLM)"
+stage "2. annotate every chunk (embedded annotator; --annotator vllm --url ... for an LLM)"
 python tools/annotate.py --input "$WORK/raw.jsonl" --output "$WORK/annotated.jsonl" --overwrite --no-progress
 
-echo "== 3. tokenizer with the annotation delimiters as special tokens"
-python tools/train_tokenizer.py --input "$WORK/raw.jsonl" --output-prefix "$WORK/tokenizer" --vocab-size 512
+stage "3. tokenizer with the annotation delimiters as special tokens"
+# Trained on the text *and* the annotations' text: otherwise tags are spelled out character by character.
+python -m megatron_anchor.eval.quickstart tokenizer-text --annotated "$WORK/annotated.jsonl" \
+  --output "$WORK/tokenizer_text.jsonl"
+python tools/train_tokenizer.py --input "$WORK/tokenizer_text.jsonl" --output-prefix "$WORK/tokenizer" --vocab-size 1000
 
-echo "== 4. tokens + role channel"
+stage "4. tokens + role channel"
 python tools/preprocess_data.py --input "$WORK/annotated.jsonl" --output-prefix "$WORK/pretrain" "${TOK[@]}" \
   --append-eod --workers 2 --overwrite --no-progress
 python tools/inspect_dataset.py --input "$WORK/pretrain_text_document" --document 0 --max-runs 12 "${TOK[@]}"
 
-echo "== 5. pretrain a tiny GPT on the annotated data: torchrun, 2 processes, tensor parallel 2"
+stage "5. pretrain a tiny GPT on the annotated data: torchrun, 2 processes, tensor parallel 2"
 torchrun --nproc-per-node 2 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]}" "${BATCH[@]}" \
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --train-iters "$PRE_ITERS" \
   --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.01 --clip-grad 1.0 \
   --data-path "$WORK/pretrain_text_document" --split 98,2,0 --loss-mask-policy pretrain \
   --eval-interval "$PRE_ITERS" --save "$WORK/ck_base" --save-interval "$PRE_ITERS"
 
-echo "== 6. SFT data from one input: anchored (annotation before each response) and standard (none)"
+stage "6. SFT data from one input: anchored (annotation before each response) and standard (none)"
 SFT_PRE=(--input "$WORK/sft.jsonl" "${TOK[@]}" --chat-template plain --seq-length "$SEQ" --overlong drop --pack
          --overwrite --no-progress)
 python tools/preprocess_sft.py "${SFT_PRE[@]}" --output-prefix "$WORK/sft_anchored"
@@ -63,15 +67,15 @@ python tools/inspect_dataset.py --input "$WORK/sft_anchored_text_document" --doc
 # model to ignore its own annotation (docs: the quickstart section of README).
 SFT=(--split 98,2,0 --train-iters "$SFT_ITERS" --lr "$SFT_LR" --min-lr "$SFT_LR" --lr-decay-style constant
      --lr-warmup-iters 0 --eval-interval 100000 --reset-attention-mask --reset-position-ids
-     --finetune --load "$WORK/ck_base" --save-interval "$SFT_ITERS")
-echo "== 7. standard SFT (unannotated data, loss on the response)"
-torchrun --nproc-per-node 1 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]}" "${BATCH[@]}" "${SFT[@]}" \
+     --finetune --load "$WORK/ck_base" --save-interval "$SFT_ITERS" --tensor-model-parallel-size 2)
+stage "7. standard SFT (unannotated data, loss on the response)"
+torchrun --nproc-per-node 2 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]}" "${BATCH[@]}" "${SFT[@]}" \
   --data-path "$WORK/sft_standard_text_document" --loss-mask-policy sft-standard --save "$WORK/ck_sft_standard"
-echo "== 8. anchored SFT (annotated data, loss on the response only: prompt and annotation masked)"
-torchrun --nproc-per-node 1 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]}" "${BATCH[@]}" "${SFT[@]}" \
+stage "8. anchored SFT (annotated data, loss on the response only: prompt and annotation masked)"
+torchrun --nproc-per-node 2 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]}" "${BATCH[@]}" "${SFT[@]}" \
   --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored --save "$WORK/ck_sft_anchored"
 
-echo "== 9. $N samples per held-out prompt from each model, tags from the embedded annotator"
+stage "9. $N samples per held-out prompt from each model, tags from the embedded annotator"
 python -m megatron_anchor.eval.quickstart report --work "$WORK" --n "$N" --seed "$SEED" --base "$WORK/ck_base" \
   --standard "$WORK/ck_sft_standard" --anchored "$WORK/ck_sft_anchored" "${MODEL[@]}"
-echo "== done in $(( $(date +%s) - START )) s: data, checkpoints, samples.jsonl and report.json under $WORK"
+stage "done: data, checkpoints, samples.jsonl and report.json under $WORK"

@@ -83,20 +83,24 @@ def measure(gen, prompts, mode: str, n: int, params, embed, seed: int, sink=None
     closed, follows, annotated = 0, 0, 0
     for i, prompt in enumerate(prompts):
         rows = gen.generate(prompt, n, mode, params, seed=seed + i)
-        responses = [r["response"].strip() for r in rows]
+        # A turn ends at the template's end-of-turn text ("\n\n" for the plain template, the end of a chunk).
+        # The sampler stops at end-of-document only; a model that goes on writes the next turn or chunk (for the
+        # base model: the next chunk's annotation as plain text, since delimiters are banned in responses).
+        end = gen.template.assistant_suffix or "\n\n"
+        responses = [r["response"].split(end)[0].strip() for r in rows]
         tags = [annotate_text(r) for r in responses]
         ent.append(semantic_entropy(tags)["score"])
         topic_ent.append(shannon_entropy([dict(t)["topic"] for t in tags]))
         if embed is not None:
             dist.append(mean_pairwise_cosine_distance(embed(responses)))
-        for r, t in zip(rows, tags):
+        for r, resp, t in zip(rows, responses, tags):
             ann = r.get("annotation")
             if ann is not None:
                 annotated += 1
                 closed += bool(ann.get("closed"))
                 follows += dict((k, v) for k, v in ann.get("tags", [])).get("topic") == dict(t)["topic"]
             if sink is not None:
-                sink.write(json.dumps({"model": name, "prompt": prompt.text, "response": r["response"],
+                sink.write(json.dumps({"model": name, "prompt": prompt.text, "response": resp, "raw": r["response"],
                                        "annotation": ann, "response_tags": t}) + "\n")
     out = {"semantic_entropy": float(np.mean(ent)), "topic_entropy": float(np.mean(topic_ent)),
            "pairwise_distance": float(np.mean(dist)) if dist else None, "samples": n * len(prompts)}
@@ -140,7 +144,7 @@ def format_table(report: Dict) -> str:
 
 
 def run_report(work: str, checkpoints: Dict[str, str], model_args: Sequence[str], n: int = 32, seed: int = 0,
-               max_new_tokens: int = 48, embeddings: bool = True) -> Dict:
+               max_new_tokens: int = 32, embeddings: bool = True) -> Dict:
     """Sample, measure and write ``WORK/report.json``; ``checkpoints``: base, standard, anchored -> directory."""
     from megatron_anchor.inference import SamplingParams, read_prompts
     from megatron_anchor.inference.generator import load_from_checkpoint
@@ -149,7 +153,7 @@ def run_report(work: str, checkpoints: Dict[str, str], model_args: Sequence[str]
     with open(os.path.join(work, "sft_heldout.jsonl"), encoding="utf-8") as f:
         heldout = [json.loads(line) for line in f if line.strip()]
     embed, note = load_embedder_or_none() if embeddings else (None, "disabled (--no-embeddings)")
-    params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, max_annotation_tokens=48)
+    params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, max_annotation_tokens=128)
     modes = {"base": "anchored", "standard-SFT": "plain", "anchored-SFT": "anchored"}
     keys = {"base": "base", "standard-SFT": "standard", "anchored-SFT": "anchored"}
     models = {}
@@ -167,6 +171,28 @@ def run_report(work: str, checkpoints: Dict[str, str], model_args: Sequence[str]
     return report
 
 
+def write_tokenizer_text(annotated: str, out: str) -> int:
+    """Tokenizer training text that includes the annotations' text (keys and values, without delimiters).
+
+    A tokenizer trained on raw text alone never sees ``topic:``, ``genre:`` or tag values without a leading
+    space, so it spells annotations out character by character (~50 tokens per annotation with a small
+    vocabulary): a tiny model then spends most of its budget on annotation tokens and binds them to the text
+    poorly. Returns the number of documents written."""
+    from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, serialize_annotation
+
+    n = 0
+    with open(annotated, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
+        for line in f:
+            doc = json.loads(line)
+            parts = []
+            for c in doc["chunks"]:
+                body = serialize_annotation([tuple(t) for t in c.get("tags") or []])
+                parts.append(body.replace(ANN_OPEN, "").replace(ANN_CLOSE, " ") + c["text"] + c.get("sep", ""))
+            g.write(json.dumps({"text": "".join(parts)}) + "\n")
+            n += 1
+    return n
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``corpus`` writes the designed corpus; ``report`` measures three checkpoints and prints the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -177,6 +203,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--sft-samples", type=int, default=600)
     c.add_argument("--instruction-share", type=float, default=0.1)
     c.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("tokenizer-text", help="tokenizer training text with the annotations' text included")
+    t.add_argument("--annotated", required=True)
+    t.add_argument("--output", required=True)
     r = sub.add_parser("report", help="sample from three checkpoints and print the table (other flags: the "
                                       "trainer's model flags)")
     r.add_argument("--work", required=True, help="the corpus directory (prompts.jsonl, sft_heldout.jsonl)")
@@ -185,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--anchored", required=True)
     r.add_argument("--n", type=int, default=32, help="samples per held-out prompt")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--max-new-tokens", type=int, default=48)
+    r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--no-embeddings", action="store_true")
     args, rest = p.parse_known_args(argv)
     if args.cmd == "corpus":
@@ -196,6 +225,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.makedirs(args.out_dir, exist_ok=True)
         paths = write_demo_corpus(args.out_dir, args.documents, args.sft_samples, args.seed, args.instruction_share)
         print(json.dumps(paths))
+        return 0
+    if args.cmd == "tokenizer-text":
+        print(f"wrote {write_tokenizer_text(args.annotated, args.output)} documents to {args.output}")
         return 0
     report = run_report(args.work, {"base": args.base, "standard": args.standard, "anchored": args.anchored},
                         rest, args.n, args.seed, args.max_new_tokens, not args.no_embeddings)
