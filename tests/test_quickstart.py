@@ -1,7 +1,8 @@
 """The quickstart end to end at reduced size: anchored SFT keeps more tag entropy than standard SFT.
 
-The reduced run (fewer documents and iterations than ``examples/quickstart.sh``'s defaults, the same script)
-takes ~4 minutes on 2 cores. It asserts on held-out prompts, with margins far above the sampling noise of
+The run is the script at its default corpus and training size with fewer samples per prompt (24 instead of 32);
+it takes ~6 minutes on a loaded 2-core machine (pretraining shorter than the default did not bind text to
+annotations reliably; see the comment in the test). It asserts on held-out prompts, with margins far above the sampling noise of
 the measure (plug-in entropy over 8 prompts x 24 samples varies by about +-0.1 bit between seeds):
 
 - standard SFT collapses: its tag entropy is well below the base model's (otherwise the comparison is void);
@@ -21,8 +22,8 @@ from megatron_anchor.data import demo_corpus as dc
 from megatron_anchor.eval.quickstart import format_table, gap_closed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Measured margins of the reduced run are reported in the module docstring of megatron_anchor/eval/quickstart.py
-# and README; these thresholds sit several noise widths below them.
+# Thresholds sit several noise widths (~0.1 bit) below what the runs measured (full size: collapse 0.95 bit,
+# anchored advantage 0.77 bit, 80% of the gap closed).
 MIN_COLLAPSE_BITS = 0.5
 MIN_ANCHORED_ADVANTAGE_BITS = 0.4
 MIN_GAP_CLOSED = 0.5
@@ -62,7 +63,11 @@ def test_gap_closed():
 @pytest.mark.slow
 def test_quickstart_reduced_anchored_keeps_diversity(tmp_path):
     work = tmp_path / "qs"
-    env = {**os.environ, "DOCS": "3000", "PRE_ITERS": "250", "SFT_SAMPLES": "600", "SFT_ITERS": "40",
+    # Pretraining must be long enough for the model to bind text to its annotation: the base model's responses
+    # followed their own sampled topic in ~6% of samples after 250 iterations, ~52% after 450 and ~98% after 500
+    # (the script's default). Without that binding there is nothing for anchored SFT to keep, so only the
+    # number of samples is reduced here.
+    env = {**os.environ, "DOCS": "12000", "PRE_ITERS": "500", "SFT_SAMPLES": "600", "SFT_ITERS": "40",
            "N": "24", "MASTER_PORT": str(29700 + os.getpid() % 200), "PYTHONUNBUFFERED": "1"}
     r = subprocess.run(["bash", os.path.join(REPO, "examples", "quickstart.sh"), str(work)], env=env,
                        capture_output=True, text=True, timeout=900)
@@ -71,7 +76,7 @@ def test_quickstart_reduced_anchored_keeps_diversity(tmp_path):
         report = json.load(f)
     table = format_table(report)
     sys.stdout.write(table + "\n")
-    assert table.splitlines()[-3].startswith("share of the base") and "model" in r.stdout
+    assert any(line.startswith("share of the base") for line in r.stdout.splitlines()), r.stdout[-2000:]
     m = report["models"]
     base, std, anc = (m[k]["semantic_entropy"] for k in ("base", "standard-SFT", "anchored-SFT"))
     assert base - std >= MIN_COLLAPSE_BITS, table
