@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole method on one CPU machine, no server, no GPU (about 10 minutes on 2 cores):
+# The whole method on one CPU machine, no server, no GPU (6 minutes on a busy 2-core machine):
 #   designed corpus -> embedded annotator -> tokenizer -> tokens + role channel -> tiny GPT pretraining (TP=2)
 #   -> SFT data (anchored and standard, from one input) -> standard SFT and anchored SFT
 #   -> N samples per held-out prompt from base, standard-SFT and anchored-SFT models -> diversity table.
@@ -48,6 +48,9 @@ python tools/preprocess_data.py --input "$WORK/annotated.jsonl" --output-prefix 
   --append-eod --workers 2 --overwrite --no-progress
 python tools/inspect_dataset.py --input "$WORK/pretrain_text_document" --document 0 --max-runs 12 "${TOK[@]}"
 
+# 500 iterations (~2M tokens) is about where the model starts writing text that follows its annotation (~98% of
+# responses on the sampled topic; ~50% after 450, ~6% after 250): shorter pretraining leaves anchored SFT nothing
+# to keep, and the table then shows no effect.
 stage "5. pretrain a tiny GPT on the annotated data: torchrun, 2 processes, tensor parallel 2"
 torchrun --nproc-per-node 2 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]}" "${BATCH[@]}" \
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --train-iters "$PRE_ITERS" \
