@@ -200,11 +200,13 @@ def bench_fetch(prefix, model, tmp, seq_length=2048, n=2000):
         return (time.perf_counter() - t) / len(order)
 
     a, b = [], []
-    for _ in range(5):
+    for _ in range(9):  # alternate, so both see the same machine; the median per-round ratio resists noise
         a.append(timed(stock))
         b.append(timed(ours))
+    ratios = sorted(y / x for x, y in zip(a, b))
     return {"seq_length": seq_length, "samples": len(order), "stock_us": round(min(a) * 1e6, 1),
-            "anchor_us": round(min(b) * 1e6, 1), "ratio": round(min(b) / min(a), 3), "target": "<= 1.2"}
+            "anchor_us": round(min(b) * 1e6, 1), "ratio": round(ratios[len(ratios) // 2], 3),
+            "ratio_of_best": round(min(b) / min(a), 3), "target": "<= 1.2"}
 
 
 def main(argv=None):
