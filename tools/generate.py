@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="prompts JSONL file")
     p.add_argument("--output", required=True, help="where to write the samples (JSONL)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--load", help="megatron-anchor checkpoint directory (needs the model flags or --config)")
+    src.add_argument("--load", help="megatron-anchor checkpoint directory; its run_config.yaml supplies the model "
+                                    "(training flags given here, or --config, override it)")
     src.add_argument("--model-dir", help="a folder written by tools/export_hf.py")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
     p.add_argument("--mode", choices=("anchored", "conditioned", "plain"), default="anchored",

@@ -44,8 +44,12 @@ def config_from_args(argv: Sequence[str], load: Optional[str] = None) -> AnchorC
     argv = list(argv)
     if load is None and "--load" in argv[:-1]:
         load = argv[argv.index("--load") + 1]
-    if load and "--config" not in argv and os.path.isfile(os.path.join(load, RUN_CONFIG_FILE)):
-        argv = ["--config", os.path.join(load, RUN_CONFIG_FILE)] + argv
+    if load and "--config" not in argv:
+        # A --save directory holds the file; an iter_XXXXXXX folder inside it has it one level up.
+        for folder in (load, os.path.dirname(os.path.normpath(load))):
+            if os.path.isfile(os.path.join(folder, RUN_CONFIG_FILE)):
+                argv = ["--config", os.path.join(folder, RUN_CONFIG_FILE)] + argv
+                break
 
     try:
         cfg = parse_args(list(argv))
