@@ -64,7 +64,11 @@ def test_non_llama_run_is_refused(tiny_checkpoint, tmp_path, capsys):
     from tools import export_hf
 
     args = [a for a in tiny_checkpoint["args"] if a != "--swiglu"]
-    assert export_hf.main(["--load", tiny_checkpoint["load"], "--output", str(tmp_path / "x"), *args]) == 2
+    # An explicit --config replaces the checkpoint's run_config.yaml (which says swiglu), so the flags decide.
+    config = tmp_path / "no_swiglu.yaml"
+    config.write_text("model:\n  swiglu: false\n")
+    assert export_hf.main(["--load", tiny_checkpoint["load"], "--output", str(tmp_path / "x"),
+                           "--config", str(config), *args]) == 2
     assert "--swiglu" in capsys.readouterr().err
 
 

@@ -1,4 +1,5 @@
-"""Sharded runs on a local Ray instance: same dataset as the single-process tool, retried after a worker dies."""
+"""Sharded data tools, alone and on a local Ray instance: the same output as the single-process tools, retried
+after a worker dies."""
 
 import os
 import threading
@@ -7,6 +8,7 @@ import time
 import psutil
 import pytest
 
+from tests.annotator_fixtures import vllm_server  # noqa: F401 (the session fixture)
 from tests.conftest import file_bytes
 from tools import preprocess_data
 
@@ -77,3 +79,66 @@ def test_killed_worker_is_retried_and_nothing_is_lost(local_ray, corpus_dir, sp_
     assert sum(r.stats["documents"] for r in summary.results) == 8 * 400  # nothing lost, nothing duplicated
     assert list(file_bytes(summary.output).values()) == \
         list(file_bytes(str(tmp_path / "single_text_document")).values())
+
+
+def _raw_with_a_bad_line(corpus_dir, tmp_path):
+    lines = open(corpus_dir / "raw.jsonl", "rb").read().splitlines(keepends=True)[:120]
+    lines.insert(50, b"{not json\n")
+    lines.insert(80, b"\n")
+    path = tmp_path / "raw.jsonl"
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+@pytest.mark.parametrize("num_shards", [1, 3, 7])
+def test_annotate_shards_concatenate_to_the_unsharded_output(corpus_dir, tmp_path, num_shards):
+    from megatron_anchor.sharding import shard_path
+    from tools import annotate
+
+    inp = _raw_with_a_bad_line(corpus_dir, tmp_path)
+    assert annotate.main(["--input", str(inp), "--output", str(tmp_path / "single.jsonl"), "--no-progress"]) == 0
+    out = str(tmp_path / "sharded.jsonl")
+    for i in range(num_shards):
+        assert annotate.main(["--input", str(inp), "--output", out, "--no-progress",
+                              "--num-shards", str(num_shards), "--shard-index", str(i)]) == 0
+    names = [shard_path(out, num_shards, i) if num_shards > 1 else out for i in range(num_shards)]
+    for suffix in ("", ".failed.jsonl"):
+        got = b"".join(open(n + suffix, "rb").read() for n in names)
+        assert got == open(str(tmp_path / "single.jsonl") + suffix, "rb").read()
+    failed = open(str(tmp_path / "single.jsonl.failed.jsonl"), encoding="utf-8").read()
+    assert '"line": 51' in failed  # the bad line, numbered in the whole file
+
+
+def test_ray_annotate_equals_single_process(local_ray, corpus_dir, tmp_path):
+    from megatron_anchor.scaleout.ray_runner import run_on_ray
+    from tools import annotate
+
+    inp = _raw_with_a_bad_line(corpus_dir, tmp_path)
+    assert annotate.main(["--input", str(inp), "--output", str(tmp_path / "single.jsonl"), "--no-progress"]) == 0
+    summary = run_on_ray("annotate", ["--input", str(inp), "--output", str(tmp_path / "ray.jsonl")], num_shards=3,
+                         show_progress=False)
+    assert not summary.failed and summary.output == str(tmp_path / "ray.jsonl")
+    assert sum(r.stats["documents"] for r in summary.results) == 120
+    for suffix in ("", ".failed.jsonl"):
+        assert open(str(tmp_path / "ray.jsonl") + suffix, "rb").read() == \
+            open(str(tmp_path / "single.jsonl") + suffix, "rb").read()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_ray_annotate_against_the_real_vllm_server(local_ray, vllm_server, corpus_dir, tmp_path):  # noqa: F811
+    """Two Ray shard tasks annotate through the real server; the single-process tool, reading the same cache,
+    writes the same file, so the sharded run produced exactly the single-process dataset."""
+    from megatron_anchor.scaleout.ray_runner import run_on_ray
+    from tools import annotate
+
+    inp = tmp_path / "raw.jsonl"
+    inp.write_bytes(b"".join(open(corpus_dir / "raw.jsonl", "rb").read().splitlines(keepends=True)[:8]))
+    common = ["--input", str(inp), "--annotator", "vllm", "--url", vllm_server.url, "--cache",
+              str(tmp_path / "cache.sqlite"), "--concurrency", "8"]
+    summary = run_on_ray("annotate", common + ["--output", str(tmp_path / "ray.jsonl")], num_shards=2,
+                         show_progress=False)
+    assert not summary.failed
+    assert sum(r.stats["annotated"] for r in summary.results) > 0  # the server did the work
+    assert annotate.main(common + ["--output", str(tmp_path / "single.jsonl"), "--no-progress"]) == 0
+    assert open(tmp_path / "ray.jsonl", "rb").read() == open(tmp_path / "single.jsonl", "rb").read()

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megatron_anchor.annotation.annotate import AnnotateConfig, AnnotateError, annotate_file, format_summary  # noqa: E402
 from megatron_anchor.annotation.llm.client import API_KEY_ENV, ClientConfig, load_api_key  # noqa: E402
 from megatron_anchor.annotation.llm.tagschema import SchemaError  # noqa: E402
+from megatron_anchor.sharding import shard_path  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--checkpoint-every", type=float, default=2.0, metavar="SECONDS",
                     help="seconds between checkpoints; each fsyncs the outputs (default: 2)")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
+    io.add_argument("--num-shards", type=int, default=1,
+                    help="split the input into N byte-range shards (shard i owns the lines starting in bytes "
+                         "[i*size/N, (i+1)*size/N)); this run writes only shard --shard-index, to "
+                         "OUTPUT with .shardIIIII-of-NNNNN before its extension (side files named after it). "
+                         "The shards' outputs concatenated in order equal an unsharded run's")
+    io.add_argument("--shard-index", type=int, default=0,
+                    help="which shard to process (0-based); a rerun skips a finished shard and resumes a "
+                         "half-written one")
     io.add_argument("--strict", action="store_true", help="exit with status 2 when any chunk failed")
 
     ann = p.add_argument_group("annotator")
@@ -134,9 +143,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_chunk_chars=args.max_chunk_chars,
             api_key=api_key,
         )
+    output = args.output
+    if args.num_shards > 1:
+        output = Path(shard_path(str(args.output), args.num_shards, args.shard_index))
     config = AnnotateConfig(
         input=args.input,
-        output=args.output,
+        output=output,
         annotator=args.annotator,
         client=client,
         schema_path=args.schema,
@@ -148,6 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         limit=args.limit,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
     )
     try:
         stats = annotate_file(config)

@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Run a data tool as shards on a Ray cluster, then merge the shards in order.
 
-Everything after ``--`` is the tool's own arguments, exactly as for a single-machine run. Example, on a local
+Everything after ``--`` is the tool's own arguments, exactly as for a single-machine run. Examples, on a local
 Ray instance (or a cluster with --address auto)::
 
+    python tools/run_on_ray.py --stage annotate --num-shards 64 -- \\
+        --input raw.jsonl --output annotated.jsonl --annotator vllm --url http://node1:8000,http://node2:8000
+
     python tools/run_on_ray.py --stage preprocess --num-shards 64 -- \\
-        --input corpus.jsonl --output-prefix data/corpus --tokenizer-type SentencePieceTokenizer \\
+        --input annotated.jsonl --output-prefix data/corpus --tokenizer-type SentencePieceTokenizer \\
         --tokenizer-model tok.model --append-eod
 
 Each shard is a Ray task running the tool with --num-shards/--shard-index; a task whose worker dies is retried

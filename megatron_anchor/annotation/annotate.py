@@ -35,6 +35,7 @@ from megatron_anchor.annotation.llm.client import Annotation, AnnotatorClient, C
 from megatron_anchor.annotation.llm.prompt import prompt_id
 from megatron_anchor.annotation.llm.tagschema import TagSchema, load_schema
 from megatron_anchor.annotation.schema import Document, DocumentError, parse_line
+from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 
 PROGRESS_VERSION = 1
 _ERRORS_KEY = "annotation_errors"
@@ -75,6 +76,11 @@ class AnnotateConfig:
     """Show a tqdm bar on stderr."""
     limit: Optional[int] = None
     """Stop after this many input lines (for trials)."""
+    num_shards: int = 1
+    """Process only shard ``shard_index`` of this many byte-range shards of the input
+    (:mod:`megatron_anchor.sharding`); ``output`` is then that shard's own output."""
+    shard_index: int = 0
+    """Which shard (0-based)."""
 
     @property
     def failed_path(self) -> Path:
@@ -154,6 +160,8 @@ class AnnotateJob:
             raise AnnotateError("the vllm annotator needs at least one server URL")
         if not config.input.is_file():
             raise AnnotateError(f"input {config.input} does not exist")
+        if config.num_shards < 1 or not 0 <= config.shard_index < config.num_shards:
+            raise AnnotateError(f"shard index must be in [0, {config.num_shards}); got {config.shard_index}")
         self.cfg = config
         self.log = log if log is not None else sys.stderr  # resolved late so redirection is honoured
         self.schema: TagSchema = load_schema(config.schema_path)
@@ -379,6 +387,12 @@ class AnnotateJob:
         out_w, failed_w = _Utf8Writer(out), _Utf8Writer(failed)
         inp = open(cfg.input, "rb")
         try:
+            # This run's byte range of the input (the whole file unless sharded) and the lines before it, so
+            # messages name lines of the whole file.
+            start, end = shard_byte_range(os.path.getsize(cfg.input), cfg.num_shards, cfg.shard_index)
+            line_base = seek_to_shard(inp, start)
+            if cfg.num_shards == 1:
+                end = None  # a growing or unsized input (a pipe) is read to its end
             if state:
                 out.truncate(state["out_bytes"])
                 failed.truncate(state["failed_bytes"])
@@ -388,7 +402,7 @@ class AnnotateJob:
                 print(f"annotate: resuming {cfg.output} after input line {state['lines_done']}", file=self.log)
             self._last_checkpoint = time.monotonic()
             self._bar = self._make_bar()
-            line_no = self.stats.lines
+            line_no = line_base + self.stats.lines
             offset = self._written_end = inp.tell()
             eof = False
             while True:
@@ -397,7 +411,10 @@ class AnnotateJob:
                 while not eof and self._outstanding < window and len(self._docs) < 64 * window:
                     block = []
                     for _ in range(_READ_BLOCK):
-                        if cfg.limit is not None and line_no >= cfg.limit:
+                        if cfg.limit is not None and line_no - line_base >= cfg.limit:
+                            eof = True
+                            break
+                        if end is not None and offset >= end:  # the next line starts in the next shard
                             eof = True
                             break
                         raw = inp.readline()

@@ -40,6 +40,7 @@ from megatron_anchor.data.indexed import (
     write_token_role_documents,
 )
 from megatron_anchor.roles import ANNOTATION_ROLES, Role
+from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 from megatron_anchor.tokenizer import AnchorTokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class PreprocessConfig:
     show_progress: bool = True
     """Show a tqdm progress bar."""
     num_shards: int = 1
-    """Split the input into this many shards by byte range (see :func:`shard_byte_range`); one run per shard."""
+    """Split the input into this many shards by byte range (:mod:`megatron_anchor.sharding`); one run per shard."""
     shard_index: int = 0
     """Which shard this run processes (0-based)."""
     converter: "DocumentConverter" = field(default_factory=lambda: DocumentConverter())
@@ -298,43 +299,17 @@ def _open_input(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def shard_byte_range(size: int, num_shards: int, shard_index: int) -> Tuple[int, int]:
-    """The stable sharding rule: shard ``i`` owns the lines that *start* in bytes ``[i*size//n, (i+1)*size//n)``.
-
-    It depends only on the input's size, so shard outputs are reproducible, and concatenating the shards in
-    order gives back every line exactly once, in input order.
-    """
-    return size * shard_index // num_shards, size * (shard_index + 1) // num_shards
-
-
-def _count_newlines(f, end: int) -> int:
-    f.seek(0)
-    n, left = 0, end
-    while left > 0:
-        block = f.read(min(left, 1 << 24))
-        if not block:
-            break
-        n += block.count(b"\n")
-        left -= len(block)
-    return n
-
-
 def iter_parts(cfg: PreprocessConfig) -> Iterator[Tuple[int, int, List[Tuple[int, bytes]]]]:
     """Yield ``(part, bytes_read_so_far, [(line_no, line), ...])`` for this run's shard of the input.
 
     Blank lines are skipped but counted (line numbers stay those of the file, for error messages).
     """
     with _open_input(cfg.input) as f:
-        start, end = 0, None
+        end = None
         line_no = 0
         if cfg.num_shards > 1:
             start, end = shard_byte_range(os.path.getsize(cfg.input), cfg.num_shards, cfg.shard_index)
-            line_no = _count_newlines(f, start)
-            f.seek(max(start - 1, 0))
-            # A line starting exactly at ``start`` follows a newline; anything else is the previous shard's.
-            if start > 0 and f.read(1) != b"\n":
-                line_no += 1
-                f.readline()
+            line_no = seek_to_shard(f, start)
         pos = f.tell() if cfg.num_shards > 1 else 0
         part, lines, seen, nbytes = 0, [], 0, 0
         for line in f:

@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -24,13 +25,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Stage:
-    """A data tool that can run as shards: its module, how to find a shard's outputs, and how to merge them."""
+    """A data tool that can run as shards: its module, how to find a shard's outputs and statistics, and how to
+    merge them."""
 
     module: str
     output_flag: str
     shard_output: Callable[[str, Dict[str, str], int, int], str]
     merge: Callable[[List[str], str], None]
     final_output: Callable[[str, Dict[str, str]], str]
+    shard_stats: Callable[[str], Dict[str, object]]
 
 
 def _preprocess_shard(out: str, opts: Dict[str, str], i: int, n: int) -> str:
@@ -47,9 +50,41 @@ def _merge_datasets(shards: List[str], out: str) -> None:
     merge_token_role_datasets(shards, out)
 
 
+def _preprocess_stats(shard: str) -> Dict[str, object]:
+    with open(shard + ".done", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _annotate_shard(out: str, opts: Dict[str, str], i: int, n: int) -> str:
+    from megatron_anchor.sharding import shard_path
+
+    return shard_path(out, n, i)
+
+
+def _annotate_stats(shard: str) -> Dict[str, object]:
+    with open(shard + ".progress.json", encoding="utf-8") as f:
+        state = json.load(f)
+    if not state.get("complete"):
+        raise RuntimeError(f"{shard} is not complete")
+    return state["stats"]
+
+
+def _merge_jsonl(shards: List[str], out: str) -> None:
+    """Concatenate the shards' annotated outputs (and their failed-document files) in order, atomically."""
+    for suffix in ("", ".failed.jsonl"):
+        tmp = out + suffix + ".tmp"
+        with open(tmp, "wb") as dst:
+            for shard in shards:
+                with open(shard + suffix, "rb") as src:
+                    shutil.copyfileobj(src, dst, 16 << 20)
+        os.replace(tmp, out + suffix)
+
+
 STAGES: Dict[str, Stage] = {
     "preprocess": Stage("tools.preprocess_data", "--output-prefix", _preprocess_shard, _merge_datasets,
-                        _preprocess_final),
+                        _preprocess_final, _preprocess_stats),
+    "annotate": Stage("tools.annotate", "--output", _annotate_shard, _merge_jsonl, lambda out, opts: out,
+                      _annotate_stats),
 }
 """Stages the runner knows, by name."""
 
@@ -124,9 +159,7 @@ def run_shard(stage_name: str, argv: Sequence[str], index: int, num_shards: int)
     if rc != 0:
         raise RuntimeError(f"{stage.module} exited with status {rc} on shard {index} (its error is in the task log)")
     opts = _option_values(argv)
-    marker = stage.shard_output(opts[stage.output_flag], opts, index, num_shards) + ".done"
-    with open(marker, encoding="utf-8") as f:
-        return json.load(f)
+    return stage.shard_stats(stage.shard_output(opts[stage.output_flag], opts, index, num_shards))
 
 
 def run_on_ray(stage_name: str, argv: Sequence[str], num_shards: int, address: Optional[str] = None,
