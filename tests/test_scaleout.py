@@ -142,3 +142,17 @@ def test_ray_annotate_against_the_real_vllm_server(local_ray, vllm_server, corpu
     assert sum(r.stats["annotated"] for r in summary.results) > 0  # the server did the work
     assert annotate.main(common + ["--output", str(tmp_path / "single.jsonl"), "--no-progress"]) == 0
     assert open(tmp_path / "ray.jsonl", "rb").read() == open(tmp_path / "single.jsonl", "rb").read()
+
+
+def test_ray_preprocess_sft_equals_single_process(local_ray, sp_model, tmp_path):
+    from megatron_anchor.scaleout.ray_runner import run_on_ray
+    from tests.test_sft_preprocess import sft_argv, write_sft_jsonl
+    from tools import preprocess_sft
+
+    inp = write_sft_jsonl(str(tmp_path / "sft.jsonl"), 120)
+    assert preprocess_sft.main(sft_argv(sp_model, inp, tmp_path / "single")) == 0
+    args = [a for a in sft_argv(sp_model, inp, tmp_path / "ray") if a != "--no-progress"]
+    summary = run_on_ray("preprocess_sft", args, num_shards=3, show_progress=False)
+    assert not summary.failed
+    assert list(file_bytes(summary.output).values()) == \
+        list(file_bytes(str(tmp_path / "single_text_document")).values())

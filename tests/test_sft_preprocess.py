@@ -239,3 +239,19 @@ def test_pack_aligns_every_training_sample_with_whole_samples(sp_model, sft_inpu
     pack_set = {ids.tobytes() for ids, _ in packs}
     for i in range(len(train)):
         assert train[i]["tokens"].numpy().astype(packs[0][0].dtype).tobytes() in pack_set
+
+
+@pytest.mark.parametrize("num_shards", [1, 3, 7])
+def test_sharded_sft_runs_merge_to_the_unsharded_output(sp_model, sft_input, tmp_path, num_shards):
+    from tools import merge_datasets
+
+    extra = ("--seq-length", "128", "--overlong", "truncate")
+    assert preprocess_sft.main(sft_argv(sp_model, sft_input, tmp_path / "single", *extra)) == 0
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(num_shards):
+        assert preprocess_sft.main(sft_argv(sp_model, sft_input, shards / "s", *extra, "--num-shards",
+                                            str(num_shards), "--shard-index", str(i))) == 0
+    out = str(tmp_path / "merged_text_document")
+    assert merge_datasets.main(["--input", str(shards), "--output-prefix", out]) == 0
+    assert list(file_bytes(out).values()) == list(file_bytes(str(tmp_path / "single_text_document")).values())

@@ -115,6 +115,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help="path prefix of the outputs: PREFIX_text_document.{bin,idx} and _roles beside them")
     g.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs / discard unfinished parts of a run with other arguments")
+    g.add_argument("--num-shards", type=int, default=1,
+                   help="split the input into N byte-range shards, as tools/preprocess_data.py does; this run "
+                        "writes only shard --shard-index (PREFIX_text_document.shardIIIII-of-NNNNN plus a .done "
+                        "marker); merge with tools/merge_datasets.py. Not with --annotator vllm: annotate first")
+    g.add_argument("--shard-index", type=int, default=0, help="which shard this run processes (0-based)")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizing worker processes (default: 1)")
@@ -188,6 +193,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     data_input = args.input
+    if args.num_shards > 1 and args.annotator == "vllm" and not args.no_annotations:
+        print("error: --num-shards with --annotator vllm: annotate the responses first (this tool without "
+              "--num-shards, or tools/annotate.py sharded) and shard the annotated file", file=sys.stderr)
+        return 2
     try:
         if args.annotator == "vllm" and not args.no_annotations:
             data_input = annotate_with_llm(args, args.output_prefix + ".sft_annotated.jsonl")
@@ -210,6 +219,7 @@ def main(argv=None) -> int:
             tokenizer_model=args.tokenizer_model, workers=args.workers, append_eod=True,
             annotations=not args.no_annotations, skip_bad_documents=args.skip_bad_samples, docs_per_part=args.docs_per_part, eod_token=args.eod_token,
             overwrite=args.overwrite, show_progress=not args.no_progress, converter=converter,
+            num_shards=args.num_shards, shard_index=args.shard_index,
         )
         total = run(cfg)
     except (DocumentError, TokenizerError) as e:
@@ -227,7 +237,7 @@ def main(argv=None) -> int:
         "truncated": counts.get("truncated", 0), "dropped_overlong": total.dropped, "skipped_bad": total.skipped,
         "template": template.name, "annotations": not args.no_annotations,
     }
-    with open(args.output_prefix + "_text_document.sft_stats.json", "w", encoding="utf-8") as f:
+    with open(cfg.output_path_prefix + ".sft_stats.json", "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     logger.info("SFT: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0

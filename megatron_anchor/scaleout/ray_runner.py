@@ -83,6 +83,8 @@ def _merge_jsonl(shards: List[str], out: str) -> None:
 STAGES: Dict[str, Stage] = {
     "preprocess": Stage("tools.preprocess_data", "--output-prefix", _preprocess_shard, _merge_datasets,
                         _preprocess_final, _preprocess_stats),
+    "preprocess_sft": Stage("tools.preprocess_sft", "--output-prefix", _preprocess_shard, _merge_datasets,
+                            _preprocess_final, _preprocess_stats),
     "annotate": Stage("tools.annotate", "--output", _annotate_shard, _merge_jsonl, lambda out, opts: out,
                       _annotate_stats),
 }
