@@ -16,8 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_anchor.annotation.schema import DocumentError  # noqa: E402
+from megatron_anchor.data.cli import add_output_arguments, add_tokenizer_arguments  # noqa: E402
 from megatron_anchor.data.preprocess import PreprocessConfig, run  # noqa: E402
-from megatron_anchor.tokenizer import TOKENIZER_TYPES, TokenizerError  # noqa: E402
+from megatron_anchor.tokenizer import TokenizerError  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -43,27 +44,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-chunk-tokens", type=int, default=0,
                    help="reject chunks with more text tokens than this, e.g. your --seq-length (0: no limit)")
 
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=sorted(TOKENIZER_TYPES),
-                   help="tokenizer kind (Megatron-LM names); the annotation delimiters are special tokens")
-    g.add_argument("--tokenizer-model", required=True,
-                   help="SentencePiece .model file, or a Hugging Face tokenizer.json or folder holding one")
-    g.add_argument("--eod-token", default=None,
-                   help="end-of-document token text for Hugging Face tokenizers that do not declare an eos")
+    g = add_tokenizer_arguments(p)
     g.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
 
-    g = p.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True,
-                   help="path prefix of the outputs: PREFIX_text_document.{bin,idx} and _roles beside them")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace existing outputs / discard unfinished parts of a run with other arguments")
-    g.add_argument("--num-shards", type=int, default=1,
-                   help="split the input into N shards by byte range (shard i owns the lines starting in bytes "
-                        "[i*size/N, (i+1)*size/N)); each run writes PREFIX_text_document.shardIIIII-of-NNNNN "
-                        "plus a .done marker; merge the shards with tools/merge_datasets.py")
-    g.add_argument("--shard-index", type=int, default=0,
-                   help="which shard this run processes (0-based); a rerun skips a completed shard and "
-                        "resumes a half-written one")
+    add_output_arguments(p)
 
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizing worker processes")

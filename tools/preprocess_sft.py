@@ -31,6 +31,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_anchor.annotation.schema import DocumentError  # noqa: E402
+from megatron_anchor.data.cli import add_output_arguments, add_tokenizer_arguments  # noqa: E402
 from megatron_anchor.data.preprocess import PreprocessConfig, run  # noqa: E402
 from megatron_anchor.data.sft import (  # noqa: E402
     DEFAULT_FORMAT_STABILITY_FRACTION,
@@ -41,7 +42,7 @@ from megatron_anchor.data.sft import (  # noqa: E402
     parse_sample_line,
     with_annotations,
 )
-from megatron_anchor.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
+from megatron_anchor.tokenizer import TokenizerError, build_tokenizer  # noqa: E402
 
 logger = logging.getLogger("preprocess_sft")
 
@@ -102,24 +103,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "(the cut sample ends in an EOD id with role PAD, so it carries no loss; samples with no "
                         "response token left are dropped). Both are counted (default: drop)")
 
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=sorted(TOKENIZER_TYPES),
-                   help="tokenizer kind (Megatron-LM names); the annotation delimiters are special tokens")
-    g.add_argument("--tokenizer-model", required=True,
-                   help="SentencePiece .model file, or a Hugging Face tokenizer.json or folder holding one")
-    g.add_argument("--eod-token", default=None,
-                   help="end-of-document token text for Hugging Face tokenizers that do not declare an eos")
+    add_tokenizer_arguments(p)
 
-    g = p.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True,
-                   help="path prefix of the outputs: PREFIX_text_document.{bin,idx} and _roles beside them")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace existing outputs / discard unfinished parts of a run with other arguments")
-    g.add_argument("--num-shards", type=int, default=1,
-                   help="split the input into N byte-range shards, as tools/preprocess_data.py does; this run "
-                        "writes only shard --shard-index (PREFIX_text_document.shardIIIII-of-NNNNN plus a .done "
-                        "marker); merge with tools/merge_datasets.py. Not with --annotator vllm: annotate first")
-    g.add_argument("--shard-index", type=int, default=0, help="which shard this run processes (0-based)")
+    add_output_arguments(p, ". Not with --annotator vllm: annotate the responses first")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizing worker processes (default: 1)")

@@ -1,0 +1,36 @@
+"""Command-line pieces shared by the dataset-writing tools (tools/preprocess_data.py, tools/preprocess_sft.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_anchor.tokenizer import TOKENIZER_TYPES
+
+
+def add_tokenizer_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--tokenizer-type``, ``--tokenizer-model`` and ``--eod-token``; returns the group for more flags."""
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=sorted(TOKENIZER_TYPES),
+                   help="tokenizer kind (Megatron-LM names); the annotation delimiters are special tokens")
+    g.add_argument("--tokenizer-model", required=True,
+                   help="SentencePiece .model file, or a Hugging Face tokenizer.json or folder holding one")
+    g.add_argument("--eod-token", default=None,
+                   help="end-of-document token text for Hugging Face tokenizers that do not declare an eos")
+    return g
+
+
+def add_output_arguments(p: argparse.ArgumentParser, shard_note: str = "") -> argparse._ArgumentGroup:
+    """``--output-prefix``, ``--overwrite``, ``--num-shards`` and ``--shard-index``."""
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True,
+                   help="path prefix of the outputs: PREFIX_text_document.{bin,idx} and _roles beside them")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs / discard unfinished parts of a run with other arguments")
+    g.add_argument("--num-shards", type=int, default=1,
+                   help="split the input into N shards by byte range (shard i owns the lines starting in bytes "
+                        "[i*size/N, (i+1)*size/N)); each run writes PREFIX_text_document.shardIIIII-of-NNNNN "
+                        "plus a .done marker; merge the shards with tools/merge_datasets.py" + shard_note)
+    g.add_argument("--shard-index", type=int, default=0,
+                   help="which shard this run processes (0-based); a rerun skips a completed shard and "
+                        "resumes a half-written one")
+    return g
