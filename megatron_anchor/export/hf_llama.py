@@ -76,27 +76,15 @@ def save_folder(model: DecoderLM, tokenizer, tokenizer_type: str, out_dir: str, 
 def export_checkpoint(model_args: Sequence[str], out_dir: str, load: Optional[str] = None,
                       iteration: Optional[int] = None, check_texts: Sequence[str] = ()) -> Dict:
     """Read a checkpoint (any TP/PP layout, the trainer's model flags) and write the folder; returns a summary."""
-    from megatron_anchor.inference.checkpoint import (
-        CheckpointError,
-        config_from_args,
-        load_megatron_model,
-        megatron_session,
-    )
-    from megatron_anchor.tokenizer import build_tokenizer
+    from megatron_anchor.inference.checkpoint import checkpoint_config, load_decoder
 
-    cfg = config_from_args(model_args, load)
-    load = load or cfg.checkpoint.load
-    if not load:
-        raise CheckpointError("no checkpoint given (--load DIR)")
+    cfg, load = checkpoint_config(model_args, load)
     spec_problems = ModelSpec.from_anchor_config(cfg, 0).llama_problems()
     if spec_problems:  # refuse before spending time on loading
         raise ExportError("the model is not Llama-shaped; a Llama export needs a run trained with " +
                           ", ".join(spec_problems))
-    tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    with megatron_session(cfg.training.seed):
-        loaded = load_megatron_model(cfg, load, tok.vocab_size, iteration)
-    spec = ModelSpec.from_anchor_config(cfg, loaded.state_dict["embedding.word_embeddings.weight"].shape[0])
-    model = DecoderLM.from_megatron_state(loaded.state_dict, spec)
+    model, tok, loaded = load_decoder(cfg, load, iteration)
+    spec = model.spec
     files = save_folder(model, tok, cfg.data.tokenizer_type, out_dir, check_texts,
                         extra={"source_checkpoint": os.path.abspath(loaded.path),
                                "saved_layout": loaded.saved_layout, "tokenizer_vocab_size": tok.vocab_size})

@@ -227,3 +227,25 @@ def _check_shapes(ckpt: str, sharded: dict) -> None:
             f"{ckpt}: the model flags do not match the saved model (pass the training run's --config or its "
             "--num-layers/--hidden-size/--num-attention-heads/--ffn-hidden-size/--swiglu/... flags):\n  "
             + "\n  ".join(sorted(set(problems))[:12]))
+
+
+def checkpoint_config(model_args: Sequence[str], load: Optional[str] = None):
+    """``(config, checkpoint directory)`` for an inference load: the config from :func:`config_from_args`,
+    the directory from ``load`` or the flags' ``--load``."""
+    cfg = config_from_args(model_args, load)
+    load = load or cfg.checkpoint.load
+    if not load:
+        raise CheckpointError("no checkpoint given (--load DIR)")
+    return cfg, load
+
+
+def load_decoder(cfg: AnchorConfig, load: str, iteration: Optional[int] = None):
+    """``(DecoderLM, tokenizer, LoadedCheckpoint)``: the checkpoint read into the single-process decoder."""
+    from megatron_anchor.inference.model import DecoderLM, ModelSpec
+    from megatron_anchor.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    with megatron_session(cfg.training.seed):
+        loaded = load_megatron_model(cfg, load, tok.vocab_size, iteration)
+    spec = ModelSpec.from_anchor_config(cfg, loaded.state_dict["embedding.word_embeddings.weight"].shape[0])
+    return DecoderLM.from_megatron_state(loaded.state_dict, spec), tok, loaded

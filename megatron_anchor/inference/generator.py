@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_anchor.data.sft import TEMPLATE_PRESETS, ChatTemplate
-from megatron_anchor.inference.model import DecoderLM, ModelSpec
+from megatron_anchor.inference.model import DecoderLM
 from megatron_anchor.inference.prompts import Prompt, prompt_segments
 from megatron_anchor.inference.sampler import (
     GenerationStats,
@@ -78,23 +78,9 @@ def load_from_checkpoint(model_args: Sequence[str], load: Optional[str] = None, 
     ``load`` defaults to the flags' ``--load``. Raises
     :class:`~megatron_anchor.inference.checkpoint.CheckpointError` for unreadable or mismatched checkpoints.
     """
-    from megatron_anchor.inference.checkpoint import (
-        CheckpointError,
-        config_from_args,
-        load_megatron_model,
-        megatron_session,
-    )
-    from megatron_anchor.tokenizer import build_tokenizer
+    from megatron_anchor.inference.checkpoint import checkpoint_config, load_decoder
 
-    cfg = config_from_args(model_args, load)
-    load = load or cfg.checkpoint.load
-    if not load:
-        raise CheckpointError("no checkpoint given (--load DIR)")
-    tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    with megatron_session(cfg.training.seed):
-        loaded = load_megatron_model(cfg, load, tok.vocab_size, iteration)
-    spec = ModelSpec.from_anchor_config(cfg, loaded.state_dict["embedding.word_embeddings.weight"].shape[0])
-    model = DecoderLM.from_megatron_state(loaded.state_dict, spec)
+    model, tok, loaded = load_decoder(*checkpoint_config(model_args, load), iteration)
     return AnchorGenerator(model, tok, template or TEMPLATE_PRESETS["plain"], source=loaded.path)
 
 
