@@ -1,6 +1,8 @@
 """The OpenAI-compatible client against a fake server and a fault-injecting proxy (all on loopback)."""
 
 import asyncio
+import multiprocessing
+import sqlite3
 import threading
 
 import pytest
@@ -221,3 +223,61 @@ def test_cache_roundtrip_and_keys(tmp_path):
         assert c.get(h) is None
     with AnnotationCache(path, "model-a", "p2") as c:  # another prompt version: a miss
         assert c.get(h) is None
+
+
+def _hammer_cache(folder: str, worker: int, files: int, barrier) -> None:
+    """One process of the contention test: for each fresh file, create it at the same moment as the others
+    (the WAL switch races), then look up and write."""
+    for f in range(files):
+        barrier.wait(60)
+        keys = [chunk_hash(f"{worker}-{j}") for j in range(6)]
+        with AnnotationCache(f"{folder}/c{f}.sqlite", "m", "p", flush_every=2, busy_timeout=0.05) as c:
+            c.get_many(keys)
+            for j, h in enumerate(keys):
+                c.put(h, [("w", str(worker)), ("n", str(j))])
+
+
+def test_cache_shared_by_processes_loses_nothing(tmp_path):
+    """Shards of one run share a cache file and open it together: processes that create the file at the same
+    moment (SQLite reports the WAL-switch race as "locked" without waiting) and write at once must all
+    succeed, and every row must be there."""
+    ctx = multiprocessing.get_context("spawn")
+    workers, files = 4, 12
+    barrier = ctx.Barrier(workers)
+    procs = [ctx.Process(target=_hammer_cache, args=(str(tmp_path), w, files, barrier)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * workers
+    for f in range(files):
+        with AnnotationCache(tmp_path / f"c{f}.sqlite", "m", "p") as c:
+            assert len(c) == workers * 6
+            assert c.get(chunk_hash("3-5")) == [("w", "3"), ("n", "5")]
+
+
+def test_cache_waits_for_a_held_lock_then_fails_clearly(tmp_path):
+    path = tmp_path / "held.sqlite"
+    with AnnotationCache(path, "m", "p"):
+        pass
+    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(1.0, holder.rollback)
+    release.start()
+    try:  # the lock outlasts SQLite's busy handler several times over; the retries outlast the lock
+        with AnnotationCache(path, "m", "p", flush_every=1, busy_timeout=0.1, timeout=30) as c:
+            c.put(chunk_hash("x"), [("k", "v")])
+            assert c.get(chunk_hash("x")) == [("k", "v")]
+    finally:
+        release.join()
+    c = AnnotationCache(path, "m", "p", flush_every=1, busy_timeout=0.1, timeout=0.5)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match=r"held\.sqlite.*another process holds"):
+            c.put(chunk_hash("y"), [("k", "v")])
+    finally:
+        holder.rollback()
+        holder.close()
+    c.close()  # the write that failed is still pending, and lands now that the lock is free
+    with AnnotationCache(path, "m", "p") as c:
+        assert c.get(chunk_hash("y")) == [("k", "v")]

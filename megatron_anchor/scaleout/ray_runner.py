@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -99,7 +100,6 @@ class ShardResult:
     ok: bool
     stats: Dict[str, object] = field(default_factory=dict)
     error: str = ""
-    attempts: int = 1
 
 
 @dataclass
@@ -153,6 +153,11 @@ def init_ray(address: Optional[str] = None, **kwargs) -> None:
              **kwargs)
 
 
+TRANSIENT_ERRORS = (sqlite3.OperationalError, ConnectionError, TimeoutError)
+"""Errors from a shard task that a rerun can cure (a locked shared cache, an unreachable annotator server); Ray
+retries a task that raises one of them, like one whose worker died."""
+
+
 def run_shard(stage_name: str, argv: Sequence[str], index: int, num_shards: int) -> Dict[str, object]:
     """Run one shard in this process (what each Ray task does); returns the shard's statistics."""
     stage = STAGES[stage_name]
@@ -170,7 +175,9 @@ def run_on_ray(stage_name: str, argv: Sequence[str], num_shards: int, address: O
     """Fan ``num_shards`` shards of a stage out over Ray, wait, account, and merge in shard order.
 
     ``address``: an existing cluster (``"auto"`` or ``ray://host:port``); None starts a local instance.
-    ``max_retries``: how often Ray reruns a shard whose worker process died (the tool resumes it).
+    ``max_retries``: how often Ray reruns a shard whose worker process died or that failed with a transient
+    error (:data:`TRANSIENT_ERRORS`); the tool resumes the shard where it stopped. A shard whose tool rejected
+    its input fails at once, with the tool's reason.
     """
     import ray
 
@@ -183,7 +190,8 @@ def run_on_ray(stage_name: str, argv: Sequence[str], num_shards: int, address: O
     started_here = not ray.is_initialized()
     if started_here:
         init_ray(address)
-    task = ray.remote(max_retries=max_retries, num_cpus=cpus_per_task)(run_shard)
+    task = ray.remote(max_retries=max_retries, retry_exceptions=list(TRANSIENT_ERRORS),
+                      num_cpus=cpus_per_task)(run_shard)
     start = time.time()
     futures = {task.remote(stage_name, list(argv), i, num_shards): i for i in range(num_shards)}
     results: Dict[int, ShardResult] = {}
