@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from itertools import accumulate, chain
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,7 +35,7 @@ class AnchorTokenizer(ABC):
 
     def __init__(self) -> None:
         self._key_cache: Dict[str, List[int]] = {}
-        self._special_map: Optional[Dict[str, int]] = None
+        self._special_map: Optional[Dict[str, List[int]]] = None
 
     # -- what subclasses provide -------------------------------------------------------------------------
     @abstractmethod
@@ -117,57 +118,60 @@ class AnchorTokenizer(ABC):
         Each segment is encoded on its own, so every token has exactly one role. Special segments become their
         single id. Annotation segments (keys, separators, values) repeat across a corpus and are cached; all
         other text, and the cache misses, go to the tokenizer in one batched call for all documents, which is
-        what keeps this near the tokenizer's raw speed.
+        what keeps this near the tokenizer's raw speed. The bookkeeping runs over all segments of all
+        documents at once, in C-level passes (``map``, ``zip``, numpy) rather than a Python loop per segment.
         If ``segment_lengths`` is a list, it receives each document's per-segment token counts.
         """
         specials = self._special_map
         if specials is None:
-            specials = self._special_map = self.special_ids
+            specials = self._special_map = {t: [i] for t, i in self.special_ids.items()}
         cache = self._key_cache
-        misses: Dict[str, int] = {}
-        texts: List[str] = []
-        for segs in docs:
-            for text, role, special in segs:
-                if special:
-                    continue
-                if role in _CACHED_ROLES:
-                    if text not in cache and text not in misses:
-                        misses[text] = len(misses)
-                else:
-                    texts.append(text)
-        miss_list = list(misses)
-        encoded = self.encode_texts(miss_list + texts) if (miss_list or texts) else []
-        local = dict(zip(miss_list, encoded))
-        if len(cache) + len(local) <= _KEY_CACHE_LIMIT:
-            cache.update(local)
-        text_ids = iter(encoded[len(miss_list):])
-        out: List[Tuple[np.ndarray, np.ndarray]] = []
-        for segs in docs:
-            flat: List[int] = []
-            role_codes: List[int] = []
-            counts: List[int] = []
-            for text, role, special in segs:
-                if special:
-                    if text not in specials:
-                        raise TokenizerError(f"{text!r} is not a special token of this tokenizer")
-                    flat.append(specials[text])
-                    n = 1
-                else:
-                    if role in _CACHED_ROLES:
-                        ids = cache.get(text)
-                        if ids is None:
-                            ids = local[text]
-                    else:
-                        ids = next(text_ids)
-                    flat.extend(ids)
-                    n = len(ids)
-                role_codes.append(role)
-                counts.append(n)
-            ids_arr = np.array(flat, dtype=self.token_dtype)
-            roles_arr = np.repeat(np.array(role_codes, dtype=ROLE_DTYPE), counts)
-            out.append((ids_arr, roles_arr))
+        flat = [seg for segs in docs for seg in segs]
+        if not flat:
             if segment_lengths is not None:
-                segment_lengths.append(counts)
+                segment_lengths.extend([] for _ in docs)
+            return [(np.zeros(0, self.token_dtype), np.zeros(0, ROLE_DTYPE)) for _ in docs]
+        texts, roles, special = zip(*flat)
+        # Cached annotation pieces and special ids first; everything else (None) is encoded below. A special
+        # segment is looked up only among the special tokens, so text that spells one never becomes its id.
+        get = cache.get
+        try:
+            pieces = [specials[t] if sp else get(t) for t, sp in zip(texts, special)]
+        except KeyError as e:
+            raise TokenizerError(f"{e.args[0]!r} is not a special token of this tokenizer") from None
+        todo = [i for i, ids in enumerate(pieces) if ids is None]
+        if todo:
+            # Annotation pieces not cached yet are encoded once each; ordinary text is encoded as it comes.
+            new_pieces: Dict[str, Optional[List[int]]] = {}
+            text_todo: List[int] = []
+            for i in todo:
+                if roles[i] in _CACHED_ROLES:
+                    new_pieces[texts[i]] = None
+                else:
+                    text_todo.append(i)
+            encoded = self.encode_texts(list(new_pieces) + [texts[i] for i in text_todo])
+            new_pieces = dict(zip(new_pieces, encoded))
+            for i, ids in zip(text_todo, encoded[len(new_pieces):]):
+                pieces[i] = ids
+            if new_pieces:
+                for i in todo:
+                    if pieces[i] is None:
+                        pieces[i] = new_pieces[texts[i]]
+                if len(cache) < _KEY_CACHE_LIMIT:
+                    cache.update(new_pieces)
+        lengths = list(map(len, pieces))
+        all_ids = np.fromiter(chain.from_iterable(pieces), dtype=self.token_dtype, count=sum(lengths))
+        all_roles = np.repeat(np.array(roles, dtype=ROLE_DTYPE), lengths)
+        seg_ends = list(accumulate(map(len, docs)))
+        token_ends = list(accumulate(lengths))
+        out: List[Tuple[np.ndarray, np.ndarray]] = []
+        seg_start = tok_start = 0
+        for seg_end in seg_ends:
+            tok_end = token_ends[seg_end - 1] if seg_end else 0
+            out.append((all_ids[tok_start:tok_end], all_roles[tok_start:tok_end]))
+            if segment_lengths is not None:
+                segment_lengths.append(lengths[seg_start:seg_end])
+            seg_start, tok_start = seg_end, tok_end
         return out
 
     def check_roundtrip(self, source: str) -> Optional[str]:
