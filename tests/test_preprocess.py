@@ -186,6 +186,31 @@ def test_bad_input_names_file_and_line(tmp_path, sp_model, capsys, content, line
     assert len(IndexedDataset(str(out) + "_text_document")) == 1  # each case has one good document
 
 
+def test_parts_read_by_position_match_streamed_gzip(corpus_dir, sp_model, tmp_path, capsys):
+    """Workers read a plain file's parts by byte range; a .gz input is streamed by the driver. Blank lines, CRLF
+    endings, a last line without newline and parts that end on a blank line must give the same dataset, and a
+    bad line must be named by its line number in the file either way."""
+    import gzip
+
+    lines = open(corpus_dir / "annotated.jsonl", "rb").read().splitlines(keepends=True)[:10]
+    lines[2] = lines[2].replace(b"\n", b"\r\n")
+    lines[4:4] = [b"\n", b"  \n"]  # a part of 3 lines ends on the blank line
+    data = b"".join(lines).rstrip(b"\n")  # no newline at the end
+    plain, packed = tmp_path / "in.jsonl", tmp_path / "in.jsonl.gz"
+    plain.write_bytes(data)
+    packed.write_bytes(gzip.compress(data))
+    for inp, out in ((plain, "p"), (packed, "g")):
+        assert _run(inp, tmp_path / out, sp_model, "--append-eod", "--docs-per-part", "3", "--workers", "2") == 0
+    assert (list(file_bytes(str(tmp_path / "p_text_document")).values())
+            == list(file_bytes(str(tmp_path / "g_text_document")).values()))
+    assert len(IndexedDataset(str(tmp_path / "p_text_document"))) == 10
+    bad = data.replace(lines[11].rstrip(b"\n"), b'{"chunks": 7}')  # line 12: the last, without a newline
+    for name in ("bad.jsonl", "bad.jsonl.gz"):
+        (tmp_path / name).write_bytes(gzip.compress(bad) if name.endswith(".gz") else bad)
+        assert _run(tmp_path / name, tmp_path / "b", sp_model, "--docs-per-part", "3", "--overwrite") == 1
+        assert f"{tmp_path / name}:12" in capsys.readouterr().err
+
+
 def test_failed_run_keeps_existing_output(tmp_path, sp_model):
     good = tmp_path / "good.jsonl"
     good.write_bytes(b'{"text": "hello\\n\\nworld"}\n')

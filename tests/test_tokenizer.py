@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, chunk_segments, render
+from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, Segment, chunk_segments, render
 from megatron_anchor.roles import Role
 from megatron_anchor.tokenizer import TokenizerError, build_tokenizer
 
@@ -49,6 +49,20 @@ def test_segments_round_trip_with_roles(tok):
         assert tok.decode(ids[pos:pos + n]) == seg.text
         pos += n
     assert pos == len(ids)
+
+
+def test_cached_text_that_spells_a_special_token_stays_text(tok):
+    """A tag value equal to the end-of-document text is cached as ordinary tokens; the EOD segment after it (and
+    in later batches) must still be the EOD id, and the value must never become it."""
+    eod = tok.eod_text
+    first = chunk_segments("x", "", [("topic", eod)]) + [tok.eod_segment()]
+    for _ in range(2):  # the second pass finds the value in the cache
+        [(ids, roles)] = tok.encode_segments([first, first])[1:]
+        assert (ids == tok.eod).sum() == 1 and ids[-1] == tok.eod and roles[-1] == Role.EOD
+        assert tok.decode(ids[roles == Role.ANNOTATION_VALUE]) == eod
+    with pytest.raises(TokenizerError, match="not a special token"):
+        tok.encode_segments([[Segment("<nope>", Role.EOD, True)]])
+    assert tok.encode_segments([[], first])[0][0].size == 0  # a document without segments: empty arrays
 
 
 def test_sentencepiece_model_without_delimiters_gets_appended_ids(tmp_path):

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 try:  # orjson parses JSONL several times faster; the standard library is the fallback
     from orjson import JSONDecodeError as _JSONDecodeError
@@ -96,30 +97,42 @@ class Document:
         return json.dumps(self.to_json(), ensure_ascii=False)
 
 
-_VALID_TAGS: Dict[Tuple[int, str, str], bool] = {}
+_VALID_TAGS: Dict[int, Dict[Tag, Tag]] = {}  # max_value_chars -> {tag: the same tag, as first validated}
 _VALID_TAGS_LIMIT = 500_000
 
 
-def _parse_tags(raw: Any, where: str, max_value_chars: int) -> List[Tag]:
+def _parse_tags(raw: Any, where: Callable[[], str], max_value_chars: int) -> List[Tag]:
     if not isinstance(raw, list):
-        raise DocumentError(where, f"'tags' must be a list of [key, value] pairs, got {type(raw).__name__}")
+        raise DocumentError(where(), f"'tags' must be a list of [key, value] pairs, got {type(raw).__name__}")
     tags: List[Tag] = []
-    valid = _VALID_TAGS
+    valid = _VALID_TAGS.get(max_value_chars)
+    if valid is None:
+        valid = _VALID_TAGS[max_value_chars] = {}
     for t in raw:
-        # Tags repeat across a corpus: remember the ones already validated (a dict probe beats the checks).
-        if type(t) is list and len(t) == 2 and type(t[0]) is str and type(t[1]) is str:
-            if (max_value_chars, t[0], t[1]) in valid:
-                tags.append((t[0], t[1]))
+        # Tags repeat across a corpus: remember the ones already validated (a dict probe beats the checks), and
+        # hand out the first-validated tuple, whose strings already carry their hashes for the lookups after.
+        if type(t) is list and len(t) == 2:
+            try:
+                known = valid.get(tuple(t))
+            except TypeError:  # an unhashable key or value: the checks below say what is wrong
+                known = None
+            if known is not None:
+                tags.append(known)
                 continue
         if not (isinstance(t, (list, tuple)) and len(t) == 2):
-            raise DocumentError(where, f"each tag must be a [key, value] pair, got {t!r:.80}")
+            raise DocumentError(where(), f"each tag must be a [key, value] pair, got {t!r:.80}")
         problem = tag_problem(t[0], t[1], max_value_chars)
         if problem:
-            raise DocumentError(where, problem)
-        tags.append((t[0], t[1]))
+            raise DocumentError(where(), problem)
+        tag = (t[0], t[1])
+        tags.append(tag)
         if len(valid) < _VALID_TAGS_LIMIT:
-            valid[(max_value_chars, t[0], t[1])] = True
+            valid[tag] = tag
     return tags
+
+
+def _chunk_where(where: str, index: int) -> str:
+    return f"{where} chunk {index}"
 
 
 def parse_document(
@@ -145,17 +158,18 @@ def parse_document(
             raise DocumentError(where, "empty document: 'chunks' is an empty list")
         chunks: List[Chunk] = []
         for i, c in enumerate(raw_chunks):
-            cw = f"{where} chunk {i}"
+            # The chunk's name for error messages is only formatted when there is an error to report.
+            cw = partial(_chunk_where, where, i)
             if not isinstance(c, dict):
-                raise DocumentError(cw, f"a chunk must be an object, got {type(c).__name__}")
+                raise DocumentError(cw(), f"a chunk must be an object, got {type(c).__name__}")
             text = c.get("text")
             if not isinstance(text, str):
-                raise DocumentError(cw, "missing or non-string 'text'")
+                raise DocumentError(cw(), "missing or non-string 'text'")
             if not text:
-                raise DocumentError(cw, "empty chunk text")
+                raise DocumentError(cw(), "empty chunk text")
             sep = c.get("sep", "")
             if not isinstance(sep, str) or sep.strip():
-                raise DocumentError(cw, f"'sep' must be a whitespace-only string, got {sep!r:.40}")
+                raise DocumentError(cw(), f"'sep' must be a whitespace-only string, got {sep!r:.40}")
             tags = c.get("tags")
             chunks.append(Chunk(text, sep, None if tags is None else _parse_tags(tags, cw, max_value_chars)))
         extra = {k: v for k, v in obj.items() if k not in ("id", "meta", "chunks")}

@@ -1,9 +1,10 @@
 """The preprocessing engine behind ``tools/preprocess_data.py``: annotated JSONL -> tokens + role channel.
 
 How it runs:
-- The input is read as a stream of lines and cut into *parts* of ``docs_per_part`` physical lines. Parts are
-  tokenized by a pool of worker processes, with at most ``2 * workers`` parts in flight, so memory does not grow
-  with the corpus.
+- The input is cut into *parts* of ``docs_per_part`` physical lines. Parts are tokenized by a pool of worker
+  processes, with at most ``2 * workers`` parts in flight, so memory does not grow with the corpus. The driver
+  only finds where each part starts and ends; workers read their part's bytes themselves (a ``.gz`` input is
+  decompressed by the driver and its lines sent along).
 - Each finished part is written into ``<output>.parts/`` under temporary names, renamed, and then marked done by
   its stats file. A killed run, started again with the same arguments, skips the done parts and redoes the
   rest; a run with different arguments refuses to mix its parts with the old ones.
@@ -25,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -242,7 +243,7 @@ def _skip_or_raise(cfg: "PreprocessConfig", stats: "PartStats", err: DocumentErr
         stats.reasons.append(str(err))
 
 
-def _process_part(args: Tuple[int, int, List[Tuple[int, bytes]]]) -> Tuple[int, "PartStats"]:
+def _process_part(args: Tuple[int, int, "PartLines"]) -> Tuple[int, "PartStats"]:
     # A part allocates millions of small tuples, lists and dicts, all freed by reference counting (no cycles).
     # The cyclic collector would walk them again and again as they pile up (a third of the CPU time of parsing
     # and segmenting); it stays off while a part is processed, and runs as usual between parts.
@@ -255,8 +256,9 @@ def _process_part(args: Tuple[int, int, List[Tuple[int, bytes]]]) -> Tuple[int, 
             gc.enable()
 
 
-def _process_part_unguarded(args: Tuple[int, int, List[Tuple[int, bytes]]]) -> Tuple[int, "PartStats"]:
-    part, _, lines = args
+def _process_part_unguarded(args: Tuple[int, int, "PartLines"]) -> Tuple[int, "PartStats"]:
+    part, _, src = args
+    lines = part_lines(src)
     cfg: PreprocessConfig = _WORKER["cfg"]  # type: ignore[assignment]
     tok: AnchorTokenizer = _WORKER["tok"]  # type: ignore[assignment]
     conv = cfg.converter
@@ -309,27 +311,86 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _open_input(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+@dataclass(frozen=True)
+class LineRange:
+    """A part of an uncompressed input, by position: ``[start, stop)`` holds ``n_lines`` lines, the first of
+    which is line ``first_line`` of the file. Workers read their part's bytes themselves, so the driver only
+    finds the boundaries and never copies the corpus through the pool's pipes."""
+
+    path: str
+    start: int
+    stop: int
+    first_line: int
+
+    def lines(self) -> List[Tuple[int, bytes]]:
+        """``[(line_no, line), ...]`` of the non-blank lines, each with its newline (as iterating a file gives)."""
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            data = f.read(self.stop - self.start)
+        pieces = data.split(b"\n")
+        tail = pieces.pop()  # what follows the last newline: empty unless the file ends without one
+        out = [(n, p + b"\n") for n, p in enumerate(pieces, self.first_line) if p.strip()]
+        if tail.strip():
+            out.append((self.first_line + len(pieces), tail))
+        return out
 
 
-def iter_parts(cfg: PreprocessConfig) -> Iterator[Tuple[int, int, List[Tuple[int, bytes]]]]:
-    """Yield ``(part, bytes_read_so_far, [(line_no, line), ...])`` for this run's shard of the input.
+_SCAN_BLOCK = 1 << 22
 
-    Blank lines are skipped but counted (line numbers stay those of the file, for error messages).
+PartLines = Union[List[Tuple[int, bytes]], LineRange]
+"""A part's input: its lines, or (uncompressed input) where to read them."""
+
+
+def part_lines(src: PartLines) -> List[Tuple[int, bytes]]:
+    """The ``(line_no, line)`` pairs of a part, reading them when the part is given by position."""
+    return src.lines() if isinstance(src, LineRange) else src
+
+
+def iter_parts(cfg: PreprocessConfig) -> Iterator[Tuple[int, int, PartLines]]:
+    """Yield ``(part, bytes_read_so_far, lines)`` for this run's shard of the input.
+
+    A part is ``docs_per_part`` physical lines. Blank lines are skipped but counted (line numbers stay those of
+    the file, for error messages). Compressed input is streamed and its parts carry their lines; an ordinary
+    file is only scanned for line ends here, and its parts are :class:`LineRange` s.
     """
-    with _open_input(cfg.input) as f:
-        end = None
-        line_no = 0
+    if cfg.input.endswith(".gz"):
+        yield from _iter_gz_parts(cfg)
+        return
+    size = os.path.getsize(cfg.input)
+    with open(cfg.input, "rb") as f:
+        start, end, line_no = 0, size, 0
         if cfg.num_shards > 1:
-            start, end = shard_byte_range(os.path.getsize(cfg.input), cfg.num_shards, cfg.shard_index)
+            start, end = shard_byte_range(size, cfg.num_shards, cfg.shard_index)
             line_no = seek_to_shard(f, start)
-        pos = f.tell() if cfg.num_shards > 1 else 0
+            start = f.tell()
+        if start >= min(end, size):
+            return
+        # Find line ends block by block (not through mmap: mapped pages would count as this process's memory).
+        part, part_start, seen, pos = 0, start, 0, start
+        block, block_start, off = f.read(_SCAN_BLOCK), start, 0
+        while pos < end and pos < size:  # a line belongs here when it starts before ``end``
+            nl = block.find(b"\n", off)
+            if nl >= 0:
+                pos, off = block_start + nl + 1, nl + 1
+            else:
+                block_start += len(block)
+                block, off = f.read(_SCAN_BLOCK), 0
+                if block:
+                    continue
+                pos = size  # the last line has no newline
+            seen += 1
+            if seen % cfg.docs_per_part == 0:
+                yield part, pos - start, LineRange(cfg.input, part_start, pos, line_no + 1)
+                part, part_start, line_no = part + 1, pos, line_no + cfg.docs_per_part
+        if seen % cfg.docs_per_part:
+            yield part, pos - start, LineRange(cfg.input, part_start, pos, line_no + 1)
+
+
+def _iter_gz_parts(cfg: PreprocessConfig) -> Iterator[Tuple[int, int, PartLines]]:
+    with gzip.open(cfg.input, "rb") as f:
+        line_no = 0
         part, lines, seen, nbytes = 0, [], 0, 0
         for line in f:
-            if end is not None and pos >= end:
-                break
-            pos += len(line)
             line_no += 1
             seen += 1
             nbytes += len(line)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from itertools import accumulate, chain
+from itertools import accumulate, chain, compress, repeat
+from operator import is_
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -132,14 +133,16 @@ class AnchorTokenizer(ABC):
                 segment_lengths.extend([] for _ in docs)
             return [(np.zeros(0, self.token_dtype), np.zeros(0, ROLE_DTYPE)) for _ in docs]
         texts, roles, special = zip(*flat)
-        # Cached annotation pieces and special ids first; everything else (None) is encoded below. A special
-        # segment is looked up only among the special tokens, so text that spells one never becomes its id.
-        get = cache.get
-        try:
-            pieces = [specials[t] if sp else get(t) for t, sp in zip(texts, special)]
-        except KeyError as e:
-            raise TokenizerError(f"{e.args[0]!r} is not a special token of this tokenizer") from None
-        todo = [i for i, ids in enumerate(pieces) if ids is None]
+        # Cached annotation pieces first, then the special segments' ids over whatever the cache said for their
+        # text (a special is looked up only among the special tokens, so text that spells one never becomes its
+        # id, nor an annotation value its special id); everything still None is encoded below.
+        pieces: List[Optional[List[int]]] = list(map(cache.get, texts))
+        for i in compress(range(len(texts)), special):
+            ids = specials.get(texts[i])
+            if ids is None:
+                raise TokenizerError(f"{texts[i]!r} is not a special token of this tokenizer")
+            pieces[i] = ids
+        todo = list(compress(range(len(pieces)), map(is_, pieces, repeat(None))))
         if todo:
             # Annotation pieces not cached yet are encoded once each; ordinary text is encoded as it comes.
             new_pieces: Dict[str, Optional[List[int]]] = {}
