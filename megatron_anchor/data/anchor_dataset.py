@@ -1,10 +1,10 @@
 """``AnchorGPTDataset``: megatron-core's ``GPTDataset`` plus the role channel.
 
 The subclass reuses the parent's sample assembly unchanged (samples span documents, offsets, padding, the
-extra label token). Its low-level dataset, :class:`RoleChannelIndexedDataset`, notes each ``(document, offset,
-length)`` the parent reads while it assembles a sample; the subclass then cuts the same slices out of the role
-channel. So the roles follow exactly the slicing the parent used for the tokens, at the cost of one slice per
-document piece. ``roles`` is returned aligned with ``labels``: ``roles[i]`` is the role of the token predicted
+extra label token). Its low-level dataset, :class:`RoleChannelIndexedDataset`, wraps the parent's token reader:
+while the parent assembles a sample, every token read also cuts the role slice at the same position, and the
+subclass joins those slices. So the roles follow exactly the slicing the parent used for the tokens, at the
+cost of one slice per document piece. ``roles`` is returned aligned with ``labels``: ``roles[i]`` is the role of the token predicted
 at position ``i``; padding gets role PAD.
 """
 
@@ -22,11 +22,34 @@ from megatron_anchor.data.indexed import DatasetFormatError, bin_path, check_rol
 from megatron_anchor.roles import ROLE_DTYPE, Role
 
 
+class _RoleRecordingReader:
+    """Wraps the parent's token reader: while recording, each token read also cuts the role slice at the same
+    position (the role channel has the token file's layout, one byte per token)."""
+
+    __slots__ = ("inner", "roles", "itemsize", "parts")
+
+    def __init__(self, inner, roles: np.ndarray, itemsize: int) -> None:
+        self.inner = inner
+        self.roles = memoryview(roles)  # slicing a memoryview is cheaper than slicing an ndarray
+        self.itemsize = itemsize
+        self.parts: Optional[List[memoryview]] = None
+
+    def read(self, dtype, count, offset):
+        parts = self.parts
+        if parts is not None:
+            start = offset // self.itemsize
+            parts.append(self.roles[start : start + count])
+        return self.inner.read(dtype=dtype, count=count, offset=offset)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
 class RoleChannelIndexedDataset(IndexedDataset):
     """An ``IndexedDataset`` over the tokens that also holds the role channel.
 
-    ``get`` behaves exactly like the parent's; between :meth:`start_recording` and :meth:`stop_recording` it
-    also notes what it read, and :meth:`roles_for` returns the role slices of those reads.
+    ``get`` is the parent's; between :meth:`start_recording` and :meth:`stop_recording` every token read also
+    keeps the role slice at the same position, and :meth:`roles_for` joins them.
     """
 
     def __new__(cls, path_prefix: Optional[str] = None, *args, **kwargs):
@@ -41,24 +64,16 @@ class RoleChannelIndexedDataset(IndexedDataset):
         self._open_roles()
 
     def _open_roles(self) -> None:
-        self._reads: List[Tuple[int, int, int]] = []
-        self._record = None  # the bound append of ``_reads`` while recording (cheapest check in ``get``)
         path = bin_path(roles_prefix(self.path_prefix))
         # A plain ndarray over the map: slicing it is much cheaper than slicing an np.memmap.
         self._roles_map = np.memmap(path, ROLE_DTYPE, "r") if os.path.getsize(path) else None
         self._roles = np.asarray(self._roles_map) if self._roles_map is not None else np.zeros(0, ROLE_DTYPE)
         self._token_itemsize = np.dtype(self.index.dtype).itemsize
+        self.bin_reader = _RoleRecordingReader(self.bin_reader, self._roles, self._token_itemsize)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self._open_roles()
-
-    def get(self, idx: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
-        tokens = _parent_get(self, idx, offset, length)
-        record = self._record
-        if record is not None:
-            record((idx, offset, len(tokens)))
-        return tokens
 
     def get_roles(self, idx: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
         """Roles of sequence ``idx`` (the same slice ``get`` returns tokens for)."""
@@ -68,29 +83,20 @@ class RoleChannelIndexedDataset(IndexedDataset):
         return np.array(self._roles[start : start + length])
 
     def start_recording(self) -> None:
-        self._reads = []
-        self._record = self._reads.append
+        self.bin_reader.parts = []
 
-    def stop_recording(self) -> List[Tuple[int, int, int]]:
-        self._record = None
-        return self._reads
+    def stop_recording(self) -> List[memoryview]:
+        parts, self.bin_reader.parts = self.bin_reader.parts, None
+        return parts
 
-    def roles_for(self, reads: List[Tuple[int, int, int]], total: int) -> np.ndarray:
-        """Roles (uint8) of the recorded reads, concatenated and padded with PAD up to ``total``."""
-        pointers, roles, itemsize = self.index.sequence_pointers, self._roles, self._token_itemsize
-        parts = []
-        got = 0
-        for idx, offset, n in reads:
-            start = int(pointers[idx]) // itemsize + offset
-            parts.append(roles[start : start + n])
-            got += n
-        if got < total:
-            parts.append(np.zeros(total - got, dtype=ROLE_DTYPE))  # Role.PAD == 0
-        # One concatenation of uint8 slices (roles stay uint8: 1/8 of the memory of int64 through collation).
-        return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
-
-
-_parent_get = IndexedDataset.get  # bound once: ``super()`` costs a lookup on every document piece
+    @staticmethod
+    def roles_for(parts: List[memoryview], total: int, skip: int = 0) -> np.ndarray:
+        """The recorded role slices (uint8) joined and padded with PAD up to ``total``, without their first
+        ``skip`` entries. Roles stay uint8 (1/8 of the memory of int64 through collation)."""
+        buf = bytearray().join(parts)  # one copy, and a writable buffer (cheaper than np.concatenate)
+        if len(buf) < total:
+            buf.extend(bytes(total - len(buf)))  # Role.PAD == 0
+        return np.frombuffer(buf, ROLE_DTYPE, offset=skip)
 
 
 class AnchorGPTDataset(GPTDataset):
@@ -116,17 +122,15 @@ class AnchorGPTDataset(GPTDataset):
             out = super()._query_document_sample_shuffle_indices(idx)
         finally:
             reads = self.dataset.stop_recording()
-        self._last_roles = self.dataset.roles_for(reads, len(out[0]))
+        if self.config.add_extra_token_to_sequence:  # roles[i]: the role of label i, i.e. of token i + 1
+            self._last_roles = self.dataset.roles_for(reads, len(out[0]), skip=1)
+        else:  # the labels are the tokens shifted by one, the last one padding
+            self._last_roles = self.dataset.roles_for(reads, len(out[0]) + 1, skip=1)
         return out
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
         sample = super().__getitem__(idx)
         roles = torch.from_numpy(self._last_roles)
-        if self.config.add_extra_token_to_sequence:
-            roles = roles[1:]
-        else:
-            roles = torch.roll(roles, shifts=-1, dims=0)
-            roles[-1] = int(Role.PAD)
         if idx is None:
             roles = torch.zeros_like(roles)
         sample["roles"] = roles
