@@ -90,18 +90,15 @@ def bench_replicas(tmp, requests, concurrency, max_tokens, rounds):
         for url, proc in zip(urls, procs):
             annotator_server.wait_ready(url, 900, proc)
 
-        def config(n):
-            return ClientConfig(urls=urls[:n], concurrency=concurrency * n, max_tokens=max_tokens,
-                                temperature=0.0, parse_retries=0)
+        model = asyncio.run(_resolve(AnnotatorClient(ClientConfig(urls=urls[:1]), load_schema())))
 
-        model = asyncio.run(_resolve(AnnotatorClient(config(1), load_schema())))
-        arms = {n: config(n) for n in (1, 2)}
-        for cfg in arms.values():
-            cfg.model = model
+        def config(replicas):  # the same requests in flight per replica in both arms
+            return ClientConfig(urls=replicas, model=model, concurrency=concurrency * len(replicas),
+                                max_tokens=max_tokens, temperature=0.0, parse_retries=0)
+
         for url in urls:  # warm-up: every chunk through each replica (prefix caches, first-shape costs)
-            warm = config(1)
-            warm.urls, warm.model = [url], model
-            asyncio.run(_client_run(warm, texts))
+            asyncio.run(_client_run(config([url]), texts))
+        arms = {1: config(urls[:1]), 2: config(urls)}
         times = {1: [], 2: []}
         for r in range(rounds):
             for n in ((1, 2) if r % 2 == 0 else (2, 1)):

@@ -107,3 +107,14 @@ def run_torchrun(script_args: Sequence[str], nproc: int, timeout: float = 600,
     full_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.update(env or {})
     return subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def gradients(trainer, batch) -> List[Any]:
+    """One forward-backward of ``batch`` through a trainer from ``megatron_anchor.training.loop.setup``: the
+    main-grad of every parameter of its first model chunk (gradient buffers zeroed first)."""
+    from megatron_anchor.training.loop import _forward_backward
+
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    _forward_backward(trainer, iter([batch]), forward_only=False)
+    return [p.main_grad.clone() for p in trainer.model[0].parameters()]

@@ -58,7 +58,8 @@ def _grad_worker(data_prefix, sp_model, cache):
     from megatron_anchor.roles import Role
     from megatron_anchor.tokenizer import build_tokenizer
     from megatron_anchor.training.arguments import parse_args
-    from megatron_anchor.training.loop import _forward_backward, setup
+    from megatron_anchor.training.loop import setup
+    from tests.distributed import gradients
 
     cfg = parse_args(["--data-path", data_prefix, "--tokenizer-type", "SentencePieceTokenizer",
                       "--tokenizer-model", sp_model, "--split", "100,0,0", "--data-cache-path", cache,
@@ -91,13 +92,7 @@ def _grad_worker(data_prefix, sp_model, cache):
         "response": (0, normal == Role.RESPONSE),
     }
 
-    def grads(b):
-        for chunk in tr.model:
-            chunk.zero_grad_buffer()
-        _forward_backward(tr, iter([b]), forward_only=False)
-        return [p.main_grad.clone() for p in tr.model[0].parameters()]
-
-    g0 = grads(batch)
+    g0 = gradients(tr, batch)
     out = {"format-stable key roles": sorted(set(stable[normal == Role.ANNOTATION_KEY].tolist()))}
     gen = torch.Generator().manual_seed(0)
     for name, (row, where) in groups.items():
@@ -105,7 +100,7 @@ def _grad_worker(data_prefix, sp_model, cache):
         labels = changed["labels"][row]
         noise = (labels + 1 + torch.randint(0, 50, labels.shape, generator=gen)) % tok.vocab_size
         changed["labels"][row] = torch.where(where, noise, labels)
-        g1 = grads(changed)
+        g1 = gradients(tr, changed)
         out[name] = {"positions": int(where.sum()),
                      "identical": all(torch.equal(a, b) for a, b in zip(g0, g1))}
     return out

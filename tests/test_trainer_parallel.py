@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from tests.distributed import run_distributed
+from tests.distributed import gradients, run_distributed
 
 ITERS = 8
 
@@ -57,7 +57,7 @@ def _grad_check(data, tmp):
     import pretrain_anchor as pa
     from megatron_anchor.roles import Role
     from megatron_anchor.training.arguments import parse_args
-    from megatron_anchor.training.loop import _forward_backward, setup
+    from megatron_anchor.training.loop import setup
     from megatron_anchor.training.loss import apply_policy, policy_table
 
     out = {}
@@ -83,21 +83,15 @@ def _grad_check(data, tmp):
             batch["loss_mask"][:, 30:40] = 0
             masked = apply_policy(batch["loss_mask"], batch["roles"], policy_table(policy)) == 0
 
-        def grads(b):
-            for chunk in tr.model:
-                chunk.zero_grad_buffer()
-            _forward_backward(tr, iter([b]), forward_only=False)
-            return [p.main_grad.clone() for p in tr.model[0].parameters()]
-
-        g0 = grads(batch)
+        g0 = gradients(tr, batch)
         changed = {k: v.clone() for k, v in batch.items()}
         noise = torch.randint(0, 500, changed["labels"].shape, generator=gen)
         changed["labels"] = torch.where(masked, noise, changed["labels"])
-        g1 = grads(changed)
+        g1 = gradients(tr, changed)
         control = {k: v.clone() for k, v in batch.items()}
         unmasked = (~masked).nonzero()[0]
         control["labels"][unmasked[0], unmasked[1]] = (control["labels"][unmasked[0], unmasked[1]] + 1) % 500
-        g2 = grads(control)
+        g2 = gradients(tr, control)
         out[policy] = {
             "masked_count": int(masked.sum()),
             "identical": all(torch.equal(a, b) for a, b in zip(g0, g1)),

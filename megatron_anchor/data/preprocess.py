@@ -313,8 +313,8 @@ def _write_json_atomic(path: str, obj) -> None:
 
 @dataclass(frozen=True)
 class LineRange:
-    """A part of an uncompressed input, by position: ``[start, stop)`` holds ``n_lines`` lines, the first of
-    which is line ``first_line`` of the file. Workers read their part's bytes themselves, so the driver only
+    """A part of an uncompressed input, by position: the lines in bytes ``[start, stop)``, the first of which is
+    line ``first_line`` of the file. Workers read their part's bytes themselves, so the driver only
     finds the boundaries and never copies the corpus through the pool's pipes."""
 
     path: str
