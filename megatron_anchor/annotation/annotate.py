@@ -27,17 +27,20 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, TextIO
+from typing import Any, Deque, Dict, List, Optional, TextIO, Tuple
 
-from megatron_anchor.annotation import default_annotator
 from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash
-from megatron_anchor.annotation.llm.client import Annotation, AnnotatorClient, ClientConfig
-from megatron_anchor.annotation.llm.prompt import prompt_id
+from megatron_anchor.annotation.llm.client import Annotation, AnnotatorClient, ClientConfig, WindowResult
+from megatron_anchor.annotation.llm.prompt import plan_windows, prompt_id
 from megatron_anchor.annotation.llm.tagschema import TagSchema, load_schema
+from megatron_anchor.annotation.local import LocalAnnotator, LocalAnnotatorError, open_local_annotator
 from megatron_anchor.annotation.schema import Document, DocumentError, parse_line
 from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 
 PROGRESS_VERSION = 1
+_DOC_COUNTS = ("annotated", "cached", "pretagged", "retried", "requests", "extra_requests", "failed", "tokens",
+               "echoed", "echo_reasked", "echo_dropped")
+"""Per-document counters summed into :class:`Stats` when the document is written."""
 _ERRORS_KEY = "annotation_errors"
 _READ_BLOCK = 256  # input lines parsed (and looked up in the cache) together
 
@@ -55,11 +58,13 @@ class AnnotateConfig:
     output: Path
     """Annotated JSONL; side files are named after it."""
     annotator: str = "default"
-    """``default`` (embedded, no server) or ``vllm`` (OpenAI-compatible servers at ``client.urls``)."""
+    """``default`` (embedded, no server), ``vllm`` (OpenAI-compatible servers at ``client.urls``) or
+    ``distilled:PATH`` (a model written by ``tools/distill_annotator.py``; no server)."""
     client: Optional[ClientConfig] = None
     """Server settings for ``vllm``."""
     schema_path: Optional[Path] = None
-    """Tag schema file (None: the packaged default)."""
+    """Tag schema file (None: the packaged default; for ``distilled:PATH``, the schema the model was trained for,
+    and a given file must be that schema)."""
     cache_path: Optional[Path] = None
     """SQLite cache (None: ``OUTPUT.cache.sqlite``)."""
     use_cache: bool = True
@@ -107,10 +112,18 @@ class Stats:
     """Chunks that already had tags in the input (kept as they are)."""
     retried: int = 0
     """Chunks that needed more than one request."""
+    requests: int = 0
+    """Requests sent to the servers (a document-level request covers several chunks)."""
     extra_requests: int = 0
     failed: int = 0
     tokens: int = 0
     """Completion tokens generated."""
+    echoed: int = 0
+    """Tags in first answers that repeated the prompt's few-shot examples."""
+    echo_reasked: int = 0
+    """Chunks asked again because their answer repeated the examples."""
+    echo_dropped: int = 0
+    """Echoed tags left out of the output."""
     reasons: Dict[str, int] = field(default_factory=dict)
     """Failed chunks (and bad input lines) per reason."""
     seconds: float = 0.0
@@ -154,8 +167,6 @@ class AnnotateJob:
     """One run of the annotate job. ``run()`` returns the final :class:`Stats`."""
 
     def __init__(self, config: AnnotateConfig, log: Optional[TextIO] = None):
-        if config.annotator not in ("default", "vllm"):
-            raise AnnotateError(f"unknown annotator {config.annotator!r} (choose default or vllm)")
         if config.annotator == "vllm" and (config.client is None or not config.client.urls):
             raise AnnotateError("the vllm annotator needs at least one server URL")
         if not config.input.is_file():
@@ -164,7 +175,15 @@ class AnnotateJob:
             raise AnnotateError(f"shard index must be in [0, {config.num_shards}); got {config.shard_index}")
         self.cfg = config
         self.log = log if log is not None else sys.stderr  # resolved late so redirection is honoured
-        self.schema: TagSchema = load_schema(config.schema_path)
+        self.local: Optional[LocalAnnotator] = None
+        """The embedded or distilled annotator (tags chunks in-process); None for servers."""
+        if config.annotator != "vllm":
+            try:
+                self.local = open_local_annotator(config.annotator, config.schema_path)
+            except LocalAnnotatorError as e:
+                raise AnnotateError(str(e)) from None
+        self.schema: TagSchema = (self.local.schema if self.local is not None and self.local.schema is not None
+                                  else load_schema(config.schema_path))
         self.stats = Stats()
         self.client: Optional[AnnotatorClient] = None
         self.cache: Optional[AnnotationCache] = None
@@ -176,6 +195,9 @@ class AnnotateJob:
         self._run_tokens = 0
         self._run_chunks = 0
         self._t0 = time.monotonic()
+        self._windows = config.annotator == "vllm" and config.client is not None and \
+            config.client.request_mode == "document"
+        """Document-level requests (chunks go to the server in windows of their document)."""
 
     # -- checkpoint ----------------------------------------------------------------------------------------
 
@@ -245,8 +267,13 @@ class AnnotateJob:
             d.counts["failed"] += 1
         if not shared:
             d.counts["tokens"] += result.tokens
-            d.counts["extra_requests"] += result.retries
             d.counts["retried"] += result.retries > 0
+            d.counts["echoed"] += result.echoed
+            d.counts["echo_reasked"] += result.echo_reasked
+            d.counts["echo_dropped"] += result.echo_dropped
+            if not self._windows:  # a window's requests are counted once, for the window (_on_window)
+                d.counts["requests"] += result.attempts
+                d.counts["extra_requests"] += result.retries
             self._run_tokens += result.tokens
         d.pending -= 1
         self._run_chunks += 1
@@ -256,12 +283,31 @@ class AnnotateJob:
     async def _request(self, h: bytes, text: str) -> Annotation:
         assert self.client is not None
         try:
-            result = await self.client.annotate(text)
+            result = await self.client.annotate(text, h)
         except Exception as e:  # noqa: BLE001 - a bug must fail the chunk, not hang its document forever
             result = Annotation(None, "internal error", f"{type(e).__name__}: {e}")
         if result.ok and self.cache is not None:
             self.cache.put(h, result.tags or [], result.tokens)
         return result
+
+    async def _request_window(self, d: _Doc, hashes: List[bytes], texts: List[str],
+                              futures: List["asyncio.Future[Annotation]"]) -> None:
+        """One document window: resolve each chunk's future, count the window's requests and tokens once."""
+        assert self.client is not None
+        key = hashlib.sha256(b"".join(hashes)).digest()
+        try:
+            res = await self.client.annotate_window(texts, key)
+        except Exception as e:  # noqa: BLE001 - a bug must fail the chunks, not hang their document forever
+            res = WindowResult([Annotation(None, "internal error", f"{type(e).__name__}: {e}") for _ in texts])
+        d.counts["requests"] += res.requests
+        d.counts["extra_requests"] += max(0, res.requests - 1)
+        d.counts["tokens"] += res.tokens
+        self._run_tokens += res.tokens
+        for h, fut, result in zip(hashes, futures, res.annotations):
+            result = result or Annotation(None, "internal error", "no result for the chunk")
+            if result.ok and self.cache is not None:
+                self.cache.put(h, result.tags or [], 0)
+            fut.set_result(result)
 
     def _on_done(self, d: _Doc, index: int, shared: bool, fut: "asyncio.Future[Annotation]") -> None:
         self._outstanding -= 1
@@ -269,38 +315,64 @@ class AnnotateJob:
         assert self._changed is not None
         self._changed.set()
 
-    def _submit(self, d: _Doc, index: int, h: bytes, text: str) -> None:
-        fut = self._inflight.get(h)
-        shared = fut is not None
-        if fut is None:
-            fut = asyncio.ensure_future(self._request(h, text))
-            self._inflight[h] = fut
-            fut.add_done_callback(lambda _f, h=h: self._inflight.pop(h, None))
+    def _track(self, h: bytes, fut: "asyncio.Future[Annotation]") -> None:
+        self._inflight[h] = fut
+        fut.add_done_callback(lambda _f, h=h: self._inflight.pop(h, None))
+
+    def _wait_for(self, d: _Doc, index: int, fut: "asyncio.Future[Annotation]", shared: bool) -> None:
         self._outstanding += 1
         d.pending += 1
         fut.add_done_callback(lambda f, d=d, i=index, s=shared: self._on_done(d, i, s, f))
 
+    def _submit(self, d: _Doc, index: int, h: bytes, text: str) -> None:
+        """Chunk mode: one request per chunk; identical chunks in flight at once share it."""
+        fut = self._inflight.get(h)
+        shared = fut is not None
+        if fut is None:
+            fut = asyncio.ensure_future(self._request(h, text))
+            self._track(h, fut)
+        self._wait_for(d, index, fut, shared)
+
+    def _submit_document(self, d: _Doc, items: List[Tuple[int, bytes]]) -> None:
+        """Document mode: the document's chunks that need the server, in windows; a chunk identical to one
+        already in flight waits for that one instead."""
+        assert d.doc is not None and self.cfg.client is not None
+        loop = asyncio.get_running_loop()
+        fresh: List[Tuple[int, bytes, "asyncio.Future[Annotation]"]] = []
+        for i, h in items:
+            fut = self._inflight.get(h)
+            if fut is not None:
+                self._wait_for(d, i, fut, True)
+                continue
+            fut = loop.create_future()
+            self._track(h, fut)
+            self._wait_for(d, i, fut, False)
+            fresh.append((i, h, fut))
+        chunks = d.doc.chunks
+        c = self.cfg.client
+        for a, b in plan_windows([len(chunks[i].text) for i, _, _ in fresh], c.window_chunks, c.window_chars):
+            part = fresh[a:b]
+            asyncio.ensure_future(self._request_window(d, [h for _, h, _ in part], [chunks[i].text for i, _, _ in part],
+                                                       [f for _, _, f in part]))
+
     def _start_block(self, block: List[_Doc]) -> None:
         """Annotate what can be done at once (embedded annotator, cache) and submit the rest."""
-        todo = []  # (doc, chunk index, hash)
+        todo = []  # (doc, chunk index)
         for d in block:
             if d.doc is None:
                 continue
             for i, c in enumerate(d.doc.chunks):
                 if c.tags is not None:
                     d.counts["pretagged"] += 1
-                elif self.client is None:
-                    c.tags = default_annotator.annotate_text(c.text)
-                    d.counts["annotated"] += 1
-                    self._run_chunks += 1
                 else:
-                    todo.append((d, i, chunk_hash(c.text)))
-        if not todo:
-            if self._bar is not None and self.client is None:
-                self._bar.update(sum(len(d.doc.chunks) for d in block if d.doc is not None))
+                    todo.append((d, i))
+        if self.local is not None:
+            self._annotate_locally(todo)
             return
-        hits = self.cache.get_many([h for _, _, h in todo]) if self.cache is not None else {}
-        for d, i, h in todo:
+        hashes = [chunk_hash(d.doc.chunks[i].text) for d, i in todo]  # type: ignore[union-attr]
+        hits = self.cache.get_many(hashes) if self.cache is not None else {}
+        by_doc: Dict[int, Tuple[_Doc, List[Tuple[int, bytes]]]] = {}
+        for (d, i), h in zip(todo, hashes):
             tags = hits.get(h)
             if tags is not None:
                 d.doc.chunks[i].tags = tags  # type: ignore[union-attr]
@@ -308,8 +380,23 @@ class AnnotateJob:
                 self._run_chunks += 1
                 if self._bar is not None:
                     self._bar.update(1)
+            elif self._windows:
+                by_doc.setdefault(id(d), (d, []))[1].append((i, h))
             else:
                 self._submit(d, i, h, d.doc.chunks[i].text)  # type: ignore[union-attr]
+        for d, items in by_doc.values():
+            self._submit_document(d, items)
+
+    def _annotate_locally(self, todo: List[Tuple[_Doc, int]]) -> None:
+        """The embedded or distilled annotator: the block's chunks in one batch, no server, no cache."""
+        assert self.local is not None
+        texts = [d.doc.chunks[i].text for d, i in todo]  # type: ignore[union-attr]
+        for (d, i), tags in zip(todo, self.local.annotate_batch(texts)):
+            d.doc.chunks[i].tags = tags  # type: ignore[union-attr]
+            d.counts["annotated"] += 1
+        self._run_chunks += len(todo)
+        if self._bar is not None:
+            self._bar.update(len(todo))
 
     # -- output --------------------------------------------------------------------------------------------
 
@@ -330,7 +417,7 @@ class AnnotateJob:
                 continue
             s.documents += 1
             s.chunks += len(d.doc.chunks)
-            for k in ("annotated", "cached", "pretagged", "retried", "extra_requests", "failed", "tokens"):
+            for k in _DOC_COUNTS:
                 setattr(s, k, getattr(s, k) + d.counts[k])
             if d.errors:
                 s.documents_failed += 1
@@ -346,15 +433,18 @@ class AnnotateJob:
 
     async def _open_client(self) -> None:
         cfg = self.cfg
-        if cfg.annotator == "default":
+        if self.local is not None:
             return
         assert cfg.client is not None
-        self.client = AnnotatorClient(cfg.client, self.schema)
+        try:
+            self.client = AnnotatorClient(cfg.client, self.schema)
+        except ValueError as e:
+            raise AnnotateError(str(e)) from None
         await self.client.start()
         model = await self.client.resolve_model()
         if cfg.use_cache:
             cache_path = cfg.cache_path or Path(str(cfg.output) + ".cache.sqlite")
-            self.cache = AnnotationCache(cache_path, model, prompt_id(self.schema))
+            self.cache = AnnotationCache(cache_path, model, prompt_id(self.schema, cfg.client.request_mode))
 
     def _parse(self, raw: bytes, line_no: int) -> _Doc:
         if not raw.strip():
@@ -490,7 +580,9 @@ def format_summary(stats: Stats, config: AnnotateConfig) -> str:
         f"annotate: {s.documents} documents, {s.chunks} chunks in {s.seconds:.1f}s "
         f"({rate:.1f} chunks/s, {tok_rate:.1f} generated tok/s)",
         f"  annotated: {s.annotated}   cached: {s.cached}   already tagged: {s.pretagged}",
-        f"  retried:   {s.retried} chunks ({s.extra_requests} extra requests)",
+        f"  requests:  {s.requests}   retried: {s.retried} chunks ({s.extra_requests} extra requests)",
+        f"  echoes of the prompt's examples: {s.echoed} tags ({s.echo_reasked} chunks re-asked, "
+        f"{s.echo_dropped} tags dropped)",
         f"  failed:    {s.failed} chunks, {s.documents_failed} documents",
     ]
     for reason, n in sorted(s.reasons.items(), key=lambda kv: -kv[1]):

@@ -10,7 +10,11 @@ a silent empty list. On the way it:
 - spreads requests round-robin over several replica URLs and fails over: a replica that just failed is skipped
   for a cool-down while others are up;
 - asks again (at a higher temperature, since the same greedy answer would come back) when an answer cannot be
-  parsed, and gives up with the parser's reason after ``parse_retries``;
+  parsed, and gives up with the parser's reason after ``parse_retries``; in document mode it asks again only for
+  the chunks that were missing or malformed in the answer;
+- catches tags that copy the prompt's examples and keeps, drops or re-asks them (``echo_policy``);
+- sends the answer's JSON schema (structured outputs) when the server takes it, and stops sending it in ``auto``
+  mode when a server rejects the field;
 - caps the response body it reads, so a runaway answer cannot exhaust memory.
 
 The API key is held in :class:`Secret`, whose ``repr`` and ``str`` hide it, and only ever goes into the
@@ -20,19 +24,29 @@ The API key is held in :class:`Secret`, whose ``repr`` and ``str`` hide it, and 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import aiohttp
 
 from megatron_anchor.annotation.format import Tag
-from megatron_anchor.annotation.llm.parser import parse_output
-from megatron_anchor.annotation.llm.prompt import DEFAULT_MAX_CHUNK_CHARS, build_messages
+from megatron_anchor.annotation.llm.examples import (
+    DEFAULT_ECHO_POLICY, ECHO_POLICIES, EXAMPLE_SETS, find_echoes, pick_example,
+)
+from megatron_anchor.annotation.llm.parser import ParseResult, parse_document_output, parse_output
+from megatron_anchor.annotation.llm.prompt import (
+    DEFAULT_MAX_CHUNK_CHARS, DEFAULT_WINDOW_CHARS, DEFAULT_WINDOW_CHUNKS, REQUEST_MODES, build_document_messages,
+    build_messages,
+)
+from megatron_anchor.annotation.llm.structured import (
+    DEFAULT_STRUCTURED, STRUCTURED_MODES, chunk_schema, document_schema, rejected_structured_output, structured_field,
+)
 from megatron_anchor.annotation.llm.tagschema import TagSchema
 
 API_KEY_ENV = "ANNOTATOR_API_KEY"
@@ -120,6 +134,16 @@ class ClientConfig:
     """Temperature for re-asking after an unparseable answer."""
     max_chunk_chars: int = DEFAULT_MAX_CHUNK_CHARS
     """Chunks are clipped to this many characters in the prompt."""
+    request_mode: str = "document"
+    """``document``: one request per window of a document's chunks; ``chunk``: one request per chunk."""
+    window_chunks: int = DEFAULT_WINDOW_CHUNKS
+    """Most chunks in one document-level request."""
+    window_chars: int = DEFAULT_WINDOW_CHARS
+    """Most characters of chunk text in one document-level request (longer chunks are clipped to it)."""
+    structured: str = DEFAULT_STRUCTURED
+    """Structured outputs (the answer's JSON schema in ``response_format``): ``auto``, ``on`` or ``off``."""
+    echo_policy: str = DEFAULT_ECHO_POLICY
+    """Tags that repeat the prompt's examples: ``reask`` (once, with other examples), ``drop`` or ``keep``."""
     max_response_bytes: int = 1 << 20
     """Response bodies beyond this are refused."""
     api_key: Optional[Secret] = field(default=None, repr=False)
@@ -139,9 +163,16 @@ class Annotation:
     detail: Optional[str] = None
     """More about the failure (the last server message or parser complaint)."""
     attempts: int = 0
-    """Requests sent for this chunk."""
+    """Requests sent for this chunk (in document mode: requests that carried it)."""
     tokens: int = 0
-    """Completion tokens the servers reported generating for it (all attempts)."""
+    """Completion tokens the servers reported generating for it (all attempts; 0 in document mode, where tokens
+    belong to the window: :class:`WindowResult`)."""
+    echoed: int = 0
+    """Tags of the first answer that repeated the prompt's examples."""
+    echo_dropped: int = 0
+    """Echoed tags removed from the final tags."""
+    echo_reasked: bool = False
+    """Whether the chunk was asked again because its answer repeated the examples."""
 
     @property
     def ok(self) -> bool:
@@ -152,6 +183,32 @@ class Annotation:
     def retries(self) -> int:
         """Requests beyond the first."""
         return max(0, self.attempts - 1)
+
+
+@dataclass
+class WindowResult:
+    """The outcome for a document window: one :class:`Annotation` per chunk, and what the window cost."""
+
+    annotations: List[Optional[Annotation]]
+    requests: int = 0
+    tokens: int = 0
+
+
+class _Failed(Exception):
+    """A request that failed for good after its retries."""
+
+    def __init__(self, reason: str, detail: str, attempts: int, too_long: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+        self.attempts = attempts
+        self.too_long = too_long
+
+
+def _context_too_long(status: int, message: str) -> bool:
+    m = message.lower()
+    return status == 400 and any(w in m for w in ("context length", "maximum model length", "max_model_len",
+                                                  "too long", "max_tokens", "max_completion_tokens"))
 
 
 class _Retryable(Exception):
@@ -167,10 +224,11 @@ class _Retryable(Exception):
 class _Final(Exception):
     """A failure that another attempt would not fix (e.g. HTTP 400)."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", status: int = 0):
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
+        self.status = status
 
 
 def _describe_connection_error(e: BaseException) -> str:
@@ -204,6 +262,11 @@ class AnnotatorClient:
     def __init__(self, config: ClientConfig, schema: TagSchema):
         if not config.urls:
             raise ValueError("at least one annotator server URL is needed")
+        for name, value, allowed in (("request mode", config.request_mode, REQUEST_MODES),
+                                     ("structured output", config.structured, STRUCTURED_MODES),
+                                     ("echo policy", config.echo_policy, ECHO_POLICIES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
         self.config = config
         self.schema = schema
         self.urls = [normalize_url(u) for u in config.urls]
@@ -214,6 +277,8 @@ class AnnotatorClient:
         self._model_lock: Optional[asyncio.Lock] = None
         self._session: Optional[aiohttp.ClientSession] = None
         self._rng = random.Random()
+        self.structured_active = config.structured != "off"
+        """Whether requests carry the answer's schema (``auto`` turns it off when a server rejects it)."""
 
     async def __aenter__(self) -> "AnnotatorClient":
         await self.start()
@@ -293,17 +358,40 @@ class AnnotatorClient:
             delay = max(delay, min(retry_after, cfg.backoff_max_s))
         return delay
 
-    def request_body(self, text: str, temperature: Optional[float] = None) -> Dict[str, Any]:
-        """The JSON body sent for one chunk (also used by the benchmark's bare loop)."""
+    @property
+    def answer_format(self) -> str:
+        """``json`` while structured outputs are in use, else ``lines``."""
+        return "json" if self.structured_active else "lines"
+
+    def _body(self, messages: List[Dict[str, str]], max_tokens: int, temperature: Optional[float],
+              answer_schema: Dict[str, Any]) -> Dict[str, Any]:
         cfg = self.config
         body: Dict[str, Any] = {
             "model": self.model,
-            "messages": build_messages(text, self.schema, cfg.max_chunk_chars),
-            "max_tokens": cfg.max_tokens,
+            "messages": messages,
+            "max_tokens": max_tokens,
             "temperature": cfg.temperature if temperature is None else temperature,
         }
+        if self.structured_active:
+            body.update(structured_field(cfg.structured, answer_schema) or {})
         body.update(cfg.extra_body)
         return body
+
+    def request_body(self, text: str, temperature: Optional[float] = None, example: int = 0) -> Dict[str, Any]:
+        """The JSON body sent for one chunk (also used by the benchmark's bare loop)."""
+        cfg = self.config
+        messages = build_messages(text, self.schema, cfg.max_chunk_chars, example, self.answer_format)
+        return self._body(messages, cfg.max_tokens, temperature, chunk_schema(self.schema))
+
+    def document_body(self, texts: Sequence[str], temperature: Optional[float] = None,
+                      example: int = 0) -> Dict[str, Any]:
+        """The JSON body sent for a window of a document's chunks; ``max_tokens`` is the per-chunk cap times the
+        chunks (plus their headers)."""
+        cfg = self.config
+        clip = min(cfg.max_chunk_chars, cfg.window_chars)
+        messages = build_document_messages(texts, self.schema, clip, example, self.answer_format)
+        return self._body(messages, (cfg.max_tokens + 4) * len(texts), temperature,
+                          document_schema(self.schema, len(texts)))
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
         """The body, or its first ``max_response_bytes + 1`` bytes when it is longer (checked by the caller)."""
@@ -330,7 +418,7 @@ class AnnotatorClient:
         if status == 429 or status >= 500:
             raise _Retryable(f"HTTP {status}", raw[:200].decode("utf-8", "replace"), _retry_after(headers))
         if status != 200:
-            raise _Final(f"HTTP {status}", raw[:300].decode("utf-8", "replace"))
+            raise _Final(f"HTTP {status}", raw[:300].decode("utf-8", "replace"), status)
         if len(raw) > self.config.max_response_bytes:
             raise _Final("response too large", f"over {self.config.max_response_bytes} bytes")
         try:
@@ -343,8 +431,8 @@ class AnnotatorClient:
             raise _Retryable("malformed response", f"{type(e).__name__}: {raw[:120]!r}") from None
         return str(content), tokens
 
-    async def annotate(self, text: str) -> Annotation:
-        """Annotate one chunk; always returns an :class:`Annotation` (tags, or the reason there are none)."""
+    async def _ensure_model(self) -> Optional[Annotation]:
+        """Resolve the served model once; an :class:`Annotation` with the failure when no server answers."""
         if self._session is None:
             await self.start()
         if self.model is None:
@@ -354,11 +442,19 @@ class AnnotatorClient:
                     await self.resolve_model()
                 except ConnectionError as e:
                     return Annotation(None, "no server", str(e))
+        return None
+
+    async def _send(self, make_body: Callable[[], Dict[str, Any]]) -> Tuple[str, int, int]:
+        """One answer: (content, completion tokens, requests sent), retrying transport failures with backoff.
+
+        ``make_body`` is called again after ``auto`` structured outputs were turned off, so the retry goes without
+        the field. Raises :class:`_Failed` when the retries are spent or the failure is final.
+        """
         assert self._sem is not None
         cfg = self.config
         start = time.monotonic()
-        attempts = tokens = transport_failures = parse_failures = 0
-        body = self.request_body(text)
+        attempts = failures = 0
+        body = make_body()
         while True:
             attempts += 1
             i = -1
@@ -368,22 +464,142 @@ class AnnotatorClient:
                     content, used = await self._post(self.urls[i], body)
             except _Retryable as e:
                 self._mark_down(i)
-                transport_failures += 1
-                if transport_failures >= cfg.max_attempts or time.monotonic() - start > cfg.retry_budget_s:
-                    return Annotation(None, e.reason, f"gave up after {attempts} attempts: {e.detail}", attempts, tokens)
-                await asyncio.sleep(self._backoff(transport_failures, e.retry_after))
+                failures += 1
+                if failures >= cfg.max_attempts or time.monotonic() - start > cfg.retry_budget_s:
+                    raise _Failed(e.reason, f"gave up after {attempts} attempts: {e.detail}", attempts) from None
+                await asyncio.sleep(self._backoff(failures, e.retry_after))
                 continue
             except _Final as e:
-                return Annotation(None, e.reason, e.detail, attempts, tokens)
+                if (cfg.structured == "auto" and self.structured_active and "response_format" in body
+                        and rejected_structured_output(e.status, e.detail)):
+                    self.structured_active = False  # this server does not do structured outputs: free text
+                    body = make_body()
+                    continue
+                raise _Failed(e.reason, e.detail, attempts, _context_too_long(e.status, e.detail)) from None
             self._down_until[i] = 0.0
-            tokens += used
+            return content, used, attempts
+
+    def _screen(self, tags: List[Tag], text: str, example: int, last: bool) -> Tuple[List[Tag], int, bool]:
+        """Apply the echo policy: (tags to keep, echoes found, ask again?)."""
+        hits = find_echoes(tags, EXAMPLE_SETS[example], text)
+        policy = self.config.echo_policy
+        if not hits or policy == "keep":
+            return tags, len(hits), False
+        if policy == "reask" and not last:
+            return tags, len(hits), True
+        drop = set(hits)
+        return [t for j, t in enumerate(tags) if j not in drop], len(hits), False
+
+    async def annotate(self, text: str, key: Optional[bytes] = None) -> Annotation:
+        """Annotate one chunk; always returns an :class:`Annotation` (tags, or the reason there are none).
+
+        ``key``: the chunk's content hash (picks the example set; computed when not given).
+        """
+        failed = await self._ensure_model()
+        if failed is not None:
+            return failed
+        cfg = self.config
+        key = key if key is not None else hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        out = Annotation(None)
+        temperature: Optional[float] = None
+        rounds = parse_failures = 0
+        while True:
+            example = pick_example(key, rounds)
+            try:
+                content, used, n = await self._send(lambda: self.request_body(text, temperature, example))
+            except _Failed as e:
+                out.error, out.detail, out.attempts = e.reason, e.detail, out.attempts + e.attempts
+                return out
+            out.attempts += n
+            out.tokens += used
+            rounds += 1
+            temperature = cfg.retry_temperature  # the same greedy answer would come back
             parsed = parse_output(content, self.schema)
+            problem = parsed.problem
             if parsed.ok:
-                return Annotation(parsed.tags, None, None, attempts, tokens)
+                tags, echoes, again = self._screen(parsed.tags, text, example, last=out.echo_reasked)
+                if rounds == 1:
+                    out.echoed = echoes
+                if again:
+                    out.echo_reasked = True
+                    continue
+                out.echo_dropped += len(parsed.tags) - len(tags)
+                if tags:
+                    out.tags = tags
+                    return out
+                problem = "only echoes of the prompt's examples"
             parse_failures += 1
             if parse_failures > cfg.parse_retries:
-                return Annotation(None, "unparseable output", parsed.problem, attempts, tokens)
-            body = self.request_body(text, cfg.retry_temperature)
+                out.error, out.detail = "unparseable output", problem
+                return out
+
+    async def annotate_window(self, texts: Sequence[str], key: bytes) -> WindowResult:
+        """Annotate a window of one document's chunks with document-level requests.
+
+        Chunks missing or malformed in an answer are asked again (up to ``parse_retries`` times each, in one
+        request for all of them); a window the server finds too long for its context is split in halves. Every
+        chunk gets an :class:`Annotation`. ``key`` (the window's content hash) picks the example set.
+        """
+        res = WindowResult([None] * len(texts))
+        failed = await self._ensure_model()
+        if failed is not None:
+            res.annotations = [Annotation(None, failed.error, failed.detail) for _ in texts]
+            return res
+        await self._window(texts, list(range(len(texts))), key, res)
+        return res
+
+    async def _window(self, texts: Sequence[str], todo: List[int], key: bytes, res: WindowResult) -> None:
+        cfg = self.config
+        for i in todo:
+            res.annotations[i] = Annotation(None)
+        failures: Dict[int, int] = {i: 0 for i in todo}
+        rounds = 0
+        while todo:
+            example = pick_example(key, rounds)
+            temperature = None if rounds == 0 else cfg.retry_temperature
+            sub = [texts[i] for i in todo]
+            try:
+                content, used, n = await self._send(lambda: self.document_body(sub, temperature, example))
+            except _Failed as e:
+                res.requests += e.attempts
+                if e.too_long and len(todo) > 1:  # the server's context cannot hold this window: halve it
+                    half = len(todo) // 2
+                    await asyncio.gather(self._window(texts, todo[:half], key, res),
+                                         self._window(texts, todo[half:], key, res))
+                    return
+                for i in todo:
+                    a = res.annotations[i]
+                    a.error, a.detail, a.attempts = e.reason, e.detail, a.attempts + e.attempts
+                return
+            res.requests += n
+            res.tokens += used
+            rounds += 1
+            parsed: Dict[int, ParseResult] = parse_document_output(content, self.schema, len(todo))
+            again: List[int] = []
+            for j, i in enumerate(todo, 1):
+                a = res.annotations[i]
+                a.attempts += n
+                p = parsed[j]
+                problem = p.problem
+                if p.ok:
+                    tags, echoes, reask = self._screen(p.tags, texts[i], example, last=a.echo_reasked)
+                    if rounds == 1:
+                        a.echoed = echoes
+                    if reask:
+                        a.echo_reasked = True
+                        again.append(i)
+                        continue
+                    a.echo_dropped += len(p.tags) - len(tags)
+                    if tags:
+                        a.tags = tags
+                        continue
+                    problem = "only echoes of the prompt's examples"
+                failures[i] += 1
+                if failures[i] > cfg.parse_retries:
+                    a.error, a.detail = "unparseable output", problem
+                else:
+                    again.append(i)
+            todo = again
 
     async def annotate_many(self, texts: Sequence[str]) -> List[Annotation]:
         """Annotate several chunks concurrently (bounded by ``concurrency``); results in input order."""
