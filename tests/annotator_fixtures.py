@@ -13,6 +13,7 @@ import atexit
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import logging
 
@@ -89,6 +90,22 @@ def _chunk_of(messages: List[dict]) -> str:
     return text
 
 
+_NUMBER_RE = re.compile(r"^\[(\d+)\]\n", re.MULTILINE)
+
+
+def _chunks_of(messages: List[dict]) -> Optional[List[str]]:
+    """The numbered chunks of a document-level prompt (None for a single-chunk prompt)."""
+    body = _chunk_of(messages)
+    if not body.startswith("[1]\n"):
+        return None
+    parts = _NUMBER_RE.split(body)[1:]  # [number, text, number, text, ...]
+    return [parts[i + 1].rstrip("\n") if i + 2 < len(parts) else parts[i + 1] for i in range(0, len(parts), 2)]
+
+
+def _as_json(lines: str) -> Dict[str, str]:
+    return dict(line.split(": ", 1) for line in lines.splitlines() if ": " in line)
+
+
 @dataclass
 class FakeReply:
     """What the fake server does for one request."""
@@ -105,15 +122,21 @@ class FakeReply:
 class FakeOpenAIServer(_LoopThread):
     """A minimal OpenAI-compatible server: ``/health``, ``/v1/models``, ``/v1/chat/completions``.
 
-    ``behaviour(n, chunk_text) -> FakeReply`` decides each answer (``n`` counts requests from 0); by default every
-    request gets deterministic tags. ``requests`` records the chunk text of every completion request.
+    ``behaviour(n, chunk_text) -> FakeReply`` decides each answer (``n`` counts chunks asked for, from 0); by
+    default every chunk gets deterministic tags. A document-level request asks for each of its numbered chunks:
+    the answer numbers each chunk's reply, and the first chunk whose reply is not a 200 decides the status of
+    the whole request. ``requests`` records every chunk asked for, ``bodies`` every completion request's JSON.
+    With ``structured=True`` a request carrying ``response_format`` gets a JSON answer; with False it is refused
+    with HTTP 400, as servers without structured outputs do.
     """
 
     def __init__(self, behaviour: Optional[Callable[[int, str], FakeReply]] = None, model: str = "fake-model",
-                 delay_s: float = 0.0, port: int = 0):
+                 delay_s: float = 0.0, port: int = 0, structured: bool = True):
         self.behaviour = behaviour or (lambda n, text: FakeReply(delay_s=delay_s))
         self.model = model
+        self.structured = structured
         self.requests: List[str] = []
+        self.bodies: List[dict] = []
         self.auth_headers: List[Optional[str]] = []
         self._lock = threading.Lock()
         super().__init__(self._app, port)
@@ -133,23 +156,39 @@ class FakeOpenAIServer(_LoopThread):
 
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
-        text = _chunk_of(body.get("messages", []))
+        messages = body.get("messages", [])
+        wants_json = "response_format" in body
+        if wants_json and not self.structured:
+            return web.json_response({"error": {"message": "response_format is not supported"}}, status=400)
+        chunks = _chunks_of(messages)
+        texts = chunks if chunks is not None else [_chunk_of(messages)]
         with self._lock:
             n = len(self.requests)
-            self.requests.append(text)
+            self.requests.extend(texts)
+            self.bodies.append(body)
             self.auth_headers.append(request.headers.get("Authorization"))
-        reply = self.behaviour(n, text)
-        if reply.delay_s:
-            await asyncio.sleep(reply.delay_s)
+        replies = [self.behaviour(n + i, t) for i, t in enumerate(texts)]
+        delay = max(r.delay_s for r in replies)
+        if delay:
+            await asyncio.sleep(delay)
+        reply = next((r for r in replies if r.raw_body is not None or r.status != 200), replies[0])
         if reply.raw_body is not None:
             return web.Response(status=reply.status, body=reply.raw_body, content_type="application/json")
         if reply.status != 200:
             return web.json_response({"error": {"message": f"injected {reply.status}"}}, status=reply.status)
-        content = fake_tags_for(text) if reply.content is None else reply.content
+        answers = [fake_tags_for(t) if r.content is None else r.content for t, r in zip(texts, replies)]
+        if wants_json:
+            objs = [_as_json(a) or a for a in answers]
+            content = json.dumps({str(i): o for i, o in enumerate(objs, 1)} if chunks is not None else objs[0])
+        elif chunks is not None:
+            content = "\n".join(f"[{i}]\n{a}" for i, a in enumerate(answers, 1))
+        else:
+            content = answers[0]
         return web.json_response({
             "id": f"cmpl-{n}", "object": "chat.completion", "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": reply.tokens, "total_tokens": 100 + reply.tokens},
+            "usage": {"prompt_tokens": 100, "completion_tokens": sum(r.tokens for r in replies),
+                      "total_tokens": 100 + sum(r.tokens for r in replies)},
         })
 
 

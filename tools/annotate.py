@@ -6,9 +6,12 @@ Examples:
     # embedded annotator, no server
     python tools/annotate.py --input raw.jsonl --output annotated.jsonl
 
-    # vLLM replicas (OpenAI-compatible API), round-robin with failover
+    # vLLM replicas (OpenAI-compatible API), round-robin with failover; one request per document window
     python tools/annotate.py --annotator vllm --url http://node1:8000 --url http://node2:8000 \\
         --input raw.jsonl --output annotated.jsonl --concurrency 64
+
+    # a distilled annotator (tools/distill_annotator.py) trained on an LLM-annotated sample: no server
+    python tools/annotate.py --annotator distilled:tagger.npz --input raw.jsonl --output annotated.jsonl
 
 Rerunning the same command after a kill resumes where the last checkpoint left off; nothing is lost or written
 twice, and chunks already annotated come from the cache. Documents whose chunks could not be annotated go to
@@ -29,6 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_anchor.annotation.annotate import AnnotateConfig, AnnotateError, annotate_file, format_summary  # noqa: E402
 from megatron_anchor.annotation.llm.client import API_KEY_ENV, ClientConfig, load_api_key  # noqa: E402
+from megatron_anchor.annotation.llm.examples import ECHO_POLICIES  # noqa: E402
+from megatron_anchor.annotation.llm.prompt import REQUEST_MODES  # noqa: E402
+from megatron_anchor.annotation.llm.structured import STRUCTURED_MODES  # noqa: E402
+from megatron_anchor.annotation.local import DISTILLED_PREFIX  # noqa: E402
 from megatron_anchor.annotation.llm.tagschema import SchemaError  # noqa: E402
 from megatron_anchor.sharding import shard_path  # noqa: E402
 
@@ -62,11 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--strict", action="store_true", help="exit with status 2 when any chunk failed")
 
     ann = p.add_argument_group("annotator")
-    ann.add_argument("--annotator", choices=["default", "vllm"], default="default",
+    ann.add_argument("--annotator", type=_annotator, default="default", metavar="{default,vllm,distilled:PATH}",
                      help="default: the embedded annotator (no server, deterministic); vllm: OpenAI-compatible "
-                          "servers given by --url (default: default)")
+                          "servers given by --url; distilled:PATH: a model written by tools/distill_annotator.py "
+                          "(no server; fast on CPU) (default: default)")
     ann.add_argument("--schema", type=Path, default=None,
-                     help="tag schema YAML (keys, descriptions, aliases, limits); default: the packaged schema")
+                     help="tag schema YAML (keys, descriptions, aliases, limits); default: the packaged schema, or "
+                          "for distilled:PATH the model's own (a given file must be the model's schema)")
     ann.add_argument("--cache", type=Path, default=None,
                      help="SQLite annotation cache keyed by model, prompt version and chunk hash; share one "
                           "file between runs to never pay twice (default: OUTPUT.cache.sqlite)")
@@ -106,7 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"sampling temperature of the first attempt (default: {d.temperature:g})")
     srv.add_argument("--max-chunk-chars", type=int, default=d.max_chunk_chars,
                      help=f"chunks are clipped to this many characters in the prompt (default: {d.max_chunk_chars})")
+    srv.add_argument("--request-mode", choices=REQUEST_MODES, default=d.request_mode,
+                     help="document: one request per window of a document's numbered chunks (the instructions "
+                          "are paid once per window and tags see the document); chunk: one request per chunk "
+                          f"(default: {d.request_mode})")
+    srv.add_argument("--window-chunks", type=int, default=d.window_chunks,
+                     help=f"document mode: most chunks per request (default: {d.window_chunks})")
+    srv.add_argument("--window-chars", type=int, default=d.window_chars,
+                     help="document mode: most characters of chunk text per request; longer chunks go alone, "
+                          f"clipped to it (default: {d.window_chars})")
+    srv.add_argument("--structured-output", choices=STRUCTURED_MODES, default=d.structured,
+                     help="send the answer's JSON schema (response_format) so the server can only write parseable "
+                          "answers: on, off (free text, tolerant parser), or auto (on until a server rejects the "
+                          f"field) (default: {d.structured})")
+    srv.add_argument("--echo-policy", choices=ECHO_POLICIES, default=d.echo_policy,
+                     help="tags that repeat the prompt's few-shot examples verbatim: reask (once, with other "
+                          "examples; what still echoes is dropped), drop, or keep; counted in the summary either "
+                          f"way (default: {d.echo_policy})")
     return p
+
+
+def _annotator(value: str) -> str:
+    if value in ("default", "vllm") or (value.startswith(DISTILLED_PREFIX) and len(value) > len(DISTILLED_PREFIX)):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: choose default, vllm or distilled:PATH")
 
 
 def _urls(raw: List[str]) -> List[str]:
@@ -141,6 +173,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             max_chunk_chars=args.max_chunk_chars,
+            request_mode=args.request_mode,
+            window_chunks=args.window_chunks,
+            window_chars=args.window_chars,
+            structured=args.structured_output,
+            echo_policy=args.echo_policy,
             api_key=api_key,
         )
     output = args.output

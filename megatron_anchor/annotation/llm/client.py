@@ -197,18 +197,14 @@ class WindowResult:
 class _Failed(Exception):
     """A request that failed for good after its retries."""
 
-    def __init__(self, reason: str, detail: str, attempts: int, too_long: bool = False):
+    def __init__(self, reason: str, detail: str, attempts: int, final: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
         self.attempts = attempts
-        self.too_long = too_long
-
-
-def _context_too_long(status: int, message: str) -> bool:
-    m = message.lower()
-    return status == 400 and any(w in m for w in ("context length", "maximum model length", "max_model_len",
-                                                  "too long", "max_tokens", "max_completion_tokens"))
+        self.final = final
+        """The server refused this request (e.g. HTTP 400: a prompt too long for its context, content it will
+        not process); a smaller request may pass, unlike a server that stayed down through every retry."""
 
 
 class _Retryable(Exception):
@@ -475,7 +471,7 @@ class AnnotatorClient:
                     self.structured_active = False  # this server does not do structured outputs: free text
                     body = make_body()
                     continue
-                raise _Failed(e.reason, e.detail, attempts, _context_too_long(e.status, e.detail)) from None
+                raise _Failed(e.reason, e.detail, attempts, final=True) from None
             self._down_until[i] = 0.0
             return content, used, attempts
 
@@ -537,7 +533,8 @@ class AnnotatorClient:
         """Annotate a window of one document's chunks with document-level requests.
 
         Chunks missing or malformed in an answer are asked again (up to ``parse_retries`` times each, in one
-        request for all of them); a window the server finds too long for its context is split in halves. Every
+        request for all of them). A window the server refuses (HTTP 4xx: too long for its context, or one chunk it
+        will not process) is split in halves until the refused chunk is alone, so only that chunk fails. Every
         chunk gets an :class:`Annotation`. ``key`` (the window's content hash) picks the example set.
         """
         res = WindowResult([None] * len(texts))
@@ -562,7 +559,7 @@ class AnnotatorClient:
                 content, used, n = await self._send(lambda: self.document_body(sub, temperature, example))
             except _Failed as e:
                 res.requests += e.attempts
-                if e.too_long and len(todo) > 1:  # the server's context cannot hold this window: halve it
+                if e.final and len(todo) > 1:  # refused as a whole: halve it to isolate the cause
                     half = len(todo) // 2
                     await asyncio.gather(self._window(texts, todo[:half], key, res),
                                          self._window(texts, todo[half:], key, res))
