@@ -329,7 +329,7 @@ def _spec_for_tests():
     found = annotator_server.setup_cpu()  # installs into the project cache on first use (a few minutes)
     return annotator_server.cpu_spec(
         port=free_port(), host=LOOPBACK, python=found["VLLM_PYTHON"], model_dir=found["ANNOTATOR_MODEL_DIR"],
-        max_model_len=2048, max_num_seqs=16, kv_cache_gib=1,
+        max_model_len=4096, max_num_seqs=16, kv_cache_gib=1,
     )
 
 

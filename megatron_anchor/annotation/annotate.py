@@ -39,7 +39,7 @@ from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 
 PROGRESS_VERSION = 1
 _DOC_COUNTS = ("annotated", "cached", "pretagged", "retried", "requests", "extra_requests", "failed", "tokens",
-               "echoed", "echo_reasked", "echo_dropped")
+               "malformed", "echoed", "echo_reasked", "echo_dropped")
 """Per-document counters summed into :class:`Stats` when the document is written."""
 _ERRORS_KEY = "annotation_errors"
 _READ_BLOCK = 256  # input lines parsed (and looked up in the cache) together
@@ -118,6 +118,8 @@ class Stats:
     failed: int = 0
     tokens: int = 0
     """Completion tokens generated."""
+    malformed: int = 0
+    """Answers that gave a chunk no usable tags (parse failures; each re-asked or failed)."""
     echoed: int = 0
     """Tags in first answers that repeated the prompt's few-shot examples."""
     echo_reasked: int = 0
@@ -268,6 +270,7 @@ class AnnotateJob:
         if not shared:
             d.counts["tokens"] += result.tokens
             d.counts["retried"] += result.retries > 0
+            d.counts["malformed"] += result.malformed
             d.counts["echoed"] += result.echoed
             d.counts["echo_reasked"] += result.echo_reasked
             d.counts["echo_dropped"] += result.echo_dropped
@@ -580,7 +583,8 @@ def format_summary(stats: Stats, config: AnnotateConfig) -> str:
         f"annotate: {s.documents} documents, {s.chunks} chunks in {s.seconds:.1f}s "
         f"({rate:.1f} chunks/s, {tok_rate:.1f} generated tok/s)",
         f"  annotated: {s.annotated}   cached: {s.cached}   already tagged: {s.pretagged}",
-        f"  requests:  {s.requests}   retried: {s.retried} chunks ({s.extra_requests} extra requests)",
+        f"  requests:  {s.requests}   retried: {s.retried} chunks ({s.extra_requests} extra requests)   "
+        f"malformed answers: {s.malformed}",
         f"  echoes of the prompt's examples: {s.echoed} tags ({s.echo_reasked} chunks re-asked, "
         f"{s.echo_dropped} tags dropped)",
         f"  failed:    {s.failed} chunks, {s.documents_failed} documents",

@@ -167,6 +167,8 @@ class Annotation:
     tokens: int = 0
     """Completion tokens the servers reported generating for it (all attempts; 0 in document mode, where tokens
     belong to the window: :class:`WindowResult`)."""
+    malformed: int = 0
+    """Answers that gave this chunk no usable tags (each one was followed by a re-ask, or the failure)."""
     echoed: int = 0
     """Tags of the first answer that repeated the prompt's examples."""
     echo_dropped: int = 0
@@ -525,6 +527,7 @@ class AnnotatorClient:
                     return out
                 problem = "only echoes of the prompt's examples"
             parse_failures += 1
+            out.malformed += 1
             if parse_failures > cfg.parse_retries:
                 out.error, out.detail = "unparseable output", problem
                 return out
@@ -592,6 +595,7 @@ class AnnotatorClient:
                         continue
                     problem = "only echoes of the prompt's examples"
                 failures[i] += 1
+                a.malformed += 1
                 if failures[i] > cfg.parse_retries:
                     a.error, a.detail = "unparseable output", problem
                 else:
