@@ -24,6 +24,7 @@ _CANDIDATE_RE = re.compile(
     r"\b[A-Z][\w'\u2019-]*(?:\s+(?:(?:of|the|de|la|le|van|von|du|da|del|and)\s+)?[A-Z][\w'\u2019-]*){0,3}"
     r"|\b\w*_\w+\b(?:\(\))?"
 )
+_WORD_RE = re.compile(r"\b[A-Z][\w'\u2019-]*")  # each capitalised word of a run is a candidate too
 _SENTENCE_START_RE = re.compile(r"(?:^|[.!?:;]\s+|\n\s*)$")
 N_FEATURES = 10
 
@@ -46,7 +47,11 @@ class Candidate:
 def candidates(text: str) -> List[Candidate]:
     """Distinct candidate spans of ``text`` (compared lower-cased), in order of first occurrence."""
     found: Dict[str, Candidate] = {}
-    for m in _CANDIDATE_RE.finditer(text):
+    matches = list(_CANDIDATE_RE.finditer(text))
+    spans = {m.span() for m in matches}
+    matches += [m for m in _WORD_RE.finditer(text) if m.span() not in spans]
+    matches.sort(key=lambda m: m.start())
+    for m in matches:
         span = m.group().strip()
         key = span.lower()
         start = _SENTENCE_START_RE.search(text, max(0, m.start() - 3), m.start()) is not None or m.start() == 0
@@ -135,7 +140,9 @@ def _training_rows(texts: Sequence[str], values: Sequence[Optional[str]],
 
 def fit_extractor(texts: Sequence[str], values: Sequence[Optional[str]], val_texts: Sequence[str],
                   val_values: Sequence[Optional[str]], max_prior: int = 50_000, seed: int = 0) -> Extractor:
-    """Fit the head on the training chunks; pick the threshold that maximises item F1 on the validation chunks.
+    """Fit the head on the training chunks, then pick its threshold on the validation chunks: the best item F1
+    among thresholds that keep the tag entropy within 5% of the teacher's (broad tags first), else the threshold
+    with the highest entropy.
 
     Time and memory grow with the candidates in the sample (a few per chunk); the prior keeps the
     ``max_prior`` most frequent strings.
@@ -159,12 +166,18 @@ def fit_extractor(texts: Sequence[str], values: Sequence[Optional[str]], val_tex
     if len(set(y.tolist())) < 2:  # nothing (or everything) to learn: a head that never writes a value
         return Extractor(np.zeros(N_FEATURES), -10.0, 0.5, max_items, prior)
     lr = LogisticRegression(C=1.0, max_iter=500, random_state=seed).fit(x, y)
+    from megatron_anchor.annotation.distilled.evaluate import key_entropy  # (evaluate imports this module)
+
     ex = Extractor(lr.coef_[0].astype(np.float64), float(lr.intercept_[0]), 0.5, max_items, prior)
-    best = (-1.0, 0.5)
-    for t in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+    target = key_entropy(val_values)
+    best = (False, -1.0, 0.0, 0.5)  # (entropy kept, F1 or entropy, -threshold)
+    for t in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
         ex.threshold = t
-        best = max(best, (item_f1([ex.predict(tx) for tx in val_texts], val_values), -t))
-    ex.threshold = -best[1]
+        predicted = [ex.predict(tx) for tx in val_texts]
+        h = key_entropy(predicted)
+        kept = h >= 0.95 * target
+        best = max(best, (kept, item_f1(predicted, val_values) if kept else h, 0.0, -t))
+    ex.threshold = -best[3]
     return ex
 
 

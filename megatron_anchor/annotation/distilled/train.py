@@ -107,7 +107,7 @@ class DistillConfig:
     batch_size: int = 128
     lr: float = 0.02
     """Adam learning rate of the heads."""
-    embedding_lr: float = 1.0
+    embedding_lr: float = 3.0
     """SGD learning rate of the embedding, decayed linearly to 0 (as fastText trains; sparse Adam is ~5x slower
     per step)."""
     max_classes: int = 4096
