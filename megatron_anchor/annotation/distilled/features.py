@@ -51,7 +51,10 @@ class Featurizer:
     """Texts -> a ``scipy.sparse.csr_matrix`` of shape ``[len(texts), config.n_features]`` (float32)."""
 
     def __init__(self, config: FeatureConfig):
-        from sklearn.feature_extraction.text import HashingVectorizer
+        try:
+            from sklearn.feature_extraction.text import HashingVectorizer
+        except ImportError as e:
+            raise ImportError("the distilled annotator needs scikit-learn: pip install 'megatron-anchor[distill]'") from e
 
         self.config = config
         self._hv = HashingVectorizer(
