@@ -115,9 +115,11 @@ def test_document_mode_sends_one_request_per_window_and_reasks_only_bad_chunks(t
         srv.stop()
     assert stats.failed == 0 and stats.chunks == 18 and stats.malformed == 1
     # One request per document, plus one re-ask carrying only the malformed chunk.
-    assert stats.requests == 7 and [d for d in docs if "Doc 1" in d][1] == "<<<TEXT\n[1]\nDoc 1 part 2: the harbour at dawn.\nTEXT>>>"
+    reask = "<<<TEXT\n[1]\nDoc 1 part 2: the harbour at dawn.\nTEXT>>>"
+    assert stats.requests == 7 and [d for d in docs if "Doc 1" in d][1] == reask
     assert windows.requests == 6  # 2 documents of 5 chunks in windows of 2, 2 and 1
-    assert out[1]["chunks"][2]["tags"][0] == ["topic", fake_tags_for("Doc 1 part 2: the harbour at dawn.")[7:].split("\n")[0]]
+    topic = fake_tags_for("Doc 1 part 2: the harbour at dawn.").split("\n")[0][len("topic: "):]
+    assert out[1]["chunks"][2]["tags"][0] == ["topic", topic]
     assert all(b["response_format"]["type"] == "json_schema" for b in srv.bodies)  # auto: the server took it
 
 

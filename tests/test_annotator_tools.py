@@ -24,6 +24,7 @@ def test_gpu_command_has_the_papers_model_and_sensible_flags(capsys):
     assert flags["--gpu-memory-utilization"] == "0.85"
     assert flags["--served-model-name"] == "Qwen3-30B-A3B-Instruct-2507"
     assert "--enable-expert-parallel" in cmd and cmd[-2:] == ["--seed", "1"]
+    assert "--enable-prefix-caching" in cmd  # every request shares the instruction prefix
     assert "VLLM_NO_USAGE_STATS=1" in out
 
 
@@ -33,6 +34,7 @@ def test_cpu_command_never_installs_on_dry_run(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "vllm.entrypoints.openai.api_server" in out and "--dtype float32" in out
     assert "--host 127.0.0.1 --port 8123" in out  # loopback by default on CPU
+    assert "--enable-prefix-caching" in out and "--max-model-len 4096" in out  # a document window fits
     for env in ("HF_HUB_OFFLINE=1", "VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1", "VLLM_CPU_KVCACHE_SPACE=1",
                 f"VLLM_CACHE_ROOT={tmp_path / 'empty-cache' / 'vllm-cache'}"):
         assert env in out

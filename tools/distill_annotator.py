@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"2**BITS hashed n-gram features; the embedding table is 2**BITS x dim floats "
                         f"(default: {f.hash_bits}, 64 MiB at dim 64)")
     m.add_argument("--epochs", type=int, default=d.epochs, help=f"most passes over the sample (default: {d.epochs})")
+    m.add_argument("--min-steps", type=int, default=d.min_steps,
+                   help=f"optimizer steps before early stopping may end training (default: {d.min_steps})")
     m.add_argument("--batch-size", type=int, default=d.batch_size, help=f"chunks per step (default: {d.batch_size})")
     m.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate of the heads (default: {d.lr:g})")
     m.add_argument("--embedding-lr", type=float, default=d.embedding_lr,
@@ -103,8 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SchemaError as e:
         print(f"distill_annotator: {e}", file=sys.stderr)
         return 1
-    cfg = DistillConfig(dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        embedding_lr=args.embedding_lr, max_classes=args.max_classes,
+    cfg = DistillConfig(dim=args.dim, epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size,
+                        lr=args.lr, embedding_lr=args.embedding_lr, max_classes=args.max_classes,
                         test_fraction=args.test_fraction, validation_fraction=args.validation_fraction,
                         extractive_share=args.extractive_share, decode=args.decode, seed=args.seed,
                         features=FeatureConfig(hash_bits=args.hash_bits))

@@ -54,7 +54,8 @@ class Featurizer:
         try:
             from sklearn.feature_extraction.text import HashingVectorizer
         except ImportError as e:
-            raise ImportError("the distilled annotator needs scikit-learn: pip install 'megatron-anchor[distill]'") from e
+            raise ImportError("the distilled annotator needs scikit-learn: "
+                              "pip install 'megatron-anchor[distill]'") from e
 
         self.config = config
         self._hv = HashingVectorizer(

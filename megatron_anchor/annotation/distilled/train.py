@@ -104,6 +104,8 @@ class DistillConfig:
     """Most passes over the training chunks (early stopping usually ends sooner)."""
     patience: int = 3
     """Stop after this many epochs without a validation loss 1% below the best."""
+    min_steps: int = 400
+    """Optimizer steps before early stopping may end training (small samples get more epochs to reach them)."""
     batch_size: int = 128
     lr: float = 0.02
     """Adam learning rate of the heads."""
@@ -159,7 +161,8 @@ def _torch_batch(x, rows):  # noqa: ANN001 (scipy CSR, index array)
 
 
 def _fit_softmax(x_train, y_train: List[np.ndarray], x_val, y_val: List[np.ndarray], n_classes: List[int],
-                 cfg: DistillConfig, log: Callable[[str], None]) -> Tuple[np.ndarray, List[Tuple[np.ndarray, np.ndarray]]]:
+                 cfg: DistillConfig,
+                 log: Callable[[str], None]) -> Tuple[np.ndarray, List[Tuple[np.ndarray, np.ndarray]]]:
     """Joint training of the embedding and the heads; returns E [n_features, dim] and per head (W [dim, C], b [C])."""
     import torch
     from torch import nn
@@ -172,7 +175,9 @@ def _fit_softmax(x_train, y_train: List[np.ndarray], x_val, y_val: List[np.ndarr
         nn.init.zeros_(h.weight)
         nn.init.zeros_(h.bias)
     opt_e = torch.optim.SGD(list(emb.parameters()), lr=cfg.embedding_lr)
-    steps = cfg.epochs * max(1, math.ceil(x_train.shape[0] / cfg.batch_size))
+    per_epoch = max(1, math.ceil(x_train.shape[0] / cfg.batch_size))
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
+    steps = epochs * per_epoch
     decay = torch.optim.lr_scheduler.LambdaLR(opt_e, lambda step: max(0.0, 1.0 - step / steps))
     opt_h = torch.optim.Adam(heads.parameters(), lr=cfg.lr)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
@@ -188,7 +193,7 @@ def _fit_softmax(x_train, y_train: List[np.ndarray], x_val, y_val: List[np.ndarr
     best, best_state, stale = math.inf, None, 0
     val_rows = torch.arange(x_val.shape[0])
     val_batch = _torch_batch(x_val, np.arange(x_val.shape[0])) if x_val.shape[0] else None
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         order = rng.permutation(x_train.shape[0])
         for start in range(0, len(order), cfg.batch_size):
             rows = order[start:start + cfg.batch_size]
@@ -210,7 +215,7 @@ def _fit_softmax(x_train, y_train: List[np.ndarray], x_val, y_val: List[np.ndarr
                                                             for h in heads])
         else:
             stale += 1
-            if stale >= cfg.patience:
+            if stale >= cfg.patience and (epoch + 1) * per_epoch >= cfg.min_steps:
                 break
     if best_state is None:
         best_state = ([emb.weight.detach()], [(h.weight.detach(), h.bias.detach()) for h in heads])
