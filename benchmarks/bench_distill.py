@@ -74,17 +74,29 @@ def embedded_teacher(work: Path, documents: int, sample_every: int) -> Dict[str,
             "sample_documents": len(lines[::sample_every]), "documents": len(lines)}
 
 
+def web_length_chunks() -> List[str]:
+    """Real text in chunks of ~565 characters (a web paragraph, ~120 tokens): runs of the Python reference's
+    paragraphs, cut to 600 characters."""
+    from pydoc_data.topics import topics
+
+    paras = [p for v in topics.values() for p in v.split("\n\n") if p.strip()]
+    return [" ".join(paras[i:i + 6])[:600] for i in range(0, len(paras) - 6, 3)]
+
+
 def speed(model, raw: Path, n_chunks: int) -> Dict[str, Any]:  # noqa: ANN001
-    texts = _chunks(raw)
-    texts = (texts * (1 + n_chunks // max(1, len(texts))))[:n_chunks]
-    model.annotate_batch(texts[:256])  # warm-up (imports, first allocations)
-    out: Dict[str, Any] = {"chunks": len(texts), "distilled": _timed(model.annotate_batch, texts),
-                           "embedded": _timed(EmbeddedAnnotator().annotate_batch, texts)}
+    """Chunks per CPU-second and per wall second on the quickstart's short chunks and on web-length real text."""
+    out: Dict[str, Any] = {}
+    for name, base in (("quickstart_chunks", _chunks(raw)), ("web_length_chunks", web_length_chunks())):
+        texts = (base * (1 + n_chunks // max(1, len(base))))[:n_chunks]
+        model.annotate_batch(texts[:256])  # warm-up (imports, first allocations)
+        out[name] = {"chunks": len(texts), "mean_chars": sum(map(len, texts)) / len(texts),
+                     "distilled": _timed(model.annotate_batch, texts),
+                     "embedded": _timed(EmbeddedAnnotator().annotate_batch, texts)}
     try:
         from megatron_anchor.eval.embed import load_embedder
 
         embed = load_embedder()
-        few = texts[:1000]
+        few = web_length_chunks()[:500]
         embed(few[:32])
         out["minilm_embeddings"] = {**_timed(embed, few, batch=64), "chunks": len(few)}
     except (ImportError, FileNotFoundError, OSError) as e:
