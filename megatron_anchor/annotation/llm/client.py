@@ -468,12 +468,16 @@ class AnnotatorClient:
                 await asyncio.sleep(self._backoff(failures, e.retry_after))
                 continue
             except _Final as e:
-                if (cfg.structured == "auto" and self.structured_active and "response_format" in body
+                if (cfg.structured == "auto" and "response_format" in body
                         and rejected_structured_output(e.status, e.detail)):
-                    self.structured_active = False  # this server does not do structured outputs: free text
+                    # This server does not do structured outputs: free text from now on (requests sent before
+                    # the first refusal came back are rebuilt here too).
+                    self.structured_active = False
                     body = make_body()
                     continue
-                raise _Failed(e.reason, e.detail, attempts, final=True) from None
+                # A refusal of the schema itself would refuse every smaller request too: no point in splitting.
+                raise _Failed(e.reason, e.detail, attempts,
+                              final=not rejected_structured_output(e.status, e.detail)) from None
             self._down_until[i] = 0.0
             return content, used, attempts
 
