@@ -274,7 +274,7 @@ class AnnotateJob:
             d.counts["echoed"] += result.echoed
             d.counts["echo_reasked"] += result.echo_reasked
             d.counts["echo_dropped"] += result.echo_dropped
-            if not self._windows:  # a window's requests are counted once, for the window (_on_window)
+            if not self._windows:  # a window's requests are counted once (_request_window)
                 d.counts["requests"] += result.attempts
                 d.counts["extra_requests"] += result.retries
             self._run_tokens += result.tokens
