@@ -191,8 +191,7 @@ def main(argv=None) -> int:
             if not args.seq_length:
                 print("error: --pack needs --seq-length (the training sequence length)", file=sys.stderr)
                 return 2
-            kwargs = {"eod_token": args.eod_token} if args.tokenizer_type == "HuggingFaceTokenizer" else {}
-            pad_id = build_tokenizer(args.tokenizer_type, args.tokenizer_model, **kwargs).eod
+            pad_id = build_tokenizer(args.tokenizer_type, args.tokenizer_model, eod_token=args.eod_token).eod
         converter = SFTConverter(
             template, annotations=not args.no_annotations,
             annotator="none" if args.annotator == "vllm" else args.annotator,

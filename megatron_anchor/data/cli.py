@@ -15,7 +15,9 @@ def add_tokenizer_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGro
     g.add_argument("--tokenizer-model", required=True,
                    help="SentencePiece .model file, or a Hugging Face tokenizer.json or folder holding one")
     g.add_argument("--eod-token", default=None,
-                   help="end-of-document token text for Hugging Face tokenizers that do not declare an eos")
+                   help="end-of-document token text (default: the SentencePiece model's eos piece, or the Hugging "
+                        "Face tokenizer's eos_token); recorded beside the dataset, and the trainer must be given "
+                        "the same --eod-token")
     return g
 
 

@@ -80,7 +80,7 @@ class PreprocessConfig:
     docs_per_part: int = 2000
     """Input lines per part: the unit of parallel work and of resumption (output-affecting)."""
     eod_token: Optional[str] = None
-    """End-of-document token text for Hugging Face tokenizers that do not declare one (output-affecting)."""
+    """End-of-document token text (default: the tokenizer's own; output-affecting)."""
     overwrite: bool = False
     """Replace existing outputs and discard parts left by a run with other arguments."""
     show_progress: bool = True
@@ -218,8 +218,7 @@ _WORKER: Dict[str, object] = {}
 
 def _init_worker(cfg: "PreprocessConfig") -> None:
     _WORKER["cfg"] = cfg
-    kwargs = {"eod_token": cfg.eod_token} if cfg.tokenizer_type == "HuggingFaceTokenizer" else {}
-    _WORKER["tok"] = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, **kwargs)
+    _WORKER["tok"] = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, eod_token=cfg.eod_token)
 
 
 def document_segments(doc: Document, annotations: bool, eod: Optional[Segment]) -> List[Segment]:
