@@ -52,6 +52,7 @@ def main(argv: Optional[List[str]] = None):
 
     quiet_cpu_warnings()
     from megatron_anchor.training.arguments import ConfigError, parse_args
+    from megatron_anchor.training.guards import TrainingAborted
     from megatron_anchor.training.loop import pretrain
 
     try:
@@ -60,6 +61,9 @@ def main(argv: Optional[List[str]] = None):
     except ConfigError as exc:
         print(f"pretrain_anchor.py: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except TrainingAborted as exc:
+        print(f"pretrain_anchor.py: training stopped: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

@@ -197,10 +197,16 @@ def merge_datasets(prefixes: Sequence[str], out_prefix: str, show_progress: bool
 
 def merge_token_role_datasets(prefixes: Sequence[str], out_prefix: str) -> IndexHeader:
     """Merge token datasets and their role channels, keeping the two aligned (roles published first)."""
+    from megatron_anchor.tokenizer.record import dataset_record_path, merge_records, read_record, write_record
+
     for p in prefixes:
         check_role_channel(p, deep=False)
+    record = merge_records([read_record(dataset_record_path(p)) for p in prefixes], out_prefix)
     merge_datasets([roles_prefix(p) for p in prefixes], roles_prefix(out_prefix))
-    return merge_datasets(prefixes, out_prefix)
+    header = merge_datasets(prefixes, out_prefix)
+    if record is not None:  # parts without records (e.g. a run's own part files) leave it to the caller
+        write_record(dataset_record_path(out_prefix), record)
+    return header
 
 
 def check_bin_size(h: IndexHeader) -> None:

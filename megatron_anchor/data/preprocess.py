@@ -44,6 +44,7 @@ from megatron_anchor.data.indexed import (
 from megatron_anchor.roles import ANNOTATION_ROLES, Role
 from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 from megatron_anchor.tokenizer import AnchorTokenizer, build_tokenizer
+from megatron_anchor.tokenizer.record import dataset_record_path, tokenizer_record, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,10 @@ class DocumentConverter:
     def fingerprint(self) -> Dict[str, object]:
         """Converter options that change the output (checked when a run resumes)."""
         return {"default_annotator": ANNOTATOR_NAME}
+
+    def dataset_facts(self) -> Dict[str, object]:
+        """What the trainer must know about the written dataset (kept in its tokenizer record)."""
+        return {"kind": self.name, "packed": False}
 
     def segments(self, line: bytes, where: str, cfg: "PreprocessConfig", tok: AnchorTokenizer,
                  stats: "PartStats") -> Tuple[List[Segment], int]:
@@ -514,6 +519,8 @@ def run(cfg: PreprocessConfig) -> PartStats:
         merge_token_role_datasets([part_prefix(cfg, p) for p in sorted(done_parts)], out)
     else:  # a shard whose byte range holds no line start: an empty dataset keeps the shard set complete
         write_token_role_documents(out, [], _WORKER["tok"].token_dtype)
+    write_record(dataset_record_path(out), tokenizer_record(
+        _WORKER["tok"], cfg.tokenizer_type, annotations=cfg.annotations, **cfg.converter.dataset_facts()))
     if cfg.num_shards > 1:
         _write_json_atomic(cfg.done_marker, asdict(total))
     shutil.rmtree(cfg.parts_dir)

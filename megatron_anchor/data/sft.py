@@ -365,6 +365,10 @@ class SFTConverter(DocumentConverter):
             "pack": self.pack, "pad_id": self.pad_id,
         }
 
+    def dataset_facts(self) -> Dict[str, object]:
+        # Packed samples share a sequence: the trainer then insists on --reset-attention-mask.
+        return {"kind": self.name, "packed": self.pack, "seq_length": self.seq_length or None}
+
     @staticmethod
     def _accepted(segs, stats: PartStats) -> None:
         stats.count("samples")

@@ -107,3 +107,18 @@ def record_mismatches(expected: Dict[str, object], actual: Dict[str, object]) ->
             else:
                 problems.append(f"{key} {a} vs {b}")
     return problems
+
+
+def merge_records(records: List[Optional[Dict[str, object]]], what: str) -> Optional[Dict[str, object]]:
+    """The record of datasets merged in order: None if any part has none; an error if their ids differ."""
+    if not records or any(r is None for r in records):
+        return None
+    first = records[0]
+    for other in records[1:]:
+        problems = record_mismatches(first, other)
+        if problems:
+            raise ValueError(f"{what}: the parts were written with different tokenizers: " + "; ".join(problems))
+    merged = dict(first)
+    merged["packed"] = any(bool(r.get("packed")) for r in records)
+    merged["annotations"] = any(bool(r.get("annotations")) for r in records)
+    return merged

@@ -47,6 +47,7 @@ _CHOICES = {
     "distributed_backend": ("auto", "nccl", "gloo"),
     "lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
     "loss_mask_policy": LOSS_MASK_POLICIES,
+    "dry_run_target": ("here", "gpu"),
     # The data tools' list (one source of truth) plus the trainer-only NullTokenizer.
     "tokenizer_type": (*TOKENIZER_TYPES, "NullTokenizer"),
 }
@@ -392,10 +393,10 @@ def _packing_errors(cfg: AnchorConfig, has_te: bool) -> List[str]:
         errors.append("--reset-position-ids does nothing with --position-embedding-type rope (megatron-core's RoPE "
                       "does not read position ids) and documents would still attend to each other: use "
                       "--reset-attention-mask, which also restarts RoPE per document on Transformer Engine")
-    elif d.reset_position_ids and rope and not te:
-        errors.append("--reset-position-ids does nothing with RoPE on the local layers (RoPE there ignores position "
-                      "ids); drop it: --reset-attention-mask already keeps each document to itself and RoPE "
-                      "scores depend only on relative positions")
+    elif d.reset_position_ids and rope:
+        errors.append("--reset-position-ids does nothing with RoPE (megatron-core's RoPE never reads position ids); "
+                      "drop it: with --reset-attention-mask Transformer Engine restarts RoPE per document from the "
+                      "boundaries, and on the local layers RoPE scores depend only on relative positions")
     if d.reset_attention_mask and te and has_te:
         version = _te_version()
         from packaging.version import Version

@@ -144,6 +144,9 @@ class TrainingConfig:
     dry_run: bool = False
     """Check the flags for this world size (WORLD_SIZE), the data files, role channels and tokenizer records, and
     a --load checkpoint's architecture; print the resolved configuration as YAML and exit without training."""
+    dry_run_target: str = "here"
+    """What --dry-run validates for: here (this machine) or gpu (a machine with CUDA and Transformer Engine, to
+    check a GPU recipe from a CPU machine)."""
 
 
 @dataclass

@@ -106,13 +106,16 @@ def _build_optimizer(cfg: AnchorConfig, model: List[torch.nn.Module]):
     return optimizer, scheduler
 
 
-def preflight(cfg: AnchorConfig):
+def preflight(cfg: AnchorConfig, for_gpu: bool = False):
     """Every check that needs no process group: flags for this world size, the tokenizer, data files, role
     channel headers, tokenizer records, and a ``--load`` checkpoint's architecture. Runs identically on every
-    rank, so a bad run fails in seconds, before any collective. Returns the run's tokenizer."""
+    rank, so a bad run fails in seconds, before any collective. Returns the run's tokenizer.
+
+    ``for_gpu`` validates as if CUDA and Transformer Engine were present (``--dry-run-target gpu``)."""
     from megatron_anchor.training.data import build_tokenizer, check_data_paths, run_tokenizer_record
 
-    validate(cfg, initialize.world_size_from_env(), torch.cuda.is_available(), has_transformer_engine())
+    validate(cfg, initialize.world_size_from_env(), for_gpu or torch.cuda.is_available(),
+             for_gpu or has_transformer_engine())
     tokenizer = build_tokenizer(cfg)
     check_data_paths(cfg, tokenizer)
     if cfg.checkpoint.load:
@@ -128,7 +131,7 @@ def dry_run(cfg: AnchorConfig) -> RunResult:
 
     from megatron_anchor.training.arguments import config_dict
 
-    preflight(cfg)
+    preflight(cfg, for_gpu=cfg.training.dry_run_target == "gpu")
     out = io.StringIO()
     yaml.safe_dump(config_dict(cfg), out, sort_keys=False)
     print(f"# dry run: configuration valid for world size {initialize.world_size_from_env()}", flush=True)
