@@ -20,7 +20,8 @@ def _argv(prefix, sp_model, cache, global_batch):
             "--split", "100,0,0", "--data-cache-path", cache, "--loss-mask-policy", "sft-anchored",
             "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "96",
             "--hidden-dropout", "0", "--attention-dropout", "0", "--micro-batch-size", str(MICRO),
-            "--global-batch-size", str(global_batch), "--train-iters", "1", "--eval-iters", "0", "--seed", "11"]
+            "--global-batch-size", str(global_batch), "--train-iters", "1", "--eval-iters", "0", "--seed", "5",
+            "--reset-attention-mask", "--reset-position-ids"]
 
 
 def _grads(tr):
@@ -61,20 +62,20 @@ def _session(rank, world, prefix, sp_model, cache):
 
 @pytest.fixture(scope="module")
 def sft_data(corpus_dir, sp_model, tmp_path_factory):
-    """SFT samples whose responses range from one word to a long paragraph."""
+    """Packed SFT data: packs holding one long response, and packs of several one-word responses."""
     from tools import preprocess_sft
 
     d = tmp_path_factory.mktemp("normalisation")
     rng = random.Random(3)
     words = "the oven bread river stone market song winter garden letter".split()
     with open(d / "sft.jsonl", "w") as f:
-        for i in range(64):
-            n = 1 if i % 2 else rng.randint(25, 45)
+        for i in range(72):
+            n = rng.randint(25, 30) if i < 24 else 1
             f.write(json.dumps({"prompt": "Say something.", "response": " ".join(rng.choices(words, k=n))}) + "\n")
     prefix = str(d / "sft")
     assert preprocess_sft.main(["--input", str(d / "sft.jsonl"), "--output-prefix", prefix, "--tokenizer-type",
                                 "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--seq-length", "96",
-                                "--overlong", "truncate", "--no-progress"]) == 0
+                                "--overlong", "truncate", "--pack", "--no-progress"]) == 0
     return prefix + "_text_document", str(d / "cache")
 
 

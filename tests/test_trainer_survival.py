@@ -79,7 +79,8 @@ def _guards_session(rank, world, data, tmp):
         res = run(tr)
         out[name] = (res.exit_reason, len(res.train), latest_iteration(ck))
 
-    # SIGTERM reaches rank 0 only, during iteration 3: both ranks finish it, save, and stop.
+    # SIGTERM reaches rank 0 only, after iteration 3 was checked (on_step runs then), so during iteration 4: both
+    # ranks finish iteration 4, save, and stop.
     ck = os.path.join(tmp, "ck_signal")
 
     def signal_rank0(it, _m):
@@ -125,8 +126,8 @@ def test_exit_interval_and_duration_save_then_stop(guards):
 def test_signal_on_one_rank_saves_on_all_and_resume_is_exact(guards):
     for rank_result in guards:
         reason, steps, saved = rank_result["signalled"]
-        assert "exit signal" in reason and steps == 3 and saved == 3
-    assert guards[0]["resumed"]["loss"] == guards[0]["reference"]["loss"][3:]  # exact float equality
+        assert "exit signal" in reason and steps == 4 and saved == 4
+    assert guards[0]["resumed"]["loss"] == guards[0]["reference"]["loss"][4:]  # exact float equality
     assert guards[0]["resumed"]["valid"] == guards[0]["reference"]["valid"]
 
 
