@@ -152,7 +152,8 @@ def select_backend(tok: "AnchorTokenizer", mode: str, sample: Sequence[str] = ()
         try:
             fast = GigatokenEncoder.for_tokenizer(tok)
         except Exception as e:  # noqa: BLE001 - any loader failure means: not usable for this model
-            why = f"gigatoken {version} cannot load {os.path.basename(tok.model_path)}: {e}"
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = f"gigatoken {version} cannot load {os.path.basename(tok.model_path)}: {first_line}"
         else:
             probes = probe_texts(tok)
             diff = first_difference(tok, fast, probes + list(sample))
