@@ -99,7 +99,7 @@ class PreprocessConfig:
     ``reference``. Never output-affecting: gigatoken is used only where it gives the reference's ids."""
     budget: AnnotationBudget = NO_BUDGET
     """Merge short chunks before the embedded annotator, cap tags per chunk (output-affecting)."""
-    sample_bytes: int = 256 << 10
+    sample_bytes: int = 64 << 10
     """Input read at start to check the fast backend's identity on the run's own texts."""
 
     @property
