@@ -159,6 +159,15 @@ def parse_document(
         chunks: List[Chunk] = []
         for i, c in enumerate(raw_chunks):
             # The chunk's name for error messages is only formatted when there is an error to report.
+            if type(c) is dict:
+                text = c.get("text")
+                sep = c.get("sep", "")
+                if type(text) is str and text and type(sep) is str and (not sep or sep.isspace()):
+                    tags = c.get("tags")
+                    if tags is not None:
+                        tags = _parse_tags(tags, partial(_chunk_where, where, i), max_value_chars)
+                    chunks.append(Chunk(text, sep, tags))
+                    continue
             cw = partial(_chunk_where, where, i)
             if not isinstance(c, dict):
                 raise DocumentError(cw(), f"a chunk must be an object, got {type(c).__name__}")

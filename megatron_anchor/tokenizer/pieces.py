@@ -111,6 +111,7 @@ class PieceEncoder:
     def _reset(self) -> None:
         self._index: Dict[Tuple[int, str], int] = {}
         self._tags: Dict[Tag, Tuple[int, int, int]] = {}
+        self._annotations: Dict[Tuple[Tag, ...], List[int]] = {}  # whole annotations: most repeat verbatim
         self._ids: List[np.ndarray] = []
         self._roles: List[int] = []
         self._pending: List[int] = []  # pool indices whose ids are not computed yet
@@ -166,6 +167,20 @@ class PieceEncoder:
 
     def annotation(self, tags: Sequence[Tag], codes: List[int]) -> None:
         """Append the pieces of one annotation (the serialisation of :mod:`megatron_anchor.annotation.format`)."""
+        try:
+            key = tuple(tags)
+            known = self._annotations.get(key)
+        except TypeError:  # tags given as lists: no whole-annotation memo
+            key, known = None, None
+        if known is not None:
+            codes.extend(known)
+            return
+        start = len(codes)
+        self._annotation_pieces(tags, codes)
+        if key is not None:
+            self._annotations[key] = codes[start:]
+
+    def _annotation_pieces(self, tags: Sequence[Tag], codes: List[int]) -> None:
         codes.append(self.ann_open)
         tag_pieces = self._tags
         later = False
@@ -247,6 +262,6 @@ class PieceEncoder:
             doc_starts = np.concatenate([[0], piece_ends[:-1]])
             nonempty = piece_ends > doc_starts
             longest[nonempty] = np.maximum.reduceat(text_len, doc_starts[nonempty])
-        if len(self._ids) > POOL_LIMIT:
+        if len(self._ids) > POOL_LIMIT or len(self._annotations) > POOL_LIMIT:
             self._reset()
         return EncodedPart(ids, out_roles, doc_lengths.astype(np.int64), longest, list(batch.meta))
