@@ -131,14 +131,31 @@ def publish(tmp_prefix: str, final_prefix: str) -> None:
 
 def write_documents(prefix: str, docs: Sequence[np.ndarray], dtype: type) -> None:
     """Write documents (one sequence each) as ``prefix.{bin,idx}``, via temporary names."""
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    write_flat(prefix, np.concatenate(docs) if len(docs) else np.zeros(0, dtype), lengths, dtype)
+
+
+def write_flat(prefix: str, data: np.ndarray, lengths: np.ndarray, dtype: type) -> None:
+    """Write documents given as one flat array and their lengths as ``prefix.{bin,idx}``, via temporary names.
+
+    One write per file: the cost is a copy of the part's tokens, whatever the number of documents."""
     tmp = prefix + TMP_SUFFIX
     with open(bin_path(tmp), "wb") as f:
-        for d in docs:
-            f.write(np.ascontiguousarray(d, dtype=dtype).tobytes())
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.int32, count=len(docs))
+        np.ascontiguousarray(data, dtype=dtype).tofile(f)
     with open(idx_path(tmp), "wb") as f:
-        _write_index(f, dtype, lengths, np.arange(len(docs) + 1, dtype=np.int64))
+        _write_index(f, dtype, np.asarray(lengths), np.arange(len(lengths) + 1, dtype=np.int64))
     publish(tmp, prefix)
+
+
+def write_token_role_part(prefix: str, ids: np.ndarray, roles: np.ndarray, lengths: np.ndarray,
+                          dtype: type) -> None:
+    """Write flat ids and roles (documents of ``lengths`` tokens) as the token dataset ``prefix`` and its role
+    channel, the channel published first (so an existing token dataset always has its matching channel)."""
+    if len(ids) != len(roles) or len(ids) != int(np.asarray(lengths, dtype=np.int64).sum()):
+        raise ValueError(f"{len(ids)} tokens, {len(roles)} roles and document lengths summing to "
+                         f"{int(np.asarray(lengths, dtype=np.int64).sum())} must agree")
+    write_flat(roles_prefix(prefix), roles, lengths, ROLE_DTYPE)
+    write_flat(prefix, ids, lengths, dtype)
 
 
 def write_token_role_documents(prefix: str, docs: Sequence[Tuple[np.ndarray, np.ndarray]], dtype: type) -> None:
@@ -149,8 +166,10 @@ def write_token_role_documents(prefix: str, docs: Sequence[Tuple[np.ndarray, np.
     for ids, roles in docs:
         if len(ids) != len(roles):
             raise ValueError(f"a document has {len(ids)} tokens but {len(roles)} roles")
-    write_documents(roles_prefix(prefix), [r for _, r in docs], ROLE_DTYPE)
-    write_documents(prefix, [i for i, _ in docs], dtype)
+    lengths = np.fromiter((len(i) for i, _ in docs), np.int64, len(docs))
+    ids = np.concatenate([i for i, _ in docs]) if docs else np.zeros(0, dtype)
+    roles = np.concatenate([r for _, r in docs]) if docs else np.zeros(0, ROLE_DTYPE)
+    write_token_role_part(prefix, ids, roles, lengths, dtype)
 
 
 def merge_datasets(prefixes: Sequence[str], out_prefix: str, show_progress: bool = False) -> IndexHeader:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import sentencepiece as spm
 
@@ -18,6 +18,8 @@ class SentencePieceAnchorTokenizer(AnchorTokenizer):
     that holds a delimiter as an ordinary or user-defined piece is refused: text would produce its id.
     The end-of-document id is the model's ``eos`` id, or the piece named by ``eod_token`` (``--eod-token``).
     """
+
+    _reference_library = f"sentencepiece {spm.__version__}"
 
     def __init__(self, model_path: str, num_threads: int = 1, check_roundtrip: bool = True,
                  eod_token: Optional[str] = None):
@@ -80,6 +82,12 @@ class SentencePieceAnchorTokenizer(AnchorTokenizer):
         if self._sp.pad_id() < 0:
             raise AttributeError("SentencePiece model has no pad id")
         return self._sp.pad_id()
+
+    def fast_source(self) -> Optional[Tuple[str, str]]:
+        return ("sentencepiece", self.model_path)
+
+    def special_texts(self) -> List[str]:
+        return sorted(set(self._specials.values()) | set(self.special_ids))
 
     def encode_texts(self, texts: Sequence[str]) -> List[List[int]]:
         # SentencePiece never matches control symbols inside text, and appended ids are beyond its vocabulary.
