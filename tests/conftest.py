@@ -82,3 +82,15 @@ def file_bytes(prefix):
             with open(p + ext, "rb") as f:
                 out[os.path.basename(p + ext)] = f.read()
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests need a CUDA device; without one they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (gpu marker)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
