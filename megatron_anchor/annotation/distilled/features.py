@@ -5,8 +5,8 @@ Why hashed n-grams and not sentence embeddings: the distilled annotator exists t
 counts (punctuation kept as tokens: ``!``, ``?``, quotes and braces say a lot about tone and genre) in tens of
 microseconds, with no vocabulary to store and the same result in every process (MurmurHash3, not Python's
 salted ``hash``).
-all-MiniLM-L6-v2 embeddings carry more meaning, but run at a few hundred chunks per second on a core
-(benchmarks/README.md), an order of magnitude short.
+all-MiniLM-L6-v2 embeddings carry more meaning, but ran at 7-62 chunks per CPU-second on one core
+(benchmarks/README.md), two orders of magnitude short.
 
 Counts are damped (``log1p``) and each row scaled to unit length, so long and short chunks weigh alike; a
 separate one-hot of the chunk's log length (in quarter octaves) keeps the length itself as a signal. Cost: linear
