@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
-from megatron_anchor.training.arguments import ConfigError, parse_data_path
+from megatron_anchor.training.arguments import ConfigError, data_blend
 from megatron_anchor.training.config import AnchorConfig
 
 
@@ -48,8 +48,7 @@ def check_data_paths(cfg: AnchorConfig) -> None:
     d = cfg.data
     if d.mock_data:
         return
-    prefixes, _ = parse_data_path(d.data_path)
-    for prefix in prefixes:
+    for prefix in data_blend(cfg).prefixes:
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):
                 raise ConfigError(f"data file {prefix + ext} not found (--data-path takes the prefix without "
@@ -120,8 +119,10 @@ def build_datasets(cfg: AnchorConfig, tokenizer, is_built_on_rank=lambda: True):
         dataset_cls = MockGPTDataset
         config = GPTDatasetConfig(blend=None, split=_split_string(d.split), **common)
     else:
-        prefixes, weights = parse_data_path(d.data_path)
-        config = GPTDatasetConfig(blend=(prefixes, weights), split=_split_string(d.split), **common)
+        # With replay, megatron-core's BlendedDataset tags each sample with its dataset's index in this blend
+        # (``dataset_id``); the forward step reads each sample's loss-mask policy from it.
+        blend = data_blend(cfg)
+        config = GPTDatasetConfig(blend=(blend.prefixes, blend.weights), split=_split_string(d.split), **common)
         if d.no_role_channel:
             dataset_cls = GPTDataset
         else:
