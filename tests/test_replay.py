@@ -74,6 +74,16 @@ def test_replay_settings_are_checked_at_start_up(tmp_path):
         parse_args(["--config", str(yaml_file)])
 
 
+def test_a_replay_runs_config_loads_for_sampling():
+    """Generation and export rebuild the model from the checkpoint's run config, replay settings included."""
+    from megatron_anchor.inference.checkpoint import prepare_config
+
+    cfg = _cfg("--replay-data-path", "pre", "--replay-share", "0.3", "--replay-loss-mask-policy", "pretrain-text")
+    out = prepare_config(cfg)
+    assert out.data.replay_data_path == [] and out.data.replay_share == 0.0
+    assert cfg.data.replay_data_path == ["pre"]  # a copy: the caller's config is untouched
+
+
 def test_per_dataset_tables_pick_each_samples_policy():
     roles = torch.tensor([[Role.PROMPT, Role.ANNOTATION_VALUE, Role.RESPONSE, Role.TEXT],
                           [Role.PROMPT, Role.ANNOTATION_VALUE, Role.RESPONSE, Role.TEXT]], dtype=torch.uint8)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,7 +55,12 @@ class Setting:
     lengths: Optional[Sequence[int]] = None
     """SFT lengths for this setting (None: all of --lengths)."""
     tier: int = 1
-    """Run order: every point of tier 1 (the targets' settings, all seeds) before any of tier 2, and so on."""
+    """Run order: every point of tier 1 (what the targets need, all seeds) before any of tier 2, and so on."""
+    tier_of_length: Tuple[Tuple[int, int], ...] = ()
+    """(length, tier) pairs that override ``tier`` for one length."""
+
+    def tier_for(self, length: int) -> int:
+        return dict(self.tier_of_length).get(length, self.tier)
 
     @property
     def slug(self) -> str:
@@ -63,14 +68,14 @@ class Setting:
 
 
 DEFAULT_SETTINGS = (
-    Setting("no replay", 0.0),
+    Setting("no replay", 0.0, tier_of_length=((1000, 2),)),
     Setting("replay 0.3 (default)", 0.3),
-    Setting("replay 0.3, annotations masked", 0.3, "pretrain-text", tier=2),
-    Setting("replay 0.1", 0.1, tier=2),
-    Setting("replay 0.5", 0.5, tier=2),
+    Setting("replay 0.3, annotations masked", 0.3, "pretrain-text", tier=2, tier_of_length=((40, 3),)),
+    Setting("replay 0.1", 0.1, tier=3),
+    Setting("replay 0.5", 0.5, tier=3),
     # The paper's "more SFT data" question; 40 iterations do not see 4x the data, so longer runs only.
-    Setting("no replay, 4x SFT data", 0.0, sft_factor=4, lengths=(200, 1000), tier=3),
-    Setting("replay 0.3, 4x SFT data", 0.3, sft_factor=4, lengths=(200, 1000), tier=3),
+    Setting("no replay, 4x SFT data", 0.0, sft_factor=4, lengths=(200, 1000), tier=4),
+    Setting("replay 0.3, 4x SFT data", 0.3, sft_factor=4, lengths=(200, 1000), tier=4),
 )
 DEFAULT_LENGTHS = (40, 200, 1000)
 METRICS = ("semantic_entropy", "topic_entropy", "pairwise_distance")
@@ -85,7 +90,9 @@ def _free_port() -> int:
 def _run_quickstart(work: str, env: Dict[str, str], log_path: str) -> None:
     """Run the quickstart into ``work`` with ``env`` on top of ours; raise with the log's tail on failure."""
     os.makedirs(work, exist_ok=True)
-    full = {**os.environ, "MASTER_PORT": str(_free_port()), "PYTHONUNBUFFERED": "1", **env}
+    # One thread per process: on a shared machine a multi-threaded torch spends its time spinning (the report's
+    # sampling ran 8x faster with one thread on a loaded 2-core machine); torchrun sets it for training anyway.
+    full = {"OMP_NUM_THREADS": "1", **os.environ, "MASTER_PORT": str(_free_port()), "PYTHONUNBUFFERED": "1", **env}
     full["PYTHONPATH"] = REPO + os.pathsep + full.get("PYTHONPATH", "")
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(f'{k}={v}' for k, v in env.items())}\n")
@@ -270,11 +277,11 @@ def plan(seeds: Sequence[int], lengths: Sequence[int], settings: Sequence[Settin
     """(seed, setting, length) in run order: tier by tier, then seed by seed, short runs first, so that an
     ablation stopped early has already measured what the targets need."""
     points = []
-    for tier in sorted({s.tier for s in settings}):
+    for tier in sorted({s.tier_for(n) for s in settings for n in lengths}):
         for seed in seeds:
             for length in sorted(lengths):
                 for s in settings:
-                    if s.tier == tier and (s.lengths is None or length in s.lengths):
+                    if s.tier_for(length) == tier and (s.lengths is None or length in s.lengths):
                         points.append((seed, s, length))
     return points
 

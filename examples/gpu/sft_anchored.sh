@@ -6,7 +6,9 @@
 # 1. annotates every SFT response with the LLM annotator (the same client and cache as pretraining annotation;
 #    resumable: rerun after a failure) and writes anchored SFT data; 2. writes the standard-SFT baseline from
 #    the same input; 3. fine-tunes from the pretraining checkpoint with --loss-mask-policy sft-anchored (loss on
-#    response + EOD only, document masking between packed samples), then the baseline with sft-standard.
+#    response + EOD only, document masking between packed samples) with a share of annotated pretraining
+#    documents replayed under the pretraining objective, then the baseline with sft-standard and the same share
+#    of the documents without annotations.
 #
 # Environment (defaults for a ~1B model on one 8-GPU node; match your pretraining run's model flags):
 #   ANNOTATOR_URLS  comma-separated vLLM replica URLs (empty: the embedded default annotator)
@@ -14,6 +16,9 @@
 #   TOKENIZER_TYPE / TOKENIZER_MODEL  the pretraining tokenizer (required)
 #   CHAT_TEMPLATE (chatml), SEQ_LENGTH (2048), NPROC (8), TP (1), PP (1), MBS (4), GBS (128), ITERS (1000),
 #   LR (1e-5: keep the total SFT update modest so responses keep following the sampled annotation)
+#   Replay (docs/sft.md, "Replay"): REPLAY_SHARE (0.3; 0 turns replay off), REPLAY_DATA (the annotated
+#   pretraining dataset prefix, e.g. data/corpus_text_document), REPLAY_DATA_PLAIN (the same documents without
+#   annotations, for the baseline: tools/preprocess_data.py ... --no-annotations), REPLAY_POLICY (pretrain)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CKPT="$1"; SFT_JSONL="$2"; WORK="$3"
@@ -23,6 +28,14 @@ NPROC="${NPROC:-8}"; TP="${TP:-1}"; PP="${PP:-1}"; MBS="${MBS:-4}"; GBS="${GBS:-
 ITERS="${ITERS:-1000}"; LR="${LR:-1e-5}"
 mkdir -p "$WORK"
 TOK=(--tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL")
+REPLAY_SHARE="${REPLAY_SHARE:-0.3}"; REPLAY_POLICY="${REPLAY_POLICY:-pretrain}"
+ANC_REPLAY=() STD_REPLAY=()
+if [[ "$REPLAY_SHARE" != "0" ]]; then
+  : "${REPLAY_DATA:?set REPLAY_DATA (annotated pretraining prefix) and REPLAY_DATA_PLAIN, or REPLAY_SHARE=0}"
+  : "${REPLAY_DATA_PLAIN:?set REPLAY_DATA_PLAIN (the pretraining documents preprocessed with --no-annotations)}"
+  ANC_REPLAY=(--replay-data-path "$REPLAY_DATA" --replay-share "$REPLAY_SHARE" --replay-loss-mask-policy "$REPLAY_POLICY")
+  STD_REPLAY=(--replay-data-path "$REPLAY_DATA_PLAIN" --replay-share "$REPLAY_SHARE")
+fi
 
 ANN=(--annotator default)
 if [[ -n "${ANNOTATOR_URLS:-}" ]]; then
@@ -47,9 +60,9 @@ TRAIN=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
        --reset-attention-mask --reset-position-ids --finetune --load "$CKPT" --log-interval 10)
 
 torchrun --nproc-per-node "$NPROC" pretrain_anchor.py "${MODEL[@]}" "${TRAIN[@]}" "${TOK[@]}" \
-  --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored \
+  --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored "${ANC_REPLAY[@]}" \
   --save "$WORK/ck_sft_anchored" --save-interval 500 --tensorboard-dir "$WORK/tb_sft_anchored"
 
 torchrun --nproc-per-node "$NPROC" pretrain_anchor.py "${MODEL[@]}" "${TRAIN[@]}" "${TOK[@]}" \
-  --data-path "$WORK/sft_standard_text_document" --loss-mask-policy sft-standard \
+  --data-path "$WORK/sft_standard_text_document" --loss-mask-policy sft-standard "${STD_REPLAY[@]}" \
   --save "$WORK/ck_sft_standard" --save-interval 500 --tensorboard-dir "$WORK/tb_sft_standard"
