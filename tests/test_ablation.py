@@ -37,29 +37,38 @@ def test_more_sft_data_is_a_superset(tmp_path):
     assert ab.sft_input(str(tmp_path), 4, seed=2) == path and ab.sft_input(str(tmp_path), 1, 2).endswith("sft.jsonl")
 
 
+def test_points_share_one_standard_run_per_length_share_and_data(tmp_path):
+    out = str(tmp_path)
+    default, masked, low = ab.DEFAULT_SETTINGS[1], ab.DEFAULT_SETTINGS[2], ab.DEFAULT_SETTINGS[3]
+    links = {}
+    for s, n in ((default, 200), (masked, 200), (low, 200), (default, 1000)):
+        ab._link_standard(out, 0, s, n, ab.point_dir(out, 0, s, n))
+        links[(s.name, n)] = os.path.realpath(os.path.join(ab.point_dir(out, 0, s, n), "ck_sft_standard"))
+    assert links[(default.name, 200)] == links[(masked.name, 200)]  # the objective changes only anchored SFT
+    assert len({links[(default.name, 200)], links[(low.name, 200)], links[(default.name, 1000)]}) == 3
+    assert all(os.path.isdir(p) for p in links.values())
+
+
 @pytest.mark.slow
 def test_tiny_ablation_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     # Toy sizes through the environment the quickstart reads: the numbers mean nothing, the plumbing is real.
     for k, v in {"DOCS": "300", "PRE_ITERS": "21"}.items():
         monkeypatch.setenv(k, v)
     out = str(tmp_path / "ab")
-    argv = ["--out", out, "--seeds", "0", "--lengths", "2", "--n", "2", "--settings", "replay 0.3 (default)",
+    argv = ["--out", out, "--seeds", "0", "--lengths", "2", "--n", "2", "--settings",
             "replay 0.3, annotations masked"]
     assert ab.main(argv) == 0
     rows = json.load(open(os.path.join(out, "results.json")))
-    assert [(r["setting"], r["length"], r["policy"]) for r in rows] == [
-        ("replay 0.3 (default)", 2, "pretrain"), ("replay 0.3, annotations masked", 2, "pretrain-text")]
-    for r in rows:
-        assert {"base", "standard-SFT", "anchored-SFT"} == set(r["models"])
-        assert "annotation_well_formed" in r["models"]["anchored-SFT"] and "gap_closed_well_formed" in r
+    assert [(r["setting"], r["length"], r["policy"], r["replay"]) for r in rows] == [
+        ("replay 0.3, annotations masked", 2, "pretrain-text", 0.3)]
+    assert {"base", "standard-SFT", "anchored-SFT"} == set(rows[0]["models"])
+    assert "annotation_well_formed" in rows[0]["models"]["anchored-SFT"] and "gap_closed_well_formed" in rows[0]
+    log = open(os.path.join(ab.point_dir(out, 0, ab.DEFAULT_SETTINGS[2], 2), "run.log")).read()
+    assert "replay 30% under pretrain-text" in log and "policy sft-standard, replay 30% under pretrain" in log
     table = open(os.path.join(out, "table.md")).read()
-    assert table.count("| replay 0.3") == 2 and os.path.getsize(os.path.join(out, "gap_closed.png")) > 10_000
-    # The two points share one standard-SFT run: the second found it finished.
-    masked = ab.point_dir(out, 0, ab.DEFAULT_SETTINGS[2], 2)
-    assert "(finished before: kept)" in open(os.path.join(masked, "run.log")).read()
-    assert os.path.realpath(os.path.join(masked, "ck_sft_standard")) == os.path.realpath(
-        os.path.join(ab.point_dir(out, 0, ab.DEFAULT_SETTINGS[1], 2), "ck_sft_standard"))
+    assert table.count("| replay 0.3, annotations masked | 2 |") == 1 and "responses follow" in table
+    assert os.path.getsize(os.path.join(out, "gap_closed.png")) > 10_000
     # A rerun measures nothing again.
     capsys.readouterr()
     assert ab.main(argv) == 0
-    assert capsys.readouterr().out.count("(done before)") == 2
+    assert capsys.readouterr().out.count("(done before)") == 1

@@ -185,31 +185,35 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.0f}"
 
 
-def _per_seed(rows: List[Dict], get) -> str:
-    """Values of the seeds, '/'-separated in seed order."""
-    return " / ".join(_pct(get(r)) if not isinstance(get(r), str) else get(r) for r in sorted(rows, key=lambda r: r["seed"]))
+def _loss(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+# (header, value of a result row, format): the table's columns after setting and length.
+COLUMNS = (
+    ("gap closed, tag entropy (%)", lambda r: r["gap_closed"]["semantic_entropy"], _pct),
+    ("topic entropy (%)", lambda r: r["gap_closed"]["topic_entropy"], _pct),
+    ("embedding distance (%)", lambda r: r["gap_closed"]["pairwise_distance"], _pct),
+    ("tag entropy, well-formed only (%)", lambda r: (r["gap_closed_well_formed"] or {}).get("semantic_entropy"), _pct),
+    ("annotations well formed (%)", lambda r: r["models"]["anchored-SFT"].get("annotation_well_formed"), _pct),
+    ("responses follow (%)", lambda r: r["models"]["anchored-SFT"].get("follows_annotation"), _pct),
+    ("held-out loss, anchored SFT", lambda r: r["models"]["anchored-SFT"].get("loss"), _loss),
+    ("held-out loss, standard SFT", lambda r: r["models"]["standard-SFT"].get("loss"), _loss),
+)
 
 
 def format_table(rows: List[Dict], settings: Sequence[Setting]) -> str:
-    """Markdown table, one line per (setting, length); each cell lists the seeds' values."""
+    """Markdown table, one line per (setting, length); each cell lists the seeds' values, '/'-separated."""
     seeds = sorted({r["seed"] for r in rows})
-    head = ("| setting | SFT iters | gap closed: tag / topic / emb. (%) | well-formed only: tag / emb. (%) | "
-            "annotations well formed (%) | responses follow (%) | held-out loss anchored / standard |")
-    lines = [f"Each cell: seed {' / seed '.join(map(str, seeds))}.", "", head, "|" + "---|" * 7]
+    lines = [f"Each cell: seed {' / seed '.join(map(str, seeds))}.", "",
+             "| setting | SFT iters | " + " | ".join(c[0] for c in COLUMNS) + " |",
+             "|" + "---|" * (2 + len(COLUMNS))]
     for s in settings:
         for length in sorted({r["length"] for r in rows if r["setting"] == s.name}):
-            pts = [r for r in rows if r["setting"] == s.name and r["length"] == length]
-            gaps = " ; ".join("/".join(_pct(r["gap_closed"][k]) for k in METRICS)
-                              for r in sorted(pts, key=lambda r: r["seed"]))
-            wf = " ; ".join("/".join(_pct((r["gap_closed_well_formed"] or {}).get(k))
-                                     for k in ("semantic_entropy", "pairwise_distance"))
-                            for r in sorted(pts, key=lambda r: r["seed"]))
-            anc = lambda r, k: r["models"]["anchored-SFT"].get(k)  # noqa: E731
-            losses = " ; ".join(f"{anc(r, 'loss'):.3f} / {r['models']['standard-SFT']['loss']:.3f}"
-                                for r in sorted(pts, key=lambda r: r["seed"]))
-            lines.append(f"| {s.name} | {length} | {gaps} | {wf} | "
-                         f"{_per_seed(pts, lambda r: anc(r, 'annotation_well_formed'))} | "
-                         f"{_per_seed(pts, lambda r: anc(r, 'follows_annotation'))} | {losses} |")
+            pts = sorted((r for r in rows if r["setting"] == s.name and r["length"] == length),
+                         key=lambda r: r["seed"])
+            cells = [" / ".join(fmt(get(r)) for r in pts) for _, get, fmt in COLUMNS]
+            lines.append(f"| {s.name} | {length} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -247,6 +251,9 @@ def plot(rows: List[Dict], settings: Sequence[Setting], path: str) -> str:
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=s.name)
         ax.set_xscale("log")
+        lengths = sorted({r["length"] for r in rows})
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("SFT iterations")
         if "loss" not in title:
