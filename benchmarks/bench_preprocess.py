@@ -9,8 +9,16 @@
 3. memory: peak resident memory (process tree) preprocessing a corpus 10x larger. Target: <= 1.2x.
 4. fetch: AnchorGPTDataset sample fetch (tokens + roles) against stock GPTDataset on the same files.
    Target: <= 1.2x.
+5. side: on >= 200 MB of JSONL, whole processes with 2 workers and a byte-level BPE tokenizer, arms alternating
+   round by round (medians reported): the raw gigatoken encode of the same texts (the limit), our plain
+   (--no-annotations) and annotated paths, and with --megatron-lm PATH Megatron-LM's tools/preprocess_data.py and
+   tools/preprocess_data_fast.py --use-gigatoken on the same corpus and tokenizer (their .bin compared with ours);
+   then a SentencePiece model against the fastest backend identical for it.
+   Targets: plain >= 2x preprocess_data_fast.py and >= 15x preprocess_data.py; annotated text MB/s >= 0.25 of
+   the raw gigatoken encode; SentencePiece >= 0.7 of the fastest identical backend.
 
     python benchmarks/bench_preprocess.py --mb 20 --workers 2
+    python benchmarks/bench_preprocess.py --only side --side-mb 200 --corpus text --megatron-lm /path/to/Megatron-LM
 """
 
 import argparse
@@ -211,6 +219,186 @@ def bench_fetch(prefix, model, tmp, seq_length=2048, n=2000):
             "ratio_of_best": round(min(b) / min(a), 3), "ratios": [round(r, 3) for r in ratios], "target": "<= 1.2"}
 
 
+TEXT_DIRS = ("/usr/share/doc/python3.11/html/_sources", "/usr/share/games/fortunes")
+"""Real English text from two Debian packages (python3.11-doc: the Python documentation's reST sources;
+fortunes: fortune cookies), the default --text-dirs of the side-by-side benchmark."""
+
+
+def _text_documents(dirs, target_chars=4000):
+    """Documents of about ``target_chars`` cut at blank lines from every UTF-8 text file under ``dirs``."""
+    for d in dirs:
+        for root, _, files in sorted(os.walk(d)):
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                if os.path.islink(path) or name.endswith((".dat", ".u8")):
+                    continue
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        text = f.read().replace("\n%\n", "\n\n")  # fortune files separate entries with '%'
+                except (UnicodeDecodeError, OSError):
+                    continue
+                cur, size = [], 0
+                for para in text.split("\n\n"):
+                    cur.append(para)
+                    size += len(para)
+                    if size >= target_chars:
+                        yield "\n\n".join(cur)
+                        cur, size = [], 0
+                if "".join(cur).strip():
+                    yield "\n\n".join(cur)
+
+
+def make_side_corpora(tmp, mb, corpus, text_dirs, seed=0):
+    """Raw JSONL of >= ``mb`` MB and the same documents annotated by the embedded annotator.
+
+    ``text``: the documents of ``text_dirs``, repeated in a new shuffled order each pass until the size is
+    reached (the repetition is what a small real corpus costs; both sides of every ratio see it).
+    ``synthetic``: the synthetic generator. Returns (raw path, annotated path, texts, text MB)."""
+    if corpus == "text":
+        docs = [d for d in _text_documents(text_dirs) if d.strip()]
+        if not docs:
+            raise SystemExit(f"no text under {text_dirs}: apt-get install python3.11-doc fortunes, or pass "
+                             "--text-dirs DIR ... (or --corpus synthetic)")
+        source = (d for p in range(10**6) for d in random.Random(seed + p).sample(docs, len(docs)))
+    else:
+        source = generate_documents(10**9, seed)
+    raw, ann = os.path.join(tmp, "side_raw.jsonl"), os.path.join(tmp, "side_ann.jsonl")
+    texts, size = [], 0
+    with open(raw, "w", encoding="utf-8") as fr, open(ann, "w", encoding="utf-8") as fa:
+        for text in source:
+            line = json.dumps({"text": text}, ensure_ascii=False)
+            fr.write(line + "\n")
+            fa.write(annotate_document(parse_line(line.encode(), "gen")).to_jsonl() + "\n")
+            texts.append(text)
+            size += len(line) + 1
+            if size >= mb * 1e6:
+                break
+    return raw, ann, texts, sum(len(t.encode()) for t in texts) / 1e6
+
+
+def _timed(cmd, env=None):
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.decode()[-2000:]}")
+    return time.perf_counter() - t
+
+
+_RAW_SNIPPET = """
+import json, sys, time
+name, model, path, workers = sys.argv[1:5]
+texts = [json.loads(line)["text"] for line in open(path, encoding="utf-8")]
+if name == "gigatoken":
+    import gigatoken
+    if model.endswith(".model"):
+        from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json
+        tok = gigatoken.Tokenizer.from_json(sentencepiece_to_tokenizer_json(open(model, "rb").read()))
+    else:
+        tok = gigatoken.Tokenizer(model)
+    tok.encode_batch(texts[:100], parallel=True)  # first call imports awkward and starts the thread pool
+    t = time.perf_counter(); tok.encode_batch(texts, parallel=True)
+else:
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=model)
+    t = time.perf_counter(); sp.encode(texts, num_threads=int(workers))
+print(time.perf_counter() - t)
+"""
+
+
+def _raw_encode_s(backend, model, path, workers):
+    """Seconds a bare in-memory batched encode of the corpus' texts takes (a fresh process, texts preloaded)."""
+    out = subprocess.run([sys.executable, "-c", _RAW_SNIPPET, backend, model, path, str(workers)],
+                         check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _megatron_env(checkout, tmp):
+    """Megatron-LM from a source checkout on Python 3.11: the checkout first on the path (the installed
+    megatron-core would shadow it) and a shim for typing.override (a 3.12 name)."""
+    shim = os.path.join(tmp, "mlm_shim")
+    os.makedirs(shim, exist_ok=True)
+    with open(os.path.join(shim, "sitecustomize.py"), "w") as f:
+        f.write("import typing\nif not hasattr(typing, 'override'):\n    typing.override = lambda f: f\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([checkout, shim]))
+    return env
+
+
+def bench_side_by_side(args, tmp):
+    raw, ann, texts, text_mb = make_side_corpora(tmp, args.side_mb, args.corpus, args.text_dirs)
+    del texts
+    hf = os.path.join(tmp, "side_hf")
+    sp = os.path.join(tmp, "side_sp")
+    for extra in (["--type", "hf", "--output-prefix", hf], ["--output-prefix", sp]):
+        subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", raw,
+                        "--vocab-size", str(args.vocab_size), "--max-bytes", "20000000", *extra], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sp += ".model"
+    w = str(args.workers)
+    tool = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--workers", w, "--append-eod",
+            "--no-progress", "--overwrite"]
+    arms = {
+        "raw_gigatoken": lambda: _raw_encode_s("gigatoken", hf, raw, args.workers),
+        "ours_plain": lambda: _timed(tool + ["--input", raw, "--output-prefix", os.path.join(tmp, "o_plain"),
+                                             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf,
+                                             "--no-annotations"]),
+        "ours_annotated": lambda: _timed(tool + ["--input", ann, "--output-prefix", os.path.join(tmp, "o_ann"),
+                                                 "--tokenizer-type", "HuggingFaceTokenizer",
+                                                 "--tokenizer-model", hf]),
+    }
+    if args.megatron_lm:
+        env = _megatron_env(args.megatron_lm, tmp)
+        mlm = [args.megatron_python or sys.executable]
+        common = ["--input", raw, "--json-keys", "text", "--tokenizer-type", "HuggingFaceTokenizer",
+                  "--tokenizer-model", hf, "--append-eod"]
+        arms["megatron_fast"] = lambda: _timed(mlm + [os.path.join(args.megatron_lm, "tools", "preprocess_data_fast.py"),
+                                                      *common, "--use-gigatoken",
+                                                      "--output-prefix", os.path.join(tmp, "m_fast")], env)
+        if not args.skip_megatron_slow:
+            arms["megatron"] = lambda: _timed(mlm + [os.path.join(args.megatron_lm, "tools", "preprocess_data.py"),
+                                                     *common, "--workers", w,
+                                                     "--output-prefix", os.path.join(tmp, "m_slow")], env)
+    sp_arms = {
+        "sp_ours_plain": lambda: _timed(tool + ["--input", raw, "--output-prefix", os.path.join(tmp, "o_sp"),
+                                                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                                                sp, "--no-annotations"]),
+        "sp_raw_sentencepiece": lambda: _raw_encode_s("sentencepiece", sp, raw, args.workers),
+    }
+    from megatron_anchor.tokenizer import build_tokenizer
+    from megatron_anchor.tokenizer.fast import select_backend
+
+    sp_notice = select_backend(build_tokenizer("SentencePieceTokenizer", sp), "auto",
+                               [json.loads(line)["text"] for _, line in zip(range(200), open(raw))])
+    if "identical" in sp_notice:
+        sp_arms["sp_raw_gigatoken"] = lambda: _raw_encode_s("gigatoken", sp, raw, args.workers)
+    times = {k: [] for k in list(arms) + list(sp_arms)}
+    for r in range(args.side_repeat):  # alternate: every arm once per round, in a rotating order
+        for group in (arms, sp_arms):
+            names = list(group)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                times[name].append(group[name]())
+                print(f"round {r} {name} {times[name][-1]:.2f} s", flush=True)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    raw_mb = os.path.getsize(raw) / 1e6
+    out = {"corpus": args.corpus, "raw_jsonl_mb": round(raw_mb, 1), "annotated_jsonl_mb": round(os.path.getsize(ann) / 1e6, 1),
+           "text_mb": round(text_mb, 1), "workers": args.workers, "rounds": args.side_repeat,
+           "median_s": {k: round(v, 2) for k, v in med.items()}, "all_s": {k: [round(x, 2) for x in v] for k, v in times.items()},
+           "sp_backend": sp_notice,
+           "annotated_text_mb_s_ratio_to_raw_gigatoken": round(med["raw_gigatoken"] / med["ours_annotated"], 3),
+           "sp_ratio_to_fastest_identical": round(min(med["sp_raw_sentencepiece"], med.get("sp_raw_gigatoken", 1e9))
+                                                  / med["sp_ours_plain"], 3)}
+    if args.megatron_lm:
+        out["plain_speedup_vs_megatron_fast"] = round(med["megatron_fast"] / med["ours_plain"], 2)
+        if "megatron" in med:
+            out["plain_speedup_vs_megatron"] = round(med["megatron"] / med["ours_plain"], 2)
+        ours = os.path.join(tmp, "o_plain_text_document")
+        for name, prefix in (("megatron_fast", "m_fast_text_document"), ("megatron", "m_slow_text_document")):
+            theirs = os.path.join(tmp, prefix)
+            if os.path.exists(theirs + ".bin"):
+                out[f"bytes_identical_to_{name}"] = all(
+                    open(ours + ext, "rb").read() == open(theirs + ext, "rb").read() for ext in (".bin", ".idx"))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=20, help="size of the throughput corpus (annotated JSONL, MB)")
@@ -220,23 +408,40 @@ def main(argv=None):
                    help="throughput: interleaved runs per arm; the best of each counts (default: 5)")
     p.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece vocabulary for the benchmark")
     p.add_argument("--only", nargs="*", default=["throughput", "write", "memory", "fetch"],
-                   help="which benchmarks to run")
+                   help="which benchmarks to run (throughput, write, memory, fetch, side)")
+    p.add_argument("--side-mb", type=float, default=200, help="side: size of the raw JSONL corpus (MB)")
+    p.add_argument("--side-repeat", type=int, default=3, help="side: rounds; every arm runs once per round")
+    p.add_argument("--corpus", choices=["text", "synthetic"], default="text",
+                   help="side: real text from --text-dirs (default) or the synthetic generator")
+    p.add_argument("--text-dirs", nargs="+", default=list(TEXT_DIRS),
+                   help="side: folders of UTF-8 text files for --corpus text (default: the Python documentation "
+                        "sources and fortunes, from Debian's python3.11-doc and fortunes packages)")
+    p.add_argument("--megatron-lm", default=None,
+                   help="side: a Megatron-LM source checkout; adds its preprocess_data.py and preprocess_data_fast.py")
+    p.add_argument("--megatron-python", default=None,
+                   help="side: the Python that runs Megatron-LM's tools (one with triton installed; default: this one)")
+    p.add_argument("--skip-megatron-slow", action="store_true", help="side: leave out Megatron-LM's preprocess_data.py")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench_pre_")
     try:
-        corpus = os.path.join(tmp, "corpus.jsonl")
-        n = make_corpus(corpus, args.mb)
-        subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", corpus,
-                        "--output-prefix", os.path.join(tmp, "tok"), "--vocab-size", str(args.vocab_size),
-                        "--max-bytes", "5000000"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        model = os.path.join(tmp, "tok.model")
-        results = {"corpus_documents": n, "workers": args.workers, "cpus": os.cpu_count()}
+        results = {"workers": args.workers, "cpus": os.cpu_count()}
+        if "side" in args.only:
+            results["side"] = bench_side_by_side(args, tmp)
+            print("side", json.dumps(results["side"], indent=1), flush=True)
+        if set(args.only) - {"side"}:
+            corpus = os.path.join(tmp, "corpus.jsonl")
+            results["corpus_documents"] = make_corpus(corpus, args.mb)
+            subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", corpus,
+                            "--output-prefix", os.path.join(tmp, "tok"), "--vocab-size", str(args.vocab_size),
+                            "--max-bytes", "5000000"], check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            model = os.path.join(tmp, "tok.model")
         if "throughput" in args.only:
             results["throughput"] = bench_throughput(corpus, model, args.workers, tmp, args.repeat)
             print("throughput", results["throughput"], flush=True)
         prefix = os.path.join(tmp, "thr_text_document")
-        if not os.path.exists(prefix + ".bin"):
+        if {"write", "fetch"} & set(args.only) and not os.path.exists(prefix + ".bin"):
             subprocess.run(preprocess_cmd(corpus, os.path.join(tmp, "thr"), model, args.workers), check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if "write" in args.only:

@@ -70,6 +70,20 @@ def tiny_dataset(corpus_dir, sp_model):
 
 
 @pytest.fixture(scope="session")
+def tiny_plain_dataset(corpus_dir, sp_model, tiny_dataset):
+    """The same documents as ``tiny_dataset`` without annotations (``--no-annotations``): what standard SFT
+    replays. Returns its prefix."""
+    from tools import preprocess_data
+
+    out = str(corpus_dir / "data" / "tiny_plain")
+    assert preprocess_data.main([
+        "--input", tiny_dataset["input"], "--output-prefix", out, "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", sp_model, "--append-eod", "--workers", "1", "--no-progress", "--no-annotations",
+    ]) == 0
+    return out + "_text_document"
+
+
+@pytest.fixture(scope="session")
 def sft_data(sp_model, tmp_path_factory):
     """SFT datasets written by tools/preprocess_sft.py from 400 synthetic samples: ``anchored`` (annotation
     before each response) and ``standard`` (``--no-annotations``); values are the dataset prefixes."""
@@ -100,3 +114,15 @@ def file_bytes(prefix):
             with open(p + ext, "rb") as f:
                 out[os.path.basename(p + ext)] = f.read()
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests need a CUDA device; without one they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (gpu marker)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

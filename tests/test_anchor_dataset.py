@@ -117,3 +117,70 @@ def test_low_level_dataset_pickles(keyed_dataset):
     assert np.array_equal(copy.get(3, 1, 2), ds.get(3, 1, 2))
     assert np.array_equal(copy.get_roles(3), role_of(copy.get(3).astype(np.int64)))
     assert np.array_equal(copy.get_roles(3, 1, 2), role_of(copy.get(3, 1, 2).astype(np.int64)))
+
+
+def test_tripwire_when_the_parent_reads_tokens_another_way(keyed_dataset, tmp_path):
+    """If megatron-core stopped reading tokens through ``bin_reader.read``, no role would be recorded: the
+    dataset must fail loudly, never pad the sample with PAD (which would silently drop its loss)."""
+    prefix, tok = keyed_dataset
+    train, _, _ = _build(AnchorGPTDataset, _config(prefix, tok, tmp_path / "cache"))
+    train[0]  # the intact path works
+    low = train.dataset
+    low.bin_reader = low.bin_reader.inner  # what an upstream change of the read path amounts to
+    with pytest.raises(RuntimeError, match="role channel out of step with the tokens"):
+        train[1]
+
+
+def test_parent_internals_the_role_channel_relies_on():
+    """Tripwires on the megatron-core internals AnchorGPTDataset wraps, so an upgrade fails here first."""
+    import inspect
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    assert hasattr(GPTDataset, "_query_document_sample_shuffle_indices")
+    assert "bin_reader" in inspect.getsource(IndexedDataset.get)
+    assert "self.dataset.get(" in inspect.getsource(GPTDataset._query_document_sample_shuffle_indices)
+    assert "build_low_level_dataset" in GPTDataset.__dict__
+
+
+def _big_dataset(tmp_path, n_tokens, doc_len=4096):
+    """A token + role dataset of ``n_tokens`` written straight with numpy (fast, no tokenizer)."""
+    from megatron_anchor.data.indexed import _write_index, bin_path, idx_path
+
+    n_docs = n_tokens // doc_len
+    prefix = str(tmp_path / "big_text_document")
+    lengths = np.full(n_docs, doc_len, dtype=np.int32)
+    for p, dtype, fill in ((prefix, np.uint16, 7), (roles_prefix(prefix), ROLE_DTYPE, int(Role.TEXT))):
+        block = np.full(1 << 22, fill, dtype=dtype)
+        with open(bin_path(p), "wb") as f:
+            left = n_docs * doc_len
+            while left:
+                n = min(left, len(block))
+                f.write(block[:n].tobytes())
+                left -= n
+        with open(idx_path(p), "wb") as f:
+            _write_index(f, dtype, lengths, np.arange(n_docs + 1, dtype=np.int64))
+    return prefix
+
+
+def test_startup_checks_use_bounded_memory(tmp_path):
+    """Header, length, document-index and role-code checks on 60M tokens allocate far less than the 8 bytes per
+    token a whole-file bincount took (480 MB here), and find a bad code wherever it is."""
+    import tracemalloc
+
+    from megatron_anchor.data.indexed import bin_path, check_role_channel, first_unknown_role
+
+    prefix = _big_dataset(tmp_path, 60_000_000)
+    tracemalloc.start()
+    check_role_channel(prefix, deep=True)
+    assert first_unknown_role(roles_prefix(prefix)) == -1
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 << 20, f"start-up checks allocated {peak / 2**20:.0f} MiB"
+    with open(bin_path(roles_prefix(prefix)), "r+b") as f:
+        f.seek(41_000_123)
+        f.write(bytes([200]))
+    assert first_unknown_role(roles_prefix(prefix)) == 41_000_123
+    assert first_unknown_role(roles_prefix(prefix), 0, 41_000_000) == -1
+    with pytest.raises(DatasetFormatError, match="unknown role codes \\[200\\]"):
+        check_role_channel(prefix, deep=True)

@@ -156,17 +156,32 @@ def _setup(argv):
                  pa.forward_step_factory)
 
 
+def _with_boundaries(batch, eod):
+    """The batch with its document boundaries recomputed, as the loader computes them (--reset-attention-mask)."""
+    from megatron_anchor.training.packing import add_boundaries
+
+    return add_boundaries(batch, eod) if eod is not None else batch
+
+
 def _one_of_each(tr, want=lambda row: True):
-    """A micro-batch [SFT sample, replay sample] assembled from the run's own training batches."""
-    found = {}
+    """A micro-batch [SFT sample, replay sample] assembled from the run's own training batches; returns it and
+    the EOD id when the loader adds document boundaries (else None)."""
+    from megatron_anchor.training.packing import CU_SEQLENS, MAX_SEQLEN
+
+    found, eod = {}, None
     for _ in range(50):
         batch = next(tr.train_iter)
+        if CU_SEQLENS in batch:
+            from megatron_anchor.training.data import build_tokenizer
+
+            eod = build_tokenizer(tr.cfg).eod
         for i, d in enumerate(batch["dataset_id"].tolist()):
-            row = {k: v[i: i + 1] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            row = {k: v[i: i + 1] for k, v in batch.items()
+                   if isinstance(v, torch.Tensor) and k not in (CU_SEQLENS, MAX_SEQLEN)}  # per-sample tensors
             if d not in found and want(row):
                 found[d] = row
         if len(found) == 2:
-            return {k: torch.cat([found[0][k], found[1][k]]) for k in found[0]}
+            return _with_boundaries({k: torch.cat([found[0][k], found[1][k]]) for k in found[0]}, eod), eod
     raise AssertionError(f"no SFT and replay sample in 50 batches (found datasets {sorted(found)})")
 
 
@@ -182,7 +197,7 @@ def _label_checks(tr, batch):
     for name, (row, role) in groups.items():
         where = torch.zeros_like(batch["labels"], dtype=torch.bool)
         where[row] = batch["roles"][row] == int(role)
-        changed = {k: v.clone() for k, v in batch.items()}
+        changed = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         noise = (changed["labels"] + 1 + torch.randint(0, 50, changed["labels"].shape, generator=gen)) % 500
         changed["labels"] = torch.where(where, noise, changed["labels"])
         g1 = gradients(tr, changed)
@@ -198,12 +213,14 @@ def _isolation_check(tr):
         eods = (row["roles"][0] == int(Role.EOD)).nonzero().flatten().tolist()
         return int(row["dataset_id"][0]) == 0 or any(8 <= p < seq - 8 for p in eods)
 
-    batch = _one_of_each(tr, inner_eod)
+    batch, eod = _one_of_each(tr, inner_eod)
+    assert eod is not None  # the loader adds boundaries under --reset-attention-mask
     # roles[i] is the role of label i = token i + 1: the EOD token is input p + 1, the last one of its document
     # (it still sees that document); the next document starts at input p + 2.
     p = next(q for q in (batch["roles"][1] == int(Role.EOD)).nonzero().flatten().tolist() if 8 <= q < seq - 8)
-    changed = {k: v.clone() for k, v in batch.items()}
+    changed = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     changed["tokens"][1, : p + 1] = (changed["tokens"][1, : p + 1] + 7) % 500
+    changed = _with_boundaries(changed, eod)
     with torch.no_grad():
         for chunk in tr.model:
             chunk.eval()
@@ -221,7 +238,7 @@ def _session(rank, world, sft, replay, tmp):
                         ("pp2", ["--pipeline-model-parallel-size", "2"])):
         # Never stepped: the iterations only size the datasets these batches are drawn from.
         tr = _setup(_argv(sft, replay, tmp, "--train-iters", "40", *extra))
-        out[name] = _label_checks(tr, _one_of_each(tr))
+        out[name] = _label_checks(tr, _one_of_each(tr)[0])
     tr = _setup(_argv(sft, replay, tmp, "--train-iters", "40", "--tensor-model-parallel-size", "2",
                       "--reset-attention-mask", "--reset-position-ids"))
     out["isolation"] = _isolation_check(tr)

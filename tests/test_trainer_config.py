@@ -84,6 +84,11 @@ def test_unknown_flag_and_bad_choice_exit():
     (["--bf16"], 1, "bf16 needs a GPU"),
     (["--lr-warmup-iters", "100", "--train-iters", "100"], 1, "lr-warmup-iters"),
     (["--save-interval", "10"], 1, "--save-interval needs --save"),
+    (["--position-embedding-type", "rope", "--reset-position-ids"], 1, "use --reset-attention-mask"),
+    (["--position-embedding-type", "rope", "--reset-position-ids", "--reset-attention-mask"], 1,
+     "does nothing with RoPE"),
+    (["--exit-signal", "SIGNOPE"], 1, "is not a signal name"),
+    (["--exit-duration-in-mins", "0"], 1, "--exit-duration-in-mins must be > 0"),
 ])
 def test_impossible_layouts_and_flag_combinations_fail_early(argv, world, message):
     with pytest.raises(ConfigError) as err:
@@ -193,3 +198,118 @@ def test_missing_data_file(tmp_path, capsys, tiny_dataset):
     assert _run_main(_data_argv(str(tmp_path / "nothing"), tiny_dataset["tokenizer_model"])) == 2
     assert "not found" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "nothing.bin")
+
+
+def test_tokenizer_types_are_one_list():
+    """The trainer accepts exactly the data tools' tokenizer types (plus NullTokenizer)."""
+    from megatron_anchor.tokenizer import TOKENIZER_TYPES
+
+    for name in TOKENIZER_TYPES:
+        parse_args(_base("--tokenizer-type", name))
+    assert "Llama2Tokenizer" in TOKENIZER_TYPES
+    assert _validate(_base("--exit-signal", "usr1")).training.exit_signal == "SIGUSR1"
+
+
+def test_dataset_tools_write_a_tokenizer_record(tiny_dataset):
+    from megatron_anchor.tokenizer import build_tokenizer
+    from megatron_anchor.tokenizer.record import dataset_record_path, read_record
+
+    record = read_record(dataset_record_path(tiny_dataset["prefix"]))
+    tok = build_tokenizer(tiny_dataset["tokenizer_type"], tiny_dataset["tokenizer_model"])
+    assert record["eod_id"] == tok.eod and record["ann_open_id"] == tok.ann_open
+    assert record["vocab_size"] == tok.vocab_size and record["packed"] is False and record["annotations"] is True
+    assert len(record["model_sha256"]) == 64
+
+
+def _copy_dataset(prefix, tmp_path, name="copy_text_document"):
+    out = str(tmp_path / name)
+    for suffix in (".bin", ".idx", "_roles.bin", "_roles.idx", "_tokenizer_record.json"):
+        shutil.copy(prefix + suffix, out + suffix)
+    return out
+
+
+def test_dataset_from_another_tokenizer_is_refused(tiny_dataset, tmp_path, capsys):
+    import json
+
+    prefix = _copy_dataset(tiny_dataset["prefix"], tmp_path)
+    path = prefix + "_tokenizer_record.json"
+    record = json.loads(open(path).read())
+    record["eod_id"] += 1
+    record["eod_text"] = "<other>"
+    open(path, "w").write(json.dumps(record))
+    assert _run_main(_data_argv(prefix, tiny_dataset["tokenizer_model"])) == 2
+    err = capsys.readouterr().err
+    assert "written with another tokenizer" in err and "--eod-token '<other>'" in err
+    record["eod_id"] -= 1
+    record["model_sha256"] = "0" * 64
+    open(path, "w").write(json.dumps(record))
+    assert _run_main(_data_argv(prefix, tiny_dataset["tokenizer_model"])) == 2
+    assert "tokenizer model" in capsys.readouterr().err
+
+
+def test_packed_data_needs_reset_attention_mask(tiny_dataset, tmp_path, capsys):
+    import json
+
+    prefix = _copy_dataset(tiny_dataset["prefix"], tmp_path)
+    path = prefix + "_tokenizer_record.json"
+    record = json.loads(open(path).read())
+    record["packed"] = True
+    open(path, "w").write(json.dumps(record))
+    assert _run_main(_data_argv(prefix, tiny_dataset["tokenizer_model"], "--dry-run")) == 2
+    assert "pass --reset-attention-mask" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_resolved_config(tiny_dataset, capsys):
+    import yaml
+
+    import pretrain_anchor
+
+    result = pretrain_anchor.main(_data_argv(tiny_dataset["prefix"], tiny_dataset["tokenizer_model"], "--dry-run",
+                                             "--swiglu"))
+    assert result.train == []
+    out = capsys.readouterr().out
+    assert "configuration valid for world size 1" in out
+    assert yaml.safe_load(out.split("\n", 1)[1])["model"]["ffn_hidden_size"] == 192
+
+
+def test_finetune_refuses_another_architecture_or_tokenizer(tiny_dataset, tmp_path, capsys):
+    """The checkpoint's run_config.yaml and tokenizer record are compared before anything is built."""
+    import json
+
+    from megatron_anchor.tokenizer import build_tokenizer
+    from megatron_anchor.tokenizer.record import checkpoint_record_path, tokenizer_record, write_record
+    from megatron_anchor.training.arguments import dump_yaml
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    trained = _data_argv(tiny_dataset["prefix"], tiny_dataset["tokenizer_model"], "--norm-epsilon", "1e-6",
+                         "--position-embedding-type", "rope", "--rotary-base", "500000")
+    cfg = _validate(trained)
+    dump_yaml(cfg, str(ckpt / "run_config.yaml"))
+    tok = build_tokenizer(tiny_dataset["tokenizer_type"], tiny_dataset["tokenizer_model"])
+    write_record(checkpoint_record_path(str(ckpt)), tokenizer_record(tok, tiny_dataset["tokenizer_type"]))
+    finetune = ["--finetune", "--load", str(ckpt), "--dry-run"]
+    # Same architecture (other sequence length and dropout): accepted.
+    assert pretrain_ok(trained + finetune + ["--seq-length", "32", "--hidden-dropout", "0"])
+    capsys.readouterr()
+    # Another norm epsilon, RoPE base and depth: refused, each field named.
+    other = _data_argv(tiny_dataset["prefix"], tiny_dataset["tokenizer_model"], "--position-embedding-type",
+                       "rope", "--num-layers", "3")
+    assert _run_main(other + finetune) == 2
+    err = capsys.readouterr().err
+    assert "cannot fine-tune from" in err
+    for field in ("--norm-epsilon: checkpoint 1e-06, this run 1e-05", "--rotary-base: checkpoint 500000",
+                  "--num-layers: checkpoint 2, this run 3"):
+        assert field in err, err
+    # Same architecture, but the checkpoint's tokenizer had another vocabulary: refused.
+    record = json.loads(open(checkpoint_record_path(str(ckpt))).read())
+    record["vocab_size"] += 8
+    write_record(checkpoint_record_path(str(ckpt)), record)
+    assert _run_main(trained + finetune) == 2
+    assert "tokenizer: vocab_size" in capsys.readouterr().err
+
+
+def pretrain_ok(argv):
+    import pretrain_anchor
+
+    return pretrain_anchor.main(argv) is not None

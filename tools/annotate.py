@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence
 # Runnable as a script from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_anchor.annotation.budget import add_budget_arguments, budget_from_args  # noqa: E402
 from megatron_anchor.annotation.annotate import AnnotateConfig, AnnotateError, annotate_file, format_summary  # noqa: E402
 from megatron_anchor.annotation.llm.client import API_KEY_ENV, ClientConfig, load_api_key  # noqa: E402
 from megatron_anchor.annotation.llm.tagschema import SchemaError  # noqa: E402
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="SQLite annotation cache keyed by model, prompt version and chunk hash; share one "
                           "file between runs to never pay twice (default: OUTPUT.cache.sqlite)")
     ann.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    add_budget_arguments(p.add_argument_group("annotation budget (see docs/data_formats.md)"))
 
     srv = p.add_argument_group("servers (--annotator vllm)")
     srv.add_argument("--url", action="append", default=[], metavar="URL",
@@ -162,6 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         limit=args.limit,
         num_shards=args.num_shards,
         shard_index=args.shard_index,
+        budget=budget_from_args(args),
     )
     try:
         stats = annotate_file(config)

@@ -15,10 +15,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_anchor.annotation.budget import add_budget_arguments, budget_from_args  # noqa: E402
 from megatron_anchor.annotation.schema import DocumentError  # noqa: E402
 from megatron_anchor.data.cli import add_output_arguments, add_tokenizer_arguments  # noqa: E402
 from megatron_anchor.data.preprocess import PreprocessConfig, run  # noqa: E402
 from megatron_anchor.tokenizer import TokenizerError  # noqa: E402
+from megatron_anchor.tokenizer.fast import FastBackendError  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -42,7 +44,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="skip bad documents (malformed JSON, invalid UTF-8, empty, bad tags, over-long chunks) "
                         "and count them in the summary, instead of stopping at the first with its file:line")
     g.add_argument("--max-chunk-tokens", type=int, default=0,
-                   help="reject chunks with more text tokens than this, e.g. your --seq-length (0: no limit)")
+                   help="reject documents with a run of text between annotations longer than this many tokens, "
+                        "e.g. your --seq-length (0: no limit). Not with --no-annotations, where a document is "
+                        "one run")
+
+    g = p.add_argument_group("annotation budget (raw documents annotated here; see docs/data_formats.md)")
+    add_budget_arguments(g)
 
     g = add_tokenizer_arguments(p)
     g.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
@@ -64,6 +71,15 @@ def main(argv=None) -> int:
     if len(args.json_keys) != 1:
         print("error: exactly one --json-keys value is supported", file=sys.stderr)
         return 2
+    if args.max_chunk_tokens and args.no_annotations:
+        print("error: --max-chunk-tokens limits the runs of text between annotations; with --no-annotations "
+              "each document is encoded whole, so drop one of the two", file=sys.stderr)
+        return 2
+    try:
+        budget = budget_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cfg = PreprocessConfig(
         input=args.input,
         output_prefix=args.output_prefix,
@@ -82,10 +98,12 @@ def main(argv=None) -> int:
         num_shards=args.num_shards,
         shard_index=args.shard_index,
         show_progress=not args.no_progress,
+        tokenizer_backend=args.tokenizer_backend,
+        budget=budget,
     )
     try:
         run(cfg)
-    except (DocumentError, TokenizerError) as e:
+    except (DocumentError, TokenizerError, FastBackendError) as e:
         print(f"error: {e}\n(finished parts are kept: fix the input, or pass --skip-bad-documents, and rerun "
               "the same command to resume)", file=sys.stderr)
         return 1

@@ -43,6 +43,7 @@ from megatron_anchor.data.sft import (  # noqa: E402
     with_annotations,
 )
 from megatron_anchor.tokenizer import TokenizerError, build_tokenizer  # noqa: E402
+from megatron_anchor.tokenizer.fast import FastBackendError  # noqa: E402
 
 logger = logging.getLogger("preprocess_sft")
 
@@ -191,8 +192,7 @@ def main(argv=None) -> int:
             if not args.seq_length:
                 print("error: --pack needs --seq-length (the training sequence length)", file=sys.stderr)
                 return 2
-            kwargs = {"eod_token": args.eod_token} if args.tokenizer_type == "HuggingFaceTokenizer" else {}
-            pad_id = build_tokenizer(args.tokenizer_type, args.tokenizer_model, **kwargs).eod
+            pad_id = build_tokenizer(args.tokenizer_type, args.tokenizer_model, eod_token=args.eod_token).eod
         converter = SFTConverter(
             template, annotations=not args.no_annotations,
             annotator="none" if args.annotator == "vllm" else args.annotator,
@@ -205,10 +205,10 @@ def main(argv=None) -> int:
             tokenizer_model=args.tokenizer_model, workers=args.workers, append_eod=True,
             annotations=not args.no_annotations, skip_bad_documents=args.skip_bad_samples, docs_per_part=args.docs_per_part, eod_token=args.eod_token,
             overwrite=args.overwrite, show_progress=not args.no_progress, converter=converter,
-            num_shards=args.num_shards, shard_index=args.shard_index,
+            num_shards=args.num_shards, shard_index=args.shard_index, tokenizer_backend=args.tokenizer_backend,
         )
         total = run(cfg)
-    except (DocumentError, TokenizerError) as e:
+    except (DocumentError, TokenizerError, FastBackendError) as e:
         print(f"error: {e}\n(finished parts are kept: fix the input, or pass --skip-bad-samples, and rerun the "
               "same command to resume)", file=sys.stderr)
         return 1

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Shared launcher for the GPU recipes (sourced by pretrain_0.6b.sh / pretrain_1b.sh / pretrain_2.5b.sh).
+# Shared launcher for the GPU pretraining recipes (sourced by pretrain_0.6b.sh / pretrain_1b.sh /
+# pretrain_2.5b.sh after model_sizes.sh, which sets MODEL_ARGS and the parallel layout).
 #
 # Single node:  DATA_PATH=... TOKENIZER_MODEL=... bash examples/gpu/pretrain_1b.sh
 # Multi-node (run on every node, same MASTER_ADDR; NODE_RANK 0..NNODES-1):
@@ -31,6 +32,10 @@ TRAIN_ITERS=$(( TOKENS / (GLOBAL_BATCH_SIZE * SEQ_LENGTH) ))
 WARMUP_ITERS=$(( TRAIN_ITERS / 100 ))
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # needed for TP communication overlap with sequence parallel
+# Preemption: torchrun forwards these signals to the workers, which finish the step, save and exit 0; give the
+# save time before torchrun's SIGKILL (Slurm: #SBATCH --signal=USR1@300 sends SIGUSR1 five minutes before the end).
+export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
 export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
 
 LAUNCH=(torchrun --nproc-per-node "${GPUS_PER_NODE}" --nnodes "${NNODES}" --node-rank "${NODE_RANK}")
@@ -50,18 +55,14 @@ fi
   --transformer-impl transformer_engine --bf16 \
   --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}" ${SEQ_PARALLEL:+--sequence-parallel} \
   --use-distributed-optimizer --overlap-grad-reduce \
-  --num-layers "${NUM_LAYERS}" --hidden-size "${HIDDEN}" --ffn-hidden-size "${FFN}" \
-  --num-attention-heads "${HEADS}" --group-query-attention --num-query-groups "${KV_GROUPS}" \
-  --position-embedding-type rope --rotary-base 1000000 --swiglu --normalization RMSNorm --norm-epsilon 1e-6 \
-  --disable-bias-linear --untie-embeddings-and-output-weights \
-  --hidden-dropout 0 --attention-dropout 0 --init-method-std 0.02 \
+  "${MODEL_ARGS[@]}" --hidden-dropout 0 --attention-dropout 0 \
   --seq-length "${SEQ_LENGTH}" --micro-batch-size "${MICRO_BATCH_SIZE}" --global-batch-size "${GLOBAL_BATCH_SIZE}" \
   --train-iters "${TRAIN_ITERS}" --lr "${LR}" --min-lr "${MIN_LR}" --lr-decay-style cosine \
   --lr-warmup-iters "${WARMUP_ITERS}" --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 \
   --clip-grad 1.0 \
   --data-path ${DATA_PATH} --split 998,2,0 --num-workers 2 \
   --tokenizer-type "${TOKENIZER_TYPE}" --tokenizer-model "${TOKENIZER_MODEL}" \
-  --loss-mask-policy "${POLICY}" \
+  --loss-mask-policy "${POLICY}" --exit-signal SIGUSR1 \
   --save "${SAVE_DIR}/checkpoints" --load "${SAVE_DIR}/checkpoints" --save-interval 1000 \
   --ckpt-fully-parallel-save \
   "${LOGGING[@]}" \

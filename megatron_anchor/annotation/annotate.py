@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, TextIO
 
 from megatron_anchor.annotation import default_annotator
+from megatron_anchor.annotation.budget import NO_BUDGET, AnnotationBudget
 from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash
 from megatron_anchor.annotation.llm.client import Annotation, AnnotatorClient, ClientConfig
 from megatron_anchor.annotation.llm.prompt import prompt_id
@@ -81,6 +82,8 @@ class AnnotateConfig:
     (:mod:`megatron_anchor.sharding`); ``output`` is then that shard's own output."""
     shard_index: int = 0
     """Which shard (0-based)."""
+    budget: AnnotationBudget = NO_BUDGET
+    """Merge short chunks before annotation, cap tags per chunk (:mod:`megatron_anchor.annotation.budget`)."""
 
     @property
     def failed_path(self) -> Path:
@@ -340,7 +343,7 @@ class AnnotateJob:
                 rec[_ERRORS_KEY] = d.errors
                 failed.write(json.dumps(rec, ensure_ascii=False) + "\n")
             else:
-                out.write(d.doc.to_jsonl() + "\n")
+                out.write(self.cfg.budget.cap(d.doc).to_jsonl() + "\n")
 
     # -- main loop -----------------------------------------------------------------------------------------
 
@@ -365,7 +368,7 @@ class AnnotateJob:
         except DocumentError as e:
             return _Doc(line_no, None, bad_input=str(e))
         doc.extra.pop(_ERRORS_KEY, None)  # a failed file fed back as input: drop the old reasons
-        return _Doc(line_no, doc)
+        return _Doc(line_no, self.cfg.budget.merge(doc))
 
     async def _run(self) -> Stats:
         cfg = self.cfg

@@ -159,6 +159,15 @@ def parse_document(
         chunks: List[Chunk] = []
         for i, c in enumerate(raw_chunks):
             # The chunk's name for error messages is only formatted when there is an error to report.
+            if type(c) is dict:
+                text = c.get("text")
+                sep = c.get("sep", "")
+                if type(text) is str and text and type(sep) is str and (not sep or sep.isspace()):
+                    tags = c.get("tags")
+                    if tags is not None:
+                        tags = _parse_tags(tags, partial(_chunk_where, where, i), max_value_chars)
+                    chunks.append(Chunk(text, sep, tags))
+                    continue
             cw = partial(_chunk_where, where, i)
             if not isinstance(c, dict):
                 raise DocumentError(cw(), f"a chunk must be an object, got {type(c).__name__}")
@@ -186,16 +195,34 @@ def parse_document(
     raise DocumentError(where, f"a document needs 'chunks' (annotated) or '{text_key}' (raw); keys: {sorted(obj)[:8]}")
 
 
+def load_line(line: bytes, where: str) -> Any:
+    """Decode one JSONL line (strict UTF-8); every failure is a :class:`DocumentError` naming ``where``."""
+    try:
+        return _loads(line)  # orjson validates UTF-8 itself, so the line is not decoded twice
+    except _JSONDecodeError as e:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as u:
+            raise DocumentError(where, f"invalid UTF-8 at byte {u.start}") from None
+        raise DocumentError(where, f"malformed JSON: {e.msg} at column {e.colno}") from None
+
+
 def parse_line(
     line: bytes, where: str, text_key: str = "text", max_value_chars: int = MAX_VALUE_CHARS
 ) -> Document:
     """Decode (strict UTF-8) and parse one JSONL line; every failure is a :class:`DocumentError`."""
-    try:
-        s = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DocumentError(where, f"invalid UTF-8 at byte {e.start}") from None
-    try:
-        obj = _loads(s)
-    except _JSONDecodeError as e:
-        raise DocumentError(where, f"malformed JSON: {e.msg} at column {e.colno}") from None
-    return parse_document(obj, where, text_key, max_value_chars)
+    return parse_document(load_line(line, where), where, text_key, max_value_chars)
+
+
+def document_text(obj: Any, where: str, text_key: str = "text") -> Tuple[str, int]:
+    """``(text, chunks)`` of a decoded line, validated as :func:`parse_document` validates it.
+
+    A valid raw document's text is returned as it is, without splitting it into chunks (``chunks`` is then 0:
+    not counted); anything else goes through :func:`parse_document` (annotated documents, and every error).
+    """
+    if type(obj) is dict and "chunks" not in obj:
+        text = obj.get(text_key)
+        if type(text) is str and text and not text.isspace():
+            return text, 0
+    doc = parse_document(obj, where, text_key)
+    return doc.text, len(doc.chunks)

@@ -90,13 +90,35 @@ class RoleChannelIndexedDataset(IndexedDataset):
         return parts
 
     @staticmethod
-    def roles_for(parts: List[memoryview], total: int, skip: int = 0) -> np.ndarray:
+    def roles_for(parts: List[memoryview], tokens: np.ndarray, pad_id: Optional[int], total: int,
+                  skip: int = 0) -> np.ndarray:
         """The recorded role slices (uint8) joined and padded with PAD up to ``total``, without their first
-        ``skip`` entries. Roles stay uint8 (1/8 of the memory of int64 through collation)."""
+        ``skip`` entries. Roles stay uint8 (1/8 of the memory of int64 through collation).
+
+        Tripwire: the recorded slices must cover the sample's real ``tokens`` (all but the pad ids megatron
+        appends to a short sample). If a megatron-core release reads tokens by another path than
+        ``bin_reader.read``, fewer roles are recorded, and padding them with PAD would silently drop loss; this
+        raises instead.
+        """
         buf = bytearray().join(parts)  # one copy, and a writable buffer (cheaper than np.concatenate)
+        trailing_pad = _trailing_run(tokens, pad_id)
+        if not len(tokens) - trailing_pad <= len(buf) <= len(tokens):
+            tokens_read = len(tokens) - trailing_pad
+            raise RuntimeError(
+                f"role channel out of step with the tokens: recorded {len(buf)} roles for {tokens_read} tokens "
+                "read; megatron-core's GPTDataset no longer reads tokens through IndexedDataset.bin_reader.read "
+                "(this megatron-core version is not supported by AnchorGPTDataset)")
         if len(buf) < total:
             buf.extend(bytes(total - len(buf)))  # Role.PAD == 0
         return np.frombuffer(buf, ROLE_DTYPE, offset=skip)
+
+
+def _trailing_run(tokens: np.ndarray, value: Optional[int]) -> int:
+    """Length of the run of ``value`` at the end of ``tokens`` (0 when ``value`` is None)."""
+    if value is None or len(tokens) == 0 or tokens[-1] != value:
+        return 0
+    other = np.flatnonzero(tokens != value)
+    return len(tokens) - (int(other[-1]) + 1 if len(other) else 0)
 
 
 class AnchorGPTDataset(GPTDataset):
@@ -122,10 +144,12 @@ class AnchorGPTDataset(GPTDataset):
             out = super()._query_document_sample_shuffle_indices(idx)
         finally:
             reads = self.dataset.stop_recording()
+        # out[0]: the sample's tokens, real ones first and megatron's padding (its pad id) after them.
+        pad = getattr(self, "_pad_token_id", None)
         if self.config.add_extra_token_to_sequence:  # roles[i]: the role of label i, i.e. of token i + 1
-            self._last_roles = self.dataset.roles_for(reads, len(out[0]), skip=1)
+            self._last_roles = self.dataset.roles_for(reads, out[0], pad, len(out[0]), skip=1)
         else:  # the labels are the tokens shifted by one, the last one padding
-            self._last_roles = self.dataset.roles_for(reads, len(out[0]) + 1, skip=1)
+            self._last_roles = self.dataset.roles_for(reads, out[0], pad, len(out[0]) + 1, skip=1)
         return out
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
@@ -133,5 +157,8 @@ class AnchorGPTDataset(GPTDataset):
         roles = torch.from_numpy(self._last_roles)
         if idx is None:
             roles = torch.zeros_like(roles)
+        if roles.shape != sample["labels"].shape:  # tripwire: the parent changed how it shapes a sample
+            raise RuntimeError(f"roles {tuple(roles.shape)} do not align with labels {tuple(sample['labels'].shape)}"
+                               "; this megatron-core version is not supported by AnchorGPTDataset")
         sample["roles"] = roles
         return sample

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_anchor.tokenizer import TOKENIZER_TYPES
+from megatron_anchor.tokenizer.fast import BACKENDS, INSTALL_HINT
 
 
 def add_tokenizer_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -15,7 +16,14 @@ def add_tokenizer_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGro
     g.add_argument("--tokenizer-model", required=True,
                    help="SentencePiece .model file, or a Hugging Face tokenizer.json or folder holding one")
     g.add_argument("--eod-token", default=None,
-                   help="end-of-document token text for Hugging Face tokenizers that do not declare an eos")
+                   help="end-of-document token text (default: the SentencePiece model's eos piece, or the Hugging "
+                        "Face tokenizer's eos_token); recorded beside the dataset, and the trainer must be given "
+                        "the same --eod-token")
+    g.add_argument("--tokenizer-backend", choices=BACKENDS, default="auto",
+                   help="what encodes text: 'auto' uses gigatoken (" + INSTALL_HINT + ") when it is installed and "
+                        "gives the reference tokenizer's ids on probes and a sample of this input, else the "
+                        "reference (one line says which and why); 'gigatoken' stops when it cannot be used; "
+                        "'reference' never uses it. The output is the same either way (default: auto)")
     return g
 
 

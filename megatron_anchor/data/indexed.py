@@ -131,14 +131,31 @@ def publish(tmp_prefix: str, final_prefix: str) -> None:
 
 def write_documents(prefix: str, docs: Sequence[np.ndarray], dtype: type) -> None:
     """Write documents (one sequence each) as ``prefix.{bin,idx}``, via temporary names."""
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    write_flat(prefix, np.concatenate(docs) if len(docs) else np.zeros(0, dtype), lengths, dtype)
+
+
+def write_flat(prefix: str, data: np.ndarray, lengths: np.ndarray, dtype: type) -> None:
+    """Write documents given as one flat array and their lengths as ``prefix.{bin,idx}``, via temporary names.
+
+    One write per file: the cost is a copy of the part's tokens, whatever the number of documents."""
     tmp = prefix + TMP_SUFFIX
     with open(bin_path(tmp), "wb") as f:
-        for d in docs:
-            f.write(np.ascontiguousarray(d, dtype=dtype).tobytes())
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.int32, count=len(docs))
+        np.ascontiguousarray(data, dtype=dtype).tofile(f)
     with open(idx_path(tmp), "wb") as f:
-        _write_index(f, dtype, lengths, np.arange(len(docs) + 1, dtype=np.int64))
+        _write_index(f, dtype, np.asarray(lengths), np.arange(len(lengths) + 1, dtype=np.int64))
     publish(tmp, prefix)
+
+
+def write_token_role_part(prefix: str, ids: np.ndarray, roles: np.ndarray, lengths: np.ndarray,
+                          dtype: type) -> None:
+    """Write flat ids and roles (documents of ``lengths`` tokens) as the token dataset ``prefix`` and its role
+    channel, the channel published first (so an existing token dataset always has its matching channel)."""
+    if len(ids) != len(roles) or len(ids) != int(np.asarray(lengths, dtype=np.int64).sum()):
+        raise ValueError(f"{len(ids)} tokens, {len(roles)} roles and document lengths summing to "
+                         f"{int(np.asarray(lengths, dtype=np.int64).sum())} must agree")
+    write_flat(roles_prefix(prefix), roles, lengths, ROLE_DTYPE)
+    write_flat(prefix, ids, lengths, dtype)
 
 
 def write_token_role_documents(prefix: str, docs: Sequence[Tuple[np.ndarray, np.ndarray]], dtype: type) -> None:
@@ -149,8 +166,10 @@ def write_token_role_documents(prefix: str, docs: Sequence[Tuple[np.ndarray, np.
     for ids, roles in docs:
         if len(ids) != len(roles):
             raise ValueError(f"a document has {len(ids)} tokens but {len(roles)} roles")
-    write_documents(roles_prefix(prefix), [r for _, r in docs], ROLE_DTYPE)
-    write_documents(prefix, [i for i, _ in docs], dtype)
+    lengths = np.fromiter((len(i) for i, _ in docs), np.int64, len(docs))
+    ids = np.concatenate([i for i, _ in docs]) if docs else np.zeros(0, dtype)
+    roles = np.concatenate([r for _, r in docs]) if docs else np.zeros(0, ROLE_DTYPE)
+    write_token_role_part(prefix, ids, roles, lengths, dtype)
 
 
 def merge_datasets(prefixes: Sequence[str], out_prefix: str, show_progress: bool = False) -> IndexHeader:
@@ -197,10 +216,16 @@ def merge_datasets(prefixes: Sequence[str], out_prefix: str, show_progress: bool
 
 def merge_token_role_datasets(prefixes: Sequence[str], out_prefix: str) -> IndexHeader:
     """Merge token datasets and their role channels, keeping the two aligned (roles published first)."""
+    from megatron_anchor.tokenizer.record import dataset_record_path, merge_records, read_record, write_record
+
     for p in prefixes:
         check_role_channel(p, deep=False)
+    record = merge_records([read_record(dataset_record_path(p)) for p in prefixes], out_prefix)
     merge_datasets([roles_prefix(p) for p in prefixes], roles_prefix(out_prefix))
-    return merge_datasets(prefixes, out_prefix)
+    header = merge_datasets(prefixes, out_prefix)
+    if record is not None:  # parts without records (e.g. a run's own part files) leave it to the caller
+        write_record(dataset_record_path(out_prefix), record)
+    return header
 
 
 def check_bin_size(h: IndexHeader) -> None:
@@ -210,7 +235,7 @@ def check_bin_size(h: IndexHeader) -> None:
     if not os.path.isfile(bpath):
         raise DatasetFormatError(f"{bpath}: data file not found")
     _, lengths, _, _ = read_index_arrays(h.path)
-    want = int(np.asarray(lengths, dtype=np.int64).sum()) * np.dtype(h.dtype).itemsize
+    want = total_length(lengths) * np.dtype(h.dtype).itemsize
     got = os.path.getsize(bpath)
     if got != want:
         raise DatasetFormatError(
@@ -218,17 +243,42 @@ def check_bin_size(h: IndexHeader) -> None:
         )
 
 
+SCAN_BLOCK = 1 << 22
+"""Elements per block in the whole-file checks below: a block's temporaries stay under ~40 MiB whatever the
+dataset's size (the files themselves are memory-mapped and read through the page cache)."""
+
+
+def _block_starts(n: int, block: int = SCAN_BLOCK) -> range:
+    return range(0, n, block)
+
+
+def total_length(lengths: np.ndarray, block: int = SCAN_BLOCK) -> int:
+    """Sum of an int32 length array, accumulated block by block in int64 (no full-size int64 copy)."""
+    return sum(int(lengths[i : i + block].sum(dtype=np.int64)) for i in _block_starts(len(lengths), block))
+
+
+def first_difference(a: np.ndarray, b: np.ndarray, block: int = SCAN_BLOCK) -> int:
+    """Index of the first element where equal-length arrays differ, or -1; compared block by block."""
+    for i in _block_starts(len(a), block):
+        diff = np.flatnonzero(a[i : i + block] != b[i : i + block])
+        if len(diff):
+            return i + int(diff[0])
+    return -1
+
+
 def check_role_channel(prefix: str, deep: bool = True) -> Tuple[IndexHeader, IndexHeader]:
     """Validate a token dataset and its role channel; raise :class:`DatasetFormatError` naming the problem.
 
     Checks: both pairs exist and are complete, roles are uint8, sequence lengths and document indices are
     equal. With ``deep``, also that every role code is known (reads the whole role ``.bin``).
+    Time is linear in the number of sequences (plus tokens with ``deep``); extra memory is bounded by
+    :data:`SCAN_BLOCK`, not by the dataset's size.
     """
     rprefix = roles_prefix(prefix)
     if not os.path.isfile(idx_path(rprefix)) and not os.path.isfile(bin_path(rprefix)):
         raise DatasetFormatError(
             f"{prefix}: role channel {rprefix}.{{bin,idx}} not found; preprocess the data with "
-            "tools/preprocess_data.py (or use --loss-mask-policy none for plain token data)"
+            "tools/preprocess_data.py (or train on plain token data with --no-role-channel)"
         )
     th = read_index_header(idx_path(prefix))
     rh = read_index_header(idx_path(rprefix))
@@ -243,12 +293,12 @@ def check_role_channel(prefix: str, deep: bool = True) -> Tuple[IndexHeader, Ind
         )
     _, tl, _, td = read_index_arrays(th.path)
     _, rl, _, rd = read_index_arrays(rh.path)
-    if not np.array_equal(tl, rl):
-        bad = int(np.flatnonzero(np.asarray(tl) != np.asarray(rl))[0])
+    bad = first_difference(tl, rl)
+    if bad >= 0:
         raise DatasetFormatError(
             f"{prefix}: sequence {bad} has {int(tl[bad])} tokens but {int(rl[bad])} roles in {rh.path}"
         )
-    if not np.array_equal(td, rd):
+    if first_difference(td, rd) >= 0:
         raise DatasetFormatError(f"{prefix}: document indices of the role channel differ from the tokens'")
     if deep:
         unknown = unknown_role_codes(rprefix)
@@ -257,10 +307,42 @@ def check_role_channel(prefix: str, deep: bool = True) -> Tuple[IndexHeader, Ind
     return th, rh
 
 
-def unknown_role_codes(rprefix: str) -> List[int]:
-    """Role codes in a role channel's ``.bin`` that :class:`~megatron_anchor.roles.Role` does not define."""
-    data = np.memmap(bin_path(rprefix), ROLE_DTYPE, "r") if os.path.getsize(bin_path(rprefix)) else np.zeros(0, ROLE_DTYPE)
-    counts = np.bincount(np.asarray(data), minlength=256)
+def _role_bytes(rprefix: str) -> np.ndarray:
+    path = bin_path(rprefix)
+    return np.memmap(path, ROLE_DTYPE, "r") if os.path.getsize(path) else np.zeros(0, ROLE_DTYPE)
+
+
+_MAX_KNOWN_CODE = max(KNOWN_ROLE_CODES)
+_CODES_ARE_CONTIGUOUS = set(KNOWN_ROLE_CODES) == set(range(_MAX_KNOWN_CODE + 1))
+
+
+def first_unknown_role(rprefix: str, start: int = 0, stop: int = -1, block: int = SCAN_BLOCK) -> int:
+    """Offset of the first unknown role code in bytes ``[start, stop)`` of a role channel's ``.bin``, or -1.
+
+    Reads the range block by block (one max per block when the codes are 0..N, the common case): time linear in
+    the range, memory O(block).
+    """
+    data = _role_bytes(rprefix)
+    stop = len(data) if stop < 0 else min(stop, len(data))
+    for i in range(start, stop, block):
+        chunk = data[i : min(i + block, stop)]
+        if _CODES_ARE_CONTIGUOUS and int(chunk.max(initial=0)) <= _MAX_KNOWN_CODE:
+            continue
+        bad = np.flatnonzero(~np.isin(chunk, np.asarray(sorted(KNOWN_ROLE_CODES), dtype=ROLE_DTYPE)))
+        if len(bad):
+            return i + int(bad[0])
+    return -1
+
+
+def unknown_role_codes(rprefix: str, block: int = SCAN_BLOCK) -> List[int]:
+    """Role codes in a role channel's ``.bin`` that :class:`~megatron_anchor.roles.Role` does not define.
+
+    Counted block by block (a block's counts cost 8 bytes per element), so memory stays bounded.
+    """
+    data = _role_bytes(rprefix)
+    counts = np.zeros(256, dtype=np.int64)
+    for i in _block_starts(len(data), block):
+        counts += np.bincount(data[i : i + block], minlength=256)
     return [c for c in np.flatnonzero(counts).tolist() if c not in KNOWN_ROLE_CODES]
 
 

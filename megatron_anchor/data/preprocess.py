@@ -31,19 +31,23 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 from tqdm import tqdm
 
+from megatron_anchor.annotation.budget import NO_BUDGET, AnnotationBudget
 from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotate_document
-from megatron_anchor.annotation.format import Segment, chunk_segments
-from megatron_anchor.annotation.schema import Document, DocumentError, parse_line
+from megatron_anchor.annotation.format import Segment, annotation_segments
+from megatron_anchor.annotation.schema import Document, DocumentError, document_text, load_line, parse_document
 from megatron_anchor.data.indexed import (
     bin_path,
     idx_path,
     merge_token_role_datasets,
     roles_prefix,
-    write_token_role_documents,
+    write_token_role_part,
 )
 from megatron_anchor.roles import ANNOTATION_ROLES, Role
 from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 from megatron_anchor.tokenizer import AnchorTokenizer, build_tokenizer
+from megatron_anchor.tokenizer.record import dataset_record_path, tokenizer_record, write_record
+from megatron_anchor.tokenizer.fast import select_backend
+from megatron_anchor.tokenizer.pieces import EncodedPart, PieceBatch, PieceEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ class PreprocessConfig:
     docs_per_part: int = 2000
     """Input lines per part: the unit of parallel work and of resumption (output-affecting)."""
     eod_token: Optional[str] = None
-    """End-of-document token text for Hugging Face tokenizers that do not declare one (output-affecting)."""
+    """End-of-document token text (default: the tokenizer's own; output-affecting)."""
     overwrite: bool = False
     """Replace existing outputs and discard parts left by a run with other arguments."""
     show_progress: bool = True
@@ -91,6 +95,13 @@ class PreprocessConfig:
     """Which shard this run processes (0-based)."""
     converter: "DocumentConverter" = field(default_factory=lambda: DocumentConverter())
     """What an input line means (pretraining documents by default; SFT preprocessing passes its own)."""
+    tokenizer_backend: str = "auto"
+    """``auto`` (gigatoken when installed and identical for the model), ``gigatoken`` (required) or
+    ``reference``. Never output-affecting: gigatoken is used only where it gives the reference's ids."""
+    budget: AnnotationBudget = NO_BUDGET
+    """Merge short chunks before the embedded annotator, cap tags per chunk (output-affecting)."""
+    sample_bytes: int = 64 << 10
+    """Input read at start to check the fast backend's identity on the run's own texts."""
 
     @property
     def output_path_prefix(self) -> str:
@@ -122,6 +133,7 @@ class PreprocessConfig:
             "skip_bad_documents": self.skip_bad_documents,
             "max_chunk_tokens": self.max_chunk_tokens, "docs_per_part": self.docs_per_part,
             "eod_token": self.eod_token, "num_shards": self.num_shards, "shard_index": self.shard_index,
+            "budget": self.budget.fingerprint(),
         }
 
 
@@ -166,67 +178,124 @@ class DocumentDropped(DocumentError):
 
 
 class DocumentConverter:
-    """Turns input lines into segments, and vets documents once tokenized.
+    """Turns input lines into pieces (:mod:`megatron_anchor.tokenizer.pieces`), and vets documents once encoded.
 
     The engine (parts, workers, resume, merge) is the same for every kind of input; a converter says what one
-    line means. This one reads pretraining documents (annotated or raw); SFT preprocessing supplies its own.
-    Converters run inside worker processes and must be picklable (plain attributes only).
+    line means. This one reads pretraining documents (annotated or raw); SFT preprocessing supplies its own,
+    usually by overriding :meth:`segments` only. Converters run inside worker processes and must be picklable
+    (plain attributes only).
+
+    Token boundaries (docs/data_formats.md): a document is its runs of text, each encoded exactly as the
+    tokenizer encodes that string, with boundaries forced only around annotations and before EOD. With
+    ``--no-annotations`` a document is one run: its whole text encoded at once, then EOD, as Megatron-LM writes.
     """
 
     name = "pretrain"
 
     def fingerprint(self) -> Dict[str, object]:
         """Converter options that change the output (checked when a run resumes)."""
-        return {"default_annotator": ANNOTATOR_NAME}
+        return {"default_annotator": ANNOTATOR_NAME, "runs": "canonical"}
+
+    def dataset_facts(self) -> Dict[str, object]:
+        """What the trainer must know about the written dataset (kept in its tokenizer record)."""
+        return {"kind": self.name, "packed": False}
 
     def segments(self, line: bytes, where: str, cfg: "PreprocessConfig", tok: AnchorTokenizer,
                  stats: "PartStats") -> Tuple[List[Segment], int]:
         """``(segments, number of chunks)`` for one line; raise :class:`DocumentError` for bad input."""
-        doc = parse_line(line, where, cfg.json_key)
+        doc = self.document(line, where, cfg, stats)
+        eod = tok.eod_segment() if cfg.append_eod else None
+        return document_segments(doc, cfg.annotations, eod), len(doc.chunks)
+
+    def document(self, line: bytes, where: str, cfg: "PreprocessConfig", stats: "PartStats") -> Document:
+        """The validated document, annotated by the embedded annotator where needed, budget applied."""
+        doc = parse_document(load_line(line, where), where, cfg.json_key)
         if cfg.annotations and not doc.annotated:
             if cfg.annotator != "default":
                 raise DocumentError(
                     where, "raw document but --annotator none; annotate it first (tools/annotate.py), "
                     "use --annotator default, or pass --no-annotations"
                 )
+            cfg.budget.merge(doc)
             annotate_document(doc)
             stats.annotated_here += 1
-        eod = tok.eod_segment() if cfg.append_eod else None
-        return document_segments(doc, cfg.annotations, eod), len(doc.chunks)
+        return cfg.budget.cap(doc)
 
-    def check_encoded(self, segs: List[Segment], encoded: Tuple[np.ndarray, np.ndarray], seg_lengths: List[int],
-                      where: str, cfg: "PreprocessConfig", stats: "PartStats") -> Tuple[np.ndarray, np.ndarray]:
-        """Return the document's ``(ids, roles)`` (possibly changed), or raise :class:`DocumentError`
-        (bad input) or :class:`DocumentDropped` (left out by design)."""
-        if cfg.max_chunk_tokens:
-            worst = max((n for s, n in zip(segs, seg_lengths) if s.role == Role.TEXT), default=0)
-            if worst > cfg.max_chunk_tokens:
-                raise DocumentError(
-                    where, f"a chunk has {worst} tokens, more than --max-chunk-tokens {cfg.max_chunk_tokens}; "
-                    "split it or raise the limit",
-                )
-        return encoded
+    def add_document(self, line: bytes, where: str, cfg: "PreprocessConfig", tok: AnchorTokenizer,
+                     batch: PieceBatch, stats: "PartStats") -> int:
+        """Append one line's pieces to ``batch`` and end the document there; returns its number of chunks.
 
-    def finish_part(self, encoded: List[Tuple[np.ndarray, np.ndarray]], cfg: "PreprocessConfig",
-                    stats: "PartStats") -> List[Tuple[np.ndarray, np.ndarray]]:
+        The pretraining fast path: no segment objects, annotations straight from the pool. Converters that only
+        override :meth:`segments` get it translated here."""
+        enc = tok.pieces
+        if type(self).segments is not DocumentConverter.segments:
+            segs, n = self.segments(line, where, cfg, tok, stats)
+            enc.add_segments(batch, segs)
+            batch.end_document()
+            return n
+        if not cfg.annotations:
+            text, n = document_text(load_line(line, where), where, cfg.json_key)
+            batch.text(text)
+        else:
+            doc = self.document(line, where, cfg, stats)
+            n = len(doc.chunks)
+            run: List[str] = []
+            for c in doc.chunks:
+                if c.tags:
+                    if run:
+                        batch.text("".join(run))
+                        run = []
+                    enc.annotation(c.tags, batch.codes)
+                run.append(c.text)
+                run.append(c.sep)
+            batch.text("".join(run))
+        if cfg.append_eod:
+            batch.codes.append(enc.eod)
+        batch.end_document()
+        return n
+
+    def check_part(self, part: EncodedPart, wheres: List[str], cfg: "PreprocessConfig", stats: "PartStats",
+                   reject) -> EncodedPart:
+        """Return the part without the documents that fail a check; ``reject(i, error)`` is told of each
+        (it raises, or counts, as the run's options say). Raise :class:`DocumentDropped` for by-design drops."""
+        if not cfg.max_chunk_tokens:
+            return part
+        over = part.longest_text > cfg.max_chunk_tokens
+        for i in np.flatnonzero(over).tolist():
+            reject(i, DocumentError(
+                wheres[i], f"a run of text between annotations has {int(part.longest_text[i])} tokens, more than "
+                f"--max-chunk-tokens {cfg.max_chunk_tokens}; split the chunk or raise the limit"))
+        return part.select(~over)
+
+    def finish_part(self, part: EncodedPart, cfg: "PreprocessConfig", stats: "PartStats") -> EncodedPart:
         """Last look at a part's documents, in order, before they are written (SFT packs samples here)."""
-        return encoded
+        return part
 
 
 _WORKER: Dict[str, object] = {}
 
 
 def _init_worker(cfg: "PreprocessConfig") -> None:
+    if _WORKER.get("cfg") is cfg:  # a forked worker inherits the driver's tokenizer, backend already chosen
+        return
     _WORKER["cfg"] = cfg
-    kwargs = {"eod_token": cfg.eod_token} if cfg.tokenizer_type == "HuggingFaceTokenizer" else {}
-    _WORKER["tok"] = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, **kwargs)
+    _WORKER["tok"] = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, eod_token=cfg.eod_token)
 
 
 def document_segments(doc: Document, annotations: bool, eod: Optional[Segment]) -> List[Segment]:
-    """A document's segments: each chunk's annotation (if wanted and present), its text and separator, EOD."""
+    """A document's segments: each annotation (if wanted and present), the runs of text between them, EOD.
+
+    Consecutive chunks without an annotation form one run of text, encoded in one piece."""
     segs: List[Segment] = []
+    run: List[str] = []
     for c in doc.chunks:
-        segs.extend(chunk_segments(c.text, c.sep, c.tags if annotations else None))
+        if annotations and c.tags:
+            if run:
+                segs.append(Segment("".join(run), Role.TEXT))
+                run = []
+            segs.extend(annotation_segments(c.tags))
+        run.append(c.text + c.sep)
+    segs.append(Segment("".join(run), Role.TEXT))
     if eod is not None:
         segs.append(eod)
     return segs
@@ -256,43 +325,43 @@ def _process_part(args: Tuple[int, int, "PartLines"]) -> Tuple[int, "PartStats"]
             gc.enable()
 
 
-def _process_part_unguarded(args: Tuple[int, int, "PartLines"]) -> Tuple[int, "PartStats"]:
-    part, _, src = args
-    lines = part_lines(src)
-    cfg: PreprocessConfig = _WORKER["cfg"]  # type: ignore[assignment]
-    tok: AnchorTokenizer = _WORKER["tok"]  # type: ignore[assignment]
+def encode_lines(lines: List[Tuple[int, bytes]], cfg: "PreprocessConfig", tok: AnchorTokenizer,
+                 stats: "PartStats") -> EncodedPart:
+    """Convert, encode and check a part's lines: the work of one part, without writing it."""
     conv = cfg.converter
-    stats = PartStats()
-    docs: List[List[Segment]] = []
+    batch = PieceBatch()
     wheres: List[str] = []
     for line_no, line in lines:
         where = f"{cfg.input}:{line_no}"
         try:
-            segs, n_chunks = conv.segments(line, where, cfg, tok, stats)
+            n_chunks = conv.add_document(line, where, cfg, tok, batch, stats)
         except DocumentError as e:
+            batch.drop_open_document()
             _skip_or_raise(cfg, stats, e)
             continue
-        docs.append(segs)
         wheres.append(where)
         stats.chunks += n_chunks
         stats.input_bytes += len(line)
-    seg_lengths: List[List[int]] = []
-    encoded = []
-    for segs, enc, lens, where in zip(docs, tok.encode_segments(docs, seg_lengths), seg_lengths, wheres):
-        try:
-            encoded.append(conv.check_encoded(segs, enc, lens, where, cfg, stats))
-        except DocumentError as e:
-            _skip_or_raise(cfg, stats, e)
-    encoded = conv.finish_part(encoded, cfg, stats)
-    stats.documents = len(encoded)
-    stats.tokens = sum(len(ids) for ids, _ in encoded)
+    part = tok.pieces.encode(batch)
+    part = conv.check_part(part, wheres, cfg, stats, lambda i, e: _skip_or_raise(cfg, stats, e))
+    return conv.finish_part(part, cfg, stats)
+
+
+def _process_part_unguarded(args: Tuple[int, int, "PartLines"]) -> Tuple[int, "PartStats"]:
+    part_no, _, src = args
+    cfg: PreprocessConfig = _WORKER["cfg"]  # type: ignore[assignment]
+    tok: AnchorTokenizer = _WORKER["tok"]  # type: ignore[assignment]
+    stats = PartStats()
+    part = encode_lines(part_lines(src), cfg, tok, stats)
+    stats.documents = len(part)
+    stats.tokens = int(len(part.ids))
     if stats.tokens:
-        counts = np.bincount(np.concatenate([roles for _, roles in encoded]), minlength=len(Role))
+        counts = np.bincount(part.roles, minlength=len(Role))
         stats.annotation_tokens = int(sum(counts[r] for r in ANNOTATION_ROLES))
-    prefix = part_prefix(cfg, part)
-    write_token_role_documents(prefix, encoded, tok.token_dtype)
+    prefix = part_prefix(cfg, part_no)
+    write_token_role_part(prefix, part.ids, part.roles, part.doc_lengths, tok.token_dtype)
     _write_json_atomic(prefix + ".stats.json", asdict(stats))
-    return part, stats
+    return part_no, stats
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -453,6 +522,8 @@ def run(cfg: PreprocessConfig) -> PartStats:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     _prepare_parts_dir(cfg)
     _init_worker(cfg)  # checks the tokenizer loads before any worker starts
+    notice = select_backend(_WORKER["tok"], cfg.tokenizer_backend, _sample_texts(cfg))
+    logger.info("%s", notice)
 
     total = PartStats()
     done_parts: List[int] = []
@@ -515,12 +586,37 @@ def run(cfg: PreprocessConfig) -> PartStats:
         merge_token_role_datasets([part_prefix(cfg, p) for p in sorted(done_parts)], out)
     else:  # a shard whose byte range holds no line start: an empty dataset keeps the shard set complete
         write_token_role_documents(out, [], _WORKER["tok"].token_dtype)
+    write_record(dataset_record_path(out), tokenizer_record(
+        _WORKER["tok"], cfg.tokenizer_type, annotations=cfg.annotations, **cfg.converter.dataset_facts()))
     if cfg.num_shards > 1:
         _write_json_atomic(cfg.done_marker, asdict(total))
     shutil.rmtree(cfg.parts_dir)
     elapsed = time.time() - start
     _log_summary(cfg, total, elapsed, resumed=resuming)
     return total
+
+
+def _sample_texts(cfg: PreprocessConfig) -> List[str]:
+    """The texts the first ``sample_bytes`` of this run's input will be encoded as (for the identity check)."""
+    if cfg.tokenizer_backend == "reference":
+        return []
+    tok: AnchorTokenizer = _WORKER["tok"]  # type: ignore[assignment]
+    lines: List[Tuple[int, bytes]] = []
+    size = 0
+    for _, _, src in iter_parts(cfg):
+        for item in part_lines(src):
+            lines.append(item)
+            size += len(item[1])
+            if size >= cfg.sample_bytes:
+                break
+        break
+    batch, scratch = PieceBatch(), PartStats()
+    for line_no, line in lines:
+        try:
+            cfg.converter.add_document(line, f"{cfg.input}:{line_no}", cfg, tok, batch, scratch)
+        except DocumentError:  # bad lines are reported when their part runs
+            batch.drop_open_document()
+    return batch.texts + tok.pieces.pending_texts()
 
 
 def _ready(res) -> bool:
@@ -536,8 +632,10 @@ def _log_summary(cfg: PreprocessConfig, t: PartStats, elapsed: float, resumed: b
     lines = [
         f"wrote {cfg.output_path_prefix}.{{bin,idx}} and {roles_prefix(cfg.output_path_prefix)}.{{bin,idx}}"
         + (" (resumed run)" if resumed else ""),
-        f"  documents {t.documents:,}  chunks {t.chunks:,}  tokens {t.tokens:,}  "
-        f"annotation tokens {t.annotation_tokens:,} ({share:.1%})",
+        f"  documents {t.documents:,}" + (f"  chunks {t.chunks:,}" if t.chunks else "") + f"  tokens {t.tokens:,}",
+        f"  annotation tokens {t.annotation_tokens:,}: {share:.1%} of this dataset's tokens"
+        + (f" (budget: chunks merged below {cfg.budget.merge_below_chars or '-'} characters, at most "
+           f"{cfg.budget.max_tags or 'all'} tags per chunk)" if cfg.budget.active else ""),
         f"  annotated here by the default annotator: {t.annotated_here:,}  skipped: {t.skipped:,}"
         + (f"  dropped: {t.dropped:,}" if t.dropped else ""),
         f"  {elapsed:.1f} s, {t.input_bytes / max(elapsed, 1e-9) / 1e6:.2f} MB/s of input, "

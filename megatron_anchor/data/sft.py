@@ -39,6 +39,7 @@ from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotat
 from megatron_anchor.annotation.format import MAX_VALUE_CHARS, Segment, Tag, annotation_segments, tag_problem
 from megatron_anchor.annotation.schema import DocumentError
 from megatron_anchor.data.preprocess import DocumentConverter, DocumentDropped, PartStats, PreprocessConfig
+from megatron_anchor.tokenizer.pieces import EncodedPart, PieceBatch
 from megatron_anchor.roles import ROLE_DTYPE, Role
 
 DEFAULT_FORMAT_STABILITY_FRACTION = 0.003
@@ -365,14 +366,11 @@ class SFTConverter(DocumentConverter):
             "pack": self.pack, "pad_id": self.pad_id,
         }
 
-    @staticmethod
-    def _accepted(segs, stats: PartStats) -> None:
-        stats.count("samples")
-        # A format-stability sample is the one whose delimiter tokens carry role RESPONSE.
-        if any(s.special and int(s.role) == int(Role.RESPONSE) for s in segs):
-            stats.count("format_stable")
+    def dataset_facts(self) -> Dict[str, object]:
+        # Packed samples share a sequence: the trainer then insists on --reset-attention-mask.
+        return {"kind": self.name, "packed": self.pack, "seq_length": self.seq_length or None}
 
-    def finish_part(self, encoded, cfg: PreprocessConfig, stats: PartStats):
+    def finish_part(self, part: EncodedPart, cfg: PreprocessConfig, stats: PartStats) -> EncodedPart:
         """With ``pack``: pack whole samples into sequences of exactly ``seq_length`` tokens (first fit, in order).
 
         megatron-core's GPTDataset cuts its stream into ``seq_length`` pieces; when every document is one full
@@ -382,7 +380,8 @@ class SFTConverter(DocumentConverter):
         each sample.
         """
         if not self.pack:
-            return encoded
+            return part
+        encoded = part.documents()
         n = self.seq_length
         bins: List[List[Tuple[np.ndarray, np.ndarray]]] = []
         room: List[int] = []
@@ -400,7 +399,7 @@ class SFTConverter(DocumentConverter):
             roles = np.concatenate([r for _, r in items] + [np.full(free, int(Role.PAD), dtype=ROLE_DTYPE)])
             packs.append((ids, roles))
         stats.count("pack_padding_tokens", sum(room))
-        return packs
+        return EncodedPart.from_documents(packs, part.ids.dtype.type)
 
     def segments(self, line: bytes, where: str, cfg: PreprocessConfig, tok, stats: PartStats):
         """``(segments, number of assistant turns)`` for one SFT line."""
@@ -414,14 +413,40 @@ class SFTConverter(DocumentConverter):
         segs = sample_segments(sample, self.template, self.annotations, stable, tok.eod_segment())
         return segs, len(sample.assistant_turns)
 
-    def check_encoded(self, segs, encoded: Tuple[np.ndarray, np.ndarray], seg_lengths, where: str,
-                      cfg: PreprocessConfig, stats: PartStats) -> Tuple[np.ndarray, np.ndarray]:
+    def add_document(self, line: bytes, where: str, cfg: PreprocessConfig, tok, batch: PieceBatch,
+                     stats: PartStats) -> int:
+        """The sample's pieces; whether it is a format-stability sample travels with it as the document's meta."""
+        segs, n = self.segments(line, where, cfg, tok, stats)
+        tok.pieces.add_segments(batch, segs)
+        # A format-stability sample is the one whose delimiter tokens carry role RESPONSE.
+        batch.end_document(any(s.special and int(s.role) == int(Role.RESPONSE) for s in segs))
+        return n
+
+    def check_part(self, part: EncodedPart, wheres: List[str], cfg: PreprocessConfig, stats: PartStats,
+                   reject) -> EncodedPart:
         """Drop or truncate samples over ``seq_length`` tokens (counted)."""
-        ids, roles = encoded
+        kept: List[Tuple[np.ndarray, np.ndarray]] = []
+        changed = False
+        for i, ((ids, roles), stable) in enumerate(zip(part.documents(), part.meta)):
+            try:
+                doc = self._fit(ids, roles, wheres[i], stats)
+            except DocumentError as e:
+                reject(i, e)
+                changed = True
+                continue
+            changed |= doc[0] is not ids
+            stats.count("samples")
+            if stable:
+                stats.count("format_stable")
+            kept.append(doc)
+        if not changed:
+            return part
+        return EncodedPart.from_documents(kept, part.ids.dtype.type)
+
+    def _fit(self, ids: np.ndarray, roles: np.ndarray, where: str, stats: PartStats) -> Tuple[np.ndarray, np.ndarray]:
         n = self.seq_length
         if not n or len(ids) <= n:
-            self._accepted(segs, stats)
-            return encoded
+            return ids, roles
         if self.overlong == "drop":
             raise DocumentDropped(
                 where, f"{len(ids)} tokens, more than --seq-length {n} (dropped by --overlong drop)"
@@ -432,7 +457,6 @@ class SFTConverter(DocumentConverter):
         if not np.isin(keep_roles, (int(Role.RESPONSE),)).any():
             raise DocumentDropped(where, f"no response token within --seq-length {n} (dropped)")
         stats.count("truncated")
-        self._accepted(segs, stats)
         eod_id = ids[-1] if int(roles[-1]) == int(Role.EOD) else None
         if eod_id is None:  # pragma: no cover - SFT samples always end with EOD
             return ids[:n], roles[:n]

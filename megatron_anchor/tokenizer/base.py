@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from itertools import accumulate, chain, compress, repeat
-from operator import is_
+from itertools import chain
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, Segment
-from megatron_anchor.roles import ROLE_DTYPE, Role
+from megatron_anchor.roles import Role
+from megatron_anchor.tokenizer.pieces import PieceBatch, PieceEncoder
 
 _ROUNDTRIP_PROBE = "Tokens  round-trip:\n\n\tcafé, 42 <|ann|> ☃ \n"
-_KEY_CACHE_LIMIT = 200_000
-# Plain ints: hashing an IntEnum member is a Python-level call, and this set is probed once per segment.
-_CACHED_ROLES = frozenset((int(Role.ANNOTATION_KEY), int(Role.ANNOTATION_VALUE)))
 
 
 class TokenizerError(ValueError):
@@ -33,10 +30,11 @@ class AnchorTokenizer(ABC):
     _eod: int
     _ann_open: int
     _ann_close: int
+    _reference_library: str = "reference"
 
     def __init__(self) -> None:
-        self._key_cache: Dict[str, List[int]] = {}
-        self._special_map: Optional[Dict[str, List[int]]] = None
+        self._pieces: Optional[PieceEncoder] = None
+        self._fast = None
 
     # -- what subclasses provide -------------------------------------------------------------------------
     @abstractmethod
@@ -116,66 +114,68 @@ class AnchorTokenizer(ABC):
     ) -> List[Tuple[np.ndarray, np.ndarray]]:
         """Tokenize documents given as segments; returns ``(ids, roles)`` arrays per document.
 
-        Each segment is encoded on its own, so every token has exactly one role. Special segments become their
-        single id. Annotation segments (keys, separators, values) repeat across a corpus and are cached; all
-        other text, and the cache misses, go to the tokenizer in one batched call for all documents, which is
-        what keeps this near the tokenizer's raw speed. The bookkeeping runs over all segments of all
-        documents at once, in C-level passes (``map``, ``zip``, numpy) rather than a Python loop per segment.
-        If ``segment_lengths`` is a list, it receives each document's per-segment token counts.
+        Each segment is encoded on its own, so every token has exactly one role; special segments become their
+        single id. Annotation segments are memoised, all other text goes to the tokenizer in one batched call
+        (see :mod:`megatron_anchor.tokenizer.pieces`). If ``segment_lengths`` is a list, it receives each
+        document's per-segment token counts.
         """
-        specials = self._special_map
-        if specials is None:
-            specials = self._special_map = {t: [i] for t, i in self.special_ids.items()}
-        cache = self._key_cache
-        flat = [seg for segs in docs for seg in segs]
-        if not flat:
-            if segment_lengths is not None:
-                segment_lengths.extend([] for _ in docs)
-            return [(np.zeros(0, self.token_dtype), np.zeros(0, ROLE_DTYPE)) for _ in docs]
-        texts, roles, special = zip(*flat)
-        # Cached annotation pieces first, then the special segments' ids over whatever the cache said for their
-        # text (a special is looked up only among the special tokens, so text that spells one never becomes its
-        # id, nor an annotation value its special id); everything still None is encoded below.
-        pieces: List[Optional[List[int]]] = list(map(cache.get, texts))
-        for i in compress(range(len(texts)), special):
-            ids = specials.get(texts[i])
-            if ids is None:
-                raise TokenizerError(f"{texts[i]!r} is not a special token of this tokenizer")
-            pieces[i] = ids
-        todo = list(compress(range(len(pieces)), map(is_, pieces, repeat(None))))
-        if todo:
-            # Annotation pieces not cached yet are encoded once each; ordinary text is encoded as it comes.
-            new_pieces: Dict[str, Optional[List[int]]] = {}
-            text_todo: List[int] = []
-            for i in todo:
-                if roles[i] in _CACHED_ROLES:
-                    new_pieces[texts[i]] = None
-                else:
-                    text_todo.append(i)
-            encoded = self.encode_texts(list(new_pieces) + [texts[i] for i in text_todo])
-            new_pieces = dict(zip(new_pieces, encoded))
-            for i, ids in zip(text_todo, encoded[len(new_pieces):]):
-                pieces[i] = ids
-            if new_pieces:
-                for i in todo:
-                    if pieces[i] is None:
-                        pieces[i] = new_pieces[texts[i]]
-                if len(cache) < _KEY_CACHE_LIMIT:
-                    cache.update(new_pieces)
-        lengths = list(map(len, pieces))
-        all_ids = np.fromiter(chain.from_iterable(pieces), dtype=self.token_dtype, count=sum(lengths))
-        all_roles = np.repeat(np.array(roles, dtype=ROLE_DTYPE), lengths)
-        seg_ends = list(accumulate(map(len, docs)))
-        token_ends = list(accumulate(lengths))
-        out: List[Tuple[np.ndarray, np.ndarray]] = []
-        seg_start = tok_start = 0
-        for seg_end in seg_ends:
-            tok_end = token_ends[seg_end - 1] if seg_end else 0
-            out.append((all_ids[tok_start:tok_end], all_roles[tok_start:tok_end]))
-            if segment_lengths is not None:
-                segment_lengths.append(lengths[seg_start:seg_end])
-            seg_start, tok_start = seg_end, tok_end
+        enc = self.pieces
+        batch = PieceBatch()
+        for segs in docs:
+            enc.add_segments(batch, segs)
+            batch.end_document()
+        part = enc.encode(batch)
+        out = part.documents()
+        if segment_lengths is not None:
+            for segs in docs:
+                segment_lengths.append(self._segment_lengths(segs))
         return out
+
+    def _segment_lengths(self, segs: Sequence[Segment]) -> List[int]:
+        # Only for callers that ask (tests, inspection): encode segment by segment, no batching needed.
+        return [1 if s.special else (len(self.encode_flat([s.text])[0]) if s.text else 0) for s in segs]
+
+    # -- backends ----------------------------------------------------------------------------------------
+    @property
+    def pieces(self) -> PieceEncoder:
+        """This tokenizer's piece encoder (the pool of repeating pieces lives there)."""
+        if self._pieces is None:
+            self._pieces = PieceEncoder(self)
+        return self._pieces
+
+    def encode_flat(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        """``(ids, lengths)``: all texts' ids back to back and each text's count; the fast backend when attached."""
+        if self._fast is not None:
+            return self._fast.encode_flat(texts)
+        lists = self.encode_texts(texts)
+        lengths = np.fromiter(map(len, lists), np.int64, len(lists))
+        return np.fromiter(chain.from_iterable(lists), np.int64, int(lengths.sum())), lengths
+
+    def encode_texts_reference(self, texts: Sequence[str]) -> List[List[int]]:
+        """The reference library's ids (what the fast backend is checked against)."""
+        return self.encode_texts(texts)
+
+    def attach_fast(self, encoder) -> None:
+        """Encode with ``encoder`` from now on (:func:`megatron_anchor.tokenizer.fast.select_backend` decides)."""
+        self._fast = encoder
+
+    @property
+    def backend_name(self) -> str:
+        """What encodes text: ``gigatoken`` or the reference library."""
+        return "gigatoken" if self._fast is not None else self.reference_name
+
+    @property
+    def reference_name(self) -> str:
+        """The reference library and its version, e.g. ``tokenizers 0.21.0``."""
+        return self._reference_library
+
+    def fast_source(self) -> Optional[Tuple[str, str]]:
+        """``(format, path)`` the fast backend loads this model from (``hf`` or ``sentencepiece``), or None."""
+        return None
+
+    def special_texts(self) -> List[str]:
+        """Texts of every special token of the model (the delimiters and EOD included)."""
+        return list(self.special_ids)
 
     def check_roundtrip(self, source: str) -> Optional[str]:
         """Warn (and return the reason) when this tokenizer cannot give text back exactly.

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
+import tokenizers
 from tokenizers import AddedToken, Tokenizer
 
 from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN
@@ -33,6 +34,8 @@ class HuggingFaceAnchorTokenizer(AnchorTokenizer):
     end-of-document token is ``eod_token`` if given, else the folder's ``eos_token``, else the first of
     :data:`EOD_CANDIDATES` in the vocabulary.
     """
+
+    _reference_library = f"tokenizers {tokenizers.__version__}"
 
     def __init__(self, path: str, eod_token: Optional[str] = None, check_roundtrip: bool = True):
         super().__init__()
@@ -71,6 +74,13 @@ class HuggingFaceAnchorTokenizer(AnchorTokenizer):
     @property
     def eod_text(self) -> str:
         return self._eod_text
+
+    def fast_source(self) -> Optional[Tuple[str, str]]:
+        return ("hf", self.model_path)
+
+    def special_texts(self) -> List[str]:
+        added = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+        return sorted(set(added) | set(self.special_ids))
 
     def encode_texts(self, texts: Sequence[str]) -> List[List[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

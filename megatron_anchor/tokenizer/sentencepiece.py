@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import sentencepiece as spm
 
@@ -16,10 +16,13 @@ class SentencePieceAnchorTokenizer(AnchorTokenizer):
 
     Control symbols are never matched inside text, which is what makes the delimiters injection-safe. A model
     that holds a delimiter as an ordinary or user-defined piece is refused: text would produce its id.
-    The end-of-document id is the model's ``eos`` id.
+    The end-of-document id is the model's ``eos`` id, or the piece named by ``eod_token`` (``--eod-token``).
     """
 
-    def __init__(self, model_path: str, num_threads: int = 1, check_roundtrip: bool = True):
+    _reference_library = f"sentencepiece {spm.__version__}"
+
+    def __init__(self, model_path: str, num_threads: int = 1, check_roundtrip: bool = True,
+                 eod_token: Optional[str] = None):
         super().__init__()
         if not os.path.isfile(model_path):
             raise TokenizerError(
@@ -51,9 +54,16 @@ class SentencePieceAnchorTokenizer(AnchorTokenizer):
         self._extra = extra
         self._ann_open, self._ann_close = ids[ANN_OPEN], ids[ANN_CLOSE]
         self._vocab_size = n + len(extra)
-        if self._sp.eos_id() < 0:
-            raise TokenizerError(f"{model_path}: the model has no eos id to use as end-of-document")
-        self._eod = self._sp.eos_id()
+        if eod_token is not None:
+            eod_id = self._sp.piece_to_id(eod_token)
+            if eod_id == self._sp.unk_id() or self._sp.id_to_piece(eod_id) != eod_token:
+                raise TokenizerError(f"{model_path}: --eod-token {eod_token!r} is not a piece of the model")
+            self._eod = eod_id
+        elif self._sp.eos_id() < 0:
+            raise TokenizerError(f"{model_path}: the model has no eos id to use as end-of-document; name a piece "
+                                 "with --eod-token")
+        else:
+            self._eod = self._sp.eos_id()
         self._specials = {self._ann_open: ANN_OPEN, self._ann_close: ANN_CLOSE}
         self._specials.update({i: self._sp.id_to_piece(i) for i in self._control})
         if check_roundtrip:
@@ -72,6 +82,12 @@ class SentencePieceAnchorTokenizer(AnchorTokenizer):
         if self._sp.pad_id() < 0:
             raise AttributeError("SentencePiece model has no pad id")
         return self._sp.pad_id()
+
+    def fast_source(self) -> Optional[Tuple[str, str]]:
+        return ("sentencepiece", self.model_path)
+
+    def special_texts(self) -> List[str]:
+        return sorted(set(self._specials.values()) | set(self.special_ids))
 
     def encode_texts(self, texts: Sequence[str]) -> List[List[int]]:
         # SentencePiece never matches control symbols inside text, and appended ids are beyond its vocabulary.

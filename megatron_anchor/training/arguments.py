@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
+from megatron_anchor.tokenizer import TOKENIZER_TYPES
 from megatron_anchor.training.config import (
     LOSS_MASK_POLICIES,
     SECTIONS,
@@ -49,12 +50,9 @@ _CHOICES = {
     "lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
     "loss_mask_policy": LOSS_MASK_POLICIES,
     "replay_loss_mask_policy": REPLAY_POLICIES,
-    "tokenizer_type": (
-        "SentencePieceTokenizer",
-        "GPTSentencePieceTokenizer",
-        "HuggingFaceTokenizer",
-        "NullTokenizer",
-    ),
+    "dry_run_target": ("here", "gpu"),
+    # The data tools' list (one source of truth) plus the trainer-only NullTokenizer.
+    "tokenizer_type": (*TOKENIZER_TYPES, "NullTokenizer"),
 }
 
 
@@ -167,11 +165,8 @@ def load_yaml(path: str, cfg: Optional[AnchorConfig] = None) -> AnchorConfig:
     return cfg
 
 
-def dump_yaml(cfg: AnchorConfig, path: str) -> None:
-    """Write ``cfg`` as a sectioned YAML file that :func:`load_yaml` (and ``--config``) reads back.
-
-    Paths to the tokenizer and the data are made absolute, so the file works from any working directory.
-    """
+def config_dict(cfg: AnchorConfig) -> Dict[str, dict]:
+    """``cfg`` as sections of plain values, with the tokenizer and data paths made absolute."""
     out = {}
     for section in _SECTION_CLASSES:
         out[section] = dataclasses.asdict(getattr(cfg, section))
@@ -181,6 +176,15 @@ def dump_yaml(cfg: AnchorConfig, path: str) -> None:
     for key in ("data_path", "replay_data_path"):
         if data.get(key):
             data[key] = [os.path.abspath(p) if os.path.exists(p + ".idx") else p for p in data[key]]
+    return out
+
+
+def dump_yaml(cfg: AnchorConfig, path: str) -> None:
+    """Write ``cfg`` as a sectioned YAML file that :func:`load_yaml` (and ``--config``) reads back.
+
+    Paths to the tokenizer and the data are made absolute, so the file works from any working directory.
+    """
+    out = config_dict(cfg)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         yaml.safe_dump(out, fh, sort_keys=False)
@@ -347,6 +351,13 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
                           "norms do not support it)")
     if p.use_distributed_optimizer and backend != "nccl":
         errors.append("--use-distributed-optimizer needs NCCL (gloo has no reduce-scatter)")
+    errors.extend(_packing_errors(cfg, has_te))
+    if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
+        errors.append("--exit-duration-in-mins must be > 0")
+    try:
+        t.exit_signal = signal_name(t.exit_signal)
+    except ValueError as exc:
+        errors.append(str(exc))
     if t.bf16 and not has_cuda:
         # Runs, but megatron's mixed-precision optimizer asserts CUDA tensor types.
         errors.append("--bf16 needs a GPU (megatron's mixed-precision optimizer is CUDA-only)")
@@ -395,6 +406,65 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
         errors.append("--eval-iters must be >= 0")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def signal_name(name: str) -> str:
+    """Canonical name of a signal given as 'SIGUSR1', 'USR1' or its number; ValueError when unknown."""
+    import signal
+
+    text = str(name).strip().upper()
+    try:
+        return signal.Signals(int(text)).name
+    except ValueError:
+        pass
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    if text not in signal.Signals.__members__:
+        raise ValueError(f"--exit-signal {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+    return text
+
+
+# Transformer Engine releases whose fused attention takes THD (variable-length) input with padding_causal masks.
+MIN_TE_VERSION_FOR_THD = "1.7.0"
+
+
+def _packing_errors(cfg: AnchorConfig, has_te: bool) -> List[str]:
+    """Document-boundary settings that would leak attention or do nothing on the chosen layers.
+
+    ``--reset-attention-mask`` is honoured on both layer implementations (see
+    :mod:`megatron_anchor.training.packing`); what is refused is what megatron-core would silently ignore.
+    """
+    m, d = cfg.model, cfg.data
+    errors = []
+    te = m.transformer_impl == "transformer_engine"
+    rope = m.position_embedding_type == "rope"
+    if d.reset_position_ids and rope and not d.reset_attention_mask:
+        errors.append("--reset-position-ids does nothing with --position-embedding-type rope (megatron-core's RoPE "
+                      "does not read position ids) and documents would still attend to each other: use "
+                      "--reset-attention-mask, which also restarts RoPE per document on Transformer Engine")
+    elif d.reset_position_ids and rope:
+        errors.append("--reset-position-ids does nothing with RoPE (megatron-core's RoPE never reads position ids); "
+                      "drop it: with --reset-attention-mask Transformer Engine restarts RoPE per document from the "
+                      "boundaries, and on the local layers RoPE scores depend only on relative positions")
+    if d.reset_attention_mask and te and has_te:
+        version = _te_version()
+        from packaging.version import Version
+
+        if version is not None and Version(version) < Version(MIN_TE_VERSION_FOR_THD):
+            errors.append(f"--reset-attention-mask on Transformer Engine needs THD attention, i.e. Transformer Engine "
+                          f">= {MIN_TE_VERSION_FOR_THD} (found {version}); upgrade it or use --transformer-impl local")
+    return errors
+
+
+def _te_version():
+    from importlib import metadata
+
+    for dist in ("transformer_engine", "transformer-engine", "transformer_engine_torch"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def _replay_errors(cfg: AnchorConfig) -> List[str]:

@@ -111,11 +111,12 @@ def _unwrap(module):
 
 
 def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer, scheduler,
-                    fully_parallel: bool = False, run_config=None) -> str:
+                    fully_parallel: bool = False, run_config=None, tokenizer_record=None) -> str:
     """Write a checkpoint of the current step under ``root`` and update the tracker file.
 
     With ``run_config`` (the run's :class:`AnchorConfig`), rank 0 also writes it as ``run_config.yaml`` beside the
-    tracker, so generation and export can rebuild the model without repeating the training flags.
+    tracker, so generation and export can rebuild the model without repeating the training flags; with
+    ``tokenizer_record`` it writes ``tokenizer_record.json`` there too, so they can check their tokenizer.
     """
     from megatron.core import dist_checkpointing
 
@@ -148,6 +149,10 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer,
             from megatron_anchor.training.arguments import dump_yaml
 
             dump_yaml(run_config, os.path.join(root, RUN_CONFIG_FILE))
+        if tokenizer_record is not None:
+            from megatron_anchor.tokenizer.record import checkpoint_record_path, write_record
+
+            write_record(checkpoint_record_path(root), tokenizer_record)
         tmp = os.path.join(root, TRACKER_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(str(state.iteration))
@@ -200,3 +205,57 @@ def load_checkpoint(root: str, model_chunks: List, optimizer, scheduler, finetun
     train_state = saved_common["train_state"]
     return TrainState(iteration=train_state["iteration"],
                       consumed_train_samples=train_state["consumed_train_samples"])
+
+
+def _effective_architecture(model_cfg) -> dict:
+    """Architecture fields with equivalent spellings made equal (no GQA = as many groups as heads, ...)."""
+    from megatron_anchor.training.config import ARCHITECTURE_FIELDS
+
+    arch = {name: getattr(model_cfg, name) for name in ARCHITECTURE_FIELDS}
+    heads = arch["num_attention_heads"]
+    arch["num_query_groups"] = arch["num_query_groups"] if arch.pop("group_query_attention") else heads
+    if arch["kv_channels"] is None and heads:
+        arch["kv_channels"] = model_cfg.hidden_size // heads
+    if model_cfg.position_embedding_type == "learned_absolute":
+        # The position table's size is part of the weights; RoPE settings are unused there.
+        arch["max_position_embeddings"] = model_cfg.max_position_embeddings or model_cfg.seq_length
+        del arch["rotary_base"], arch["rotary_percent"]
+    return arch
+
+
+def architecture_mismatches(saved_cfg, cfg) -> List[str]:
+    """``field: checkpoint X, this run Y`` for every architecture field that differs (see ARCHITECTURE_FIELDS)."""
+    saved, now = _effective_architecture(saved_cfg.model), _effective_architecture(cfg.model)
+    return [f"--{name.replace('_', '-')}: checkpoint {saved.get(name)!r}, this run {now.get(name)!r}"
+            for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)]
+
+
+def check_compatible(cfg, root: str, run_tokenizer_record: Optional[dict]) -> None:
+    """Refuse ``--load``/``--finetune`` of a checkpoint trained with another architecture or tokenizer.
+
+    Reads ``run_config.yaml`` and ``tokenizer_record.json`` from ``root`` (written at every save); a directory
+    without them (no checkpoint yet, or one written by other tools) is not checked here. Raises
+    :class:`~megatron_anchor.training.arguments.ConfigError` naming every field that differs.
+    """
+    from megatron_anchor.tokenizer.record import checkpoint_record_path, read_record, record_mismatches
+    from megatron_anchor.training.arguments import ConfigError, load_yaml
+
+    path = os.path.join(root, RUN_CONFIG_FILE)
+    problems = []
+    if os.path.isfile(path):
+        try:
+            saved = load_yaml(path)
+        except (ConfigError, OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: unreadable run configuration of the checkpoint ({exc})") from None
+        problems += architecture_mismatches(saved, cfg)
+    try:
+        saved_record = read_record(checkpoint_record_path(root))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if saved_record is not None and run_tokenizer_record is not None:
+        problems += [f"tokenizer: {p}" for p in record_mismatches(saved_record, run_tokenizer_record)]
+    if problems:
+        verb = "fine-tune" if cfg.checkpoint.finetune else "resume"
+        raise ConfigError(f"cannot {verb} from {root}: the checkpoint was trained with other settings "
+                          f"({path}):\n    " + "\n    ".join(problems)
+                          + "\n  pass the checkpoint's model and tokenizer flags (they are in that file)")

@@ -136,7 +136,25 @@ class TrainingConfig:
     eod_mask_loss: bool = False
     """Also mask the loss where the input token is end-of-document (megatron's own option)."""
     exit_interval: Optional[int] = None
-    """Stop (after saving when --save is set) once the iteration is a multiple of this."""
+    """Stop once the iteration is a multiple of this, after saving a checkpoint when --save is set."""
+    exit_duration_in_mins: Optional[float] = None
+    """Stop once this many minutes have passed since start-up, after saving a checkpoint when --save is set
+    (keep it below the job's time limit by more than one step and one save)."""
+    exit_signal_handler: bool = True
+    """On SIGTERM or --exit-signal, finish the current step, save a checkpoint when --save is set and exit 0
+    (every rank stops at the same step). Under torchrun, let it forward the signal and wait for the save:
+    TORCHELASTIC_SIGNALS_TO_HANDLE and TORCH_ELASTIC_SHUTDOWN_TIMEOUT (docs/trainer.md)."""
+    exit_signal: str = "SIGTERM"
+    """A second signal handled like SIGTERM, e.g. SIGUSR1 for Slurm's --signal=USR1@120."""
+    check_for_nan_in_loss_and_grad: bool = True
+    """Stop with an error naming the iteration and the rank when a loss or the gradient norm is NaN or Inf
+    (nothing is saved from that step)."""
+    dry_run: bool = False
+    """Check the flags for this world size (WORLD_SIZE), the data files, role channels and tokenizer records, and
+    a --load checkpoint's architecture; print the resolved configuration as YAML and exit without training."""
+    dry_run_target: str = "here"
+    """What --dry-run validates for: here (this machine) or gpu (a machine with CUDA and Transformer Engine, to
+    check a GPU recipe from a CPU machine)."""
 
 
 @dataclass
@@ -156,9 +174,13 @@ class DataConfig:
     split: str = "969,30,1"
     """Train/validation/test split of each dataset, as weights."""
     tokenizer_type: Optional[str] = None
-    """SentencePieceTokenizer, GPTSentencePieceTokenizer, HuggingFaceTokenizer or NullTokenizer."""
+    """A tokenizer type the data tools accept (SentencePieceTokenizer, GPTSentencePieceTokenizer,
+    Llama2Tokenizer, HuggingFaceTokenizer), or NullTokenizer for mock and pre-tokenized data."""
     tokenizer_model: Optional[str] = None
     """Tokenizer model file (SentencePiece .model or a HuggingFace tokenizer)."""
+    eod_token: Optional[str] = None
+    """End-of-document token text, as given to the data tools' --eod-token (default: the tokenizer's own). The
+    tokenizer record beside each dataset must agree."""
     vocab_size: Optional[int] = None
     """Vocabulary size for NullTokenizer / --mock-data (the tokenizer knows it otherwise)."""
     mock_data: bool = False
@@ -171,9 +193,13 @@ class DataConfig:
     data_cache_path: Optional[str] = None
     """Where megatron caches dataset index files; default beside the data."""
     reset_position_ids: bool = False
-    """Restart position ids after each end-of-document token."""
+    """Restart position ids after each end-of-document token (what learned absolute position embeddings read;
+    RoPE restarts per document by itself on the Transformer Engine path, and this flag is refused where it would
+    do nothing)."""
     reset_attention_mask: bool = False
-    """Block attention across document boundaries."""
+    """Keep attention inside each document or packed SFT sample: boundaries after every end-of-document token
+    go to the attention kernel (Transformer Engine: THD variable-length attention; local layers: a block-causal
+    mask). Needed for packed SFT data."""
 
 
 @dataclass
@@ -231,3 +257,14 @@ class AnchorConfig:
 
 
 SECTIONS = ("model", "parallel", "training", "data", "checkpoint", "logging")
+
+ARCHITECTURE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
+    "num_query_groups", "kv_channels", "position_embedding_type", "rotary_base", "rotary_percent", "swiglu",
+    "normalization", "norm_epsilon", "untie_embeddings_and_output_weights", "disable_bias_linear",
+    "make_vocab_size_divisible_by",
+)
+"""``ModelConfig`` fields that give saved weights their meaning: a run that loads a checkpoint (``--load``,
+``--finetune``) must have the same values, or it would load without error and compute something else (another
+norm epsilon or RoPE base) or fail deep inside megatron. ``max_position_embeddings`` counts too with learned
+absolute positions. Sequence length, dropout and the parallel layout may differ."""

@@ -9,6 +9,7 @@ sampler restarts exactly there on resume.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -35,33 +36,108 @@ def build_tokenizer(cfg: AnchorConfig):
     d = cfg.data
     if d.tokenizer_type in (None, "NullTokenizer"):
         return NullTokenizer(d.vocab_size)
-    from megatron_anchor.tokenizer import build_tokenizer as _build
+    from megatron_anchor.tokenizer import TokenizerError, build_tokenizer as _build
 
-    return _build(d.tokenizer_type, d.tokenizer_model)
+    try:
+        return _build(d.tokenizer_type, d.tokenizer_model, eod_token=d.eod_token)
+    except TokenizerError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-def check_data_paths(cfg: AnchorConfig) -> None:
-    """Fail before any step when a data file or its role channel is missing or does not match.
+def run_tokenizer_record(cfg: AnchorConfig, tokenizer) -> Optional[dict]:
+    """The tokenizer record of this run (None for NullTokenizer: nothing to compare)."""
+    if isinstance(tokenizer, NullTokenizer):
+        return None
+    from megatron_anchor.tokenizer.record import tokenizer_record
 
-    Runs the data package's full channel check (lengths and document indices) on every prefix.
+    return tokenizer_record(tokenizer, cfg.data.tokenizer_type)
+
+
+def check_data_paths(cfg: AnchorConfig, tokenizer=None) -> None:
+    """Fail before any step when a data file, its role channel or its tokenizer record does not fit the run.
+
+    Per prefix: both files exist; the role channel's headers, sizes, sequence lengths and document indices match
+    the tokens' (time linear in the number of documents, memory bounded by
+    :data:`megatron_anchor.data.indexed.SCAN_BLOCK`); the dataset's tokenizer record (written by the data tools)
+    has this run's ids; packed SFT data is trained with ``--reset-attention-mask``. The role *codes* are scanned
+    after the process groups exist, split over all ranks (:func:`scan_role_channels`).
     """
     d = cfg.data
     if d.mock_data:
         return
+    from megatron_anchor.data.indexed import DatasetFormatError, check_role_channel, read_index_header
+
+    run_record = run_tokenizer_record(cfg, tokenizer) if tokenizer is not None else None
     for prefix in data_blend(cfg).prefixes:
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):
                 raise ConfigError(f"data file {prefix + ext} not found (--data-path takes the prefix without "
                                   ".bin/.idx)")
-        _check_split_nonempty(cfg, prefix)
-        if d.no_role_channel:
-            continue
-        from megatron_anchor.data.anchor_dataset import check_role_channel
-
         try:
-            check_role_channel(prefix)
-        except ValueError as exc:
-            raise ConfigError(f"role channel of {prefix}: {exc}") from None
+            if d.no_role_channel:
+                from megatron_anchor.data.indexed import check_bin_size
+
+                check_bin_size(read_index_header(prefix + ".idx"))
+            else:
+                check_role_channel(prefix, deep=False)
+        except DatasetFormatError as exc:
+            what = "token data" if d.no_role_channel else "token data or its role channel"
+            raise ConfigError(f"{what} of {prefix}: {exc}") from None
+        _check_split_nonempty(cfg, prefix)
+        _check_dataset_record(cfg, prefix, run_record)
+
+
+def _check_dataset_record(cfg: AnchorConfig, prefix: str, run_record: Optional[dict]) -> None:
+    from megatron_anchor.tokenizer.record import dataset_record_path, read_record, record_mismatches
+
+    try:
+        record = read_record(dataset_record_path(prefix))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if record is None:
+        return  # data written by other tools (e.g. stock Megatron-LM): nothing recorded to compare
+    if record.get("packed") and not cfg.data.reset_attention_mask:
+        raise ConfigError(f"{prefix} holds packed SFT samples (written with --pack): pass --reset-attention-mask "
+                          "so that no sample attends to another")
+    if run_record is not None:
+        problems = record_mismatches(record, run_record)
+        if problems:
+            raise ConfigError(f"{prefix} was written with another tokenizer than this run's "
+                              f"({dataset_record_path(prefix)}):\n    " + "\n    ".join(problems))
+
+
+def scan_role_channels(cfg: AnchorConfig, device) -> None:
+    """Check every role code of every role channel once per job: each rank scans an equal byte range of each
+    file in bounded blocks, and the first bad offset is agreed with one all-reduce, so every rank fails alike.
+
+    Time per rank: tokens / world size; memory: one block (:data:`megatron_anchor.data.indexed.SCAN_BLOCK`).
+    """
+    d = cfg.data
+    if d.mock_data or d.no_role_channel:
+        return
+    import torch.distributed as dist
+
+    from megatron_anchor.data.indexed import bin_path, first_unknown_role, roles_prefix
+    from megatron_anchor.roles import role_name
+
+    prefixes = data_blend(cfg).prefixes
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    sizes = [os.path.getsize(bin_path(roles_prefix(p))) for p in prefixes]
+    first_bad = torch.tensor([size + 1 for size in sizes], dtype=torch.int64, device=device)
+    for i, (prefix, size) in enumerate(zip(prefixes, sizes)):
+        bad = first_unknown_role(roles_prefix(prefix), size * rank // world, size * (rank + 1) // world)
+        if bad >= 0:
+            first_bad[i] = bad
+    if world > 1:
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    for prefix, size, bad in zip(prefixes, sizes, first_bad.tolist()):
+        if bad <= size:
+            import numpy as np
+
+            path = bin_path(roles_prefix(prefix))
+            code = int(np.memmap(path, np.uint8, "r")[bad])
+            raise ConfigError(f"{path}: unknown role code {role_name(code)} at token {bad}; the role channel is "
+                              "corrupt or from another tool: check it with tools/inspect_dataset.py and rewrite it")
 
 
 def _check_split_nonempty(cfg: AnchorConfig, prefix: str) -> None:
@@ -110,8 +186,9 @@ def build_datasets(cfg: AnchorConfig, tokenizer, is_built_on_rank=lambda: True):
         reset_position_ids=d.reset_position_ids,
         reset_attention_mask=d.reset_attention_mask,
         eod_mask_loss=t.eod_mask_loss,
-        # The causal mask is implicit in the attention kernel; a dense mask only for document resets.
-        create_attention_mask=d.reset_attention_mask,
+        # Never a dense mask: document boundaries reach the attention as cu_seqlens (training/packing.py), the
+        # only form Transformer Engine's fused attention honours.
+        create_attention_mask=False,
         path_to_cache=d.data_cache_path,
         mmap_bin_files=True,
     )
@@ -159,18 +236,34 @@ class ResumableSampler:
             start += stride
 
 
+def collate_with_boundaries(samples, eod: int):
+    """Default collation plus the micro-batch's document boundaries (``--reset-attention-mask``)."""
+    from megatron_anchor.training.packing import add_boundaries
+
+    return add_boundaries(torch.utils.data.default_collate(samples), eod)
+
+
 def build_iterator(dataset, consumed_samples: int, cfg: AnchorConfig, dp_rank: int, dp_size: int,
-                   cyclic: bool = False) -> Optional[Iterator]:
-    """A DataLoader iterator over ``dataset`` from ``consumed_samples`` on; cyclic for validation."""
+                   cyclic: bool = False, eod: Optional[int] = None) -> Optional[Iterator]:
+    """A DataLoader iterator over ``dataset`` from ``consumed_samples`` on; cyclic for validation.
+
+    With ``--reset-attention-mask`` each micro-batch also carries its document boundaries (``eod`` needed).
+    """
     if dataset is None:
         return None
     t = cfg.training
+    collate = None
+    if cfg.data.reset_attention_mask:
+        if eod is None:
+            raise ValueError("--reset-attention-mask needs the end-of-document id to find document boundaries")
+        collate = partial(collate_with_boundaries, eod=eod)
 
     def make(consumed):
         sampler = ResumableSampler(len(dataset), consumed, t.micro_batch_size, dp_rank, dp_size)
         return torch.utils.data.DataLoader(
             dataset,
             batch_sampler=sampler,
+            collate_fn=collate,
             num_workers=cfg.data.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=cfg.data.num_workers > 0,
@@ -197,9 +290,10 @@ def build_data(cfg: AnchorConfig, tokenizer, consumed_train_samples: int, dp_ran
     batches and validation curves are comparable across steps and resumed runs.
     """
     train_ds, valid_ds, _test_ds = build_datasets(cfg, tokenizer)
-    train_iter = build_iterator(train_ds, consumed_train_samples, cfg, dp_rank, dp_size)
+    eod = tokenizer.eod
+    train_iter = build_iterator(train_ds, consumed_train_samples, cfg, dp_rank, dp_size, eod=eod)
 
     def make_valid_iter():
-        return build_iterator(valid_ds, 0, cfg, dp_rank, dp_size, cyclic=True)
+        return build_iterator(valid_ds, 0, cfg, dp_rank, dp_size, cyclic=True, eod=eod)
 
     return train_iter, make_valid_iter

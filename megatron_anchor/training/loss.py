@@ -122,16 +122,54 @@ def get_batch(data_iterator, device: torch.device):
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+BOUNDARY_MODES = ("none", "thd", "mask")
+"""How document boundaries reach attention: not at all (plain causal), as THD ``PackedSeqParams`` (Transformer
+Engine) or as a dense block-causal mask (local layers). :func:`boundary_mode` picks one from the config."""
+
+
+def boundary_mode(reset_attention_mask: bool, transformer_impl: str) -> str:
+    """The :data:`BOUNDARY_MODES` entry for a run (``transformer_impl`` already resolved from ``auto``)."""
+    if not reset_attention_mask:
+        return "none"
+    return "thd" if transformer_impl == "transformer_engine" else "mask"
+
+
+def model_inputs(batch, mode: str):
+    """``(tokens, position_ids, attention_mask, labels, extra kwargs)`` for ``GPTModel.forward``.
+
+    ``thd`` flattens the ``[b, s]`` micro-batch into one ``[1, b*s]`` packed sequence (megatron-core's THD layout
+    has a batch of one) with the boundaries as ``PackedSeqParams``; its per-token losses come back ``[1, b*s]``,
+    in the same order as the flattened loss mask.
+    """
+    from megatron_anchor.training.packing import CU_SEQLENS, MAX_SEQLEN, block_causal_mask, thd_params
+
+    tokens, position_ids, labels = batch["tokens"], batch["position_ids"], batch["labels"]
+    if mode == "none":
+        # A dense mask here would be ignored by Transformer Engine's causal kernels: boundaries only as below.
+        return tokens, position_ids, None, labels, {}
+    b, s = tokens.shape
+    if mode == "thd":
+        flat = [x.reshape(1, b * s) for x in (tokens, position_ids, labels)]
+        return flat[0], flat[1], None, flat[2], {"packed_seq_params": thd_params(batch[CU_SEQLENS],
+                                                                               batch[MAX_SEQLEN])}
+    if mode == "mask":
+        return tokens, position_ids, block_causal_mask(batch[CU_SEQLENS], b, s), labels, {}
+    raise ValueError(f"unknown boundary mode {mode!r}; choose one of {BOUNDARY_MODES}")
+
+
 def make_forward_step(policy: str, device: torch.device, use_roles: bool = True, report_role_losses: bool = False,
-                      dataset_policies: Optional[Sequence[str]] = None,
+                      boundaries: str = "none", dataset_policies: Optional[Sequence[str]] = None,
                       dataset_sources: Optional[Sequence[str]] = None):
     """Build ``forward_step(data_iterator, model) -> (output, partial(loss_func, ...))`` for a policy.
 
     With ``use_roles=False`` (stock GPTDataset samples) the policy is not applied: megatron's mask alone.
+    ``boundaries`` is a :data:`BOUNDARY_MODES` entry (see :func:`boundary_mode`).
     ``dataset_policies`` / ``dataset_sources``: a policy and a source name (from :data:`SOURCES`) per dataset
     of the blend, in blend order; each sample is then scored under its own dataset's policy and the loss of
     each source is reported.
     """
+    if boundaries not in BOUNDARY_MODES:
+        raise ValueError(f"unknown boundary mode {boundaries!r}; choose one of {BOUNDARY_MODES}")
     blended = use_roles and dataset_policies is not None and len(dataset_policies) > 1
     if not use_roles:
         table = None
@@ -153,12 +191,8 @@ def make_forward_step(policy: str, device: torch.device, use_roles: bool = True,
                                    "tags samples with their dataset, so per-dataset loss-mask policies cannot work")
             sources = source_of.to(dataset_id.device)[dataset_id.long()]
         loss_mask = apply_policy(batch["loss_mask"], roles, table, dataset_id)
-        output = model(
-            batch["tokens"],
-            batch["position_ids"],
-            batch.get("attention_mask"),
-            labels=batch["labels"],
-        )
+        tokens, position_ids, attention_mask, labels, extra = model_inputs(batch, boundaries)
+        output = model(tokens, position_ids, attention_mask, labels=labels, **extra)
         return output, partial(loss_func, loss_mask, roles, report_role_losses=report_role_losses,
                                sources=sources)
 
