@@ -285,4 +285,5 @@ def test_sft_and_replay_losses_are_logged_separately(session):
         n_sft, n_replay = metrics["sft loss tokens"], metrics["replay loss tokens"]
         assert sft is not None and replay is not None and n_sft > 0 and n_replay > 0
         assert metrics["lm loss"] == pytest.approx((sft * n_sft + replay * n_replay) / (n_sft + n_replay), rel=1e-6)  # float32 sums
-    assert session[0]["train"] == session[1]["train"]
+    losses = [[(m["lm loss"], m["sft loss"], m["replay loss"]) for m in r["train"]] for r in session]
+    assert losses[0] == losses[1]  # every rank reports the same (timings differ)
