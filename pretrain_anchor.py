@@ -33,17 +33,22 @@ def train_valid_test_datasets_provider(cfg: AnchorConfig, tokenizer, consumed_tr
 def forward_step_factory(cfg: AnchorConfig, device):
     """``forward_step(data_iterator, model) -> (output, partial(loss_func, loss_mask, roles))``.
 
-    The loss mask is megatron's own mask times the ``--loss-mask-policy`` mask of the label roles; with
+    The loss mask is megatron's own mask times the ``--loss-mask-policy`` mask of the label roles (per sample
+    with ``--replay-data-path``: replayed samples under ``--replay-loss-mask-policy``); with
     ``--reset-attention-mask`` document boundaries reach attention as THD cu_seqlens (Transformer Engine) or a
     block-causal mask (local layers).
     """
+    from megatron_anchor.training.arguments import data_blend
     from megatron_anchor.training.loss import boundary_mode, make_forward_step
 
     use_roles = not (cfg.data.mock_data or cfg.data.no_role_channel)
     report = cfg.logging.log_role_losses and cfg.training.loss_mask_policy == "pretrain" and use_roles
+    # With replay, each sample is scored under its own dataset's policy (--replay-loss-mask-policy for replay).
+    blend = data_blend(cfg) if cfg.data.replay_data_path else None
     return make_forward_step(cfg.training.loss_mask_policy, device, use_roles=use_roles,
                              report_role_losses=report,
-                             boundaries=boundary_mode(cfg.data.reset_attention_mask, cfg.model.transformer_impl))
+                             boundaries=boundary_mode(cfg.data.reset_attention_mask, cfg.model.transformer_impl),
+                             dataset_policies=blend and blend.policies, dataset_sources=blend and blend.sources)
 
 
 def main(argv: Optional[List[str]] = None):

@@ -10,7 +10,13 @@
 #
 # Usage: bash examples/quickstart.sh [WORKDIR]        (default WORKDIR: runs/quickstart)
 # Environment: DOCS (pretraining documents, default 12000), PRE_ITERS (default 500), SFT_SAMPLES (default 600),
-#   SFT_ITERS (default 40), SFT_LR (default 2e-4), N (samples per held-out prompt, default 32), SEED (default 0).
+#   SFT_ITERS (default 40), SFT_LR (default 2e-4), N (samples per held-out prompt, default 32), SEED (default 0),
+#   SFT_REPLAY (share of pretraining documents replayed in both SFT runs, default 0.3; 0 turns replay off:
+#   anchored SFT replays the annotated documents, standard SFT the same documents without annotations),
+#   SFT_REPLAY_POLICY (the anchored run's replay objective: pretrain, default, or pretrain-text),
+#   BASE (the WORKDIR of an earlier run: reuse its data, tokenizer and base checkpoint, skipping stages 1-5),
+#   SFT_INPUT (the SFT JSONL, default BASE/sft.jsonl). An SFT run whose final checkpoint exists is not repeated;
+#   SFT_ITERS=0 stops after the base checkpoint (to reuse it with BASE=...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-runs/quickstart}"
@@ -19,17 +25,23 @@ PRE_ITERS="${PRE_ITERS:-500}"
 SFT_SAMPLES="${SFT_SAMPLES:-600}"
 SFT_ITERS="${SFT_ITERS:-40}"
 SFT_LR="${SFT_LR:-2e-4}"
+SFT_REPLAY="${SFT_REPLAY:-0.3}"
+SFT_REPLAY_POLICY="${SFT_REPLAY_POLICY:-pretrain}"
 N="${N:-32}"
 SEED="${SEED:-0}"
 PORT="${MASTER_PORT:-29517}"
 SEQ=256
 START=$(date +%s)
 mkdir -p "$WORK"
+BASE="${BASE:-$WORK}"   # where the data, tokenizer and base checkpoint live
+SFT_INPUT="${SFT_INPUT:-$BASE/sft.jsonl}"
 stage() { echo "== [$(( $(date +%s) - START )) s] $*"; }
-TOK=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$WORK/tokenizer.model")
+finished() { [[ -f "$1/latest_checkpointed_iteration.txt" && "$(cat "$1/latest_checkpointed_iteration.txt")" == "$2" ]]; }
+TOK=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$BASE/tokenizer.model")
 MODEL=(--num-layers 2 --hidden-size 128 --num-attention-heads 4 --seq-length "$SEQ" "${TOK[@]}")
 BATCH=(--micro-batch-size 16 --global-batch-size 16 --log-interval 50 --eval-iters 2 --seed "$SEED")
 
+if [[ "$BASE" == "$WORK" ]]; then
 stage "1. corpus: $DOCS pretraining documents (16 topics), $SFT_SAMPLES SFT samples (3 topics), held-out prompts"
 python -m megatron_anchor.eval.quickstart corpus --out-dir "$WORK" --documents "$DOCS" \
   --sft-samples "$SFT_SAMPLES" --seed "$SEED"
@@ -47,6 +59,9 @@ stage "4. tokens + role channel"
 python tools/preprocess_data.py --input "$WORK/annotated.jsonl" --output-prefix "$WORK/pretrain" "${TOK[@]}" \
   --append-eod --workers 2 --overwrite --no-progress
 python tools/inspect_dataset.py --input "$WORK/pretrain_text_document" --document 0 --max-runs 12 "${TOK[@]}"
+# The same documents without annotations: what the standard-SFT baseline replays.
+python tools/preprocess_data.py --input "$WORK/annotated.jsonl" --output-prefix "$WORK/pretrain_plain" "${TOK[@]}" \
+  --append-eod --workers 2 --overwrite --no-progress --no-annotations
 
 # 500 iterations (~2M tokens) is about where the model starts writing text that follows its annotation (~98% of
 # responses on the sampled topic; ~50% after 450, ~6% after 250): shorter pretraining leaves anchored SFT nothing
@@ -57,28 +72,49 @@ torchrun --nproc-per-node 2 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]
   --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.01 --clip-grad 1.0 \
   --data-path "$WORK/pretrain_text_document" --split 98,2,0 --loss-mask-policy pretrain \
   --eval-interval "$PRE_ITERS" --save "$WORK/ck_base" --save-interval "$PRE_ITERS"
+else
+  stage "1-5. reusing the data, tokenizer and base checkpoint of $BASE"
+  finished "$BASE/ck_base" "$PRE_ITERS" || { echo "error: $BASE has no base checkpoint at iteration $PRE_ITERS" \
+    "(run the quickstart there first, or set PRE_ITERS)" >&2; exit 2; }
+  ln -sf "$(realpath "$BASE/prompts.jsonl")" "$(realpath "$BASE/sft_heldout.jsonl")" "$WORK/"
+fi
+
+if [[ "$SFT_ITERS" == "0" ]]; then stage "done: base checkpoint under $WORK/ck_base (SFT_ITERS=0)"; exit 0; fi
 
 stage "6. SFT data from one input: anchored (annotation before each response) and standard (none)"
-SFT_PRE=(--input "$WORK/sft.jsonl" "${TOK[@]}" --chat-template plain --seq-length "$SEQ" --overlong drop --pack
+SFT_PRE=(--input "$SFT_INPUT" "${TOK[@]}" --chat-template plain --seq-length "$SEQ" --overlong drop --pack
          --overwrite --no-progress)
 python tools/preprocess_sft.py "${SFT_PRE[@]}" --output-prefix "$WORK/sft_anchored"
 python tools/preprocess_sft.py "${SFT_PRE[@]}" --output-prefix "$WORK/sft_standard" --no-annotations
 python tools/inspect_dataset.py --input "$WORK/sft_anchored_text_document" --document 0 --max-runs 8 "${TOK[@]}"
 
 # Same checkpoint, data order and update budget for both; the only differences are the annotation in the
-# data and the loss mask. A modest update (lr x steps) matters: a long, hot SFT eventually teaches the anchored
-# model to ignore its own annotation (docs: the quickstart section of README).
+# data and the loss mask. The update (lr x steps) matters: a long SFT without replay teaches the anchored model
+# to ignore its own annotation. Replaying pretraining documents under the pretraining objective (annotations
+# included) keeps the response bound to its annotation and the format intact (docs/sft.md, "Replay"); the
+# baseline gets the same share of the same documents without annotations, so the comparison stays fair.
 SFT=(--split 98,2,0 --train-iters "$SFT_ITERS" --lr "$SFT_LR" --min-lr "$SFT_LR" --lr-decay-style constant
      --lr-warmup-iters 0 --eval-interval 100000 --reset-attention-mask --reset-position-ids
-     --finetune --load "$WORK/ck_base" --save-interval "$SFT_ITERS" --tensor-model-parallel-size 2)
-stage "7. standard SFT (unannotated data, loss on the response)"
+     --finetune --load "$BASE/ck_base" --save-interval "$SFT_ITERS" --tensor-model-parallel-size 2)
+STD_REPLAY=() ANC_REPLAY=()
+if [[ "$SFT_REPLAY" != "0" ]]; then
+  STD_REPLAY=(--replay-data-path "$BASE/pretrain_plain_text_document" --replay-share "$SFT_REPLAY")
+  ANC_REPLAY=(--replay-data-path "$BASE/pretrain_text_document" --replay-share "$SFT_REPLAY"
+              --replay-loss-mask-policy "$SFT_REPLAY_POLICY")
+fi
+stage "7. standard SFT (unannotated data, loss on the response; replay share $SFT_REPLAY, unannotated)"
+finished "$WORK/ck_sft_standard" "$SFT_ITERS" && echo "   (finished before: kept)" || \
 torchrun --nproc-per-node 2 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]}" "${BATCH[@]}" "${SFT[@]}" \
-  --data-path "$WORK/sft_standard_text_document" --loss-mask-policy sft-standard --save "$WORK/ck_sft_standard"
-stage "8. anchored SFT (annotated data, loss on the response only: prompt and annotation masked)"
+  --data-path "$WORK/sft_standard_text_document" --loss-mask-policy sft-standard --save "$WORK/ck_sft_standard" \
+  "${STD_REPLAY[@]}"
+stage "8. anchored SFT (loss on the response only: prompt and annotation masked; replay share $SFT_REPLAY under" \
+  "$SFT_REPLAY_POLICY)"
+finished "$WORK/ck_sft_anchored" "$SFT_ITERS" && echo "   (finished before: kept)" || \
 torchrun --nproc-per-node 2 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]}" "${BATCH[@]}" "${SFT[@]}" \
-  --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored --save "$WORK/ck_sft_anchored"
+  --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored --save "$WORK/ck_sft_anchored" \
+  "${ANC_REPLAY[@]}"
 
 stage "9. $N samples per held-out prompt from each model, tags from the embedded annotator"
-python -m megatron_anchor.eval.quickstart report --work "$WORK" --n "$N" --seed "$SEED" --base "$WORK/ck_base" \
+python -m megatron_anchor.eval.quickstart report --work "$WORK" --n "$N" --seed "$SEED" --base "$BASE/ck_base" \
   --standard "$WORK/ck_sft_standard" --anchored "$WORK/ck_sft_anchored" "${MODEL[@]}"
 stage "done: data, checkpoints, samples.jsonl and report.json under $WORK"

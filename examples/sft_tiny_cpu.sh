@@ -4,13 +4,15 @@
 #   -> anchored SFT and the standard-SFT baseline, both fine-tuned from the pretraining checkpoint (torchrun).
 #
 # Usage: bash examples/sft_tiny_cpu.sh [WORKDIR]        (default WORKDIR: runs/sft_tiny)
-# Environment: DOCS (pretraining documents, default 2000), PRE_ITERS (default 60), SFT_ITERS (default 40).
+# Environment: DOCS (pretraining documents, default 2000), PRE_ITERS (default 60), SFT_ITERS (default 40),
+#   SFT_REPLAY (share of replayed pretraining documents in both SFT runs, default 0.3; 0 turns replay off).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-runs/sft_tiny}"
 DOCS="${DOCS:-2000}"
 PRE_ITERS="${PRE_ITERS:-60}"
 SFT_ITERS="${SFT_ITERS:-40}"
+SFT_REPLAY="${SFT_REPLAY:-0.3}"
 SEQ=128
 PORT="${MASTER_PORT:-29521}"
 mkdir -p "$WORK"
@@ -24,6 +26,9 @@ python tools/annotate.py --input "$WORK/raw.jsonl" --output "$WORK/annotated.jso
 python tools/train_tokenizer.py --input "$WORK/raw.jsonl" --output-prefix "$WORK/tokenizer" --vocab-size 2000
 python tools/preprocess_data.py --input "$WORK/annotated.jsonl" --output-prefix "$WORK/pretrain" "${TOK[@]}" \
   --append-eod --workers 2 --overwrite --no-progress
+# The same documents without annotations: the standard-SFT baseline's replay data.
+python tools/preprocess_data.py --input "$WORK/annotated.jsonl" --output-prefix "$WORK/pretrain_plain" "${TOK[@]}" \
+  --append-eod --workers 2 --overwrite --no-progress --no-annotations
 
 echo "== 2. pretrain a tiny GPT with annotations (loss on every token)"
 torchrun --nproc-per-node 1 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]}" "${TOK[@]}" \
@@ -56,14 +61,25 @@ python tools/preprocess_sft.py --input "$WORK/sft.jsonl" --output-prefix "$WORK/
   --chat-template plain --seq-length "$SEQ" --overlong drop --pack --overwrite --no-progress --no-annotations
 python tools/inspect_dataset.py --input "$WORK/sft_anchored_text_document" --document 0 --max-runs 12 "${TOK[@]}"
 
-echo "== 4. anchored SFT from the pretraining checkpoint (loss on response + EOD only; packed samples masked)"
+# Replay: a share of pretraining documents in each SFT run, scored under the pretraining objective (annotations
+# included), keeps responses bound to their sampled annotation through long SFT (docs/sft.md, "Replay").
+ANC_REPLAY=() STD_REPLAY=()
+if [[ "$SFT_REPLAY" != "0" ]]; then
+  ANC_REPLAY=(--replay-data-path "$WORK/pretrain_text_document" --replay-share "$SFT_REPLAY")
+  STD_REPLAY=(--replay-data-path "$WORK/pretrain_plain_text_document" --replay-share "$SFT_REPLAY")
+fi
+
+echo "== 4. anchored SFT from the pretraining checkpoint (loss on response + EOD only; packed samples masked;"
+echo "      replay share $SFT_REPLAY under the pretraining objective)"
 SFT=(--split 95,5,0 --train-iters "$SFT_ITERS" --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 2
      --reset-attention-mask --reset-position-ids --finetune --load "$WORK/ck_pretrain")
 torchrun --nproc-per-node 1 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]}" "${TOK[@]}" "${SFT[@]}" \
-  --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored --save "$WORK/ck_sft_anchored"
+  --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored --save "$WORK/ck_sft_anchored" \
+  "${ANC_REPLAY[@]}"
 
-echo "== 5. the standard-SFT baseline, same checkpoint and settings"
+echo "== 5. the standard-SFT baseline, same checkpoint and settings (the same replay share, unannotated)"
 torchrun --nproc-per-node 1 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]}" "${TOK[@]}" "${SFT[@]}" \
-  --data-path "$WORK/sft_standard_text_document" --loss-mask-policy sft-standard --save "$WORK/ck_sft_standard"
+  --data-path "$WORK/sft_standard_text_document" --loss-mask-policy sft-standard --save "$WORK/ck_sft_standard" \
+  "${STD_REPLAY[@]}"
 
 echo "== done: data and checkpoints under $WORK"

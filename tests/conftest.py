@@ -69,6 +69,38 @@ def tiny_dataset(corpus_dir, sp_model):
             "tokenizer_model": sp_model, "input": str(corpus_dir / "annotated.jsonl")}
 
 
+@pytest.fixture(scope="session")
+def tiny_plain_dataset(corpus_dir, sp_model, tiny_dataset):
+    """The same documents as ``tiny_dataset`` without annotations (``--no-annotations``): what standard SFT
+    replays. Returns its prefix."""
+    from tools import preprocess_data
+
+    out = str(corpus_dir / "data" / "tiny_plain")
+    assert preprocess_data.main([
+        "--input", tiny_dataset["input"], "--output-prefix", out, "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", sp_model, "--append-eod", "--workers", "1", "--no-progress", "--no-annotations",
+    ]) == 0
+    return out + "_text_document"
+
+
+@pytest.fixture(scope="session")
+def sft_data(sp_model, tmp_path_factory):
+    """SFT datasets written by tools/preprocess_sft.py from 400 synthetic samples: ``anchored`` (annotation
+    before each response) and ``standard`` (``--no-annotations``); values are the dataset prefixes."""
+    from tests.test_sft_preprocess import write_sft_jsonl
+    from tools import preprocess_sft
+
+    d = tmp_path_factory.mktemp("sft_train")
+    inp = write_sft_jsonl(str(d / "sft.jsonl"), 400, seed=3)
+    out = {}
+    for name, extra in (("anchored", []), ("standard", ["--no-annotations"])):
+        assert preprocess_sft.main(["--input", inp, "--output-prefix", str(d / name), "--tokenizer-type",
+                                    "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--seq-length", "128",
+                                    "--chat-template", "simple", "--no-progress", *extra]) == 0
+        out[name] = str(d / name) + "_text_document"
+    return out
+
+
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -112,6 +112,11 @@ def test_cpu_examples_pass_the_trainer_checks(script, tmp_path):
     out = _run(script, tmp_path, {"DOCS": "300"}, str(tmp_path / "work"))
     configs = _configs(out)
     assert len(configs) == {"pretrain_tiny_cpu.sh": 1, "sft_tiny_cpu.sh": 3}[script]
+    if script == "sft_tiny_cpu.sh":  # both SFT runs replay: annotated documents, and plain ones for the baseline
+        replayed = [(c["training"]["loss_mask_policy"], os.path.basename(c["data"]["replay_data_path"][0]),
+                     c["data"]["replay_share"]) for c in configs[1:]]
+        assert replayed == [("sft-anchored", "pretrain_text_document", 0.3),
+                            ("sft-standard", "pretrain_plain_text_document", 0.3)]
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +154,12 @@ def _sft_jsonl(path, n=400):
     return str(path)
 
 
-def test_gpu_sft_recipe_packs_and_matches_the_pretraining_architecture(gpu_recipe_env, tmp_path):
+def test_gpu_sft_recipe_packs_and_matches_the_pretraining_architecture(gpu_recipe_env, tiny_plain_dataset,
+                                                                       tmp_path):
     """The SFT recipe packs (its data record says so and the trainer then needs --reset-attention-mask) and its
     model is the pretraining recipe's: the 1b pretraining config, saved as a checkpoint's run_config.yaml, is
-    accepted; the 0.6b one is refused with the differing fields named."""
+    accepted; the 0.6b one is refused with the differing fields named. Both runs replay pretraining documents
+    (annotated for anchored SFT, plain for the baseline); without replay data the recipe says what to set."""
     from megatron_anchor.tokenizer.record import dataset_record_path, read_record
 
     out = _run("gpu/pretrain_1b.sh", tmp_path, {**gpu_recipe_env, "SAVE_DIR": str(tmp_path / "run")})
@@ -161,12 +168,19 @@ def test_gpu_sft_recipe_packs_and_matches_the_pretraining_architecture(gpu_recip
     ckpt.mkdir()
     (ckpt / "run_config.yaml").write_text(yaml.safe_dump(pretrain_cfg))
     sft = _sft_jsonl(tmp_path / "sft.jsonl")
-    env = {**gpu_recipe_env, "NPROC": "8", "WORKERS": "1", "SEQ_LENGTH": "256"}
+    env = {**gpu_recipe_env, "NPROC": "8", "WORKERS": "1", "SEQ_LENGTH": "256",
+           "REPLAY_DATA": gpu_recipe_env["DATA_PATH"], "REPLAY_DATA_PLAIN": tiny_plain_dataset}
     out = _run("gpu/sft_anchored.sh", tmp_path, env, str(ckpt), sft, str(tmp_path / "work"))
     configs = _configs(out)
     assert len(configs) == 2
     for cfg in configs:
         assert cfg["data"]["reset_attention_mask"] and cfg["checkpoint"]["finetune"]
+    assert [(c["data"]["replay_data_path"], c["data"]["replay_share"], c["training"]["replay_loss_mask_policy"])
+            for c in configs] == [([env["REPLAY_DATA"]], 0.3, "pretrain"), ([tiny_plain_dataset], 0.3, "pretrain")]
+    no_replay = {k: v for k, v in env.items() if not k.startswith("REPLAY_")}
+    r = subprocess.run(["bash", str(EXAMPLES / "gpu/sft_anchored.sh"), str(ckpt), sft, str(tmp_path / "work3")],
+                       cwd=REPO_ROOT, env=dict(os.environ, **no_replay), capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "set REPLAY_DATA" in r.stderr and "REPLAY_SHARE=0" in r.stderr, r.stderr[-2000:]
     record = read_record(dataset_record_path(str(tmp_path / "work" / "sft_anchored_text_document")))
     assert record["packed"] and record["seq_length"] == 256
     full = dict(os.environ, PATH=_shims(tmp_path / "x") + os.pathsep + os.environ["PATH"], MODEL_SIZE="0.6b",

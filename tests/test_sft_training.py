@@ -123,25 +123,6 @@ def test_prompt_and_annotation_tokens_give_exactly_zero_gradient(sft_data, sp_mo
 # ------------------------------------------------------------------------------------------------------------
 
 
-import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sft_data(sp_model, tmp_path_factory):
-    from tests.test_sft_preprocess import write_sft_jsonl
-    from tools import preprocess_sft
-
-    d = tmp_path_factory.mktemp("sft_train")
-    inp = write_sft_jsonl(str(d / "sft.jsonl"), 400, seed=3)
-    out = {}
-    for name, extra in (("anchored", []), ("standard", ["--no-annotations"])):
-        assert preprocess_sft.main(["--input", inp, "--output-prefix", str(d / name), "--tokenizer-type",
-                                    "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--seq-length", "128",
-                                    "--chat-template", "simple", "--no-progress", *extra]) == 0
-        out[name] = str(d / name) + "_text_document"
-    return out
-
-
 def _falls(losses):
     return len(losses) >= 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
 

@@ -6,7 +6,9 @@
 
 A model is NAME=PATH: a folder written by tools/export_hf.py, or a checkpoint directory whose model flags come
 from --model-config NAME=run.yaml (the trainer's YAML). Writes PREFIX.json and PREFIX.csv (one row per model and
-temperature: semantic entropy, mean pairwise cosine distance, distinct count, log-likelihood, judge score),
+temperature: semantic entropy, mean pairwise cosine distance, distinct count, log-likelihood, judge score, and
+beside them the share of well-formed sampled annotations, the share of responses following their annotation and
+the diversity over well-formed samples only),
 PREFIX_samples.jsonl and PREFIX.png (diversity against quality, each model's Pareto front). Metric definitions:
 docs/generation.md and megatron_anchor/eval/metrics.py.
 """
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exported folder of a reference model for the likelihood proxy (default: each model itself)")
     p.add_argument("--judge", default=None,
                    help="MODULE:FUNCTION, a callable (prompt, response) -> float (reward model or LLM judge)")
+    p.add_argument("--follow-keys", nargs="+", default=None,
+                   help="attributes a response must share with its sampled annotation to count as following it "
+                        "(default: topic)")
     p.add_argument("--plot-diversity", default="pairwise_distance",
                    choices=("pairwise_distance", "semantic_entropy", "distinct_fraction"),
                    help="diversity metric on the plot's y axis (default pairwise_distance)")
@@ -73,6 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the sweep; returns 0, or 2 on bad input."""
     from megatron_anchor.annotation.default_annotator import annotate_text
     from megatron_anchor.data.sft import load_template
+    from megatron_anchor.eval.binding import FOLLOW_KEYS
     from megatron_anchor.eval.harness import ModelUnderTest, plot_pareto, run_sweep, write_table
     from megatron_anchor.inference import CheckpointError, PromptFileError, SamplingParams, read_prompts
     from megatron_anchor.inference.generator import load_any, load_from_hf_folder
@@ -109,7 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         embed = load_embedder(args.embedding_model)
     rows = run_sweep(under_test, prompts, args.n, args.temperatures, params, annotate_text, embed,
                      args.similarity_threshold, reference, judge, args.seed,
-                     samples_out=args.output_prefix + "_samples.jsonl")
+                     samples_out=args.output_prefix + "_samples.jsonl",
+                     follow_keys=tuple(args.follow_keys) if args.follow_keys else FOLLOW_KEYS)
     files = write_table(rows, args.output_prefix)
     diversity = args.plot_diversity if embed is not None or args.plot_diversity != "pairwise_distance" \
         else "distinct_fraction"

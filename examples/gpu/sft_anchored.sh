@@ -7,7 +7,9 @@
 #    resumable: rerun after a failure) and writes anchored SFT data, whole samples packed into sequences;
 # 2. writes the standard-SFT baseline from the same input; 3. fine-tunes from the pretraining checkpoint with
 #    --loss-mask-policy sft-anchored (loss on response + EOD only; --reset-attention-mask keeps every packed sample
-#    to itself: THD variable-length attention on Transformer Engine), then the baseline with sft-standard.
+#    to itself: THD variable-length attention on Transformer Engine) with a share of annotated pretraining
+#    documents replayed under the pretraining objective, then the baseline with sft-standard and the same share
+#    of the documents without annotations.
 # The architecture is examples/gpu/model_sizes.sh's MODEL_SIZE, the one the pretraining recipe of that size
 # trained; the trainer refuses a checkpoint whose run_config.yaml says otherwise.
 #
@@ -19,6 +21,9 @@
 #   CHAT_TEMPLATE (chatml), SEQ_LENGTH (2048), NPROC (8), GBS (128), ITERS (1000), WORKERS (16),
 #   LR (1e-5: keep the total SFT update modest so responses keep following the sampled annotation);
 #   TP, PP, MICRO_BATCH_SIZE default to the size's layout
+#   Replay (docs/sft.md, "Replay"): REPLAY_SHARE (0.3; 0 turns replay off), REPLAY_DATA (the annotated
+#   pretraining dataset prefix, e.g. data/corpus_text_document), REPLAY_DATA_PLAIN (the same documents without
+#   annotations, for the baseline: tools/preprocess_data.py ... --no-annotations), REPLAY_POLICY (pretrain)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CKPT="$1"; SFT_JSONL="$2"; WORK="$3"
@@ -29,6 +34,14 @@ CHAT_TEMPLATE="${CHAT_TEMPLATE:-chatml}"; SEQ_LENGTH="${SEQ_LENGTH:-2048}"; WORK
 NPROC="${NPROC:-8}"; GBS="${GBS:-128}"; ITERS="${ITERS:-1000}"; LR="${LR:-1e-5}"
 mkdir -p "$WORK"
 TOK=(--tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL")
+REPLAY_SHARE="${REPLAY_SHARE:-0.3}"; REPLAY_POLICY="${REPLAY_POLICY:-pretrain}"
+ANC_REPLAY=() STD_REPLAY=()
+if [[ "$REPLAY_SHARE" != "0" ]]; then
+  : "${REPLAY_DATA:?set REPLAY_DATA (annotated pretraining prefix) and REPLAY_DATA_PLAIN, or REPLAY_SHARE=0}"
+  : "${REPLAY_DATA_PLAIN:?set REPLAY_DATA_PLAIN (the pretraining documents preprocessed with --no-annotations)}"
+  ANC_REPLAY=(--replay-data-path "$REPLAY_DATA" --replay-share "$REPLAY_SHARE" --replay-loss-mask-policy "$REPLAY_POLICY")
+  STD_REPLAY=(--replay-data-path "$REPLAY_DATA_PLAIN" --replay-share "$REPLAY_SHARE")
+fi
 
 ANN=(--annotator default)
 if [[ -n "${ANNOTATOR_URLS:-}" ]]; then
@@ -53,9 +66,9 @@ TRAIN=("${MODEL_ARGS[@]}" --seq-length "$SEQ_LENGTH" --transformer-impl transfor
        --reset-attention-mask --finetune --load "$CKPT" --log-interval 10 --exit-signal SIGUSR1)
 
 torchrun --nproc-per-node "$NPROC" pretrain_anchor.py "${TRAIN[@]}" "${TOK[@]}" \
-  --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored \
+  --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored "${ANC_REPLAY[@]}" \
   --save "$WORK/ck_sft_anchored" --save-interval 500 --tensorboard-dir "$WORK/tb_sft_anchored"
 
 torchrun --nproc-per-node "$NPROC" pretrain_anchor.py "${TRAIN[@]}" "${TOK[@]}" \
-  --data-path "$WORK/sft_standard_text_document" --loss-mask-policy sft-standard \
+  --data-path "$WORK/sft_standard_text_document" --loss-mask-policy sft-standard "${STD_REPLAY[@]}" \
   --save "$WORK/ck_sft_standard" --save-interval 500 --tensorboard-dir "$WORK/tb_sft_standard"

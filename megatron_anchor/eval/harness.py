@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from megatron_anchor.eval import binding
 from megatron_anchor.eval.metrics import (
     distinct_count,
     judge_score,
@@ -22,7 +23,8 @@ from megatron_anchor.inference.prompts import Prompt
 from megatron_anchor.inference.sampler import SamplingParams
 
 COLUMNS = ("model", "mode", "temperature", "prompts", "samples", "semantic_entropy", "pairwise_distance",
-           "distinct_count", "distinct_fraction", "log_likelihood", "judge")
+           "distinct_count", "distinct_fraction", "log_likelihood", "judge", "annotation_well_formed",
+           "follows_annotation", "semantic_entropy_well_formed", "pairwise_distance_well_formed")
 
 
 @dataclass
@@ -36,16 +38,27 @@ class ModelUnderTest:
 
 def evaluate_prompt(prompt: Prompt, responses: Sequence[str], extract_tags: Callable[[str], list],
                     embed: Optional[Callable], threshold: float, reference=None,
-                    judge: Optional[Callable[[str, str], float]] = None) -> Dict[str, object]:
-    """All metrics for one prompt's responses."""
-    row: Dict[str, object] = {"semantic_entropy": semantic_entropy([extract_tags(r) for r in responses])["score"]}
-    if embed is not None:
-        emb = embed(list(responses))
+                    judge: Optional[Callable[[str, str], float]] = None,
+                    annotations: Optional[Sequence[Optional[dict]]] = None,
+                    follow_keys: Sequence[str] = binding.FOLLOW_KEYS) -> Dict[str, object]:
+    """All metrics for one prompt's responses; ``annotations``: each sample's sampled annotation (anchored
+    sampling), for format, binding and the well-formed-only diversity (:mod:`megatron_anchor.eval.binding`)."""
+    tags = [extract_tags(r) for r in responses]
+    row: Dict[str, object] = {"semantic_entropy": semantic_entropy(tags)["score"]}
+    emb = embed(list(responses)) if embed is not None else None
+    if emb is not None:
         row["pairwise_distance"] = mean_pairwise_cosine_distance(emb)
         dc = distinct_count(emb, threshold)
     else:
         row["pairwise_distance"] = None
         dc = distinct_count(texts=responses)
+    annotations = list(annotations) if annotations is not None else [None] * len(responses)
+    shares = binding.binding(annotations, tags, follow_keys)
+    row["annotation_well_formed"] = shares["annotation_well_formed"]
+    row["follows_annotation"] = shares["follows_annotation"]
+    kept = binding.diversity(tags, emb, keep=binding.well_formed_mask(annotations)) or {}
+    row["semantic_entropy_well_formed"] = kept.get("semantic_entropy")
+    row["pairwise_distance_well_formed"] = kept.get("pairwise_distance")
     row["distinct_count"], row["distinct_fraction"] = dc["count"], dc["fraction"]
     row["log_likelihood"] = (mean_log_likelihood([reference.response_logprobs(prompt, r) for r in responses])
                              if reference is not None else None)
@@ -61,9 +74,11 @@ def _mean(values) -> Optional[float]:
 def run_sweep(models: Sequence[ModelUnderTest], prompts: Sequence[Prompt], n: int, temperatures: Sequence[float],
               params: SamplingParams, extract_tags: Callable[[str], list], embed: Optional[Callable] = None,
               threshold: float = 0.9, reference=None, judge=None, seed: int = 0,
-              samples_out: Optional[str] = None) -> List[Dict[str, object]]:
+              samples_out: Optional[str] = None,
+              follow_keys: Sequence[str] = binding.FOLLOW_KEYS) -> List[Dict[str, object]]:
     """One table row per (model, temperature): metrics averaged over prompts. ``reference``: the generator whose
-    likelihood scores responses (None: each model scores its own). Samples are appended to ``samples_out``."""
+    likelihood scores responses (None: each model scores its own). Samples are appended to ``samples_out``.
+    ``follow_keys``: the attributes a response must share with its sampled annotation to follow it."""
     rows = []
     if samples_out:
         os.makedirs(os.path.dirname(os.path.abspath(samples_out)), exist_ok=True)
@@ -77,7 +92,8 @@ def run_sweep(models: Sequence[ModelUnderTest], prompts: Sequence[Prompt], n: in
                     outs = m.generator.generate(prompt, prompt.n or n, m.mode, p, seed=seed + i)
                     responses = [o["response"] for o in outs]
                     per_prompt.append(evaluate_prompt(prompt, responses, extract_tags, embed, threshold,
-                                                      reference or m.generator, judge))
+                                                      reference or m.generator, judge,
+                                                      [o.get("annotation") for o in outs], follow_keys))
                     if sink:
                         for j, o in enumerate(outs):
                             sink.write(json.dumps({"model": m.name, "temperature": temp, "id": prompt.id,

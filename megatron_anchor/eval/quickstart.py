@@ -16,11 +16,13 @@ model:
 - held-out response loss: mean per-token cross-entropy of reference responses to the held-out prompts, in the
   format the model was trained on (base and anchored SFT: given the reference's annotation; standard SFT: with
   no annotation), so it is each model's own validation loss;
-- for anchored sampling: the share of sampled annotations that closed by themselves and the share of responses
-  whose topic is the one the sampled annotation named (does the response follow the annotation?).
+- for anchored sampling (:mod:`megatron_anchor.eval.binding`): the share of sampled annotations that closed by
+  themselves, the share that are well formed (closed and parseable), the share of responses whose topic is the
+  one the sampled annotation named (does the response follow the annotation?), and the diversity measures over
+  the well-formed samples only (broken outputs can inflate diversity).
 
 Finally the share of the base-to-standard-SFT gap that anchored SFT closes, per diversity metric:
-``(anchored - standard) / (base - standard)``. Results go to ``WORK/report.json`` and the samples to
+``(anchored - standard) / (base - standard)``, over all samples and over well-formed samples only. Results go to ``WORK/report.json`` and the samples to
 ``WORK/samples.jsonl``.
 """
 
@@ -36,7 +38,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_anchor.annotation.default_annotator import annotate_text
-from megatron_anchor.eval.metrics import mean_pairwise_cosine_distance, semantic_entropy, shannon_entropy
+from megatron_anchor.eval import binding
 from megatron_anchor.roles import Role
 
 RESPONSE_ROLES = (int(Role.RESPONSE), int(Role.EOD))
@@ -78,9 +80,9 @@ def response_loss(gen, samples: Sequence[dict], annotated: bool) -> float:
 
 
 def measure(gen, prompts, mode: str, n: int, params, embed, seed: int, sink=None, name: str = "") -> Dict:
-    """Diversity of ``n`` samples per prompt (averaged over prompts) and annotation diagnostics."""
-    ent, topic_ent, dist = [], [], []
-    closed, follows, annotated = 0, 0, 0
+    """Diversity of ``n`` samples per prompt (averaged over prompts), the same over well-formed samples only,
+    and format and binding (:mod:`megatron_anchor.eval.binding`)."""
+    per_prompt, per_prompt_wf, annotations, all_tags = [], [], [], []
     for i, prompt in enumerate(prompts):
         rows = gen.generate(prompt, n, mode, params, seed=seed + i)
         # A turn ends at the template's end-of-turn text ("\n\n" for the plain template, the end of a chunk).
@@ -89,24 +91,22 @@ def measure(gen, prompts, mode: str, n: int, params, embed, seed: int, sink=None
         end = gen.template.assistant_suffix or "\n\n"
         responses = [r["response"].split(end)[0].strip() for r in rows]
         tags = [annotate_text(r) for r in responses]
-        ent.append(semantic_entropy(tags)["score"])
-        topic_ent.append(shannon_entropy([dict(t)["topic"] for t in tags]))
-        if embed is not None:
-            dist.append(mean_pairwise_cosine_distance(embed(responses)))
-        for r, resp, t in zip(rows, responses, tags):
-            ann = r.get("annotation")
-            if ann is not None:
-                annotated += 1
-                closed += bool(ann.get("closed"))
-                follows += dict((k, v) for k, v in ann.get("tags", [])).get("topic") == dict(t)["topic"]
-            if sink is not None:
+        anns = [r.get("annotation") for r in rows]
+        emb = embed(responses) if embed is not None else None
+        per_prompt.append(binding.diversity(tags, emb))
+        per_prompt_wf.append(binding.diversity(tags, emb, keep=binding.well_formed_mask(anns)))
+        annotations.extend(anns)
+        all_tags.extend(tags)
+        if sink is not None:
+            for r, resp, t, ann in zip(rows, responses, tags, anns):
                 sink.write(json.dumps({"model": name, "prompt": prompt.text, "response": resp, "raw": r["response"],
-                                       "annotation": ann, "response_tags": t}) + "\n")
-    out = {"semantic_entropy": float(np.mean(ent)), "topic_entropy": float(np.mean(topic_ent)),
-           "pairwise_distance": float(np.mean(dist)) if dist else None, "samples": n * len(prompts)}
-    if annotated:
-        out["annotation_closed"] = closed / annotated
-        out["follows_annotation"] = follows / annotated
+                                       "annotation": ann, "response_tags": t,
+                                       "annotation_problem": binding.annotation_problem(ann)}) + "\n")
+    out = {k: binding.mean_over_prompts(per_prompt, k) for k in binding.DIVERSITY_KEYS}
+    out.update({f"{k}_well_formed": binding.mean_over_prompts(per_prompt_wf, k) for k in binding.DIVERSITY_KEYS})
+    out["samples"] = n * len(prompts)
+    if any(a is not None for a in annotations):
+        out.update(binding.binding(annotations, all_tags))
     return out
 
 
@@ -126,20 +126,29 @@ def format_table(report: Dict) -> str:
     rows = report["models"]
     lines = [f"held-out prompts: {report['prompts']}, samples per prompt: {report['n']}, temperature 1.0",
              f"{'model':<14}{'mode':<10}{'tag entropy':>12}{'topic ent.':>11}{'emb. dist.':>11}"
-             f"{'loss':>8}{'ann. closed':>12}{'follows ann.':>13}"]
+             f"{'loss':>8}{'ann. closed':>12}{'well formed':>12}{'follows ann.':>13}"
+             f"{'tag ent. wf':>12}{'emb. dist. wf':>14}"]
     for name, r in rows.items():
         lines.append(f"{name:<14}{r['mode']:<10}{_fmt(r['semantic_entropy']):>12}{_fmt(r['topic_entropy']):>11}"
                      f"{_fmt(r['pairwise_distance']):>11}{_fmt(r['loss']):>8}"
-                     f"{_fmt(r.get('annotation_closed'), '.0%'):>12}{_fmt(r.get('follows_annotation'), '.0%'):>13}")
-    g = report["gap_closed"]
-    lines.append("share of the base -> standard-SFT diversity gap closed by anchored SFT: "
-                 f"tag entropy {_fmt(g['semantic_entropy'], '.0%')}, topic entropy {_fmt(g['topic_entropy'], '.0%')}"
-                 f", embedding distance {_fmt(g['pairwise_distance'], '.0%')}")
+                     f"{_fmt(r.get('annotation_closed'), '.0%'):>12}{_fmt(r.get('annotation_well_formed'), '.0%'):>12}"
+                     f"{_fmt(r.get('follows_annotation'), '.0%'):>13}"
+                     f"{_fmt(r.get('semantic_entropy_well_formed')):>12}"
+                     f"{_fmt(r.get('pairwise_distance_well_formed')):>14}")
+    for key, label in (("gap_closed", "all samples"), ("gap_closed_well_formed", "well-formed samples only")):
+        g = report.get(key)
+        if g is None:
+            continue
+        lines.append(f"share of the base -> standard-SFT diversity gap closed by anchored SFT ({label}): "
+                     f"tag entropy {_fmt(g['semantic_entropy'], '.0%')}, topic entropy "
+                     f"{_fmt(g['topic_entropy'], '.0%')}, embedding distance {_fmt(g['pairwise_distance'], '.0%')}")
     if report.get("embedding_note"):
         lines.append(f"embedding distance: n/a ({report['embedding_note']})")
     lines.append("tag entropy: mean over the tags (topic, genre, entities, tone, length) the embedded annotator "
                  f"extracts from each response, max log2({report['n']}) = {math.log2(report['n']):.2f} bits; "
-                 "loss: held-out response cross-entropy (nats/token) in each model's training format")
+                 "loss: held-out response cross-entropy (nats/token) in each model's training format; well formed: "
+                 "annotation closed and parseable; follows ann.: the response's topic is the sampled one; wf: over "
+                 "well-formed samples only")
     return "\n".join(lines)
 
 
@@ -165,7 +174,10 @@ def run_report(work: str, checkpoints: Dict[str, str], model_args: Sequence[str]
             models[name] = row
     report = {"prompts": len(prompts), "n": n, "models": models, "embedding_note": "" if embed else note,
               "gap_closed": {k: gap_closed(models["base"][k], models["standard-SFT"][k], models["anchored-SFT"][k])
-                             for k in ("semantic_entropy", "topic_entropy", "pairwise_distance")}}
+                             for k in binding.DIVERSITY_KEYS},
+              "gap_closed_well_formed": {
+                  k: gap_closed(*(models[m][f"{k}_well_formed"] for m in ("base", "standard-SFT", "anchored-SFT")))
+                  for k in binding.DIVERSITY_KEYS}}
     with open(os.path.join(work, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     return report

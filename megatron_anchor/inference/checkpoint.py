@@ -70,6 +70,7 @@ def prepare_config(cfg: AnchorConfig) -> AnchorConfig:
     cfg.parallel.distributed_backend = "gloo"
     cfg.model.transformer_impl = "local"
     cfg.data.data_path = []
+    cfg.data.replay_data_path, cfg.data.replay_share = [], 0.0
     cfg.data.mock_data = True
     cfg.data.no_role_channel = False
     cfg.training.loss_mask_policy = "pretrain"

@@ -22,6 +22,8 @@ from megatron_anchor.tokenizer import TOKENIZER_TYPES
 from megatron_anchor.training.config import (
     LOSS_MASK_POLICIES,
     SECTIONS,
+    REPLAY_POLICIES,
+    SFT_POLICIES,
     AnchorConfig,
     CheckpointConfig,
     DataConfig,
@@ -47,6 +49,7 @@ _CHOICES = {
     "distributed_backend": ("auto", "nccl", "gloo"),
     "lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
     "loss_mask_policy": LOSS_MASK_POLICIES,
+    "replay_loss_mask_policy": REPLAY_POLICIES,
     "dry_run_target": ("here", "gpu"),
     # The data tools' list (one source of truth) plus the trainer-only NullTokenizer.
     "tokenizer_type": (*TOKENIZER_TYPES, "NullTokenizer"),
@@ -131,7 +134,7 @@ def _apply(cfg: AnchorConfig, section: str, name: str, value) -> None:
     obj = getattr(cfg, section)
     if not hasattr(obj, name):
         raise ConfigError(f"unknown setting {section}.{name}")
-    if name == "data_path" and isinstance(value, str):
+    if name in ("data_path", "replay_data_path") and isinstance(value, str):
         value = value.split()
     setattr(obj, name, value)
 
@@ -170,8 +173,9 @@ def config_dict(cfg: AnchorConfig) -> Dict[str, dict]:
     data = out["data"]
     if data.get("tokenizer_model") and os.path.exists(data["tokenizer_model"]):
         data["tokenizer_model"] = os.path.abspath(data["tokenizer_model"])
-    if data.get("data_path"):
-        data["data_path"] = [os.path.abspath(p) if os.path.exists(p + ".idx") else p for p in data["data_path"]]
+    for key in ("data_path", "replay_data_path"):
+        if data.get(key):
+            data[key] = [os.path.abspath(p) if os.path.exists(p + ".idx") else p for p in data[key]]
     return out
 
 
@@ -219,6 +223,46 @@ def parse_data_path(data_path: List[str]):
         raise ConfigError(f"--data-path with weights needs 'W1 PREFIX1 W2 PREFIX2 ...', got {data_path}")
     weights = [float(w) for w in data_path[0::2]]
     return list(data_path[1::2]), weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Blend:
+    """The datasets a run reads, in blend order (the order megatron-core's ``BlendedDataset`` numbers them
+    with ``dataset_id``): the --data-path entries, then the --replay-data-path entries."""
+
+    prefixes: List[str]
+    weights: Optional[List[float]]
+    """Blend weights (None: megatron's own rule for unweighted prefixes, sizes as they are)."""
+    policies: List[str]
+    """Loss-mask policy of each dataset."""
+    sources: List[str]
+    """'sft' or 'replay' for each dataset (what the per-source loss reports group by)."""
+
+
+def data_blend(cfg: AnchorConfig) -> Blend:
+    """The run's blend: --data-path under --loss-mask-policy and, with a replay share, --replay-data-path
+    under --replay-loss-mask-policy, weighted so replay gets exactly --replay-share of the samples."""
+    d, t = cfg.data, cfg.training
+    prefixes, weights = parse_data_path(d.data_path)
+    policies = [t.loss_mask_policy] * len(prefixes)
+    sources = ["sft"] * len(prefixes)
+    if not d.replay_data_path:
+        return Blend(prefixes, weights, policies, sources)
+    replay, replay_weights = parse_data_path(d.replay_data_path)
+    for name, p, w in (("--data-path", prefixes, weights), ("--replay-data-path", replay, replay_weights)):
+        if w is None and len(p) > 1:
+            # Unweighted multi-prefix blends follow dataset sizes, unknown until megatron builds the indices.
+            raise ConfigError(f"with --replay-data-path, give {name} blend weights for its {len(p)} prefixes "
+                              "('W1 PREFIX1 W2 PREFIX2 ...')")
+    share = d.replay_share
+
+    def scaled(w, n, total):
+        w = w or [1.0] * n
+        return [total * x / sum(w) for x in w]
+
+    return Blend(prefixes + replay, scaled(weights, len(prefixes), 1.0 - share) + scaled(replay_weights,
+                 len(replay), share), policies + [t.replay_loss_mask_policy] * len(replay),
+                 sources + ["replay"] * len(replay))
 
 
 def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -> None:
@@ -328,9 +372,14 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
             parse_data_path(d.data_path)
         except ConfigError as exc:
             errors.append(str(exc))
+    for flag, policy, allowed in (("--loss-mask-policy", t.loss_mask_policy, LOSS_MASK_POLICIES),
+                                  ("--replay-loss-mask-policy", t.replay_loss_mask_policy, REPLAY_POLICIES)):
+        if policy not in allowed:  # the flags' choices catch this; configs built in code do not
+            errors.append(f"{flag} {policy!r} is not one of {', '.join(allowed)}")
     if (d.mock_data or d.no_role_channel) and t.loss_mask_policy != "pretrain":
         errors.append(f"--loss-mask-policy {t.loss_mask_policy} needs the role channel "
                       "(not available with --mock-data / --no-role-channel)")
+    errors.extend(_replay_errors(cfg))
     if d.tokenizer_type in (None, "NullTokenizer"):
         if not d.vocab_size:
             errors.append("set --tokenizer-type and --tokenizer-model (or --vocab-size with NullTokenizer)")
@@ -416,3 +465,28 @@ def _te_version():
         except metadata.PackageNotFoundError:
             continue
     return None
+
+
+def _replay_errors(cfg: AnchorConfig) -> List[str]:
+    """Why the replay settings cannot run (empty when they can, or when there is no replay)."""
+    d, t = cfg.data, cfg.training
+    share = d.replay_share
+    if not d.replay_data_path:
+        if share:
+            return [f"--replay-share {share:g} needs --replay-data-path (the pretraining data to replay)"]
+        return []
+    errors = []
+    if not 0.0 < share < 1.0:
+        errors.append(f"--replay-data-path needs --replay-share between 0 and 1 (exclusive), got {share:g}")
+    if t.loss_mask_policy not in SFT_POLICIES:
+        errors.append(f"--replay-data-path is for fine-tuning (--loss-mask-policy {' or '.join(SFT_POLICIES)}), "
+                      f"not {t.loss_mask_policy}; to mix pretraining datasets, weight them in --data-path")
+    if d.mock_data or d.no_role_channel:
+        errors.append("--replay-data-path needs the role channel (not available with --mock-data / "
+                      "--no-role-channel)")
+    if not errors:
+        try:
+            data_blend(cfg)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    return errors

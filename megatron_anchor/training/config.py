@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-LOSS_MASK_POLICIES = ("pretrain", "sft-anchored", "sft-standard")
+LOSS_MASK_POLICIES = ("pretrain", "pretrain-text", "sft-anchored", "sft-standard")
+"""Policy names (their role tables: ``megatron_anchor.training.loss.POLICY_ROLES``)."""
+SFT_POLICIES = ("sft-anchored", "sft-standard")
+REPLAY_POLICIES = ("pretrain", "pretrain-text")
 
 
 @dataclass
@@ -122,9 +125,14 @@ class TrainingConfig:
     bf16: bool = False
     """Train in bfloat16 with fp32 master weights."""
     loss_mask_policy: str = "pretrain"
-    """Which token roles carry loss: pretrain (every real token, annotations included), sft-anchored (response
-    and EOD only: prompt and annotation get zero loss), sft-standard (response and EOD, for SFT data without
-    annotations)."""
+    """Which token roles carry loss: pretrain (every real token, annotations included), pretrain-text (every real
+    token except annotations), sft-anchored (response and EOD only: prompt and annotation get zero loss),
+    sft-standard (response and EOD, for SFT data without annotations). With --replay-data-path it applies to the
+    --data-path samples only."""
+    replay_loss_mask_policy: str = "pretrain"
+    """Policy of the replayed samples (--replay-data-path): pretrain (the pretraining objective, annotations
+    included: keeps the annotation format and the response's binding to its annotation through long SFT) or
+    pretrain-text (annotations masked, an ablation)."""
     eod_mask_loss: bool = False
     """Also mask the loss where the input token is end-of-document (megatron's own option)."""
     exit_interval: Optional[int] = None
@@ -156,6 +164,13 @@ class DataConfig:
     data_path: List[str] = field(default_factory=list)
     """Dataset prefixes with optional blend weights: 'PREFIX' or 'W1 PREFIX1 W2 PREFIX2'. The role channel
     PREFIX_roles.{bin,idx} must sit beside each."""
+    replay_data_path: List[str] = field(default_factory=list)
+    """Pretraining data replayed in a fine-tuning run, in --data-path's form ('PREFIX' or 'W1 PREFIX1 ...'). Its
+    samples are scored under --replay-loss-mask-policy, the --data-path samples under --loss-mask-policy; the
+    log shows the loss of each ('sft loss', 'replay loss')."""
+    replay_share: float = 0.0
+    """Share of the training and validation samples drawn from --replay-data-path (0 <= share < 1); the
+    --data-path entries share the rest in proportion to their weights."""
     split: str = "969,30,1"
     """Train/validation/test split of each dataset, as weights."""
     tokenizer_type: Optional[str] = None

@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
-from megatron_anchor.training.arguments import ConfigError, parse_data_path
+from megatron_anchor.training.arguments import ConfigError, data_blend
 from megatron_anchor.training.config import AnchorConfig
 
 
@@ -67,9 +67,8 @@ def check_data_paths(cfg: AnchorConfig, tokenizer=None) -> None:
         return
     from megatron_anchor.data.indexed import DatasetFormatError, check_role_channel, read_index_header
 
-    prefixes, _ = parse_data_path(d.data_path)
     run_record = run_tokenizer_record(cfg, tokenizer) if tokenizer is not None else None
-    for prefix in prefixes:
+    for prefix in data_blend(cfg).prefixes:
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):
                 raise ConfigError(f"data file {prefix + ext} not found (--data-path takes the prefix without "
@@ -121,7 +120,7 @@ def scan_role_channels(cfg: AnchorConfig, device) -> None:
     from megatron_anchor.data.indexed import bin_path, first_unknown_role, roles_prefix
     from megatron_anchor.roles import role_name
 
-    prefixes, _ = parse_data_path(d.data_path)
+    prefixes = data_blend(cfg).prefixes
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sizes = [os.path.getsize(bin_path(roles_prefix(p))) for p in prefixes]
     first_bad = torch.tensor([size + 1 for size in sizes], dtype=torch.int64, device=device)
@@ -197,8 +196,10 @@ def build_datasets(cfg: AnchorConfig, tokenizer, is_built_on_rank=lambda: True):
         dataset_cls = MockGPTDataset
         config = GPTDatasetConfig(blend=None, split=_split_string(d.split), **common)
     else:
-        prefixes, weights = parse_data_path(d.data_path)
-        config = GPTDatasetConfig(blend=(prefixes, weights), split=_split_string(d.split), **common)
+        # With replay, megatron-core's BlendedDataset tags each sample with its dataset's index in this blend
+        # (``dataset_id``); the forward step reads each sample's loss-mask policy from it.
+        blend = data_blend(cfg)
+        config = GPTDatasetConfig(blend=(blend.prefixes, blend.weights), split=_split_string(d.split), **common)
         if d.no_role_channel:
             dataset_cls = GPTDataset
         else:

@@ -18,11 +18,12 @@ from megatron_anchor.training import checkpointing, guards, initialize
 from megatron_anchor.training.arguments import validate
 from megatron_anchor.training.loss import boundary_mode
 from megatron_anchor.training.config import AnchorConfig
+from megatron_anchor.training.loss import REPORT_KEYS
 from megatron_anchor.training.model import has_transformer_engine, num_parameters
 from megatron_anchor.training.monitor import Monitor, format_train_line
 
 # Metrics reduced exactly over micro-batches and data-parallel ranks as [sum, count] pairs.
-REDUCED_KEYS = ("lm loss", "annotation loss", "text loss")
+REDUCED_KEYS = REPORT_KEYS
 
 
 @dataclass
@@ -30,7 +31,7 @@ class RunResult:
     """What a run did; identical on every rank (losses are broadcast from the last pipeline stage)."""
 
     train: List[Dict[str, Optional[float]]] = field(default_factory=list)
-    """Per-iteration metrics (iteration, lm loss, annotation loss, text loss, lr, grad norm)."""
+    """Per-iteration metrics (iteration, the REDUCED_KEYS losses, lr, grad norm)."""
     valid: List[Dict[str, Optional[float]]] = field(default_factory=list)
     """Per-evaluation metrics."""
     final_state: Optional[checkpointing.TrainState] = None
@@ -184,11 +185,18 @@ def setup(cfg: AnchorConfig, model_provider: Callable, datasets_provider: Callab
         f"PP {ps.get_pipeline_model_parallel_world_size()} x DP {ps.get_data_parallel_world_size()}, "
         f"{cfg.model.transformer_impl} layers, vocab {tokenizer.vocab_size} (padded "
         f"{_unwrap(model[0]).vocab_size}), {num_parameters(model[0])} parameters on the last rank, "
-        f"policy {cfg.training.loss_mask_policy}, starting at iteration {state.iteration}"
+        f"policy {_policy_line(cfg)}, starting at iteration {state.iteration}"
     )
     forward_step = forward_step_factory(cfg, device)
     return Trainer(cfg, model, optimizer, scheduler, state, train_iter, make_valid_iter, forward_step,
                    monitor, device, run_tokenizer_record(cfg, tokenizer))
+
+
+def _policy_line(cfg: AnchorConfig) -> str:
+    t, d = cfg.training, cfg.data
+    if not d.replay_data_path:
+        return t.loss_mask_policy
+    return f"{t.loss_mask_policy}, replay {d.replay_share:.0%} under {t.replay_loss_mask_policy}"
 
 
 def _unwrap(module):
@@ -374,7 +382,7 @@ def _run_steps(tr: Trainer, result: RunResult, on_step, handler, clock, tokens_p
             metrics["ms/step"] = 1000.0 * step_s
             metrics["tokens/s"] = tokens_per_step / step_s
             tr.monitor.print(format_train_line(it, t.train_iters, metrics))
-            show = ("lm loss", "annotation loss", "text loss", "lr", "grad norm", "tokens/s", "ms/step")
+            show = (*REDUCED_KEYS, "lr", "grad norm", "tokens/s", "ms/step")
             tr.monitor.scalars({k: metrics.get(k) for k in show}, it, prefix="train/")
             window_time, window_steps = 0.0, 0
         if lg.eval_interval and it % lg.eval_interval == 0 and it != t.train_iters:

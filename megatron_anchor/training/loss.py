@@ -4,12 +4,18 @@ A policy is a per-role 0/1 table. The final mask is megatron's own ``loss_mask``
 ``--eod-mask-loss``) times the policy's mask of the label roles. The loss is a token sum divided once by the
 global count of unmasked tokens (megatron-core's per-token loss path), so a masked token contributes exactly
 zero gradient and micro-batches with few response tokens are not over-weighted.
+
+In a blended run each dataset of the blend can have its own policy (fine-tuning with pretraining replay: SFT
+samples under ``sft-anchored``, replayed pretraining documents under ``pretrain``). megatron-core's
+``BlendedDataset`` tags every sample with ``dataset_id``, the index of its dataset in the blend; the forward step
+looks the policy up per sample from it. The lookup is a [datasets, 256] table indexed by (dataset_id, role):
+memory and time per micro-batch grow with batch x sequence only, never with the data size.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -21,6 +27,10 @@ POLICY_ROLES: Dict[str, tuple] = {
     # Pretraining: the ordinary next-token loss on every real token, annotations included, so the model learns
     # context -> next annotation and annotation -> text.
     "pretrain": _ALL_REAL,
+    # Pretraining text only: every real token except annotations. A replay objective kept for ablations: the
+    # annotation distribution then gets no gradient from replay either, but long SFT breaks the annotation
+    # format under it (docs/sft.md), which the full pretraining objective keeps.
+    "pretrain-text": tuple(r for r in _ALL_REAL if r not in ANNOTATION_ROLES),
     # Anchored SFT: only the response (and the EOD that ends it) is fitted; prompt and annotation tokens get
     # zero loss so R(z|x) keeps its pretraining shape.
     "sft-anchored": (Role.RESPONSE, Role.EOD),
@@ -35,6 +45,12 @@ REPORT_GROUPS = {
     "text": (Role.TEXT,),
 }
 
+# Sources of a blended fine-tuning run, reported separately: the --data-path samples and the replayed ones.
+SOURCES = ("sft", "replay")
+
+# Every metric loss_func reports, as [sum, count] pairs the loop reduces exactly (one list for loop and logs).
+REPORT_KEYS = ("lm loss", *(f"{g} loss" for g in REPORT_GROUPS), *(f"{s} loss" for s in SOURCES))
+
 
 def policy_table(policy: str) -> torch.Tensor:
     """float32 lookup table indexed by role code: 1.0 where the policy keeps the loss."""
@@ -46,19 +62,35 @@ def policy_table(policy: str) -> torch.Tensor:
     return table
 
 
-def apply_policy(loss_mask: torch.Tensor, roles: Optional[torch.Tensor], table: Optional[torch.Tensor]):
-    """Combine megatron's loss mask [b, s] with the policy's role mask (roles [b, s], role of each label)."""
+def policy_tables(policies: Sequence[str]) -> torch.Tensor:
+    """[len(policies), 256] tables, row i for dataset i of the blend."""
+    return torch.stack([policy_table(p) for p in policies])
+
+
+def apply_policy(loss_mask: torch.Tensor, roles: Optional[torch.Tensor], table: Optional[torch.Tensor],
+                 dataset_id: Optional[torch.Tensor] = None):
+    """Combine megatron's loss mask [b, s] with the policy's role mask (roles [b, s], role of each label).
+
+    ``table``: one policy [256], or one per dataset of a blend [D, 256] with ``dataset_id`` [b] saying which
+    row each sample uses (row 0 for every sample when ``dataset_id`` is None: a run on one dataset).
+    """
     if roles is None or table is None:
         return loss_mask
-    return loss_mask * table.to(loss_mask.device)[roles.long()]
+    table = table.to(loss_mask.device)
+    if table.dim() == 1:
+        return loss_mask * table[roles.long()]
+    rows = torch.zeros(roles.shape[0], dtype=torch.long, device=roles.device) if dataset_id is None \
+        else dataset_id.long().reshape(-1)
+    return loss_mask * table[rows[:, None], roles.long()]  # [b, 1] x [b, s] -> [b, s]
 
 
 def loss_func(loss_mask: torch.Tensor, roles: Optional[torch.Tensor], output_tensor: torch.Tensor,
-              report_role_losses: bool = False):
+              report_role_losses: bool = False, sources: Optional[torch.Tensor] = None):
     """Masked token-sum loss in megatron-core's 3-tuple form ``(loss_sum, num_tokens, report)``.
 
     ``output_tensor`` holds per-token cross-entropy [b, s]. Each report entry is ``[sum, count]`` so the loop can
-    reduce exactly over micro-batches and data-parallel ranks.
+    reduce exactly over micro-batches and data-parallel ranks. ``sources`` [b]: the index into :data:`SOURCES`
+    of each sample (a blended fine-tuning run); each source's loss is then reported too.
     """
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.float().reshape(-1)
@@ -67,15 +99,20 @@ def loss_func(loss_mask: torch.Tensor, roles: Optional[torch.Tensor], output_ten
     loss_sum = torch.sum(losses * mask)
     num_tokens = mask.sum().to(torch.int)
     report = {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+    detached = losses.detach()
     if report_role_losses and roles is not None:
         flat_roles = roles.reshape(-1)
-        detached = losses.detach()
         for name, group in REPORT_GROUPS.items():
             in_group = torch.zeros_like(mask, dtype=torch.bool)
             for role in group:
                 in_group |= flat_roles == int(role)
             group_mask = mask * in_group.float()
             report[f"{name} loss"] = torch.stack([(detached * group_mask).sum(), group_mask.sum()])
+    if sources is not None:
+        per_token = sources.reshape(-1, 1).expand(loss_mask.shape).reshape(-1)  # [b] -> [b * s]
+        for i, name in enumerate(SOURCES):
+            source_mask = mask * (per_token == i).float()
+            report[f"{name} loss"] = torch.stack([(detached * source_mask).sum(), source_mask.sum()])
     return loss_sum, num_tokens, report
 
 
@@ -121,22 +158,42 @@ def model_inputs(batch, mode: str):
 
 
 def make_forward_step(policy: str, device: torch.device, use_roles: bool = True, report_role_losses: bool = False,
-                      boundaries: str = "none"):
+                      boundaries: str = "none", dataset_policies: Optional[Sequence[str]] = None,
+                      dataset_sources: Optional[Sequence[str]] = None):
     """Build ``forward_step(data_iterator, model) -> (output, partial(loss_func, ...))`` for a policy.
 
     With ``use_roles=False`` (stock GPTDataset samples) the policy is not applied: megatron's mask alone.
     ``boundaries`` is a :data:`BOUNDARY_MODES` entry (see :func:`boundary_mode`).
+    ``dataset_policies`` / ``dataset_sources``: a policy and a source name (from :data:`SOURCES`) per dataset
+    of the blend, in blend order; each sample is then scored under its own dataset's policy and the loss of
+    each source is reported.
     """
-    table = policy_table(policy) if use_roles else None
     if boundaries not in BOUNDARY_MODES:
         raise ValueError(f"unknown boundary mode {boundaries!r}; choose one of {BOUNDARY_MODES}")
+    blended = use_roles and dataset_policies is not None and len(dataset_policies) > 1
+    if not use_roles:
+        table = None
+    elif blended:
+        table = policy_tables(dataset_policies)
+        source_of = torch.tensor([SOURCES.index(s) for s in dataset_sources], dtype=torch.long)
+    else:
+        table = policy_table(dataset_policies[0] if dataset_policies else policy)
 
     def forward_step(data_iterator, model):
         batch = get_batch(data_iterator, device)
         roles = batch.get("roles") if use_roles else None
-        loss_mask = apply_policy(batch["loss_mask"], roles, table)
+        dataset_id, sources = None, None
+        if blended:
+            dataset_id = batch.get("dataset_id")
+            if dataset_id is None:
+                # Without it every sample would silently get the first dataset's policy.
+                raise RuntimeError("a blended batch has no 'dataset_id': megatron-core's BlendedDataset no longer "
+                                   "tags samples with their dataset, so per-dataset loss-mask policies cannot work")
+            sources = source_of.to(dataset_id.device)[dataset_id.long()]
+        loss_mask = apply_policy(batch["loss_mask"], roles, table, dataset_id)
         tokens, position_ids, attention_mask, labels, extra = model_inputs(batch, boundaries)
         output = model(tokens, position_ids, attention_mask, labels=labels, **extra)
-        return output, partial(loss_func, loss_mask, roles, report_role_losses=report_role_losses)
+        return output, partial(loss_func, loss_mask, roles, report_role_losses=report_role_losses,
+                               sources=sources)
 
     return forward_step

@@ -79,7 +79,9 @@ def _flat_config(cfg: AnchorConfig) -> Dict[str, object]:
 def format_train_line(iteration: int, train_iters: int, metrics: Dict[str, Optional[float]]) -> str:
     """One console line: iteration, losses, lr, grad norm, throughput and step time."""
     parts = [f"iteration {iteration:8d}/{train_iters:8d}"]
-    for key in ("lm loss", "annotation loss", "text loss"):
+    from megatron_anchor.training.loss import REPORT_KEYS
+
+    for key in REPORT_KEYS:
         if metrics.get(key) is not None:
             parts.append(f"{key}: {metrics[key]:.6E}")
     parts.append(f"lr: {metrics['lr']:.6E}")

@@ -1,0 +1,108 @@
+"""Format and binding of anchored samples, reported beside every diversity number.
+
+A diversity number alone can flatter a model whose outputs are broken: annotations that never close or do not
+parse, responses that ignore the annotation the model sampled. For the N samples of a prompt:
+
+- **well formed**: the sampled annotation closed by itself (the sampler did not have to force the closing
+  delimiter) and its text is exactly the one serialisation (``megatron_anchor/annotation/format.py``) of the tags
+  it parses to, with at least one tag and every tag valid. Samples without an annotation (plain sampling) have
+  nothing to break and count as well formed.
+- **follows its annotation**: the tags a judge extracts from the *response* agree with the sampled annotation on
+  every key in ``keys`` (default ``topic``) that the annotation names (values compared case-insensitively; an
+  annotation naming none of them counts as not followed). A sample whose annotation is not well formed does not
+  follow it. The share is over all annotated samples.
+- **diversity over well-formed samples**: the same diversity measures computed on the well-formed samples of the
+  prompt only (a prompt with fewer than two is left out of the mean).
+
+Time and memory are linear in the number of samples (one pass; embeddings come from the caller).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, parse_annotation, serialize_annotation, tag_problem
+from megatron_anchor.eval.metrics import mean_pairwise_cosine_distance, semantic_entropy, shannon_entropy
+
+FOLLOW_KEYS = ("topic",)
+"""Attributes a response must share with its sampled annotation to follow it."""
+
+Tags = Sequence[Tuple[str, str]]
+
+
+def annotation_problem(annotation: Optional[dict]) -> Optional[str]:
+    """Why a sampled annotation (a sampler row's ``annotation``) is not well formed; None when it is, or when
+    there is none (plain sampling)."""
+    if annotation is None:
+        return None
+    if not annotation.get("closed", False):
+        return "did not close (the closing delimiter was forced at the length cap)"
+    text = annotation.get("text")
+    tags = parse_annotation(text) if text is not None else [tuple(t) for t in annotation.get("tags", [])]
+    if not tags:
+        return "no key:value tag"
+    for key, value in tags:
+        problem = tag_problem(key, value)
+        if problem:
+            return problem
+    canonical = serialize_annotation(tags)[len(ANN_OPEN): -len(ANN_CLOSE)]
+    if text is not None and text != canonical:
+        return f"text {text!r} is not the serialisation of its tags ({canonical!r})"
+    return None
+
+
+def follows_annotation(annotation: Optional[dict], response_tags: Tags, keys: Sequence[str] = FOLLOW_KEYS) -> bool:
+    """Whether the response's extracted tags agree with its well-formed sampled annotation on ``keys``."""
+    if annotation is None or annotation_problem(annotation) is not None:
+        return False
+    sampled = {k: v.strip().lower() for k, v in reversed([tuple(t) for t in annotation.get("tags", [])])}
+    extracted = {k: v.strip().lower() for k, v in reversed([tuple(t) for t in response_tags])}
+    named = [k for k in keys if k in sampled]
+    return bool(named) and all(extracted.get(k) == sampled[k] for k in named)
+
+
+def binding(annotations: Sequence[Optional[dict]], response_tags: Sequence[Tags],
+            keys: Sequence[str] = FOLLOW_KEYS) -> Dict[str, Optional[float]]:
+    """Shares over the annotated samples: ``annotation_closed`` (closed by itself), ``annotation_well_formed``,
+    ``follows_annotation``; all None when no sample has an annotation."""
+    rows = [(a, t) for a, t in zip(annotations, response_tags) if a is not None]
+    if not rows:
+        return {"annotation_closed": None, "annotation_well_formed": None, "follows_annotation": None}
+    n = len(rows)
+    return {
+        "annotation_closed": sum(bool(a.get("closed")) for a, _ in rows) / n,
+        "annotation_well_formed": sum(annotation_problem(a) is None for a, _ in rows) / n,
+        "follows_annotation": sum(follows_annotation(a, t, keys) for a, t in rows) / n,
+    }
+
+
+def well_formed_mask(annotations: Sequence[Optional[dict]]) -> List[bool]:
+    """True for each sample that is well formed (see the module docstring)."""
+    return [annotation_problem(a) is None for a in annotations]
+
+
+DIVERSITY_KEYS = ("semantic_entropy", "topic_entropy", "pairwise_distance")
+
+
+def diversity(tags: Sequence[Tags], embeddings: Optional[np.ndarray] = None,
+              keep: Optional[Sequence[bool]] = None) -> Optional[Dict[str, Optional[float]]]:
+    """Semantic entropy, topic entropy and mean pairwise embedding distance (``embeddings`` [N, dim], when given)
+    of one prompt's N samples, over the samples ``keep`` selects (all by default); None when fewer than two."""
+    idx = [i for i in range(len(tags)) if keep is None or keep[i]]
+    if len(idx) < 2:
+        return None
+    kept_tags = [tags[i] for i in idx]
+    return {
+        "semantic_entropy": semantic_entropy(kept_tags)["score"],
+        "topic_entropy": shannon_entropy([dict(t).get("topic", "<none>") for t in kept_tags]),
+        "pairwise_distance": (mean_pairwise_cosine_distance(np.asarray(embeddings)[idx])
+                              if embeddings is not None else None),
+    }
+
+
+def mean_over_prompts(per_prompt: Sequence[Optional[Dict[str, Optional[float]]]], key: str) -> Optional[float]:
+    """Mean of ``key`` over the prompts that have a value (None when none has)."""
+    vals = [d[key] for d in per_prompt if d is not None and d.get(key) is not None]
+    return float(np.mean(vals)) if vals else None

@@ -1,0 +1,74 @@
+"""The replay ablation tool: its plan, its SFT data sizes, and a tiny real run end to end (the quickstart at toy
+size: one base, two points sharing one standard-SFT checkpoint, table and PNG, resumed without rerunning)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tools import ablation_sft as ab
+
+
+def test_plan_runs_what_the_targets_need_first(capsys):
+    points = ab.plan([0, 1], [40, 200, 1000], ab.DEFAULT_SETTINGS)
+    tiers = [s.tier_for(n) for _, s, n in points]
+    assert tiers == sorted(tiers) and len(points) == len(set((seed, s.name, n) for seed, s, n in points))
+    first = [(seed, s.replay, s.policy, n) for seed, s, n in points if s.tier_for(n) == 1]
+    assert {(seed, 0.3, "pretrain", n) for seed in (0, 1) for n in (40, 200, 1000)} <= set(first)
+    # 4x SFT data only at the lengths that see it.
+    assert all(n in (200, 1000) for _, s, n in points if s.sft_factor == 4)
+    assert ab.main(["--dry-run", "--out", "x", "--seeds", "0"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(ab.plan([0], [40, 200, 1000], ab.DEFAULT_SETTINGS))
+    assert ab.main(["--dry-run", "--settings", "nope"]) == 2
+
+
+def test_more_sft_data_is_a_superset(tmp_path):
+    from megatron_anchor.data.demo_corpus import write_demo_corpus
+
+    write_demo_corpus(str(tmp_path), documents=5, sft_samples=50, seed=2)
+    path = ab.sft_input(str(tmp_path), 4, seed=2)
+    with open(tmp_path / "sft.jsonl") as f:
+        small = f.read().splitlines()
+    with open(path) as f:
+        large = f.read().splitlines()
+    assert len(large) == 200 and large[:50] == small and len(set(large[50:])) > 100
+    assert ab.sft_input(str(tmp_path), 4, seed=2) == path and ab.sft_input(str(tmp_path), 1, 2).endswith("sft.jsonl")
+
+
+def test_points_share_one_standard_run_per_length_share_and_data(tmp_path):
+    out = str(tmp_path)
+    default, masked, low = ab.DEFAULT_SETTINGS[1], ab.DEFAULT_SETTINGS[2], ab.DEFAULT_SETTINGS[3]
+    links = {}
+    for s, n in ((default, 200), (masked, 200), (low, 200), (default, 1000)):
+        ab._link_standard(out, 0, s, n, ab.point_dir(out, 0, s, n))
+        links[(s.name, n)] = os.path.realpath(os.path.join(ab.point_dir(out, 0, s, n), "ck_sft_standard"))
+    assert links[(default.name, 200)] == links[(masked.name, 200)]  # the objective changes only anchored SFT
+    assert len({links[(default.name, 200)], links[(low.name, 200)], links[(default.name, 1000)]}) == 3
+    assert all(os.path.isdir(p) for p in links.values())
+
+
+@pytest.mark.slow
+def test_tiny_ablation_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+    # Toy sizes through the environment the quickstart reads: the numbers mean nothing, the plumbing is real.
+    for k, v in {"DOCS": "300", "PRE_ITERS": "21"}.items():
+        monkeypatch.setenv(k, v)
+    out = str(tmp_path / "ab")
+    argv = ["--out", out, "--seeds", "0", "--lengths", "2", "--n", "2", "--settings",
+            "replay 0.3, annotations masked"]
+    assert ab.main(argv) == 0
+    rows = json.load(open(os.path.join(out, "results.json")))
+    assert [(r["setting"], r["length"], r["policy"], r["replay"]) for r in rows] == [
+        ("replay 0.3, annotations masked", 2, "pretrain-text", 0.3)]
+    assert {"base", "standard-SFT", "anchored-SFT"} == set(rows[0]["models"])
+    assert "annotation_well_formed" in rows[0]["models"]["anchored-SFT"] and "gap_closed_well_formed" in rows[0]
+    log = open(os.path.join(ab.point_dir(out, 0, ab.DEFAULT_SETTINGS[2], 2), "run.log")).read()
+    assert "replay 30% under pretrain-text" in log and "policy sft-standard, replay 30% under pretrain" in log
+    table = open(os.path.join(out, "table.md")).read()
+    assert table.count("| replay 0.3, annotations masked | 2 |") == 1 and "responses follow" in table
+    assert os.path.getsize(os.path.join(out, "gap_closed.png")) > 10_000
+    # A rerun measures nothing again.
+    capsys.readouterr()
+    assert ab.main(argv) == 0
+    assert capsys.readouterr().out.count("(done before)") == 1

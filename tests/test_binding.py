@@ -1,0 +1,92 @@
+"""Format and binding beside diversity: well-formed annotations, responses that follow them, and diversity
+over well-formed samples only; in the evaluation harness on a real checkpoint's samples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, serialize_annotation
+from megatron_anchor.eval import binding
+from megatron_anchor.eval.metrics import semantic_entropy
+from tests.test_generate_fixtures import tiny_checkpoint, tiny_generator  # noqa: F401 (fixtures)
+
+
+def _ann(tags, closed=True, text=None):
+    """An annotation as the sampler returns it (body text without delimiters, parsed tags, closed flag)."""
+    body = serialize_annotation(tags)[len(ANN_OPEN): -len(ANN_CLOSE)] if text is None else text
+    return {"text": body, "tags": [list(t) for t in tags], "closed": closed}
+
+
+GOOD = _ann([("topic", "cooking"), ("genre", "recipe")])
+
+
+def test_well_formed_means_closed_and_exactly_serialised():
+    assert binding.annotation_problem(GOOD) is None
+    assert binding.annotation_problem(None) is None  # plain sampling: nothing to break
+    assert "did not close" in binding.annotation_problem({**GOOD, "closed": False})
+    assert "no key:value tag" in binding.annotation_problem(_ann([], text="cooking and more"))
+    assert "not the serialisation" in binding.annotation_problem(_ann([("topic", "cooking")],
+                                                                      text="topic:cooking; stray words"))
+    assert "lower-case identifier" in binding.annotation_problem(_ann([], text="Topic Name!:x"))
+    given = {"tags": [["topic", "cooking"]], "closed": True, "given": True}  # conditioned mode: tags only
+    assert binding.annotation_problem(given) is None
+
+
+def test_follows_needs_a_well_formed_annotation_and_matching_keys():
+    assert binding.follows_annotation(GOOD, [("topic", "Cooking"), ("genre", "list")])  # only topic counts
+    assert not binding.follows_annotation(GOOD, [("topic", "travel")])
+    assert not binding.follows_annotation({**GOOD, "closed": False}, [("topic", "cooking")])
+    assert not binding.follows_annotation(_ann([("genre", "recipe")]), [("topic", "cooking")])  # names no key
+    assert binding.follows_annotation(GOOD, [("genre", "recipe")], keys=("genre",))
+    assert not binding.follows_annotation(None, [("topic", "cooking")])
+
+
+def test_shares_over_annotated_samples():
+    anns = [GOOD, {**GOOD, "closed": False}, _ann([("topic", "music")]), None]
+    tags = [[("topic", "cooking")], [("topic", "cooking")], [("topic", "travel")], [("topic", "x")]]
+    assert binding.binding(anns, tags) == {"annotation_closed": pytest.approx(2 / 3),
+                                           "annotation_well_formed": pytest.approx(2 / 3),
+                                           "follows_annotation": pytest.approx(1 / 3)}
+    assert binding.binding([None, None], tags[:2]) == {"annotation_closed": None, "annotation_well_formed": None,
+                                                       "follows_annotation": None}
+
+
+def test_diversity_over_well_formed_samples_only():
+    tags = [[("topic", t)] for t in ("cooking", "travel", "music", "music")]
+    emb = np.eye(4)
+    emb[3] = emb[2]
+    keep = [True, False, True, True]
+    full, kept = binding.diversity(tags, emb), binding.diversity(tags, emb, keep)
+    assert full["topic_entropy"] == pytest.approx(1.5) and full["pairwise_distance"] == pytest.approx(5 / 6)
+    assert kept["semantic_entropy"] == pytest.approx(semantic_entropy([tags[i] for i in (0, 2, 3)])["score"])
+    assert kept["pairwise_distance"] == pytest.approx(2 / 3)
+    assert binding.diversity(tags, None, [True, False, False, False]) is None  # fewer than two kept
+    assert binding.mean_over_prompts([full, None, kept], "topic_entropy") == pytest.approx(
+        (1.5 + kept["topic_entropy"]) / 2)
+
+
+def test_harness_reports_format_and_binding_beside_diversity(tiny_generator, tmp_path):  # noqa: F811
+    from megatron_anchor.annotation.default_annotator import annotate_text
+    from megatron_anchor.eval.harness import COLUMNS, ModelUnderTest, run_sweep
+    from megatron_anchor.inference import SamplingParams, read_prompts
+
+    (tmp_path / "prompts.jsonl").write_text('{"id": "p0", "prompt": "Tell me about the market."}\n'
+                                            '{"id": "p1", "prompt": "Write about a trip."}\n')
+    prompts = read_prompts(str(tmp_path / "prompts.jsonl"))
+    params = SamplingParams(max_new_tokens=12, max_annotation_tokens=12)
+    models = [ModelUnderTest("anchored", tiny_generator, "anchored"), ModelUnderTest("plain", tiny_generator, "plain")]
+    out = tmp_path / "samples.jsonl"
+    rows = run_sweep(models, prompts, 6, [1.0], params, annotate_text, samples_out=str(out))
+    assert {"annotation_well_formed", "follows_annotation", "semantic_entropy_well_formed"} <= set(COLUMNS)
+    samples = [json.loads(line) for line in out.read_text().splitlines()]
+    anchored = [s for s in samples if s["model"] == "anchored"]
+    per_prompt = [binding.binding([s["annotation"] for s in anchored if s["id"] == p.id],
+                                  [annotate_text(s["response"]) for s in anchored if s["id"] == p.id]) for p in prompts]
+    assert rows[0]["annotation_well_formed"] == pytest.approx(np.mean([b["annotation_well_formed"] for b in per_prompt]))
+    assert rows[0]["follows_annotation"] == pytest.approx(np.mean([b["follows_annotation"] for b in per_prompt]))
+    # Plain sampling has no annotation: nothing to report on format, and every sample counts as well formed.
+    assert rows[1]["annotation_well_formed"] is None and rows[1]["follows_annotation"] is None
+    assert rows[1]["semantic_entropy_well_formed"] == pytest.approx(rows[1]["semantic_entropy"])
