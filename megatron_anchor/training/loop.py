@@ -492,8 +492,11 @@ def throughput(tr: Trainer, step_seconds: float, attention_squares: float) -> Di
             "MFU": tflops / tr.peak_tflops if tr.peak_tflops else None}
 
 
-def run(tr: Trainer, on_step: Optional[Callable[[int, Dict], None]] = None) -> RunResult:
-    """Train from ``tr.state`` to ``--train-iters``, evaluating, logging and saving on schedule."""
+def run(tr: Trainer, on_step: Optional[Callable[[int, Dict], None]] = None, steps: Optional[int] = None) -> RunResult:
+    """Train from ``tr.state`` to ``--train-iters``, evaluating, logging and saving on schedule.
+
+    ``steps``: return after this many iterations, as a pause (no end-of-run evaluation or save; ``run`` again
+    continues), for benchmarks and embedding applications."""
     t = tr.cfg.training
     result = RunResult()
     for chunk in tr.model:
@@ -502,7 +505,7 @@ def run(tr: Trainer, on_step: Optional[Callable[[int, Dict], None]] = None) -> R
     handler = guards.ExitSignalHandler({"SIGTERM", t.exit_signal}).install() if t.exit_signal_handler else None
     profiler = StepProfiler(tr.cfg, dist.get_rank())
     try:
-        return _run_steps(tr, result, on_step, handler, guards.Clock(t.exit_duration_in_mins), profiler)
+        return _run_steps(tr, result, on_step, handler, guards.Clock(t.exit_duration_in_mins), profiler, steps)
     finally:
         profiler.close()
         result.profile_trace = profiler.written
@@ -510,7 +513,7 @@ def run(tr: Trainer, on_step: Optional[Callable[[int, Dict], None]] = None) -> R
             handler.restore()
 
 
-def _run_steps(tr: Trainer, result: RunResult, on_step, handler, clock, profiler) -> RunResult:
+def _run_steps(tr: Trainer, result: RunResult, on_step, handler, clock, profiler, steps=None) -> RunResult:
     cfg = tr.cfg
     t, lg, ck = cfg.training, cfg.logging, cfg.checkpoint
     window_time, window_steps, window_squares, skipped = 0.0, 0, 0.0, 0
@@ -568,6 +571,9 @@ def _run_steps(tr: Trainer, result: RunResult, on_step, handler, clock, profiler
             tr.monitor.print(f"exiting at iteration {it}: {reason}"
                              + ("" if ck.save else " (no --save: nothing was saved)"))
             result.exit_reason = reason
+            result.final_state = tr.state
+            return result
+        if steps is not None and len(result.train) == steps and it != t.train_iters:
             result.final_state = tr.state
             return result
     valid = evaluate(tr)

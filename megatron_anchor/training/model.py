@@ -170,14 +170,21 @@ def build_transformer_config(cfg: AnchorConfig, pipeline_dtype: Optional[torch.d
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         # Pipeline stages free each output's data once sent (Megatron-LM's default): activations held per
-        # in-flight micro-batch drop from a full tensor to its autograd graph.
-        deallocate_pipeline_outputs=True,
+        # in-flight micro-batch drop from a full tensor to its autograd graph. Not on CPU: gloo's overlapped
+        # sends read the buffer from a background thread after the call returns, so freeing it early corrupts
+        # what the next stage receives (seen with the interleaved schedule).
+        deallocate_pipeline_outputs=on_gpu,
         recompute_granularity=f.recompute_granularity,
         recompute_method=f.recompute_method,
         recompute_num_layers=f.recompute_num_layers,
         persist_layer_norm=False,
         **{name: enabled for name, (enabled, _) in fusions.items()},
     )
+    if chunks > 1:
+        # The interleaved schedule as Megatron-LM runs it: sends and receives posted one by one and overlapped with
+        # compute. Batched p2p would put a forward and a backward exchange between the same two ranks in one
+        # batch, and with PP=2 the two (same shape) can be matched the wrong way round.
+        kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     if f.recompute_modules is not None:
         kwargs["recompute_modules"] = list(f.recompute_modules)
     if f.fp8_format:

@@ -121,19 +121,59 @@ def _per_token_keys(batch: Dict, b: int, s: int) -> List[str]:
             and v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)]
 
 
+def pad_documents(cu_seqlens: torch.Tensor, batch: int, seq: int, cp_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The padded THD layout for context parallelism: ``(cu_seqlens_padded, source)``.
+
+    Every document is padded to a multiple of ``2 x cp_size``, and the last document of each sample further, so
+    that all ``batch`` samples have the same padded length ``P``. ``source[j]`` is the position in the flattened
+    ``[batch * seq]`` micro-batch that padded position ``j`` holds (``-1`` for padding); ``cu_seqlens_padded``
+    (int32) bounds the padded documents over ``[batch * P]``. Host work O(b*s).
+    """
+    unit = 2 * cp_size
+    cu = cu_seqlens.to(torch.int64).tolist()
+    rows: List[List[Tuple[int, int, int]]] = [[] for _ in range(batch)]  # per sample: (start, length, padded)
+    for start, end in zip(cu[:-1], cu[1:]):
+        rows[start // seq].append((start, end - start, -(-(end - start) // unit) * unit))
+    padded = max(sum(p for _, _, p in docs) for docs in rows)
+    source = torch.full((batch * padded,), -1, dtype=torch.int64)
+    bounds = [0]
+    for docs in rows:
+        extra = padded - sum(p for _, _, p in docs)
+        for i, (start, n, p) in enumerate(docs):
+            p += extra if i == len(docs) - 1 else 0
+            at = bounds[-1]
+            source[at:at + n] = torch.arange(start, start + n)
+            bounds.append(at + p)
+    return torch.tensor(bounds, dtype=torch.int32), source
+
+
+def thd_partition_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions of the padded THD stream that context-parallel rank ``cp_rank`` holds: :func:`zigzag_positions`
+    of every document, in order (Transformer Engine's ``thd_get_partitioned_indices``, on the host)."""
+    cu = cu_seqlens_padded.to(torch.int64).tolist()
+    return torch.cat([start + zigzag_positions(end - start, cp_size, cp_rank) for start, end in zip(cu[:-1], cu[1:])])
+
+
+def _per_token_keys(batch: Dict, b: int, s: int) -> List[str]:
+    """Keys of tensors laid out per token (``[b, s, ...]``); per-sample ones (``[b]``, e.g. dataset_id) and the
+    boundaries are not."""
+    return [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in BOUNDARY_KEYS
+            and v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)]
+
+
 def split_for_context_parallel(batch: Dict, cp_size: int, cp_rank: int, mode: str) -> Dict:
     """This context-parallel rank's part of a host micro-batch (every per-token tensor, consistently).
 
     ``mode`` ``none``: each sample is split by :func:`zigzag_positions` (``[b, s] -> [b, s / cp]``).
-    ``thd``: each document is padded to a multiple of ``2 x cp`` (tokens, labels, roles, loss mask 0 there), the
-    last document of each sample further so that all samples have the same padded length ``P``, and every
-    document is split by :func:`zigzag_positions` (``[b, s] -> [b, P / cp]``), which is how Transformer Engine's
-    ``thd_get_partitioned_indices`` partitions THD input; ``cu_seqlens_padded`` and ``max_seqlen`` then describe
-    the padded stream. Host work O(b*s); the padding adds at most ``2 cp - 1`` tokens per document.
+    ``thd``: documents are padded (:func:`pad_documents`; tokens, labels, roles and loss mask are 0 there) and
+    every document is split by :func:`zigzag_positions` (``[b, s] -> [b, P / cp]``), which is how Transformer
+    Engine partitions THD input; ``cu_seqlens_padded`` and ``max_seqlen`` then describe the padded stream.
+    Per-sample tensors (``dataset_id``) are kept whole. Host work O(b*s); the padding adds at most ``2 cp - 1``
+    tokens per document.
     """
     if cp_size <= 1:
         return batch
-    ref = batch.get("tokens", batch.get("labels"))
+    ref = batch["tokens"] if "tokens" in batch else batch["labels"]
     b, s = ref.shape[:2]
     keys = _per_token_keys(batch, b, s)
     out = dict(batch)
@@ -144,34 +184,13 @@ def split_for_context_parallel(batch: Dict, cp_size: int, cp_rank: int, mode: st
         return out
     if mode != "thd":
         raise ValueError(f"context parallelism needs Transformer Engine's attention (boundary mode {mode!r})")
-    cu = batch[CU_SEQLENS].to(torch.int64).tolist()
-    unit = 2 * cp_size
-    rows: List[List[Tuple[int, int, int]]] = [[] for _ in range(b)]  # per sample: (start in row, length, padded)
-    for start, end in zip(cu[:-1], cu[1:]):
-        row = start // s
-        n = end - start
-        rows[row].append((start - row * s, n, -(-n // unit) * unit))
-    padded_total = max(sum(p for _, _, p in docs) for docs in rows)
-    gather = torch.full((b, padded_total // cp_size), -1, dtype=torch.int64)
-    cu_padded = [0]
-    longest = 0
-    for r, docs in enumerate(rows):
-        extra = padded_total - sum(p for _, _, p in docs)
-        at = 0
-        for i, (start, n, p) in enumerate(docs):
-            p += extra if i == len(docs) - 1 else 0
-            local = zigzag_positions(p, cp_size, cp_rank)
-            source = torch.where(local < n, local + start, torch.full_like(local, -1))
-            gather[r, at:at + p // cp_size] = source
-            at += p // cp_size
-            cu_padded.append(cu_padded[-1] + p)
-            longest = max(longest, p)
-    valid = gather >= 0
-    safe = gather.clamp(min=0)
+    cu_padded, source = pad_documents(batch[CU_SEQLENS], b, s, cp_size)
+    picked = source[thd_partition_indices(cu_padded, cp_size, cp_rank)]  # flat positions, -1 for padding
+    valid, safe = picked >= 0, picked.clamp(min=0)
     for k in keys:
-        v = batch[k]
-        picked = torch.gather(v, 1, safe.view(b, -1, *([1] * (v.dim() - 2))).expand(b, -1, *v.shape[2:]))
-        out[k] = torch.where(valid.view(b, -1, *([1] * (v.dim() - 2))), picked, torch.zeros_like(picked))
-    out[CU_SEQLENS_PADDED] = torch.tensor(cu_padded, dtype=torch.int32)
-    out[MAX_SEQLEN] = longest
+        flat = batch[k].reshape(b * s, *batch[k].shape[2:])[safe]
+        flat[~valid] = 0
+        out[k] = flat.reshape(b, -1, *batch[k].shape[2:])
+    out[CU_SEQLENS_PADDED] = cu_padded
+    out[MAX_SEQLEN] = int((cu_padded[1:] - cu_padded[:-1]).max())
     return out
