@@ -26,8 +26,7 @@ from megatron_anchor.training.config import AnchorConfig
 from megatron_anchor.training.flops import ModelShape, device_peak_tflops, step_flops
 from megatron_anchor.training.loss import boundary_mode
 from megatron_anchor.training.model import (build_model_chunks, build_transformer_config, has_transformer_engine,
-                                            log_fusions, num_parameters, padded_vocab_size, resolve_fusions,
-                                            unwrap)
+                                            log_fusions, num_parameters, padded_vocab_size, resolve_fusions)
 from megatron_anchor.training.monitor import Monitor, StepProfiler, format_train_line, peak_memory_bytes
 
 # Metrics reduced exactly over micro-batches and data-parallel ranks as [sum, count] pairs.
@@ -284,7 +283,8 @@ def _forward_backward(tr: Trainer, data_iterator, forward_only: bool):
         # (megatron-core divides the length by the context-parallel size itself).
         seq, mbs = seq * mbs, 1
     if len(tr.model) > 1 and not isinstance(data_iterator, list):
-        data_iterator = [data_iterator] * len(tr.model)
+        raise ValueError("with virtual pipeline stages the schedule needs one data iterator per model chunk "
+                         "(megatron_anchor.training.batch.distribute builds them)")
     return get_forward_backward_func()(
         forward_step_func=tr.forward_step,
         data_iterator=data_iterator,
@@ -407,7 +407,7 @@ class _params_synced:
                 chunk.disable_forward_pre_hook(param_sync=True)
 
     def __exit__(self, *exc):
-        if self.active:
+        if self.active and not self.tr.gather_pending:  # before the first good step the hooks stay off
             for chunk in self.tr.model:
                 chunk.enable_forward_pre_hook()
 
