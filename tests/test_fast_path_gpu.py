@@ -116,7 +116,9 @@ def _recompute_grads(rank, world, flags):
     cfg = parse_args(["--mock-data", "--vocab-size", "128", "--num-layers", "4", "--hidden-size", "64",
                       "--num-attention-heads", "4", "--seq-length", "64", "--transformer-impl", "transformer_engine",
                       "--position-embedding-type", "rope", "--swiglu", "--normalization", "RMSNorm",
-                      "--hidden-dropout", "0.1", "--attention-dropout", "0", *flags])
+                      "--hidden-dropout", "0.1", "--attention-dropout", "0",
+                      # A bare GPTModel has no DDP gradient buffer for the fused accumulation to write into.
+                      "--no-gradient-accumulation-fusion", *flags])
     validate(cfg, 1, True, True)
     initialize.initialize_distributed(cfg)
     initialize.set_seeds(7)

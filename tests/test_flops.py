@@ -62,9 +62,13 @@ def test_peak_detection_by_device_name():
     assert detect_peak_tflops("Some Future Accelerator") is None and detect_peak_tflops(None) is None
 
 
-def _measured_flops(rank, world, swiglu, groups):
+def _measured_flops(rank, world, configs):
     """torch's FlopCounterMode over one forward-backward of a real GPTModel vs the formula (causal=False: the
-    local attention computes the full score matrix and masks it)."""
+    local attention computes the full score matrix and masks it), per (swiglu, query groups) configuration."""
+    return {config: _count(*config) for config in configs}
+
+
+def _count(swiglu, groups):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -94,7 +98,15 @@ def _measured_flops(rank, world, swiglu, groups):
     return counter.get_total_flops(), step_flops(shape, b * s, b * s * s, causal=False)
 
 
-@pytest.mark.parametrize("swiglu,groups", [(False, 0), (True, 2)])
-def test_formula_equals_flops_torch_counts_in_gptmodel(swiglu, groups):
-    measured, formula = run_distributed(_measured_flops, 1, args=(swiglu, groups))[0]
-    assert measured == formula
+CONFIGS = [(False, 0), (True, 2)]  # GeLU with full multi-head attention; SwiGLU with 2 query groups
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return run_distributed(_measured_flops, 1, args=(CONFIGS,))[0]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_formula_equals_flops_torch_counts_in_gptmodel(measured, config):
+    counted, formula = measured[config]
+    assert counted == formula
