@@ -15,19 +15,23 @@ from typing import List, Optional
 from megatron_anchor.training.config import AnchorConfig
 
 
-def model_provider(cfg: AnchorConfig, vocab_size: int, pre_process: bool = True, post_process: bool = True):
-    """Build this pipeline stage's GPTModel (RoPE/SwiGLU/RMSNorm/GQA as configured, vocab padded for TP)."""
+def model_provider(cfg: AnchorConfig, vocab_size: int, pre_process: bool = True, post_process: bool = True,
+                   vp_stage: Optional[int] = None, config=None):
+    """Build one GPTModel chunk of this pipeline stage (RoPE/SwiGLU/RMSNorm/GQA as configured, vocab padded for
+    TP; ``vp_stage``: the virtual pipeline chunk; ``config``: the run's TransformerConfig)."""
     from megatron_anchor.training.model import model_provider as build
 
-    return build(cfg, vocab_size, pre_process=pre_process, post_process=post_process)
+    return build(cfg, vocab_size, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                 config=config)
 
 
 def train_valid_test_datasets_provider(cfg: AnchorConfig, tokenizer, consumed_train_samples: int,
-                                       dp_rank: int, dp_size: int):
-    """Build AnchorGPTDataset splits (roles beside tokens) and this rank's data iterators."""
+                                       dp_rank: int, dp_size: int, reads: bool = True):
+    """Build AnchorGPTDataset splits (roles beside tokens) and this rank's data iterators (none where the rank
+    does not read: its tensor-parallel group's rank 0 reads and broadcasts)."""
     from megatron_anchor.training.data import build_data
 
-    return build_data(cfg, tokenizer, consumed_train_samples, dp_rank, dp_size)
+    return build_data(cfg, tokenizer, consumed_train_samples, dp_rank, dp_size, reads=reads)
 
 
 def forward_step_factory(cfg: AnchorConfig, device):

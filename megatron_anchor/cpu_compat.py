@@ -3,8 +3,8 @@
 megatron-core assumes a CUDA device in a handful of places that a CPU run reaches (measured on 0.16.1,
 see the project's findings): ``torch.cuda.current_device()`` used as a device for buffers,
 ``torch.cuda.synchronize()`` / ``current_stream()`` calls, tensors created with a hard-coded
-``device="cuda"``, ``Tensor.cuda()`` in the tied-embedding sync, CUDA RNG trackers, and a gradient clip that
-asserts ``torch.cuda.FloatTensor``. :func:`activate` neutralises exactly those and nothing else, and only when
+``device="cuda"``, ``Tensor.cuda()`` in the tied-embedding sync, CUDA RNG trackers (and the CUDA generator state
+that activation recomputation saves), and a gradient clip that asserts ``torch.cuda.FloatTensor``. :func:`activate` neutralises exactly those and nothing else, and only when
 no CUDA device is present, so a GPU run never goes through this module.
 
 On a machine without CUDA each patched call would otherwise raise, so redirecting it to the CPU cannot change
@@ -169,6 +169,16 @@ def _patch_megatron_modules():
             module.torch, _CpuTorch
         ):
             module.torch = _CpuTorch(torch)
+
+    # Activation recomputation saves and restores every RNG state around a recomputed layer, the CUDA generator's
+    # included; without CUDA there is none (dropout draws from the CPU generator, which is saved and restored).
+    random_module = importlib.import_module("megatron.core.tensor_parallel.random")
+    if hasattr(random_module, "_get_cuda_rng_state") and hasattr(random_module, "_set_cuda_rng_state"):
+        random_module._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+        random_module._set_cuda_rng_state = lambda *a, **k: None
+    else:  # moved in another megatron-core release: recomputation on CPU fails (tests/test_fast_path.py)
+        logger.warning("megatron_anchor.cpu_compat: megatron-core's CUDA RNG helpers moved; activation "
+                       "recomputation will not run on CPU")
 
     # Grad clipping: megatron imports the function by name into the optimizer module, so replace both.
     for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):

@@ -5,7 +5,6 @@ per-micro-batch means (which the test also computes, to show it can tell the two
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest

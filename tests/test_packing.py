@@ -91,7 +91,9 @@ def _tiny_model(pe, impl="local", device="cpu", bf16=False):
 
     argv = ["--mock-data", "--vocab-size", str(VOCAB), "--seq-length", "40", "--num-layers", "2",
             "--hidden-size", "32", "--num-attention-heads", "4", "--hidden-dropout", "0", "--attention-dropout",
-            "0", "--position-embedding-type", pe, "--transformer-impl", impl, "--make-vocab-size-divisible-by", "1"]
+            "0", "--position-embedding-type", pe, "--transformer-impl", impl, "--make-vocab-size-divisible-by", "1",
+            # A bare GPTModel has no DDP gradient buffer for the fused accumulation to write into.
+            "--no-gradient-accumulation-fusion"]
     if bf16:
         argv.append("--bf16")
     cfg = parse_args(argv)

@@ -255,6 +255,21 @@ def test_sharded_runs_merge_to_the_unsharded_output(corpus_dir, sp_model, tmp_pa
     assert list(file_bytes(out).values()) == want
 
 
+def test_shards_without_a_line_start_write_empty_datasets(corpus_dir, sp_model, tmp_path):
+    from tools import merge_datasets
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b"".join(open(corpus_dir / "annotated.jsonl", "rb").read().splitlines(keepends=True)[:2]))
+    assert _run(inp, tmp_path / "single", sp_model) == 0
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(6):  # more shards than lines: most byte ranges hold no line start
+        assert _run(inp, shards / "x", sp_model, "--num-shards", "6", "--shard-index", str(i)) == 0
+    out = str(tmp_path / "merged_text_document")
+    assert merge_datasets.main(["--input", str(shards), "--output-prefix", out]) == 0
+    assert list(file_bytes(out).values()) == list(file_bytes(str(tmp_path / "single_text_document")).values())
+
+
 def test_shard_rerun_skips_complete_and_redoes_half_written(corpus_dir, sp_model, tmp_path, caplog):
     import logging
 

@@ -25,7 +25,8 @@ def _args(data, tmp, *extra):
 
 
 LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \| lm loss: (\S+) \| annotation loss: (\S+) \| text loss: (\S+) \| "
-                  r"lr: (\S+) \| grad norm: (\S+) \| tokens/s: (\S+) \| ms/step: (\S+)")
+                  r"lr: (\S+) \| grad norm: (\S+) \| tokens/s: (\S+) \| TFLOP/s/GPU: (\S+) \|(?: MFU: (\S+)% \|)? "
+                  r"peak memory: (\S+) GiB \(rank (\d+)\) \| ms/step: (\S+)")
 
 
 @pytest.mark.slow
@@ -36,12 +37,16 @@ def test_torchrun_logs_tensorboard_wandb_offline_and_finetune(tiny_dataset, tmp_
     ck = os.path.join(tmp, "ck")
     proc = run_torchrun(_args(tiny_dataset, tmp, "--train-iters", "4", "--eval-interval", "2", "--save", ck,
                               "--tensorboard-dir", os.path.join(tmp, "tb"), "--wandb-project", "anchor-test",
-                              "--wandb-save-dir", os.path.join(tmp, "wandb")),
+                              "--wandb-save-dir", os.path.join(tmp, "wandb"), "--peak-tflops", "0.001"),
                         nproc=2, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [m.groups() for m in LINE.finditer(proc.stdout)]
     assert [int(g[0]) for g in lines] == [2, 4]
+    # Losses, tokens/s, TFLOP/s per GPU, MFU (against --peak-tflops), peak memory per rank, step time.
     assert all(float(g[2]) > 0 and float(g[7]) > 0 and float(g[8]) > 0 for g in lines)
+    assert all(g[9] is not None and float(g[9]) > 0 for g in lines)
+    assert all(abs(float(g[9]) / 100 / (float(g[8]) / 0.001) - 1) < 0.02 for g in lines)  # MFU = TFLOP/s / peak
+    assert all(float(g[10]) > 0.05 and int(g[11]) in (0, 1) and float(g[12]) > 0 for g in lines)
     assert proc.stdout.count("validation at iteration") == 2
     assert glob.glob(os.path.join(tmp, "tb", "events.out.tfevents.*"))
     assert glob.glob(os.path.join(tmp, "wandb", "wandb", "offline-run-*"))

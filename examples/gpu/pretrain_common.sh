@@ -9,7 +9,9 @@
 #
 # Environment: DATA_PATH (prefix or "W1 P1 W2 P2"), TOKENIZER_TYPE, TOKENIZER_MODEL, SAVE_DIR,
 # GPUS_PER_NODE (default: all visible), POLICY (pretrain | sft-anchored | sft-standard), WANDB_PROJECT,
-# EXTRA_ARGS (appended; later flags win).
+# VP_LAYERS (layers per virtual pipeline stage when PP > 1), EXTRA_ARGS (appended; later flags win).
+# bf16 through Float16Module, every fused kernel (on by default where it exists), the distributed optimizer with
+# overlapped gradient reduce and parameter gather; the log shows tokens/s, TFLOP/s per GPU, MFU and peak memory.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -54,7 +56,7 @@ fi
 "${LAUNCH[@]}" "${REPO}/pretrain_anchor.py" \
   --transformer-impl transformer_engine --bf16 \
   --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}" ${SEQ_PARALLEL:+--sequence-parallel} \
-  --use-distributed-optimizer --overlap-grad-reduce \
+  --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather ${VP_LAYERS:+--num-layers-per-virtual-pipeline-stage "${VP_LAYERS}"} \
   "${MODEL_ARGS[@]}" --hidden-dropout 0 --attention-dropout 0 \
   --seq-length "${SEQ_LENGTH}" --micro-batch-size "${MICRO_BATCH_SIZE}" --global-batch-size "${GLOBAL_BATCH_SIZE}" \
   --train-iters "${TRAIN_ITERS}" --lr "${LR}" --min-lr "${MIN_LR}" --lr-decay-style cosine \

@@ -59,6 +59,7 @@ python tools/preprocess_sft.py --input "$SFT_JSONL" --output-prefix "$WORK/sft_s
 export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
 TRAIN=("${MODEL_ARGS[@]}" --seq-length "$SEQ_LENGTH" --transformer-impl transformer_engine --bf16
+       --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
        --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" ${SEQ_PARALLEL:+--sequence-parallel}
        --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GBS" --train-iters "$ITERS"
        --lr "$LR" --min-lr 0 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.0 --clip-grad 1.0

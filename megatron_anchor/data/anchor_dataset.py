@@ -11,7 +11,7 @@ at position ``i``; padding gets role PAD.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_anchor.data.indexed import DatasetFormatError, bin_path, check_role_channel, roles_prefix
-from megatron_anchor.roles import ROLE_DTYPE, Role
+from megatron_anchor.roles import ROLE_DTYPE
 
 
 class _RoleRecordingReader:

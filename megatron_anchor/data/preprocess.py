@@ -40,6 +40,7 @@ from megatron_anchor.data.indexed import (
     idx_path,
     merge_token_role_datasets,
     roles_prefix,
+    write_token_role_documents,
     write_token_role_part,
 )
 from megatron_anchor.roles import ANNOTATION_ROLES, Role
@@ -47,7 +48,7 @@ from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 from megatron_anchor.tokenizer import AnchorTokenizer, build_tokenizer
 from megatron_anchor.tokenizer.record import dataset_record_path, tokenizer_record, write_record
 from megatron_anchor.tokenizer.fast import select_backend
-from megatron_anchor.tokenizer.pieces import EncodedPart, PieceBatch, PieceEncoder
+from megatron_anchor.tokenizer.pieces import EncodedPart, PieceBatch
 
 logger = logging.getLogger(__name__)
 

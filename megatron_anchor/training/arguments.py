@@ -28,14 +28,17 @@ from megatron_anchor.training.config import (
     CheckpointConfig,
     DataConfig,
     LoggingConfig,
+    RECOMPUTE_MODULES,
     ModelConfig,
     ParallelConfig,
+    PerformanceConfig,
     TrainingConfig,
 )
 
 _SECTION_CLASSES = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
+    "performance": PerformanceConfig,
     "training": TrainingConfig,
     "data": DataConfig,
     "checkpoint": CheckpointConfig,
@@ -51,6 +54,10 @@ _CHOICES = {
     "loss_mask_policy": LOSS_MASK_POLICIES,
     "replay_loss_mask_policy": REPLAY_POLICIES,
     "dry_run_target": ("here", "gpu"),
+    "recompute_granularity": ("full", "selective"),
+    "recompute_method": ("uniform", "block"),
+    "fp8_format": ("hybrid", "e4m3"),
+    "fp8_amax_compute_algo": ("max", "most_recent"),
     # The data tools' list (one source of truth) plus the trainer-only NullTokenizer.
     "tokenizer_type": (*TOKENIZER_TYPES, "NullTokenizer"),
 }
@@ -88,6 +95,14 @@ def _base_type(annotation):
     return annotation
 
 
+def _element_type(annotation):
+    """str for List[str], int for Optional[List[int]]."""
+    if typing.get_origin(annotation) is typing.Union:
+        annotation = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+    args = typing.get_args(annotation)
+    return args[0] if args else str
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser for every config field plus ``--config``. Defaults are suppressed so that only
     flags actually given on the command line override the YAML file."""
@@ -114,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                 else:
                     group.add_argument(flag, dest=dest, action="store_true", help=help_text)
             elif kind is list:
-                group.add_argument(flag, dest=dest, nargs="+", help=help_text)
+                group.add_argument(flag, dest=dest, nargs="+", type=_element_type(hints[f.name]),
+                                   help=help_text)
             else:
                 group.add_argument(flag, dest=dest, type=kind, choices=_CHOICES.get(f.name),
                                    help=f"{help_text} (default: {default})")
@@ -273,13 +289,14 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
     """
     m, p, t, d, c, lg = cfg.model, cfg.parallel, cfg.training, cfg.data, cfg.checkpoint, cfg.logging
     errors = []
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        errors.append("tensor and pipeline parallel sizes must be >= 1")
-        tp, pp = max(tp, 1), max(pp, 1)
-    if world_size % (tp * pp):
-        errors.append(f"world size {world_size} is not divisible by TP ({tp}) x PP ({pp}) = {tp * pp}")
-    dp = max(world_size // (tp * pp), 1)
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    if tp < 1 or pp < 1 or cp < 1:
+        errors.append("tensor, pipeline and context parallel sizes must be >= 1")
+        tp, pp, cp = max(tp, 1), max(pp, 1), max(cp, 1)
+    if world_size % (tp * pp * cp):
+        errors.append(f"world size {world_size} is not divisible by TP ({tp}) x PP ({pp}) x CP ({cp}) = "
+                      f"{tp * pp * cp}")
+    dp = max(world_size // (tp * pp * cp), 1)
 
     if m.num_attention_heads % tp:
         errors.append(f"--num-attention-heads ({m.num_attention_heads}) is not divisible by TP ({tp})")
@@ -351,16 +368,19 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
                           "norms do not support it)")
     if p.use_distributed_optimizer and backend != "nccl":
         errors.append("--use-distributed-optimizer needs NCCL (gloo has no reduce-scatter)")
+    if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
+        errors.append("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
     errors.extend(_packing_errors(cfg, has_te))
+    errors.extend(_precision_errors(cfg, has_cuda, has_te))
+    errors.extend(_recompute_errors(cfg))
+    errors.extend(_virtual_pipeline_errors(cfg, dp))
+    errors.extend(_context_parallel_errors(cfg))
     if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
         errors.append("--exit-duration-in-mins must be > 0")
     try:
         t.exit_signal = signal_name(t.exit_signal)
     except ValueError as exc:
         errors.append(str(exc))
-    if t.bf16 and not has_cuda:
-        # Runs, but megatron's mixed-precision optimizer asserts CUDA tensor types.
-        errors.append("--bf16 needs a GPU (megatron's mixed-precision optimizer is CUDA-only)")
 
     if d.mock_data:
         if d.data_path:
@@ -404,6 +424,11 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
         errors.append("--eval-interval must be >= 1")
     if lg.eval_iters < 0:
         errors.append("--eval-iters must be >= 0")
+    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+        errors.append("--peak-tflops must be > 0")
+    if lg.profile and not 1 <= lg.profile_step_start <= lg.profile_step_end:
+        errors.append(f"--profile needs 1 <= --profile-step-start ({lg.profile_step_start}) <= "
+                      f"--profile-step-end ({lg.profile_step_end})")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
@@ -422,6 +447,132 @@ def signal_name(name: str) -> str:
     if text not in signal.Signals.__members__:
         raise ValueError(f"--exit-signal {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
     return text
+
+
+def _precision_errors(cfg: AnchorConfig, has_cuda: bool, has_te: bool) -> List[str]:
+    """bf16 / fp16 / FP8 settings that cannot run here (megatron's mixed-precision optimizer is CUDA-only)."""
+    t, f, m = cfg.training, cfg.performance, cfg.model
+    errors = []
+    if t.bf16 and t.fp16:
+        errors.append("--bf16 and --fp16 are exclusive")
+    for flag, on in (("--bf16", t.bf16), ("--fp16", t.fp16)):
+        if on and not has_cuda:
+            # The model would run, but megatron's mixed-precision optimizer asserts CUDA tensor types.
+            errors.append(f"{flag} needs a GPU (megatron's mixed-precision optimizer is CUDA-only); train in "
+                          "fp32 on CPU")
+    if not t.fp16 and t.loss_scale is not None:
+        errors.append("--loss-scale only applies to --fp16 (bf16 and fp32 need no loss scaling)")
+    if t.loss_scale is not None and t.loss_scale <= 0:
+        errors.append("--loss-scale must be > 0")
+    if t.fp16 and (t.min_loss_scale <= 0 or t.initial_loss_scale < t.min_loss_scale):
+        errors.append("--fp16 needs 0 < --min-loss-scale <= --initial-loss-scale")
+    if t.loss_scale_window < 1 or t.hysteresis < 1:
+        errors.append("--loss-scale-window and --hysteresis must be >= 1")
+    if f.fp8_format:
+        if m.transformer_impl != "transformer_engine" or not (has_te and has_cuda):
+            errors.append(f"--fp8-format {f.fp8_format} needs the Transformer Engine layers on a GPU "
+                          "(--transformer-impl transformer_engine)")
+        if not (t.bf16 or t.fp16):
+            errors.append("--fp8-format runs inside a bf16 or fp16 model: add --bf16")
+        if f.fp8_amax_history_len < 1:
+            errors.append("--fp8-amax-history-len must be >= 1")
+        if m.hidden_size % 16 or (m.ffn_hidden_size or 0) % 16:
+            # Transformer Engine's FP8 GEMMs need dimensions divisible by 16.
+            errors.append(f"--fp8-format needs --hidden-size ({m.hidden_size}) and --ffn-hidden-size "
+                          f"({m.ffn_hidden_size}) divisible by 16")
+        capability = _cuda_capability()
+        if capability is not None and capability < (8, 9):
+            errors.append(f"--fp8-format needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, "
+                          f"Blackwell); this GPU has {capability[0]}.{capability[1]}")
+    return errors
+
+
+def _cuda_capability():
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability())
+
+
+def _layers_per_chunk(cfg: AnchorConfig) -> int:
+    """Transformer layers in each model chunk (per pipeline stage, or per virtual stage)."""
+    p = cfg.parallel
+    if p.num_layers_per_virtual_pipeline_stage:
+        return p.num_layers_per_virtual_pipeline_stage
+    return max(cfg.model.num_layers // max(p.pipeline_model_parallel_size, 1), 1)
+
+
+def _recompute_errors(cfg: AnchorConfig) -> List[str]:
+    """Activation recomputation flags as megatron-core's TransformerConfig would take them, checked up front."""
+    f = cfg.performance
+    g, method, n, modules = f.recompute_granularity, f.recompute_method, f.recompute_num_layers, f.recompute_modules
+    if g is None:
+        given = [flag for flag, v in (("--recompute-method", method), ("--recompute-num-layers", n),
+                                      ("--recompute-modules", modules)) if v is not None]
+        return [f"{', '.join(given)} needs --recompute-granularity full or selective"] if given else []
+    errors = []
+    per_chunk = _layers_per_chunk(cfg)
+    if g == "full":
+        if method is None or n is None:
+            errors.append("--recompute-granularity full needs --recompute-method (uniform or block) and "
+                          "--recompute-num-layers")
+        elif not 1 <= n <= per_chunk:
+            errors.append(f"--recompute-num-layers ({n}) must be between 1 and the layers per pipeline stage "
+                          f"or virtual stage ({per_chunk})")
+        elif method == "uniform" and per_chunk % n:
+            errors.append(f"--recompute-method uniform checkpoints groups of --recompute-num-layers ({n}) "
+                          f"layers: it must divide the layers per stage ({per_chunk})")
+        if modules is not None:
+            errors.append("--recompute-modules applies to --recompute-granularity selective only")
+    else:
+        if method is not None or n is not None:
+            errors.append("--recompute-granularity selective takes no --recompute-method or "
+                          "--recompute-num-layers (it recomputes the --recompute-modules of every layer)")
+        unknown = sorted(set(modules or ()) - set(RECOMPUTE_MODULES))
+        if unknown:
+            errors.append(f"--recompute-modules {unknown} unknown; choose from {list(RECOMPUTE_MODULES)}")
+    return errors
+
+
+def _virtual_pipeline_errors(cfg: AnchorConfig, dp: int) -> List[str]:
+    """Layouts megatron-core's interleaved schedule refuses (or would run with pipeline bubbles)."""
+    p, m, t = cfg.parallel, cfg.model, cfg.training
+    v = p.num_layers_per_virtual_pipeline_stage
+    if v is None:
+        return []
+    pp = max(p.pipeline_model_parallel_size, 1)
+    errors = []
+    if pp < 2:
+        errors.append("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size >= 2")
+    if v < 1 or m.num_layers % (pp * v):
+        errors.append(f"--num-layers ({m.num_layers}) must be divisible by PP ({pp}) x "
+                      f"--num-layers-per-virtual-pipeline-stage ({v})")
+    elif m.num_layers // (pp * v) < 2:
+        errors.append(f"--num-layers-per-virtual-pipeline-stage {v} leaves one model chunk per pipeline stage "
+                      "(no interleaving): drop it or lower it")
+    if t.global_batch_size and t.micro_batch_size > 0:
+        micro = t.global_batch_size // (t.micro_batch_size * dp)
+        if micro % pp:
+            errors.append(f"the interleaved schedule runs micro-batches in groups of PP ({pp}): the "
+                          f"{micro} micro-batches per step (--global-batch-size / (--micro-batch-size x DP)) must "
+                          "be a multiple of it")
+    return errors
+
+
+def _context_parallel_errors(cfg: AnchorConfig) -> List[str]:
+    """Context parallelism runs in Transformer Engine's attention and splits sequences into 2 x CP chunks."""
+    cp, m = cfg.parallel.context_parallel_size, cfg.model
+    if cp <= 1:
+        return []
+    errors = []
+    if m.transformer_impl != "transformer_engine":
+        errors.append("--context-parallel-size > 1 needs the Transformer Engine layers (megatron-core's local "
+                      "attention has no context parallelism)")
+    if m.seq_length % (2 * cp):
+        errors.append(f"--seq-length ({m.seq_length}) must be divisible by 2 x --context-parallel-size "
+                      f"({2 * cp}): each rank holds two load-balanced chunks of every sequence")
+    return errors
 
 
 # Transformer Engine releases whose fused attention takes THD (variable-length) input with padding_causal masks.

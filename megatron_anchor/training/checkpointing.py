@@ -2,8 +2,10 @@
 
 Layout: ``SAVE/iter_0000100/`` (a dist_checkpointing directory) and ``SAVE/latest_checkpointed_iteration.txt``,
 written only after every rank finished writing, so a run killed mid-save resumes from the previous one.
-Model and optimizer tensors are saved as sharded tensors, so a checkpoint loads under a different TP/PP layout.
-RNG states are per (pipeline, tensor) rank and are restored only when the layout is unchanged.
+Model and optimizer tensors are saved as sharded tensors keyed by their place in the whole model (global layer
+numbers), so a checkpoint loads under a different TP/PP layout and with or without virtual pipeline stages: one
+model chunk per rank is saved under ``model`` (as Megatron-LM does), several under ``model0``, ``model1``, ...
+RNG states are per (pipeline, tensor) rank and are restored only when that layout is unchanged.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def _layout():
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+        "vp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
     }
 
 
@@ -87,7 +91,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _rng_sharded_object(state):
-    """Per (pp, tp) rank RNG state; data-parallel ranks hold replicas."""
+    """Per (pp, tp) rank RNG state; data- and context-parallel ranks hold replicas."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -96,18 +100,26 @@ def _rng_sharded_object(state):
         state,
         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-        replica_id=ps.get_data_parallel_rank(),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
     )
 
 
+def model_keys(num_chunks: int) -> List[str]:
+    """State-dict keys of the model chunks: ``model`` for one, ``model0``, ``model1``, ... for several."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
 def _model_sharded_state_dict(model_chunks: List) -> dict:
-    # One chunk per rank (no virtual pipeline): the key is "model" as in Megatron-LM checkpoints.
-    assert len(model_chunks) == 1, "virtual pipeline stages are not supported"
-    return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+    from megatron_anchor.training.model import unwrap
+
+    return {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(model_keys(len(model_chunks)),
+                                                                          model_chunks)}
 
 
-def _unwrap(module):
-    return getattr(module, "module", module)
+def _models_only(sharded: dict):
+    """The model chunks' part of a sharded state dict, as the optimizer expects it (one chunk: its own dict)."""
+    keys = [k for k in sharded if k == "model" or (k.startswith("model") and k[5:].isdigit())]
+    return sharded["model"] if keys == ["model"] else {k: sharded[k] for k in keys}
 
 
 def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer, scheduler,
@@ -125,7 +137,7 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer,
         os.makedirs(ckpt, exist_ok=True)
     dist.barrier()
     sharded = _model_sharded_state_dict(model_chunks)
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=False)
+    sharded["optimizer"] = optimizer.sharded_state_dict(_models_only(sharded), is_loading=False)
     sharded["opt_param_scheduler"] = scheduler.state_dict()
     sharded["rng_state"] = _rng_sharded_object(_rng_state())
     sharded["train_state"] = {"iteration": state.iteration,
@@ -185,13 +197,16 @@ def load_checkpoint(root: str, model_chunks: List, optimizer, scheduler, finetun
 
     sharded = _model_sharded_state_dict(model_chunks)
     if not finetune and load_optim:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True)
+        sharded["optimizer"] = optimizer.sharded_state_dict(_models_only(sharded), is_loading=True)
     restore_rng = not finetune and load_rng and same_model_layout
     if restore_rng:
         sharded["rng_state"] = _rng_sharded_object(_rng_state())
     state = dist_checkpointing.load(sharded, ckpt)
 
-    _unwrap(model_chunks[0]).load_state_dict(state["model"])
+    from megatron_anchor.training.model import unwrap
+
+    for key, chunk in zip(model_keys(len(model_chunks)), model_chunks):
+        unwrap(chunk).load_state_dict(state[key])
     if finetune:
         return TrainState()
     if load_optim:

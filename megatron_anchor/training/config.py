@@ -86,6 +86,18 @@ class ParallelConfig:
     """torch.distributed backend: nccl, gloo, or auto (nccl with CUDA, else gloo)."""
     distributed_timeout_minutes: int = 10
     """Timeout of collective operations."""
+    context_parallel_size: int = 1
+    """Context-parallel size: each sequence is split over this many ranks, which exchange keys and values in a
+    ring (Transformer Engine only; with --reset-attention-mask every document is padded to a multiple of
+    2 x this size and split per document)."""
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    """Layers per virtual pipeline stage: each pipeline rank holds num_layers / (PP x this) model chunks and
+    megatron-core's interleaved schedule runs them (smaller pipeline bubble; needs PP >= 2)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass (needs
+    --use-distributed-optimizer and --overlap-grad-reduce)."""
+    accumulate_allreduce_grads_in_fp32: bool = False
+    """Accumulate and all-reduce gradients in fp32 (always on with --bf16, as in Megatron-LM)."""
 
 
 @dataclass
@@ -123,7 +135,20 @@ class TrainingConfig:
     seed: int = 1234
     """Random seed (model initialisation, dropout, data order)."""
     bf16: bool = False
-    """Train in bfloat16 with fp32 master weights."""
+    """Train in bfloat16: megatron-core's Float16Module holds bf16 weights, the optimizer fp32 main weights,
+    gradients are reduced in fp32 (GPU only)."""
+    fp16: bool = False
+    """Train in float16 with fp32 main weights and loss scaling (dynamic unless --loss-scale; GPU only)."""
+    loss_scale: Optional[float] = None
+    """Static loss scale for --fp16 (a power of 2 is best); default: dynamic loss scaling."""
+    initial_loss_scale: float = 4294967296.0
+    """Initial dynamic loss scale for --fp16 (2^32)."""
+    min_loss_scale: float = 1.0
+    """Smallest dynamic loss scale for --fp16."""
+    loss_scale_window: int = 1000
+    """Steps without overflow after which the dynamic loss scale doubles."""
+    hysteresis: int = 2
+    """Overflowing steps tolerated before the dynamic loss scale halves."""
     loss_mask_policy: str = "pretrain"
     """Which token roles carry loss: pretrain (every real token, annotations included), pretrain-text (every real
     token except annotations), sft-anchored (response and EOD only: prompt and annotation get zero loss),
@@ -155,6 +180,50 @@ class TrainingConfig:
     dry_run_target: str = "here"
     """What --dry-run validates for: here (this machine) or gpu (a machine with CUDA and Transformer Engine, to
     check a GPU recipe from a CPU machine)."""
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+"""Submodules ``--recompute-granularity selective`` can recompute in this dense GPT (megatron-core's names)."""
+
+
+@dataclass
+class PerformanceConfig:
+    """Memory and speed: activation recomputation, fused kernels, FP8. None of these changes the model."""
+
+    recompute_granularity: Optional[str] = None
+    """Activation recomputation: full (whole layers, per --recompute-method) or selective (the submodules in
+    --recompute-modules, by default core attention); default none."""
+    recompute_method: Optional[str] = None
+    """With full recomputation: uniform (recompute every layer, checkpointing groups of --recompute-num-layers)
+    or block (recompute the first --recompute-num-layers layers of each pipeline stage)."""
+    recompute_num_layers: Optional[int] = None
+    """With full recomputation: layers per recomputed group (uniform) or recomputed layers per stage (block)."""
+    recompute_modules: Optional[List[str]] = None
+    """With selective recomputation: which submodules to recompute (core_attn, mlp, layernorm); default
+    core_attn."""
+    bias_activation_fusion: bool = True
+    """Fuse the bias add and the activation (GeLU, SwiGLU) where the kernel is available (CUDA)."""
+    bias_dropout_fusion: bool = True
+    """Fuse bias, dropout and the residual add where the kernel is available (CUDA)."""
+    masked_softmax_fusion: bool = True
+    """Fuse scaling, masking and softmax in attention where the kernel is available (local layers need
+    megatron's fused softmax extension; Transformer Engine fuses attention itself)."""
+    rope_fusion: bool = True
+    """Use Transformer Engine's fused RoPE kernel where available (with --position-embedding-type rope)."""
+    cross_entropy_loss_fusion: bool = True
+    """Fuse the vocabulary-parallel cross-entropy where the kernel is available (CUDA)."""
+    gradient_accumulation_fusion: bool = True
+    """Accumulate weight gradients into the fp32 gradient buffer inside the GEMM where available (Transformer
+    Engine layers, or local layers with apex's fused_weight_gradient_mlp_cuda)."""
+    fp8_format: Optional[str] = None
+    """Run the transformer layers' GEMMs in FP8 through Transformer Engine: hybrid (E4M3 forward, E5M2
+    backward) or e4m3 (both); needs Transformer Engine, a GPU with FP8 tensor cores and --bf16 or --fp16."""
+    fp8_amax_history_len: int = 1024
+    """FP8 delayed scaling: length of the amax history window."""
+    fp8_amax_compute_algo: str = "max"
+    """FP8 delayed scaling: scale from the max of the amax history (max) or its latest entry (most_recent)."""
+    fp8_margin: int = 0
+    """FP8 delayed scaling: scale margin (powers of 2 of headroom)."""
 
 
 @dataclass
@@ -242,6 +311,20 @@ class LoggingConfig:
     """Directory for wandb's local files; default <save>/wandb or ./wandb."""
     log_role_losses: bool = True
     """Log the loss on annotation tokens and on text tokens separately (pretrain policy)."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one device for MFU; default: detected from the GPU's name (dense bf16 peak), none on
+    CPU (MFU is then not logged)."""
+    profile: bool = False
+    """Record a torch.profiler trace of steps --profile-step-start to --profile-step-end on --profile-ranks."""
+    profile_step_start: int = 10
+    """First profiled iteration (1-based, counting from the run's start iteration)."""
+    profile_step_end: int = 12
+    """Last profiled iteration."""
+    profile_ranks: List[int] = field(default_factory=lambda: [0])
+    """Global ranks that record a trace."""
+    profile_dir: Optional[str] = None
+    """Where traces go (one Chrome-trace JSON per rank, TensorBoard's profiler plugin reads them); default
+    --tensorboard-dir, else <save>/profile, else ./profile."""
 
 
 @dataclass
@@ -250,13 +333,14 @@ class AnchorConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-SECTIONS = ("model", "parallel", "training", "data", "checkpoint", "logging")
+SECTIONS = ("model", "parallel", "performance", "training", "data", "checkpoint", "logging")
 
 ARCHITECTURE_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",

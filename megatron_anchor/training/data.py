@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -283,13 +283,25 @@ def build_iterator(dataset, consumed_samples: int, cfg: AnchorConfig, dp_rank: i
     return forever()
 
 
-def build_data(cfg: AnchorConfig, tokenizer, consumed_train_samples: int, dp_rank: int, dp_size: int):
+def validation_enabled(cfg: AnchorConfig) -> bool:
+    """Whether the run evaluates: validation batches requested and a validation split with weight (identical on
+    every rank, whether or not the rank reads data)."""
+    weights = [float(x) for x in _split_string(cfg.data.split).split(",")]
+    return cfg.logging.eval_iters > 0 and weights[1] > 0
+
+
+def build_data(cfg: AnchorConfig, tokenizer, consumed_train_samples: int, dp_rank: int, dp_size: int,
+               reads: bool = True):
     """The datasets provider: (train iterator from the data position, factory of validation iterators).
 
     Each call of the factory starts at the first validation sample, so every evaluation scores the same
-    batches and validation curves are comparable across steps and resumed runs.
+    batches and validation curves are comparable across steps and resumed runs. With ``reads=False`` (a rank
+    that receives its batches from its tensor-parallel group's reader, or uses none) nothing is read: the
+    iterator is None and the factory returns None.
     """
-    train_ds, valid_ds, _test_ds = build_datasets(cfg, tokenizer)
+    train_ds, valid_ds, _test_ds = build_datasets(cfg, tokenizer, is_built_on_rank=lambda: reads)
+    if not reads:
+        return None, lambda: None
     eod = tokenizer.eod
     train_iter = build_iterator(train_ds, consumed_train_samples, cfg, dp_rank, dp_size, eod=eod)
 

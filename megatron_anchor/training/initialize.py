@@ -45,9 +45,14 @@ def initialize_distributed(cfg: AnchorConfig) -> None:
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    from megatron_anchor.training.model import num_model_chunks
+
+    chunks = num_model_chunks(cfg)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=chunks if chunks > 1 else None,
+        context_parallel_size=p.context_parallel_size,
     )
 
 

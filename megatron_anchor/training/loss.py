@@ -117,7 +117,10 @@ def loss_func(loss_mask: torch.Tensor, roles: Optional[torch.Tensor], output_ten
 
 
 def get_batch(data_iterator, device: torch.device):
-    """Next micro-batch on ``device``; every rank of a tensor/pipeline group reads the same samples."""
+    """Next micro-batch on ``device`` (the keys this pipeline stage uses; see
+    :mod:`megatron_anchor.training.batch`), or ``{}`` for a stage that uses no data (no iterator)."""
+    if data_iterator is None:
+        return {}
     batch = next(data_iterator)
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -141,19 +144,23 @@ def model_inputs(batch, mode: str):
     has a batch of one) with the boundaries as ``PackedSeqParams``; its per-token losses come back ``[1, b*s]``,
     in the same order as the flattened loss mask.
     """
-    from megatron_anchor.training.packing import CU_SEQLENS, MAX_SEQLEN, block_causal_mask, thd_params
+    from megatron_anchor.training.packing import (CU_SEQLENS, CU_SEQLENS_PADDED, MAX_SEQLEN, SAMPLE_LENGTH,
+                                                  block_causal_mask, thd_params)
 
-    tokens, position_ids, labels = batch["tokens"], batch["position_ids"], batch["labels"]
+    # A pipeline stage gets only what it uses: no tokens past the first stage, no labels before the last.
+    tokens, position_ids, labels = batch.get("tokens"), batch.get("position_ids"), batch.get("labels")
     if mode == "none":
         # A dense mask here would be ignored by Transformer Engine's causal kernels: boundaries only as below.
         return tokens, position_ids, None, labels, {}
-    b, s = tokens.shape
     if mode == "thd":
-        flat = [x.reshape(1, b * s) for x in (tokens, position_ids, labels)]
-        return flat[0], flat[1], None, flat[2], {"packed_seq_params": thd_params(batch[CU_SEQLENS],
-                                                                               batch[MAX_SEQLEN])}
+        flat = [x.reshape(1, -1) if x is not None else None for x in (tokens, position_ids, labels)]
+        params = thd_params(batch[CU_SEQLENS], batch[MAX_SEQLEN], batch.get(CU_SEQLENS_PADDED))
+        return flat[0], flat[1], None, flat[2], {"packed_seq_params": params}
     if mode == "mask":
-        return tokens, position_ids, block_causal_mask(batch[CU_SEQLENS], b, s), labels, {}
+        s, cu = batch[SAMPLE_LENGTH], batch[CU_SEQLENS]
+        known = tokens if tokens is not None else labels
+        mask = block_causal_mask(cu, known.shape[0] if known is not None else int(cu[-1]) // s, s)
+        return tokens, position_ids, mask, labels, {}
     raise ValueError(f"unknown boundary mode {mode!r}; choose one of {BOUNDARY_MODES}")
 
 
@@ -182,15 +189,18 @@ def make_forward_step(policy: str, device: torch.device, use_roles: bool = True,
     def forward_step(data_iterator, model):
         batch = get_batch(data_iterator, device)
         roles = batch.get("roles") if use_roles else None
-        dataset_id, sources = None, None
-        if blended:
-            dataset_id = batch.get("dataset_id")
-            if dataset_id is None:
-                # Without it every sample would silently get the first dataset's policy.
-                raise RuntimeError("a blended batch has no 'dataset_id': megatron-core's BlendedDataset no longer "
-                                   "tags samples with their dataset, so per-dataset loss-mask policies cannot work")
-            sources = source_of.to(dataset_id.device)[dataset_id.long()]
-        loss_mask = apply_policy(batch["loss_mask"], roles, table, dataset_id)
+        # Only the last pipeline stage gets (and needs) the loss mask and the dataset ids.
+        loss_mask, dataset_id, sources = None, None, None
+        if "loss_mask" in batch:
+            if blended:
+                dataset_id = batch.get("dataset_id")
+                if dataset_id is None:
+                    # Without it every sample would silently get the first dataset's policy.
+                    raise RuntimeError("a blended batch has no 'dataset_id': megatron-core's BlendedDataset no "
+                                       "longer tags samples with their dataset, so per-dataset loss-mask policies "
+                                       "cannot work")
+                sources = source_of.to(dataset_id.device)[dataset_id.long()]
+            loss_mask = apply_policy(batch["loss_mask"], roles, table, dataset_id)
         tokens, position_ids, attention_mask, labels, extra = model_inputs(batch, boundaries)
         output = model(tokens, position_ids, attention_mask, labels=labels, **extra)
         return output, partial(loss_func, loss_mask, roles, report_role_losses=report_role_losses,

@@ -21,7 +21,7 @@ O(b*s^2) booleans, which is why the GPU path never builds it.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,13 @@ CU_SEQLENS = "cu_seqlens"
 """Batch key: int32 cumulative boundaries over the flattened micro-batch, ``[0, ..., b*s]``."""
 MAX_SEQLEN = "max_seqlen"
 """Batch key: the longest segment (a Python int, so the GPU path needs no device-to-host copy)."""
+CU_SEQLENS_PADDED = "cu_seqlens_padded"
+"""Batch key (context parallelism with THD): cumulative boundaries after each document was padded to a multiple
+of 2 x CP, over the padded (not the rank's partitioned) token stream."""
+SAMPLE_LENGTH = "sample_length"
+"""Batch key: tokens per sample (a Python int), so a pipeline stage without tokens can still build the mask."""
+BOUNDARY_KEYS = (CU_SEQLENS, CU_SEQLENS_PADDED, MAX_SEQLEN, SAMPLE_LENGTH)
+"""Every key that describes where documents begin and end: all pipeline stages' attention needs them."""
 
 
 def boundaries(tokens: torch.Tensor, eod: int) -> Tuple[torch.Tensor, int]:
@@ -47,11 +54,19 @@ def boundaries(tokens: torch.Tensor, eod: int) -> Tuple[torch.Tensor, int]:
 
 
 def add_boundaries(batch: Dict[str, torch.Tensor], eod: int) -> Dict[str, torch.Tensor]:
-    """Collated micro-batch plus ``cu_seqlens`` and ``max_seqlen`` (runs in the DataLoader, on the host)."""
+    """Collated micro-batch plus ``cu_seqlens``, ``max_seqlen`` and ``sample_length`` (runs in the DataLoader,
+    on the host)."""
     cu, longest = boundaries(batch["tokens"], eod)
     batch[CU_SEQLENS] = cu
     batch[MAX_SEQLEN] = longest
+    batch[SAMPLE_LENGTH] = int(batch["tokens"].shape[1])
     return batch
+
+
+def seqlen_squared_sum(cu_seqlens: torch.Tensor) -> int:
+    """``sum L_i^2`` over the segments of a host ``cu_seqlens`` (the attention work the FLOPs count needs)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    return int((lengths * lengths).sum())
 
 
 def segment_ids(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
@@ -69,9 +84,113 @@ def block_causal_mask(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.T
     return (other_segment | future).unsqueeze(1)
 
 
-def thd_params(cu_seqlens: torch.Tensor, max_seqlen: int):
-    """megatron-core ``PackedSeqParams`` for THD (variable-length) attention over the flattened micro-batch."""
+def thd_params(cu_seqlens: torch.Tensor, max_seqlen: int, cu_seqlens_padded: Optional[torch.Tensor] = None):
+    """megatron-core ``PackedSeqParams`` for THD (variable-length) attention over the flattened micro-batch.
+
+    With context parallelism the padded boundaries serve as both the real and the padded ones, as in Megatron-LM:
+    each document's padding follows its last real token, so under the causal mask no real token attends to it.
+    """
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    if cu_seqlens_padded is not None:
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens_padded, cu_seqlens_kv=cu_seqlens_padded,
+                               cu_seqlens_q_padded=cu_seqlens_padded, cu_seqlens_kv_padded=cu_seqlens_padded,
+                               max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
+# --- context parallelism: which tokens each CP rank holds -------------------------------------------------------
+
+def zigzag_positions(length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions of a ``length``-token sequence that context-parallel rank ``cp_rank`` holds: the sequence is cut
+    into ``2 x cp_size`` equal chunks and the rank keeps chunks ``cp_rank`` and ``2 cp_size - 1 - cp_rank``, so every
+    rank gets the same share of causal attention work (Megatron-LM's and Transformer Engine's load balancing)."""
+    if length % (2 * cp_size):
+        raise ValueError(f"a sequence of {length} tokens cannot be split into 2 x {cp_size} equal chunks")
+    chunk = length // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk)
+    return torch.cat([first, second])
+
+
+def _per_token_keys(batch: Dict, b: int, s: int) -> List[str]:
+    """Keys of tensors laid out per token (``[b, s, ...]``); per-sample ones (``[b]``, e.g. dataset_id) and the
+    boundaries are not."""
+    return [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in BOUNDARY_KEYS
+            and v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)]
+
+
+def pad_documents(cu_seqlens: torch.Tensor, batch: int, seq: int, cp_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The padded THD layout for context parallelism: ``(cu_seqlens_padded, source)``.
+
+    Every document is padded to a multiple of ``2 x cp_size``, and the last document of each sample further, so
+    that all ``batch`` samples have the same padded length ``P``. ``source[j]`` is the position in the flattened
+    ``[batch * seq]`` micro-batch that padded position ``j`` holds (``-1`` for padding); ``cu_seqlens_padded``
+    (int32) bounds the padded documents over ``[batch * P]``. Host work O(b*s).
+    """
+    unit = 2 * cp_size
+    cu = cu_seqlens.to(torch.int64).tolist()
+    rows: List[List[Tuple[int, int, int]]] = [[] for _ in range(batch)]  # per sample: (start, length, padded)
+    for start, end in zip(cu[:-1], cu[1:]):
+        rows[start // seq].append((start, end - start, -(-(end - start) // unit) * unit))
+    padded = max(sum(p for _, _, p in docs) for docs in rows)
+    source = torch.full((batch * padded,), -1, dtype=torch.int64)
+    bounds = [0]
+    for docs in rows:
+        extra = padded - sum(p for _, _, p in docs)
+        for i, (start, n, p) in enumerate(docs):
+            p += extra if i == len(docs) - 1 else 0
+            at = bounds[-1]
+            source[at:at + n] = torch.arange(start, start + n)
+            bounds.append(at + p)
+    return torch.tensor(bounds, dtype=torch.int32), source
+
+
+def thd_partition_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions of the padded THD stream that context-parallel rank ``cp_rank`` holds: :func:`zigzag_positions`
+    of every document, in order (Transformer Engine's ``thd_get_partitioned_indices``, on the host)."""
+    cu = cu_seqlens_padded.to(torch.int64).tolist()
+    return torch.cat([start + zigzag_positions(end - start, cp_size, cp_rank) for start, end in zip(cu[:-1], cu[1:])])
+
+
+def _per_token_keys(batch: Dict, b: int, s: int) -> List[str]:
+    """Keys of tensors laid out per token (``[b, s, ...]``); per-sample ones (``[b]``, e.g. dataset_id) and the
+    boundaries are not."""
+    return [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in BOUNDARY_KEYS
+            and v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)]
+
+
+def split_for_context_parallel(batch: Dict, cp_size: int, cp_rank: int, mode: str) -> Dict:
+    """This context-parallel rank's part of a host micro-batch (every per-token tensor, consistently).
+
+    ``mode`` ``none``: each sample is split by :func:`zigzag_positions` (``[b, s] -> [b, s / cp]``).
+    ``thd``: documents are padded (:func:`pad_documents`; tokens, labels, roles and loss mask are 0 there) and
+    every document is split by :func:`zigzag_positions` (``[b, s] -> [b, P / cp]``), which is how Transformer
+    Engine partitions THD input; ``cu_seqlens_padded`` and ``max_seqlen`` then describe the padded stream.
+    Per-sample tensors (``dataset_id``) are kept whole. Host work O(b*s); the padding adds at most ``2 cp - 1``
+    tokens per document.
+    """
+    if cp_size <= 1:
+        return batch
+    ref = batch["tokens"] if "tokens" in batch else batch["labels"]
+    b, s = ref.shape[:2]
+    keys = _per_token_keys(batch, b, s)
+    out = dict(batch)
+    if mode == "none":
+        index = zigzag_positions(s, cp_size, cp_rank)
+        for k in keys:
+            out[k] = batch[k][:, index]
+        return out
+    if mode != "thd":
+        raise ValueError(f"context parallelism needs Transformer Engine's attention (boundary mode {mode!r})")
+    cu_padded, source = pad_documents(batch[CU_SEQLENS], b, s, cp_size)
+    picked = source[thd_partition_indices(cu_padded, cp_size, cp_rank)]  # flat positions, -1 for padding
+    valid, safe = picked >= 0, picked.clamp(min=0)
+    for k in keys:
+        flat = batch[k].reshape(b * s, *batch[k].shape[2:])[safe]
+        flat[~valid] = 0
+        out[k] = flat.reshape(b, -1, *batch[k].shape[2:])
+    out[CU_SEQLENS_PADDED] = cu_padded
+    out[MAX_SEQLEN] = int((cu_padded[1:] - cu_padded[:-1]).max())
+    return out
