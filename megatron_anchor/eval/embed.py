@@ -36,7 +36,8 @@ def load_embedder(model_path: Optional[str] = None, batch_size: int = 64, cache_
         raise FileNotFoundError(f"embedding model folder {path!r} not found")
     model = SentenceTransformer(path, device="cpu")
 
-    dim = model.get_sentence_embedding_dimension()
+    # sentence-transformers 6 renamed the accessor; older releases only have the long name.
+    dim = getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)()
     memo: dict = {}
 
     def embed(texts: Sequence[str]) -> np.ndarray:
