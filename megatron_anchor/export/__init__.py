@@ -1,7 +1,7 @@
-"""Export a megatron-anchor checkpoint as a Hugging Face Llama-style folder."""
+"""Export a megatron-anchor checkpoint as a Hugging Face folder (Llama or GPT-2 layout, by architecture)."""
 
-from megatron_anchor.export.hf_llama import ExportError, export_checkpoint, llama_config, save_folder
+from megatron_anchor.export.folder import LAYOUTS, ExportError, choose_layout, export_checkpoint, save_folder
 from megatron_anchor.export.tokenizer import TokenizerExportError, sentencepiece_to_tokenizers
 
-__all__ = ["ExportError", "TokenizerExportError", "export_checkpoint", "llama_config", "save_folder",
+__all__ = ["ExportError", "LAYOUTS", "TokenizerExportError", "choose_layout", "export_checkpoint", "save_folder",
            "sentencepiece_to_tokenizers"]

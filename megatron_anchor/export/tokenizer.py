@@ -71,7 +71,11 @@ def write_tokenizer(anchor_tok, tokenizer_type: str, out_dir: str, check_texts: 
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``out_dir``; returns the files.
 
     The delimiters are special tokens of the written tokenizer (``additional_special_tokens``), with the same
-    ids as in training; the end-of-document token is ``eos_token``.
+    ids as in training; the end-of-document token is ``eos_token``. ``split_special_tokens`` makes transformers
+    (and vLLM, which tokenizes through it) encode text that spells a special token as ordinary tokens, as
+    training does: the delimiter ids only ever come from token-id prompts. The written folder is loaded back by
+    :class:`~megatron_anchor.tokenizer.HuggingFaceAnchorTokenizer`, which refuses it if text could reach a
+    special id.
     """
     from tokenizers import Tokenizer
 
@@ -95,10 +99,17 @@ def write_tokenizer(anchor_tok, tokenizer_type: str, out_dir: str, check_texts: 
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
         "model_max_length": 1 << 20,
     }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
         json.dump({"eos_token": eos, "additional_special_tokens": [ANN_OPEN, ANN_CLOSE]}, f, indent=2)
+    from megatron_anchor.tokenizer import HuggingFaceAnchorTokenizer, TokenizerError
+
+    try:
+        HuggingFaceAnchorTokenizer(out_dir, check_roundtrip=False)
+    except TokenizerError as exc:
+        raise TokenizerExportError(f"the exported tokenizer is unsafe: {exc}") from None
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]

@@ -240,13 +240,19 @@ def checkpoint_config(model_args: Sequence[str], load: Optional[str] = None):
     return cfg, load
 
 
-def load_decoder(cfg: AnchorConfig, load: str, iteration: Optional[int] = None):
-    """``(DecoderLM, tokenizer, LoadedCheckpoint)``: the checkpoint read into the single-process decoder."""
+def load_decoder(cfg: AnchorConfig, load: str, iteration: Optional[int] = None, gelu_approximation: str = "none"):
+    """``(DecoderLM, tokenizer, LoadedCheckpoint)``: the checkpoint read into the single-process decoder.
+
+    ``gelu_approximation`` ("none" or "tanh") is the GeLU the run was trained with: megatron's unfused MLP
+    computes the erf GeLU, its fused bias-GeLU kernel and Transformer Engine the tanh approximation."""
+    from dataclasses import replace
+
     from megatron_anchor.inference.model import DecoderLM, ModelSpec
     from megatron_anchor.tokenizer import build_tokenizer
 
     tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     with megatron_session(cfg.training.seed):
         loaded = load_megatron_model(cfg, load, tok.vocab_size, iteration)
-    spec = ModelSpec.from_anchor_config(cfg, loaded.state_dict["embedding.word_embeddings.weight"].shape[0])
+    spec = replace(ModelSpec.from_anchor_config(cfg, loaded.state_dict["embedding.word_embeddings.weight"].shape[0]),
+                   gelu_approximation=gelu_approximation)
     return DecoderLM.from_megatron_state(loaded.state_dict, spec), tok, loaded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -13,6 +14,7 @@ from megatron_anchor.inference.model import DecoderLM
 from megatron_anchor.inference.prompts import Prompt, prompt_segments
 from megatron_anchor.inference.sampler import (
     GenerationStats,
+    Sample,
     SamplingParams,
     annotation_of,
     generate_ids,
@@ -20,10 +22,10 @@ from megatron_anchor.inference.sampler import (
 
 
 @dataclass
-class AnchorGenerator:
-    """A decoder, its tokenizer and the chat template prompts are formatted with."""
+class PromptFormatter(ABC):
+    """What every sampling engine shares: the tokenizer, the chat template prompts are formatted with, and the
+    conversion of sampled ids into output rows. Engines add ``generate``."""
 
-    model: DecoderLM
     tokenizer: object
     template: ChatTemplate = TEMPLATE_PRESETS["plain"]
     source: str = ""
@@ -38,13 +40,10 @@ class AnchorGenerator:
         (ids, _roles), = self.tokenizer.encode_segments([prompt_segments(prompt, self.template, annotation)])
         return [int(i) for i in ids]
 
-    def generate(self, prompt: Prompt, n: int, mode: str, params: SamplingParams, seed: Optional[int] = None,
-                 stats: Optional[GenerationStats] = None) -> List[Dict]:
-        """``n`` samples for one prompt: dicts with ``response``, ``annotation`` (anchored/conditioned) and
-        token counts. The response never contains annotation tokens; the template's end-of-turn text is cut."""
+    def rows(self, prompt: Prompt, mode: str, samples: Sequence[Sample]) -> List[Dict]:
+        """Output rows of sampled ids: the decoded response (the template's end-of-turn text cut), token counts,
+        and the annotation (sampled in anchored mode, the prompt's own in conditioned mode)."""
         tok = self.tokenizer
-        samples = generate_ids(self.model, self.prompt_ids(prompt, mode), n, mode, params, tok.eod, tok.ann_open,
-                               tok.ann_close, vocab_size=tok.vocab_size, seed=seed, stats=stats)
         out = []
         suffix = self.template.assistant_suffix
         for s in samples:
@@ -59,6 +58,32 @@ class AnchorGenerator:
                 row["annotation"] = {"tags": [list(t) for t in prompt.annotation], "closed": True, "given": True}
             out.append(row)
         return out
+
+    @abstractmethod
+    def generate(self, prompt: Prompt, n: int, mode: str, params: SamplingParams, seed: Optional[int] = None,
+                 stats: Optional[GenerationStats] = None) -> List[Dict]:
+        """``n`` samples for one prompt (see :meth:`rows`)."""
+
+    def generate_many(self, prompts: Sequence[Prompt], ns: Sequence[int], mode: str, params: SamplingParams,
+                      seeds: Sequence[Optional[int]], stats: Optional[GenerationStats] = None) -> List[List[Dict]]:
+        """Rows for several prompts; engines that batch across prompts (vLLM) override this."""
+        return [self.generate(p, n, mode, params, seed=s, stats=stats) for p, n, s in zip(prompts, ns, seeds)]
+
+
+@dataclass
+class AnchorGenerator(PromptFormatter):
+    """The in-house KV-cached decoder (:mod:`megatron_anchor.inference.sampler`): the CPU default."""
+
+    model: Optional[DecoderLM] = None
+
+    def generate(self, prompt: Prompt, n: int, mode: str, params: SamplingParams, seed: Optional[int] = None,
+                 stats: Optional[GenerationStats] = None) -> List[Dict]:
+        """``n`` samples for one prompt: dicts with ``response``, ``annotation`` (anchored/conditioned) and
+        token counts. The response never contains annotation tokens; the template's end-of-turn text is cut."""
+        tok = self.tokenizer
+        samples = generate_ids(self.model, self.prompt_ids(prompt, mode), n, mode, params, tok.eod, tok.ann_open,
+                               tok.ann_close, vocab_size=tok.vocab_size, seed=seed, stats=stats)
+        return self.rows(prompt, mode, samples)
 
     @torch.no_grad()
     def response_logprobs(self, prompt: Prompt, response: str) -> List[float]:
@@ -81,7 +106,7 @@ def load_from_checkpoint(model_args: Sequence[str], load: Optional[str] = None, 
     from megatron_anchor.inference.checkpoint import checkpoint_config, load_decoder
 
     model, tok, loaded = load_decoder(*checkpoint_config(model_args, load), iteration)
-    return AnchorGenerator(model, tok, template or TEMPLATE_PRESETS["plain"], source=loaded.path)
+    return AnchorGenerator(tok, template or TEMPLATE_PRESETS["plain"], source=loaded.path, model=model)
 
 
 def load_from_hf_folder(folder: str, template: Optional[ChatTemplate] = None) -> AnchorGenerator:
@@ -92,7 +117,7 @@ def load_from_hf_folder(folder: str, template: Optional[ChatTemplate] = None) ->
         raise FileNotFoundError(f"{folder}: no config.json (not an exported model folder)")
     model = DecoderLM.from_hf_folder(folder)
     tok = HuggingFaceAnchorTokenizer(folder, check_roundtrip=False)
-    return AnchorGenerator(model, tok, template or TEMPLATE_PRESETS["plain"], source=folder)
+    return AnchorGenerator(tok, template or TEMPLATE_PRESETS["plain"], source=folder, model=model)
 
 
 def load_any(path: str, model_args: Sequence[str] = (), template: Optional[ChatTemplate] = None) -> AnchorGenerator:

@@ -5,7 +5,9 @@ context allocate CUDA memory and graphs, and the trainer's CPU workarounds do no
 is simple to check against the megatron forward (tests compare logits) and runs anywhere. Its module names are the
 Llama names of ``transformers`` (``model.layers.N.self_attn.q_proj`` ...), so for a Llama-shaped run
 (RoPE, RMSNorm, SwiGLU) its ``state_dict()`` *is* the exported checkpoint, and an exported folder loads back into
-it unchanged. Architectures Llama cannot express (LayerNorm, learned positions, GeLU MLP, biases) still run here.
+it unchanged. GPT-2-shaped runs (LayerNorm, learned positions, GeLU MLP, biases) run here too; their exported
+folders use GPT-2's names and layout, converted back on load (:mod:`megatron_anchor.export.hf_gpt2`).
+Memory: the weights plus a KV cache of 2 x layers x batch x kv_heads x length x head_dim floats.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class ModelSpec:
     rope_base: float = 10000.0
     rotary_percent: float = 1.0
     swiglu: bool = True
+    gelu_approximation: str = "none"
+    """GeLU MLPs: "none" (erf, what megatron computes unfused) or "tanh" (megatron's fused bias-GeLU kernel)."""
     bias: bool = False
     """Biases on every linear layer (megatron's add_bias_linear)."""
     tied_embeddings: bool = True
@@ -59,19 +63,6 @@ class ModelSpec:
             rotary_percent=m.rotary_percent, swiglu=m.swiglu, bias=not m.disable_bias_linear,
             tied_embeddings=not m.untie_embeddings_and_output_weights,
         )
-
-    def llama_problems(self) -> List[str]:
-        """What keeps this architecture from being a Hugging Face Llama (empty when it is one)."""
-        out = []
-        if self.position_embedding != "rope":
-            out.append("--position-embedding-type rope (Llama has no learned absolute positions)")
-        if self.norm != "RMSNorm":
-            out.append("--normalization RMSNorm")
-        if not self.swiglu:
-            out.append("--swiglu (Llama's MLP is gated SiLU)")
-        if self.rotary_percent != 1.0:
-            out.append("--rotary-percent 1.0")
-        return out
 
 
 class Norm(nn.Module):
@@ -140,6 +131,7 @@ class MLP(nn.Module):
     def __init__(self, s: ModelSpec):
         super().__init__()
         self.swiglu = s.swiglu
+        self.gelu_approximation = s.gelu_approximation
         if s.swiglu:
             self.gate_proj = nn.Linear(s.hidden_size, s.ffn_hidden_size, bias=s.bias)
         self.up_proj = nn.Linear(s.hidden_size, s.ffn_hidden_size, bias=s.bias)
@@ -148,7 +140,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x)))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approximation))
 
 
 class Layer(nn.Module):
@@ -248,7 +240,8 @@ class DecoderLM(nn.Module):
 
     @classmethod
     def from_hf_folder(cls, folder: str) -> "DecoderLM":
-        """Load a folder written by :mod:`megatron_anchor.export` (config.json + model.safetensors)."""
+        """Load a folder written by :mod:`megatron_anchor.export` (config.json + model.safetensors), Llama or
+        GPT-2 layout."""
         from safetensors.torch import load_file
 
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
@@ -256,6 +249,10 @@ class DecoderLM(nn.Module):
         spec = spec_from_hf_config(config)
         model = cls(spec)
         state = load_file(os.path.join(folder, "model.safetensors"))
+        if config.get("model_type") == "gpt2":
+            from megatron_anchor.export.hf_gpt2 import decoder_state_from_gpt2
+
+            state = decoder_state_from_gpt2(state, spec)
         if spec.tied_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True)
@@ -263,9 +260,13 @@ class DecoderLM(nn.Module):
 
 
 def spec_from_hf_config(config: dict) -> ModelSpec:
-    """:class:`ModelSpec` of a Llama ``config.json`` (ours carries the exact spec under ``megatron_anchor``)."""
+    """:class:`ModelSpec` of a ``config.json`` (ours carry the exact spec under ``megatron_anchor``; other folders
+    must be Llama)."""
     if "megatron_anchor" in config:
         return ModelSpec(**config["megatron_anchor"]["spec"])
+    if config.get("model_type") not in (None, "llama"):
+        raise ValueError(f"config.json of model_type {config.get('model_type')!r} without a megatron_anchor spec: "
+                         "only folders written by tools/export_hf.py, or Llama folders, load here")
     heads = config["num_attention_heads"]
     return ModelSpec(
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],

@@ -9,6 +9,9 @@
 
 In every mode the delimiter ids are banned while the response is sampled, so a response can never hold an
 annotation token. The N samples of one prompt are one batch of identical-length rows: no padding is needed.
+A sequence ends at the model's context length (``ModelSpec.max_positions``), as vLLM ends it at
+``max_model_len``: a sample cut there is not ``finished`` (and its annotation not ``closed`` if it was still open).
+Time per step grows with the batch times the vocabulary (the bans and the per-row bookkeeping) plus the model.
 """
 
 from __future__ import annotations
@@ -120,8 +123,11 @@ def generate_ids(model: DecoderLM, prompt_ids: Sequence[int], n: int, mode: str,
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     prompt = list(prompt_ids) + ([ann_open] if mode == "anchored" else [])
     ann_cap = params.max_annotation_tokens if mode == "anchored" else 0
-    max_len = len(prompt) + ann_cap + 1 + params.max_new_tokens + 1
     spec = model.spec
+    limit = spec.max_positions
+    if len(prompt) >= limit:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {limit} positions")
+    max_len = min(len(prompt) + ann_cap + 1 + params.max_new_tokens + 1, limit)
     cache = KVCache(spec, n, max_len) if params.use_cache else None
     seq = torch.tensor(prompt, dtype=torch.long).unsqueeze(0).repeat(n, 1)  # [n, prompt]
     v = spec.vocab_size
@@ -169,6 +175,11 @@ def generate_ids(model: DecoderLM, prompt_ids: Sequence[int], n: int, mode: str,
                     if resp_len[i] >= params.max_new_tokens:
                         phase[i] = _DONE
         steps += 1
+        if pos + 1 >= limit:  # the next token would have no position left: cut every open row here
+            for i in range(n):
+                if int(phase[i]) == _ANNOTATION:
+                    samples[i].annotation_closed = False
+            phase[:] = _DONE
         if bool((phase == _DONE).all()):
             break
         if cache is not None:

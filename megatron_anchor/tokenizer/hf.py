@@ -30,9 +30,11 @@ class HuggingFaceAnchorTokenizer(AnchorTokenizer):
     """A ``tokenizer.json`` (or a folder holding one) with the delimiters as special tokens.
 
     Delimiters missing from the vocabulary are added as special tokens (new ids at the end). Encoding runs with
-    ``encode_special_tokens`` on, so special-token text inside a document is split into ordinary tokens. The
-    end-of-document token is ``eod_token`` if given, else the folder's ``eos_token``, else the first of
-    :data:`EOD_CANDIDATES` in the vocabulary.
+    ``encode_special_tokens`` on, so special-token text inside a document is split into ordinary tokens. A file
+    that holds a delimiter or the end-of-document token as an ordinary token (in the model's vocabulary, or as a
+    non-special added token) is refused, as the SentencePiece loader refuses ordinary pieces: document text would
+    produce its id. The end-of-document token is ``eod_token`` if given, else the folder's ``eos_token``, else the
+    first of :data:`EOD_CANDIDATES` in the vocabulary.
     """
 
     _reference_library = f"tokenizers {tokenizers.__version__}"
@@ -64,8 +66,29 @@ class HuggingFaceAnchorTokenizer(AnchorTokenizer):
         self._eod = self._tok.token_to_id(eod_token)
         self._ann_open = self._tok.token_to_id(ANN_OPEN)
         self._ann_close = self._tok.token_to_id(ANN_CLOSE)
+        self._refuse_ordinary_specials(file)
         if check_roundtrip:
             self.check_roundtrip(file)
+
+    def _refuse_ordinary_specials(self, file: str) -> None:
+        """Raise TokenizerError when text could produce a special id: the token is not a special added token,
+        or the model itself reaches it from text (e.g. a BPE merge that spells ``<|ann|>``)."""
+        added = self._tok.get_added_tokens_decoder()
+        specials = {ANN_OPEN: self._ann_open, ANN_CLOSE: self._ann_close, self._eod_text: self._eod}
+        for text, tid in specials.items():
+            token = added.get(tid)
+            if token is None or not token.special:
+                kind = "a non-special added token" if token is not None else "an ordinary token of the vocabulary"
+                raise TokenizerError(
+                    f"{file}: {text!r} (id {tid}) is {kind}, so document text would produce it; make it a special "
+                    "added token (tools/train_tokenizer.py --type hf does this) or use a tokenizer without it")
+        ids = set(specials.values())
+        for text in specials:
+            got = self._tok.encode(f"a {text} b{text}", add_special_tokens=False).ids
+            if ids & set(got):
+                raise TokenizerError(
+                    f"{file}: the text {text!r} encodes to a special id ({sorted(ids & set(got))}): the model's "
+                    "vocabulary or merges spell it; retrain the tokenizer without that piece")
 
     @property
     def vocab_size(self) -> int:
