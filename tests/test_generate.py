@@ -143,6 +143,15 @@ def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path, capsys):
     wrong = [a if a != "128" else "64" for a in tiny_checkpoint["args"]]  # hidden size 64 instead of 128
     with pytest.raises(CheckpointError, match="model flags do not match"):
         load_from_checkpoint(wrong, tiny_checkpoint["load"])
+    # Another end-of-document token than the run's: refused by the checkpoint's tokenizer record, naming the fix.
+    import sentencepiece
+
+    model = tiny_checkpoint["args"][tiny_checkpoint["args"].index("--tokenizer-model") + 1]
+    piece = sentencepiece.SentencePieceProcessor(model_file=model).id_to_piece(10)
+    with pytest.raises(CheckpointError, match="another tokenizer: end-of-document id .* pass --eod-token '</s>'"):
+        load_from_checkpoint([*tiny_checkpoint["args"], "--eod-token", piece], tiny_checkpoint["load"])
+    with pytest.raises(CheckpointError, match="is not a piece of the model"):
+        load_from_checkpoint([*tiny_checkpoint["args"], "--eod-token", "<no such piece>"], tiny_checkpoint["load"])
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a"}\n')
     assert generate.main(["--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"),
@@ -151,6 +160,11 @@ def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path, capsys):
     assert generate.main(["--prompts", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                           "--load", tiny_checkpoint["load"], *tiny_checkpoint["args"]]) == 2
     assert "not found" in capsys.readouterr().err
+    from tools import export_hf
+
+    assert export_hf.main(["--load", tiny_checkpoint["load"], "--output", str(tmp_path / "hf"),
+                           *tiny_checkpoint["args"], "--eod-token", piece]) == 2
+    assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
 def test_checkpoint_carries_its_run_config(tiny_checkpoint):

@@ -240,6 +240,32 @@ def checkpoint_config(model_args: Sequence[str], load: Optional[str] = None):
     return cfg, load
 
 
+def check_tokenizer_record(load: str, tokenizer, tokenizer_type: str) -> None:
+    """Refuse a tokenizer whose ids differ from the one the checkpoint was trained with.
+
+    Reads ``tokenizer_record.json`` that the trainer writes into every ``--save`` directory (``load`` or the
+    directory above an ``iter_*`` folder); a checkpoint without one (written before records existed) is not
+    checked. Another model file, end-of-document token (``--eod-token``), delimiter ids or vocabulary size
+    would otherwise sample or export on ids that mean something else."""
+    from megatron_anchor.tokenizer.record import checkpoint_record_path, read_record, record_mismatches, \
+        tokenizer_record
+
+    root = load
+    if os.path.basename(os.path.normpath(load)).startswith("iter_"):
+        root = os.path.dirname(os.path.normpath(load))
+    path = checkpoint_record_path(root)
+    try:
+        saved = read_record(path)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if saved is None:
+        return
+    problems = record_mismatches(saved, tokenizer_record(tokenizer, tokenizer_type))
+    if problems:
+        raise CheckpointError(f"{path}: the checkpoint was trained with another tokenizer: " + "; ".join(problems)
+                              + " (pass the training run's --tokenizer-model and --eod-token)")
+
+
 def load_decoder(cfg: AnchorConfig, load: str, iteration: Optional[int] = None, gelu_approximation: str = "none"):
     """``(DecoderLM, tokenizer, LoadedCheckpoint)``: the checkpoint read into the single-process decoder.
 
@@ -250,7 +276,13 @@ def load_decoder(cfg: AnchorConfig, load: str, iteration: Optional[int] = None, 
     from megatron_anchor.inference.model import DecoderLM, ModelSpec
     from megatron_anchor.tokenizer import build_tokenizer
 
-    tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    from megatron_anchor.tokenizer import TokenizerError
+
+    try:
+        tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, eod_token=cfg.data.eod_token)
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from None
+    check_tokenizer_record(load, tok, cfg.data.tokenizer_type)
     with megatron_session(cfg.training.seed):
         loaded = load_megatron_model(cfg, load, tok.vocab_size, iteration)
     spec = replace(ModelSpec.from_anchor_config(cfg, loaded.state_dict["embedding.word_embeddings.weight"].shape[0]),
