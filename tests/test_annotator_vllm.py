@@ -89,8 +89,9 @@ def test_real_server_annotates_real_chunks(vllm_server, tmp_path, capsys):  # no
 
 def test_fault_proxy_in_front_of_the_real_server(vllm_server, tmp_path):  # noqa: F811
     cycle = ["500", "ok", "drop", "ok", "stall", "503", "ok", "truncate", "ok", "429"]
-    # Low concurrency keeps each real request short (a few seconds on 2 cores), so a stall longer than the
-    # client's timeout is told apart from a busy server.
+    # Chunk-level requests at low concurrency keep each real request short (a few seconds on 2 cores; a whole
+    # document's request can pass the timeout on a busy machine), so a stall longer than the client's timeout is
+    # told apart from a busy server.
     proxy = FaultProxy(vllm_server.url, lambda n: cycle[n % len(cycle)], stall_s=20.0).start()
     rows = real_docs(4, seed=12)
     inp = write_jsonl(tmp_path / "raw.jsonl", rows)
@@ -98,6 +99,7 @@ def test_fault_proxy_in_front_of_the_real_server(vllm_server, tmp_path):  # noqa
     cfg = AnnotateConfig(
         input=inp, output=out, annotator="vllm", progress=False,
         client=ClientConfig(urls=[proxy.url], concurrency=2, max_tokens=int(MAX_TOKENS), request_timeout_s=15.0,
+                            request_mode="chunk",
                             max_attempts=12, backoff_base_s=0.2, backoff_max_s=2.0, cooldown_s=0.0),
     )
     try:
