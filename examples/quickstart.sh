@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole method on one CPU machine, no server, no GPU (6 minutes on a busy 2-core machine):
+# The whole method on one CPU machine, no server, no GPU (17 minutes on a busy 2-core machine):
 #   designed corpus -> embedded annotator -> tokenizer -> tokens + role channel -> tiny GPT pretraining (TP=2)
 #   -> SFT data (anchored and standard, from one input) -> standard SFT and anchored SFT
 #   -> N samples per held-out prompt from base, standard-SFT and anchored-SFT models over a temperature sweep

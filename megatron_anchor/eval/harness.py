@@ -105,21 +105,19 @@ def judge_rows(prompts: Sequence[str], rows: Sequence[Sequence[Dict]], judges: D
                quality: Optional[QualityJudge] = None, extract_tags: Optional[Callable[[str], list]] = None,
                follow_keys: Sequence[str] = binding.FOLLOW_KEYS) -> Dict[str, Optional[float]]:
     """Everything one (model, temperature) cell of the table holds: :func:`judge_responses` over all samples,
-    the same judges over the well-formed samples only (``..._well_formed``; None when fewer than two prompts
-    keep two samples) and :func:`format_columns`."""
+    the same judges over the well-formed samples only (``..._well_formed``; a sample without an annotation
+    counts as well formed; None when no prompt keeps two samples) and :func:`format_columns`."""
     responses = [[r["response_judged"] for r in rs] for rs in rows]
     out: Dict[str, Optional[float]] = dict(judge_responses(prompts, responses, judges, quality))
-    fmt = format_columns(rows, extract_tags, follow_keys)
-    if fmt:
-        subset = well_formed_responses(prompts, rows)
-        if subset is None:
-            kept = {k: v for k, v in out.items() if k != QUALITY}
-        elif subset[0]:
-            kept = judge_responses(subset[0], subset[1], judges)
-        else:
-            kept = {k: None for k in out if k != QUALITY}
-        out.update({k + WELL_FORMED: v for k, v in kept.items()})
-        out.update(fmt)
+    subset = well_formed_responses(prompts, rows)
+    if subset is None:  # every sample well formed (plain sampling always is): the same figures
+        kept = {k: v for k, v in out.items() if k != QUALITY}
+    elif subset[0]:
+        kept = judge_responses(subset[0], subset[1], judges)
+    else:
+        kept = {k: None for k in out if k != QUALITY}
+    out.update({k + WELL_FORMED: v for k, v in kept.items()})
+    out.update(format_columns(rows, extract_tags, follow_keys))
     return out
 
 

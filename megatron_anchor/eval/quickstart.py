@@ -153,8 +153,9 @@ def format_table(report: Dict) -> str:
         f"{h} {_fmt(g.get(k), '.0%')}" for k, h in HEADLINE if k in g)]
     wf = report.get("gap_closed_well_formed") or {}
     if wf:
+        names = {**dict(HEADLINE), "distinct:distinct_fraction": "distinct classes (as a share of the samples)"}
         lines.append("the same over well-formed samples only: " + ", ".join(
-            f"{k} {_fmt(v, '.0%')}" for k, v in wf.items()))
+            f"{names.get(k, k)} {_fmt(v, '.0%')}" for k, v in wf.items()))
     lines.append("judges: " + "; ".join(f"{j['id']} = {j['name']}" + ("" if j["independent"] else
                                                                        " (not independent)")
                                         for j in report["judges"]))
@@ -195,7 +196,6 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 32, seed: int = 
         judge_records,
         judge_responses,
         judge_rows,
-        plot_pareto,
         sample_sweep,
     )
     from megatron_anchor.export import export_checkpoint
@@ -263,15 +263,23 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 32, seed: int = 
     report["gap_closed_well_formed"] = {
         k: gap_closed(*(models[m]["headline"].get(k + WELL_FORMED) for m, _, _ in MODELS))
         for k in WELL_FORMED_GAP if k + WELL_FORMED in models["base"]["headline"]}
-    names = {j["id"]: j["name"] for j in report["judges"]}
-    plot_pareto(sweep, os.path.join(work, "pareto.png"), "distinct:distinct",
-                diversity_label=f"distinct classes of {n} ({names['distinct']})",
-                quality_label=f"quality: {quality.name}, per-token probability",
-                title="Quickstart: diversity against quality, temperatures " +
-                      ", ".join(f"{t:g}" for t in temperatures))
+    plot_report(report, os.path.join(work, "pareto.png"))
     _write(os.path.join(work, "report.json"), json.dumps(report, indent=2))
     _write(os.path.join(work, "report.md"), format_table(report) + "\n")
     return report
+
+
+def plot_report(report: Dict, path: str) -> str:
+    """The Pareto plot of a report's sweep: distinct classes (the calibrated embedding judge) against quality."""
+    from megatron_anchor.eval.harness import QUALITY, plot_pareto
+
+    names = {j["id"]: j["name"] for j in report["judges"]}
+    return plot_pareto(report["sweep"], path, "distinct:distinct",
+                       diversity_label=f"distinct classes of {report['n']} (MiniLM, cosine >= "
+                                       f"{report['calibration']['threshold']:.2f})",
+                       quality_label=f"quality: {names[QUALITY]}, per-token probability",
+                       title="Quickstart: diversity against quality, temperatures " +
+                             ", ".join(f"{t:g}" for t in report["temperatures"]))
 
 
 def _write(path: str, text: str) -> None:
