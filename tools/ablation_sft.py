@@ -78,7 +78,10 @@ DEFAULT_SETTINGS = (
     Setting("replay 0.3, 4x SFT data", 0.3, sft_factor=4, lengths=(200, 1000), tier=4),
 )
 DEFAULT_LENGTHS = (40, 200, 1000)
-METRICS = ("semantic_entropy", "topic_entropy", "pairwise_distance")
+# Report keys (megatron_anchor/eval/quickstart.py): the training annotator's tag and topic entropy, and the
+# independent embedding judges.
+TAG, TOPIC, EMB, DISTINCT = ("annotator:attribute_entropy", "annotator:entropy_topic", "embedding:pairwise_distance",
+                             "distinct:distinct")
 
 
 def _free_port() -> int:
@@ -189,12 +192,6 @@ def _pct(v) -> str:
 
 def _loss(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
-
-
-# Report keys (megatron_anchor/eval/quickstart.py): the training annotator's tag and topic entropy, and the
-# independent embedding judges.
-TAG, TOPIC, EMB, DISTINCT = ("annotator:attribute_entropy", "annotator:entropy_topic", "embedding:pairwise_distance",
-                             "distinct:distinct")
 
 
 def _gap(key: str, well_formed: bool = False):
@@ -359,8 +356,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.append(row)
         g = row["gap_closed"]
         anc = row["models"]["anchored-SFT"]
-        print(f"   gap closed tag/topic/emb {_pct(g['semantic_entropy'])}/{_pct(g['topic_entropy'])}/"
-              f"{_pct(g['pairwise_distance'])}%, well formed {_pct(anc.get('annotation_well_formed'))}%, follows "
+        print(f"   gap closed tag/topic/emb/distinct {_pct(g.get(TAG))}/{_pct(g.get(TOPIC))}/{_pct(g.get(EMB))}/"
+              f"{_pct(g.get(DISTINCT))}%, well formed {_pct(anc.get('annotation_well_formed'))}%, follows "
               f"{_pct(anc.get('follows_annotation'))}%, loss {anc.get('loss'):.3f}; "
               f"{(time.time() - start) / 60:.0f} min so far", flush=True)
         write_outputs(args.out, rows, settings)
