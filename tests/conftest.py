@@ -14,6 +14,18 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 
 from megatron_anchor.data.synthetic import write_raw_jsonl  # noqa: E402
 
+# Fixtures shared across test modules are imported here, and only here: a session fixture imported into several
+# test modules is a separate fixture in each (two vLLM servers, two trainings of the same checkpoint).
+from tests.annotator_fixtures import fake_server, vllm_server  # noqa: E402,F401
+from tests.test_generate_fixtures import (  # noqa: E402,F401
+    exported,
+    gpt2_checkpoint,
+    gpt2_exported,
+    gpt2_vllm_server,
+    tiny_checkpoint,
+    tiny_generator,
+)
+
 N_DOCS = 400
 
 

@@ -6,7 +6,6 @@ import json
 import pytest
 
 from megatron_anchor.eval.ability import DEMO_TASK, PAPER_TASKS, demo_questions
-from tests.test_generate_fixtures import gpt2_checkpoint, gpt2_exported, gpt2_vllm_server  # noqa: F401 (fixtures)
 
 QUESTIONS = 40
 

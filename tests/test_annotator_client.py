@@ -18,7 +18,6 @@ from megatron_anchor.annotation.llm.client import (
 )
 from megatron_anchor.annotation.llm.tagschema import load_schema
 from tests.annotator_fixtures import FakeOpenAIServer, FakeReply, FaultProxy, fake_tags_for, free_port
-from tests.annotator_fixtures import fake_server  # noqa: F401 (a fixture)
 
 SCHEMA = load_schema()
 FAST = dict(backoff_base_s=0.01, backoff_max_s=0.05, cooldown_s=0.05, request_timeout_s=5.0)

@@ -19,7 +19,6 @@ from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file
 from megatron_anchor.annotation.llm.client import ClientConfig
 from megatron_anchor.annotation.schema import parse_line
 from tests.annotator_fixtures import FaultProxy, read_jsonl, write_jsonl
-from tests.annotator_fixtures import vllm_server  # noqa: F401 (the session fixture)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -11,7 +11,6 @@ import pytest
 from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, serialize_annotation
 from megatron_anchor.eval import binding
 from megatron_anchor.eval.metrics import semantic_entropy
-from tests.test_generate_fixtures import tiny_checkpoint, tiny_generator  # noqa: F401 (fixtures)
 
 
 def _ann(tags, closed=True, text=None):

@@ -13,7 +13,6 @@ from megatron_anchor.eval import (
     semantic_entropy,
     shannon_entropy,
 )
-from tests.test_generate_fixtures import gpt2_checkpoint, gpt2_exported  # noqa: F401 (fixtures)
 
 N = 4
 

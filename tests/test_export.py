@@ -3,13 +3,9 @@ is what the quickstart trains): transformers loads the folder offline, its logit
 tokenizer matches training ids and never turns delimiter text into a delimiter id, and a run neither layout
 expresses is refused with the flags each needs. vLLM on both folders: tests/test_vllm_engine.py."""
 
-import json
-import os
 
 import pytest
 import torch
-
-from tests.test_generate_fixtures import exported, gpt2_checkpoint, gpt2_exported, tiny_checkpoint  # noqa: F401
 
 
 @pytest.mark.parametrize("which", ["llama", "gpt2"])

@@ -8,7 +8,6 @@ import torch
 from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, serialize_annotation
 from megatron_anchor.inference import CheckpointError, PromptFileError, SamplingParams, generate_ids, read_prompts
 from megatron_anchor.inference.prompts import parse_prompt
-from tests.test_generate_fixtures import tiny_checkpoint, tiny_generator  # noqa: F401 (fixtures)
 
 TAGS = [["topic", "cooking"], ["genre", "recipe"], ["location", "Lyon"]]
 

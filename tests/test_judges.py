@@ -17,7 +17,6 @@ from megatron_anchor.eval.judges import (
     cumulative_utility,
     training_annotator_judge,
 )
-from tests.annotator_fixtures import vllm_server  # noqa: F401 (fixture)
 
 VECTORS = {"a": [1.0, 0.0], "a'": [0.99, 0.14], "b": [0.0, 1.0], "c": [-1.0, 0.0]}
 

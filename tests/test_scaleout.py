@@ -8,7 +8,6 @@ import time
 import psutil
 import pytest
 
-from tests.annotator_fixtures import vllm_server  # noqa: F401 (the session fixture)
 from tests.conftest import file_bytes
 from tools import preprocess_data
 
