@@ -169,8 +169,12 @@ def _one_of_each(tr, want=lambda row: True):
     from megatron_anchor.training.packing import CU_SEQLENS, MAX_SEQLEN
 
     found, eod = {}, None
+    # Each pipeline stage is handed only the keys it uses; with one rank per tensor-parallel group every rank
+    # reads, so take the whole batches from its reader (the checks feed the same batch to every stage).
+    whole = tr.cfg.parallel.tensor_model_parallel_size == 1 and tr.source is not None and tr.source.loader
+    batches = tr.source.loader if whole else tr.train_iter
     for _ in range(50):
-        batch = next(tr.train_iter)
+        batch = next(batches)
         if CU_SEQLENS in batch:
             from megatron_anchor.training.data import build_tokenizer
 
