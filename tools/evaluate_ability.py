@@ -21,20 +21,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _pairs(values: List[str], flag: str) -> Dict[str, str]:
-    out = {}
-    for v in values or []:
-        name, eq, rest = v.partition("=")
-        if not eq or not name or not rest:
-            raise ValueError(f"{flag} expects NAME=VALUE, got {v!r}")
-        out[name] = rest
-    return out
+from megatron_anchor.eval.harness import named_values  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +56,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        models = _pairs(args.model, "--model")
-        urls = _pairs(args.url, "--url")
+        models = named_values(args.model, "--model")
+        urls = named_values(args.url, "--url")
         tasks = list(args.tasks)
         include = args.include_path
         if args.demo_task:

@@ -36,15 +36,7 @@ from typing import Dict, List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _pairs(values: List[str], flag: str) -> Dict[str, str]:
-    out = {}
-    for v in values or []:
-        name, eq, rest = v.partition("=")
-        if not eq or not name or not rest:
-            raise ValueError(f"{flag} expects NAME=VALUE, got {v!r}")
-        out[name] = rest
-    return out
+from megatron_anchor.eval.harness import named_values  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,10 +157,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        models = _pairs(args.model, "--model")
-        configs = _pairs(args.model_config, "--model-config")
-        modes = _pairs(args.mode, "--mode")
-        urls = _pairs(args.vllm_url, "--vllm-url")
+        models = named_values(args.model, "--model")
+        configs = named_values(args.model_config, "--model-config")
+        modes = named_values(args.mode, "--mode")
+        urls = named_values(args.vllm_url, "--vllm-url")
         for name, mode in modes.items():
             if name not in models or mode not in ("anchored", "plain"):
                 raise ValueError(f"--mode {name}={mode}: unknown model or mode (anchored, plain)")

@@ -45,6 +45,18 @@ class ModelUnderTest:
     mode: str = "anchored"
 
 
+def named_values(values: Optional[Sequence[str]], flag: str) -> Dict[str, str]:
+    """``NAME=VALUE`` flag values (``--model base=hf/base``) as a dict; a malformed one is a ValueError naming
+    ``flag``."""
+    out = {}
+    for v in values or []:
+        name, eq, rest = v.partition("=")
+        if not eq or not name or not rest:
+            raise ValueError(f"{flag} expects NAME=VALUE, got {v!r}")
+        out[name] = rest
+    return out
+
+
 def order_judges(judges: Dict[str, DiversityJudge]) -> Dict[str, DiversityJudge]:
     """Independent judges first (reports lead with them), the training annotator after."""
     return dict(sorted(judges.items(), key=lambda kv: not kv[1].independent))
