@@ -50,6 +50,7 @@ def test_points_share_one_standard_run_per_length_share_and_data(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # two toy quickstarts (~4 minutes); the quickstart test covers the real run
 def test_tiny_ablation_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     # Toy sizes through the environment the quickstart reads: the numbers mean nothing, the plumbing is real.
     for k, v in {"DOCS": "300", "PRE_ITERS": "21"}.items():
