@@ -140,7 +140,8 @@ def test_progress_for_another_input_or_a_changed_output_is_refused(tmp_path, cap
 def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path):
     """SIGKILL the annotate process at several points; reruns finish the job; the output equals a clean run."""
     inp, rows = make_raw(tmp_path / "raw.jsonl", 150)
-    srv = FakeOpenAIServer(delay_s=0.02).start()
+    # Slow enough that the job (document-level requests, 4 in flight: ~40 rounds) is still running at every kill.
+    srv = FakeOpenAIServer(delay_s=0.1).start()
     try:
         clean = tmp_path / "clean.jsonl"
         assert annotate_tool.main(vllm_args(srv.url, inp, clean, "--cache", str(tmp_path / "clean.sqlite"))) == 0
