@@ -132,7 +132,8 @@ def test_ray_annotate_against_the_real_vllm_server(local_ray, vllm_server, corpu
     from tools import annotate
 
     inp = tmp_path / "raw.jsonl"
-    inp.write_bytes(b"".join(open(corpus_dir / "raw.jsonl", "rb").read().splitlines(keepends=True)[:8]))
+    # Four documents, two per shard: each is one document-level request of several chunks to the real server.
+    inp.write_bytes(b"".join(open(corpus_dir / "raw.jsonl", "rb").read().splitlines(keepends=True)[:4]))
     common = ["--input", str(inp), "--annotator", "vllm", "--url", vllm_server.url, "--cache",
               str(tmp_path / "cache.sqlite"), "--concurrency", "8"]
     summary = run_on_ray("annotate", common + ["--output", str(tmp_path / "ray.jsonl")], num_shards=2,
