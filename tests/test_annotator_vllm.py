@@ -92,7 +92,7 @@ def test_fault_proxy_in_front_of_the_real_server(vllm_server, tmp_path):  # noqa
     # document's request can pass the timeout on a busy machine), so a stall longer than the client's timeout is
     # told apart from a busy server.
     proxy = FaultProxy(vllm_server.url, lambda n: cycle[n % len(cycle)], stall_s=20.0).start()
-    rows = real_docs(4, seed=12)
+    rows = real_docs(3, seed=12)
     inp = write_jsonl(tmp_path / "raw.jsonl", rows)
     out = tmp_path / "ann.jsonl"
     cfg = AnnotateConfig(
