@@ -500,6 +500,10 @@ class AnnotateJob:
             self._bar = self._make_bar()
             line_no = line_base + self.stats.lines
             offset = self._written_end = inp.tell()
+            if not state:
+                # A checkpoint before the first output byte: a run killed at any later point resumes instead of
+                # finding an output without a progress file.
+                self._checkpoint(out, failed)
             eof = False
             while True:
                 # Read while there is room: in-flight requests below the window and the reorder queue bounded
