@@ -65,7 +65,7 @@ def annotate_cmd(url, inp, out, *extra):
 def test_real_server_annotates_real_chunks(vllm_server, tmp_path, capsys):  # noqa: F811
     from tools import annotate as annotate_tool
 
-    rows = real_docs(8, seed=11)
+    rows = real_docs(12, seed=11)
     inp = write_jsonl(tmp_path / "raw.jsonl", rows)
     out = tmp_path / "ann.jsonl"
     assert annotate_tool.main(annotate_cmd(vllm_server.url, inp, out)) == 0
