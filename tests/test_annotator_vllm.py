@@ -117,13 +117,13 @@ def test_server_killed_mid_run_and_restarted(vllm_server, tmp_path):  # noqa: F8
     rows = real_docs(6, seed=13)
     inp = write_jsonl(tmp_path / "raw.jsonl", rows)
     out = tmp_path / "ann.jsonl"
-    # Retries must outlast a restart (2-3 minutes here): many attempts, backoff capped at a few seconds. Chunk-level
-    # requests: enough of them that the run is still going when the server dies (document-level requests finish
-    # six documents in a few requests).
+    # Retries must outlast a restart (2-3 minutes here): many attempts, backoff capped at a few seconds. One
+    # chunk-level request at a time: documents finish one after another, so the run is still going when the
+    # server dies (in parallel, all six can finish together before the first checkpoint shows two).
     cmd = [sys.executable, str(REPO / "tools" / "annotate.py"),
            *annotate_cmd(vllm_server.url, inp, out, "--max-attempts", "400", "--retry-budget", "600",
                          "--backoff-base", "0.5", "--backoff-max", "4", "--checkpoint-every", "0.5",
-                         "--request-mode", "chunk")]
+                         "--request-mode", "chunk", "--concurrency", "1")]
     log = open(tmp_path / "annotate.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     progress = Path(str(out) + ".progress.json")
