@@ -10,7 +10,6 @@ import pytest
 
 from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, serialize_annotation
 from megatron_anchor.eval import binding
-from megatron_anchor.eval.metrics import semantic_entropy
 
 
 def _ann(tags, closed=True, text=None):
@@ -53,18 +52,18 @@ def test_shares_over_annotated_samples():
                                                        "follows_annotation": None}
 
 
-def test_diversity_over_well_formed_samples_only():
-    tags = [[("topic", t)] for t in ("cooking", "travel", "music", "music")]
-    emb = np.eye(4)
-    emb[3] = emb[2]
-    keep = [True, False, True, True]
-    full, kept = binding.diversity(tags, emb), binding.diversity(tags, emb, keep)
-    assert full["topic_entropy"] == pytest.approx(1.5) and full["pairwise_distance"] == pytest.approx(5 / 6)
-    assert kept["semantic_entropy"] == pytest.approx(semantic_entropy([tags[i] for i in (0, 2, 3)])["score"])
-    assert kept["pairwise_distance"] == pytest.approx(2 / 3)
-    assert binding.diversity(tags, None, [True, False, False, False]) is None  # fewer than two kept
-    assert binding.mean_over_prompts([full, None, kept], "topic_entropy") == pytest.approx(
-        (1.5 + kept["topic_entropy"]) / 2)
+def test_well_formed_subsets_leave_out_prompts_with_fewer_than_two():
+    from megatron_anchor.eval.harness import well_formed_responses
+
+    def rows(*anns):
+        return [{"annotation": a, "response_judged": f"r{i}"} for i, a in enumerate(anns)]
+
+    bad = {**GOOD, "closed": False}
+    prompts = ["p0", "p1", "p2"]
+    cells = [rows(GOOD, bad, GOOD, GOOD), rows(GOOD, bad, bad), rows(None, None)]
+    assert well_formed_responses(prompts, cells) == (["p0", "p2"], [["r0", "r2", "r3"], ["r0", "r1"]])
+    # Every sample well formed (plain sampling has no annotation): the full figures stand for both.
+    assert well_formed_responses(prompts[:1], [rows(GOOD, None)]) is None
 
 
 def test_harness_reports_format_and_binding_beside_diversity(tiny_generator, tmp_path):  # noqa: F811

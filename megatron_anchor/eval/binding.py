@@ -11,20 +11,19 @@ parse, responses that ignore the annotation the model sampled. For the N samples
   every key in ``keys`` (default ``topic``) that the annotation names (values compared case-insensitively; an
   annotation naming none of them counts as not followed). A sample whose annotation is not well formed does not
   follow it. The share is over all annotated samples.
-- **diversity over well-formed samples**: the same diversity measures computed on the well-formed samples of the
-  prompt only (a prompt with fewer than two is left out of the mean).
+- **diversity over well-formed samples**: every judge's measures on the well-formed samples of each prompt only
+  (a prompt with fewer than two is left out of the mean): :func:`megatron_anchor.eval.harness.judge_rows`, with
+  :func:`well_formed_mask` here.
 
-Time and memory are linear in the number of samples (one pass; embeddings come from the caller).
+Time and memory are linear in the number of samples (one pass).
 """
 
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 
 from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, parse_annotation, serialize_annotation, tag_problem
-from megatron_anchor.eval.metrics import mean_pairwise_cosine_distance, semantic_entropy, shannon_entropy
 
 FOLLOW_KEYS = ("topic",)
 """Attributes a response must share with its sampled annotation to follow it."""
@@ -81,28 +80,3 @@ def binding(annotations: Sequence[Optional[dict]], response_tags: Sequence[Tags]
 def well_formed_mask(annotations: Sequence[Optional[dict]]) -> List[bool]:
     """True for each sample that is well formed (see the module docstring)."""
     return [annotation_problem(a) is None for a in annotations]
-
-
-DIVERSITY_KEYS = ("semantic_entropy", "topic_entropy", "pairwise_distance")
-
-
-def diversity(tags: Sequence[Tags], embeddings: Optional[np.ndarray] = None,
-              keep: Optional[Sequence[bool]] = None) -> Optional[Dict[str, Optional[float]]]:
-    """Semantic entropy, topic entropy and mean pairwise embedding distance (``embeddings`` [N, dim], when given)
-    of one prompt's N samples, over the samples ``keep`` selects (all by default); None when fewer than two."""
-    idx = [i for i in range(len(tags)) if keep is None or keep[i]]
-    if len(idx) < 2:
-        return None
-    kept_tags = [tags[i] for i in idx]
-    return {
-        "semantic_entropy": semantic_entropy(kept_tags)["score"],
-        "topic_entropy": shannon_entropy([dict(t).get("topic", "<none>") for t in kept_tags]),
-        "pairwise_distance": (mean_pairwise_cosine_distance(np.asarray(embeddings)[idx])
-                              if embeddings is not None else None),
-    }
-
-
-def mean_over_prompts(per_prompt: Sequence[Optional[Dict[str, Optional[float]]]], key: str) -> Optional[float]:
-    """Mean of ``key`` over the prompts that have a value (None when none has)."""
-    vals = [d[key] for d in per_prompt if d is not None and d.get(key) is not None]
-    return float(np.mean(vals)) if vals else None
