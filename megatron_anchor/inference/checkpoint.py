@@ -30,6 +30,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read, or matched to the given model configuration."""
 
 
+def save_dir_file(load: str, name: str) -> Optional[str]:
+    """A file the trainer writes beside its checkpoints (``run_config.yaml``, ``tokenizer_record.json``): in the
+    ``--save`` directory ``load``, or one level up when ``load`` is one of its ``iter_XXXXXXX`` folders; None
+    when neither holds it."""
+    for folder in (load, os.path.dirname(os.path.normpath(load))):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
 def config_from_args(argv: Sequence[str], load: Optional[str] = None) -> AnchorConfig:
     """An inference-ready config from the trainer's model flags (``--config run.yaml``, ``--num-layers`` ...).
 
@@ -44,12 +54,9 @@ def config_from_args(argv: Sequence[str], load: Optional[str] = None) -> AnchorC
     argv = list(argv)
     if load is None and "--load" in argv[:-1]:
         load = argv[argv.index("--load") + 1]
-    if load and "--config" not in argv:
-        # A --save directory holds the file; an iter_XXXXXXX folder inside it has it one level up.
-        for folder in (load, os.path.dirname(os.path.normpath(load))):
-            if os.path.isfile(os.path.join(folder, RUN_CONFIG_FILE)):
-                argv = ["--config", os.path.join(folder, RUN_CONFIG_FILE)] + argv
-                break
+    run_config = save_dir_file(load, RUN_CONFIG_FILE) if load and "--config" not in argv else None
+    if run_config:
+        argv = ["--config", run_config] + argv
 
     try:
         cfg = parse_args(list(argv))
@@ -247,19 +254,16 @@ def check_tokenizer_record(load: str, tokenizer, tokenizer_type: str) -> None:
     directory above an ``iter_*`` folder); a checkpoint without one (written before records existed) is not
     checked. Another model file, end-of-document token (``--eod-token``), delimiter ids or vocabulary size
     would otherwise sample or export on ids that mean something else."""
-    from megatron_anchor.tokenizer.record import checkpoint_record_path, read_record, record_mismatches, \
+    from megatron_anchor.tokenizer.record import CHECKPOINT_RECORD_FILE, read_record, record_mismatches, \
         tokenizer_record
 
-    root = load
-    if os.path.basename(os.path.normpath(load)).startswith("iter_"):
-        root = os.path.dirname(os.path.normpath(load))
-    path = checkpoint_record_path(root)
+    path = save_dir_file(load, CHECKPOINT_RECORD_FILE)
+    if path is None:
+        return
     try:
         saved = read_record(path)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
-    if saved is None:
-        return
     problems = record_mismatches(saved, tokenizer_record(tokenizer, tokenizer_type))
     if problems:
         raise CheckpointError(f"{path}: the checkpoint was trained with another tokenizer: " + "; ".join(problems)
