@@ -31,7 +31,6 @@ def mcore_python():
 
 
 @pytest.mark.slow
-@pytest.mark.extended  # a second environment and four test files (~5 minutes): run it when megatron-core moves
 def test_dataset_trainer_and_generation_tests_pass_on_megatron_core_019(mcore_python):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     version = subprocess.run([mcore_python, "-c", "import megatron.core; print(megatron.core.__version__)"],
