@@ -19,7 +19,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_anchor.annotation.budget import AnnotationBudget
-from megatron_anchor.annotation.schema import Chunk, Document, parse_line
+from megatron_anchor.annotation.schema import Chunk, Document, DocumentError, parse_line
 from megatron_anchor.data.indexed import iter_documents, roles_prefix
 from megatron_anchor.roles import Role
 from megatron_anchor.tokenizer import build_tokenizer
@@ -96,6 +96,50 @@ def test_annotated_runs_are_encoded_whole(hf_tokenizer_dir, tmp_path):
     assert text.tolist() == run1 + run2
     assert tok.decode(ids) == ("<|ann|>topic:cooking<|/ann|>The chef baked.\n\nThen more bread.\n\nAnd soup.\n\n"
                                "<|ann|>topic:music; genre:live<|/ann|>The band played.<|endoftext|>")
+
+
+def test_annotated_fast_loop_makes_the_general_paths_pieces(hf_tokenizer_dir, corpus_dir):
+    """The hot loop over annotated chunks (whole annotations memoised by their JSON bytes) gives exactly the
+    pieces of the general path, repeated annotations included; whatever it does not vouch for goes back to the
+    general path, which names the chunk that is wrong. A tag list that only *looks* like a validated one (a dict
+    whose keys spell a known tag) is not taken from the memo."""
+    from megatron_anchor.data.preprocess import DocumentConverter, PartStats, PreprocessConfig, _add_annotated
+    from megatron_anchor.tokenizer.pieces import PieceBatch
+
+    tok = build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_dir)
+    cfg = PreprocessConfig(input="x", output_prefix="y", tokenizer_type="HuggingFaceTokenizer",
+                           tokenizer_model=hf_tokenizer_dir)
+    docs = [json.loads(line) for line in open(corpus_dir / "annotated.jsonl", "rb")][:60]
+    docs.append({"chunks": [{"text": "a", "tags": []}, {"text": "b", "sep": " \n", "tags": [["topic", "x"]]},
+                            {"text": "c", "tags": [["topic", "x"]]}], "id": 3, "meta": {"k": 1}})
+    docs += docs[:5]  # repeated annotations now come from the memo
+    fast, slow = PieceBatch(), PieceBatch()
+    for d in docs:
+        assert _add_annotated(d, fast, tok.pieces) == len(d["chunks"])
+        fast.end_document()
+        DocumentConverter()._add_document_slow(d, "w", cfg, tok.pieces, slow, PartStats())
+        slow.end_document()
+    assert (fast.codes, fast.texts, fast.text_roles, fast.doc_ends) == (slow.codes, slow.texts, slow.text_roles,
+                                                                       slow.doc_ends)
+    enc = lambda b: tok.pieces.encode(b)  # noqa: E731
+    a, b = enc(fast), enc(slow)
+    assert a.ids.tolist() == b.ids.tolist() and a.roles.tolist() == b.roles.tolist()
+
+    known = {"chunks": [{"text": "x", "tags": [["topic", "cooking"]]}]}
+    assert _add_annotated(known, PieceBatch(), tok.pieces) == 1
+    for bad, needle in (([{"topic": 1, "cooking": 2}], "[key, value] pair"), ({"topic": "cooking"}, "must be a list"),
+                        ([["topic", "a<|ann|>"]], "delimiter"), ("topic", "must be a list")):
+        doc = {"chunks": [{"text": "fine", "tags": [["topic", "cooking"]]}, {"text": "x", "tags": bad}]}
+        batch = PieceBatch()
+        assert _add_annotated(doc, batch, tok.pieces) is None
+        batch.drop_open_document()
+        assert batch.codes == [] and batch.texts == []
+        with pytest.raises(DocumentError, match="chunk 1") as e:
+            DocumentConverter()._add_document_slow(doc, "f.jsonl:9", cfg, tok.pieces, batch, PartStats())
+        assert needle in str(e.value) and "f.jsonl:9" in str(e.value)
+    # a chunk without tags makes the document raw: the general path annotates it
+    assert _add_annotated({"chunks": [{"text": "x", "tags": [["topic", "a"]]}, {"text": "y"}]}, PieceBatch(),
+                          tok.pieces) is None
 
 
 def test_fast_backend_identity_check_accepts_and_matches(model, corpus_dir):

@@ -27,9 +27,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 try:  # orjson parses JSONL several times faster; the standard library is the fallback
     from orjson import JSONDecodeError as _JSONDecodeError
+    from orjson import dumps as json_key
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
     from json import JSONDecodeError as _JSONDecodeError
+    from json import dumps as json_key
     from json import loads as _loads
 
 from megatron_anchor.annotation.chunking import split_chunks
@@ -101,7 +103,11 @@ _VALID_TAGS: Dict[int, Dict[Tag, Tag]] = {}  # max_value_chars -> {tag: the same
 _VALID_TAGS_LIMIT = 500_000
 
 
-def _parse_tags(raw: Any, where: Callable[[], str], max_value_chars: int) -> List[Tag]:
+def parse_tags(raw: Any, where: Callable[[], str], max_value_chars: int = MAX_VALUE_CHARS) -> List[Tag]:
+    """Validate one chunk's decoded ``tags`` list; ``where()`` names the chunk in a :class:`DocumentError`.
+
+    ``json_key(raw)`` (the list serialised again) is an exact key for a memo of tags already validated: two
+    decoded lists serialise to the same bytes only when they are equal and of the same JSON types."""
     if not isinstance(raw, list):
         raise DocumentError(where(), f"'tags' must be a list of [key, value] pairs, got {type(raw).__name__}")
     tags: List[Tag] = []
@@ -165,7 +171,7 @@ def parse_document(
                 if type(text) is str and text and type(sep) is str and (not sep or sep.isspace()):
                     tags = c.get("tags")
                     if tags is not None:
-                        tags = _parse_tags(tags, partial(_chunk_where, where, i), max_value_chars)
+                        tags = parse_tags(tags, partial(_chunk_where, where, i), max_value_chars)
                     chunks.append(Chunk(text, sep, tags))
                     continue
             cw = partial(_chunk_where, where, i)
@@ -180,7 +186,7 @@ def parse_document(
             if not isinstance(sep, str) or sep.strip():
                 raise DocumentError(cw(), f"'sep' must be a whitespace-only string, got {sep!r:.40}")
             tags = c.get("tags")
-            chunks.append(Chunk(text, sep, None if tags is None else _parse_tags(tags, cw, max_value_chars)))
+            chunks.append(Chunk(text, sep, None if tags is None else parse_tags(tags, cw, max_value_chars)))
         extra = {k: v for k, v in obj.items() if k not in ("id", "meta", "chunks")}
         return Document(chunks, doc_id, meta, extra)
     if text_key in obj:

@@ -34,7 +34,15 @@ from tqdm import tqdm
 from megatron_anchor.annotation.budget import NO_BUDGET, AnnotationBudget
 from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotate_document
 from megatron_anchor.annotation.format import Segment, annotation_segments
-from megatron_anchor.annotation.schema import Document, DocumentError, document_text, load_line, parse_document
+from megatron_anchor.annotation.schema import (
+    Document,
+    DocumentError,
+    document_text,
+    json_key,
+    load_line,
+    parse_document,
+    parse_tags,
+)
 from megatron_anchor.data.indexed import (
     bin_path,
     idx_path,
@@ -48,7 +56,7 @@ from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 from megatron_anchor.tokenizer import AnchorTokenizer, build_tokenizer
 from megatron_anchor.tokenizer.record import dataset_record_path, tokenizer_record, write_record
 from megatron_anchor.tokenizer.fast import select_backend
-from megatron_anchor.tokenizer.pieces import EncodedPart, PieceBatch
+from megatron_anchor.tokenizer.pieces import EncodedPart, PieceBatch, PieceEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +218,11 @@ class DocumentConverter:
 
     def document(self, line: bytes, where: str, cfg: "PreprocessConfig", stats: "PartStats") -> Document:
         """The validated document, annotated by the embedded annotator where needed, budget applied."""
-        doc = parse_document(load_line(line, where), where, cfg.json_key)
+        return self.parsed_document(load_line(line, where), where, cfg, stats)
+
+    def parsed_document(self, obj, where: str, cfg: "PreprocessConfig", stats: "PartStats") -> Document:
+        """:meth:`document` of an already decoded line."""
+        doc = parse_document(obj, where, cfg.json_key)
         if cfg.annotations and not doc.annotated:
             if cfg.annotator != "default":
                 raise DocumentError(
@@ -238,22 +250,32 @@ class DocumentConverter:
             text, n = document_text(load_line(line, where), where, cfg.json_key)
             batch.text(text)
         else:
-            doc = self.document(line, where, cfg, stats)
-            n = len(doc.chunks)
-            run: List[str] = []
-            for c in doc.chunks:
-                if c.tags:
-                    if run:
-                        batch.text("".join(run))
-                        run = []
-                    enc.annotation(c.tags, batch.codes)
-                run.append(c.text)
-                run.append(c.sep)
-            batch.text("".join(run))
+            obj = load_line(line, where)
+            n = None if cfg.budget.active else _add_annotated(obj, batch, enc)
+            if n is None:  # not a well-formed annotated document: the general path says why, or annotates it
+                batch.drop_open_document()
+                n = self._add_document_slow(obj, where, cfg, enc, batch, stats)
         if cfg.append_eod:
             batch.codes.append(enc.eod)
         batch.end_document()
         return n
+
+    def _add_document_slow(self, obj, where: str, cfg: "PreprocessConfig", enc: PieceEncoder, batch: PieceBatch,
+                           stats: "PartStats") -> int:
+        """The pieces of a decoded line through :meth:`parsed_document`: raw documents (annotated here), the
+        annotation budget, and every bad document (whose error this raises)."""
+        doc = self.parsed_document(obj, where, cfg, stats)
+        run: List[str] = []
+        for c in doc.chunks:
+            if c.tags:
+                if run:
+                    batch.text("".join(run))
+                    run = []
+                enc.annotation(c.tags, batch.codes)
+            run.append(c.text)
+            run.append(c.sep)
+        batch.text("".join(run))
+        return len(doc.chunks)
 
     def check_part(self, part: EncodedPart, wheres: List[str], cfg: "PreprocessConfig", stats: "PartStats",
                    reject) -> EncodedPart:
@@ -271,6 +293,64 @@ class DocumentConverter:
     def finish_part(self, part: EncodedPart, cfg: "PreprocessConfig", stats: "PartStats") -> EncodedPart:
         """Last look at a part's documents, in order, before they are written (SFT packs samples here)."""
         return part
+
+
+def _no_where() -> str:
+    return ""
+
+
+def _add_annotated(obj, batch: PieceBatch, enc: PieceEncoder) -> Optional[int]:
+    """Append the pieces of a well-formed annotated document (every chunk tagged); its number of chunks.
+
+    The hot loop of annotated preprocessing, one pass over the decoded chunks with no per-chunk objects: a
+    chunk's whole annotation is found by the bytes of its ``tags`` list in the encoder's memo (validated on first
+    sight by :func:`parse_tags`), so a repeated annotation costs one serialisation and one dict probe. Returns None,
+    leaving the pieces it added for the caller to drop, at the first thing it does not vouch for (not an object,
+    a chunk without tags, a bad field or tag): the general path then raises the exact error or handles the
+    document. The pieces are those the general path makes (tests/test_fast_preprocess.py compares them)."""
+    if type(obj) is not dict:
+        return None
+    chunks = obj.get("chunks")
+    if type(chunks) is not list or not chunks:
+        return None
+    memo = enc.json_annotations
+    codes, texts, roles = batch.codes, batch.texts, batch.text_roles
+    text_role = int(Role.TEXT)
+    run: List[str] = []
+    for c in chunks:
+        if type(c) is not dict:
+            return None
+        text = c.get("text")
+        sep = c.get("sep", "")
+        tags = c.get("tags")
+        if type(text) is not str or not text or type(sep) is not str or (sep and not sep.isspace()) or tags is None:
+            return None
+        if tags:
+            key = json_key(tags)
+            ann = memo.get(key)
+            if ann is None:
+                if type(tags) is not list:
+                    return None
+                try:
+                    ann = enc.annotation_codes(parse_tags(tags, _no_where))
+                except DocumentError:
+                    return None
+                memo[key] = ann
+            if ann:
+                if run:
+                    codes.append(~len(texts))
+                    texts.append("".join(run))
+                    roles.append(text_role)
+                    run = []
+                codes.extend(ann)
+        elif type(tags) is not list:
+            return None
+        run.append(text)
+        run.append(sep)
+    codes.append(~len(texts))
+    texts.append("".join(run))
+    roles.append(text_role)
+    return len(chunks)
 
 
 _WORKER: Dict[str, object] = {}

@@ -112,6 +112,9 @@ class PieceEncoder:
         self._index: Dict[Tuple[int, str], int] = {}
         self._tags: Dict[Tag, Tuple[int, int, int]] = {}
         self._annotations: Dict[Tuple[Tag, ...], List[int]] = {}  # whole annotations: most repeat verbatim
+        self.json_annotations: Dict[bytes, List[int]] = {}
+        """Whole annotations by the bytes of their JSON ``tags`` list, for callers that read JSON: filled by the
+        caller once it has validated the tags (:meth:`annotation_codes`); pool indices, so reset with the pool."""
         self._ids: List[np.ndarray] = []
         self._roles: List[int] = []
         self._pending: List[int] = []  # pool indices whose ids are not computed yet
@@ -179,6 +182,13 @@ class PieceEncoder:
         self._annotation_pieces(tags, codes)
         if key is not None:
             self._annotations[key] = codes[start:]
+
+    def annotation_codes(self, tags: Sequence[Tag]) -> List[int]:
+        """The pieces of one annotation as a new list (empty for no tags: an annotated chunk without tags)."""
+        codes: List[int] = []
+        if tags:
+            self.annotation(tags, codes)
+        return codes
 
     def _annotation_pieces(self, tags: Sequence[Tag], codes: List[int]) -> None:
         codes.append(self.ann_open)
@@ -262,6 +272,6 @@ class PieceEncoder:
             doc_starts = np.concatenate([[0], piece_ends[:-1]])
             nonempty = piece_ends > doc_starts
             longest[nonempty] = np.maximum.reduceat(text_len, doc_starts[nonempty])
-        if len(self._ids) > POOL_LIMIT or len(self._annotations) > POOL_LIMIT:
+        if len(self._ids) > POOL_LIMIT or max(len(self._annotations), len(self.json_annotations)) > POOL_LIMIT:
             self._reset()
         return EncodedPart(ids, out_roles, doc_lengths.astype(np.int64), longest, list(batch.meta))
