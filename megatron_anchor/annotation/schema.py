@@ -27,11 +27,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 try:  # orjson parses JSONL several times faster; the standard library is the fallback
     from orjson import JSONDecodeError as _JSONDecodeError
-    from orjson import dumps as json_key
+    from orjson import dumps as json_key  # noqa: F401 (re-exported: an exact memo key for decoded JSON)
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
     from json import JSONDecodeError as _JSONDecodeError
-    from json import dumps as json_key
+    from json import dumps as json_key  # noqa: F401 (re-exported)
     from json import loads as _loads
 
 from megatron_anchor.annotation.chunking import split_chunks
