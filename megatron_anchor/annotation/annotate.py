@@ -40,7 +40,7 @@ from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 
 PROGRESS_VERSION = 1
 _DOC_COUNTS = ("annotated", "cached", "pretagged", "retried", "requests", "extra_requests", "failed", "tokens",
-               "malformed", "echoed", "echo_reasked", "echo_dropped")
+               "malformed", "echo_only", "echoed", "echo_reasked", "echo_dropped")
 """Per-document counters summed into :class:`Stats` when the document is written."""
 _ERRORS_KEY = "annotation_errors"
 _READ_BLOCK = 256  # input lines parsed (and looked up in the cache) together
@@ -122,7 +122,9 @@ class Stats:
     tokens: int = 0
     """Completion tokens generated."""
     malformed: int = 0
-    """Answers that gave a chunk no usable tags (parse failures; each re-asked or failed)."""
+    """Answers that could not be parsed into a chunk's valid tags (parse failures; each re-asked or failed)."""
+    echo_only: int = 0
+    """Answers that parsed but held only echoes of the prompt's examples (each re-asked or failed)."""
     echoed: int = 0
     """Tags in first answers that repeated the prompt's few-shot examples."""
     echo_reasked: int = 0
@@ -274,6 +276,7 @@ class AnnotateJob:
             d.counts["tokens"] += result.tokens
             d.counts["retried"] += result.retries > 0
             d.counts["malformed"] += result.malformed
+            d.counts["echo_only"] += result.echo_only
             d.counts["echoed"] += result.echoed
             d.counts["echo_reasked"] += result.echo_reasked
             d.counts["echo_dropped"] += result.echo_dropped
@@ -593,7 +596,7 @@ def format_summary(stats: Stats, config: AnnotateConfig) -> str:
         f"  requests:  {s.requests}   retried: {s.retried} chunks ({s.extra_requests} extra requests)   "
         f"malformed answers: {s.malformed}",
         f"  echoes of the prompt's examples: {s.echoed} tags ({s.echo_reasked} chunks re-asked, "
-        f"{s.echo_dropped} tags dropped)",
+        f"{s.echo_dropped} tags dropped, {s.echo_only} answers of echoes only)",
         f"  failed:    {s.failed} chunks, {s.documents_failed} documents",
     ]
     for reason, n in sorted(s.reasons.items(), key=lambda kv: -kv[1]):

@@ -168,7 +168,9 @@ class Annotation:
     """Completion tokens the servers reported generating for it (all attempts; 0 in document mode, where tokens
     belong to the window: :class:`WindowResult`)."""
     malformed: int = 0
-    """Answers that gave this chunk no usable tags (each one was followed by a re-ask, or the failure)."""
+    """Answers for this chunk that could not be parsed into valid tags (each followed by a re-ask, or the failure)."""
+    echo_only: int = 0
+    """Answers that parsed, but whose every tag repeated the prompt's examples (re-asked like malformed ones)."""
     echoed: int = 0
     """Tags of the first answer that repeated the prompt's examples."""
     echo_dropped: int = 0
@@ -530,8 +532,10 @@ class AnnotatorClient:
                     out.tags = tags
                     return out
                 problem = "only echoes of the prompt's examples"
+                out.echo_only += 1
+            else:
+                out.malformed += 1
             parse_failures += 1
-            out.malformed += 1
             if parse_failures > cfg.parse_retries:
                 out.error, out.detail = "unparseable output", problem
                 return out
@@ -598,8 +602,10 @@ class AnnotatorClient:
                         a.tags = tags
                         continue
                     problem = "only echoes of the prompt's examples"
+                    a.echo_only += 1
+                else:
+                    a.malformed += 1
                 failures[i] += 1
-                a.malformed += 1
                 if failures[i] > cfg.parse_retries:
                     a.error, a.detail = "unparseable output", problem
                 else:
