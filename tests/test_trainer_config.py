@@ -188,10 +188,12 @@ def test_mismatched_role_channel_fails_before_any_step(tiny_dataset, tmp_path, c
     assert "role channel" in capsys.readouterr().err
 
 
-def test_empty_split_is_reported_instead_of_hanging(tiny_dataset):
+def test_empty_split_is_reported_instead_of_hanging(tiny_dataset, capsys):
     argv = _data_argv(tiny_dataset["prefix"], tiny_dataset["tokenizer_model"])
     argv[argv.index("--split") + 1] = "969,30,1"
     assert _run_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "leaves the test split" in err and "--split 969,30,0" in err, err  # the fix it names is a real one
 
 
 def test_missing_data_file(tmp_path, capsys, tiny_dataset):

@@ -155,9 +155,11 @@ def _check_split_nonempty(cfg: AnchorConfig, prefix: str) -> None:
     for i, split in enumerate(Split):
         begin, end = int(round(bounds[i] * num_docs)), int(round(bounds[i + 1] * num_docs))
         if weights[i] > 0 and sizes[i] > 0 and end <= begin:
+            zeroed = ",".join("0" if j == i else f"{w:g}" for j, w in enumerate(weights))
             raise ConfigError(
                 f"--split {cfg.data.split} leaves the {split.name} split of {prefix} ({num_docs} documents) "
-                f"empty; give it more weight or weight 0 (e.g. --split 98,2,0)"
+                f"empty: with {num_docs} documents it needs about {1 / max(num_docs, 1):.1%} of the weight or more; "
+                f"give it more weight, weight 0 (--split {zeroed}), or use more data"
             )
 
 
