@@ -194,8 +194,17 @@ def _loss(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+# Reports written before the judges were named (tag entropy, topic entropy and embedding distance under bare
+# metric names) still count: an ablation resumes over points of either age.
+LEGACY_KEYS = {TAG: "semantic_entropy", TOPIC: "topic_entropy", EMB: "pairwise_distance"}
+
+
 def _gap(key: str, well_formed: bool = False):
-    return lambda r: (r["gap_closed_well_formed" if well_formed else "gap_closed"] or {}).get(key)
+    def get(r):
+        gaps = r["gap_closed_well_formed" if well_formed else "gap_closed"] or {}
+        value = gaps.get(key)
+        return gaps.get(LEGACY_KEYS.get(key, key)) if value is None else value
+    return get
 
 
 # (header, value of a result row, format): the table's columns after setting and length.
