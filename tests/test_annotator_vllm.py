@@ -112,7 +112,9 @@ def test_fault_proxy_in_front_of_the_real_server(vllm_server, tmp_path):  # noqa
     out = tmp_path / "ann.jsonl"
     cfg = AnnotateConfig(
         input=inp, output=out, annotator="vllm", progress=False,
-        client=ClientConfig(urls=[proxy.url], concurrency=2, max_tokens=int(MAX_TOKENS), request_timeout_s=15.0,
+        # The client's default cap (96): a structured answer with every key can pass 64 tokens, and one cut short
+        # cannot be parsed.
+        client=ClientConfig(urls=[proxy.url], concurrency=2, request_timeout_s=15.0,
                             request_mode="chunk",
                             max_attempts=12, backoff_base_s=0.2, backoff_max_s=2.0, cooldown_s=0.0),
     )
@@ -134,11 +136,14 @@ def test_server_killed_mid_run_and_restarted(vllm_server, tmp_path):  # noqa: F8
     out = tmp_path / "ann.jsonl"
     # Retries must outlast a restart (2-3 minutes here): many attempts, backoff capped at a few seconds. One
     # chunk-level request at a time: documents finish one after another, so the run is still going when the
-    # server dies (in parallel, all six can finish together before the first checkpoint shows two).
+    # server dies (in parallel, all six can finish together before the first checkpoint shows two). Echoes are
+    # kept and the token cap is the client's default so that no chunk is asked again: a re-ask queues behind every
+    # other chunk, and a first document waiting for one holds back every line until the end of the run.
     cmd = [sys.executable, str(REPO / "tools" / "annotate.py"),
            *annotate_cmd(vllm_server.url, inp, out, "--max-attempts", "400", "--retry-budget", "600",
                          "--backoff-base", "0.5", "--backoff-max", "4", "--checkpoint-every", "0.5",
-                         "--request-mode", "chunk", "--concurrency", "1")]
+                         "--request-mode", "chunk", "--concurrency", "1", "--echo-policy", "keep",
+                         "--max-tokens", "96")]
     log = open(tmp_path / "annotate.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     progress = Path(str(out) + ".progress.json")
