@@ -103,13 +103,15 @@ _VALID_TAGS: Dict[int, Dict[Tag, Tag]] = {}  # max_value_chars -> {tag: the same
 _VALID_TAGS_LIMIT = 500_000
 
 
-def parse_tags(raw: Any, where: Callable[[], str], max_value_chars: int = MAX_VALUE_CHARS) -> List[Tag]:
-    """Validate one chunk's decoded ``tags`` list; ``where()`` names the chunk in a :class:`DocumentError`.
+def parse_tags(raw: Any, where: Callable[[], str], max_value_chars: int = MAX_VALUE_CHARS, field: str = "tags",
+               item: str = "tag") -> List[Tag]:
+    """Validate one chunk's decoded ``tags`` list; ``where()`` names the chunk in a :class:`DocumentError`, whose
+    message calls the list ``field`` and each pair an ``item`` (SFT samples: ``annotation``, ``annotation tag``).
 
     ``json_key(raw)`` (the list serialised again) is an exact key for a memo of tags already validated: two
     decoded lists serialise to the same bytes only when they are equal and of the same JSON types."""
     if not isinstance(raw, list):
-        raise DocumentError(where(), f"'tags' must be a list of [key, value] pairs, got {type(raw).__name__}")
+        raise DocumentError(where(), f"'{field}' must be a list of [key, value] pairs, got {type(raw).__name__}")
     tags: List[Tag] = []
     valid = _VALID_TAGS.get(max_value_chars)
     if valid is None:
@@ -126,7 +128,7 @@ def parse_tags(raw: Any, where: Callable[[], str], max_value_chars: int = MAX_VA
                 tags.append(known)
                 continue
         if not (isinstance(t, (list, tuple)) and len(t) == 2):
-            raise DocumentError(where(), f"each tag must be a [key, value] pair, got {t!r:.80}")
+            raise DocumentError(where(), f"each {item} must be a [key, value] pair, got {t!r:.80}")
         problem = tag_problem(t[0], t[1], max_value_chars)
         if problem:
             raise DocumentError(where(), problem)

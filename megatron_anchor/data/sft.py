@@ -36,8 +36,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotate_text
-from megatron_anchor.annotation.format import MAX_VALUE_CHARS, Segment, Tag, annotation_segments, tag_problem
-from megatron_anchor.annotation.schema import DocumentError
+from megatron_anchor.annotation.format import Segment, Tag, annotation_segments
+from megatron_anchor.annotation.schema import DocumentError, parse_tags
 from megatron_anchor.data.preprocess import DocumentConverter, DocumentDropped, PartStats, PreprocessConfig
 from megatron_anchor.tokenizer.pieces import EncodedPart, PieceBatch
 from megatron_anchor.roles import ROLE_DTYPE, Role
@@ -162,17 +162,7 @@ class SFTSample:
 
 
 def _parse_tags(raw: Any, where: str) -> List[Tag]:
-    if not isinstance(raw, list):
-        raise DocumentError(where, f"'annotation' must be a list of [key, value] pairs, got {type(raw).__name__}")
-    tags: List[Tag] = []
-    for t in raw:
-        if not (isinstance(t, (list, tuple)) and len(t) == 2):
-            raise DocumentError(where, f"each annotation tag must be a [key, value] pair, got {t!r:.80}")
-        problem = tag_problem(t[0], t[1], MAX_VALUE_CHARS)
-        if problem:
-            raise DocumentError(where, problem)
-        tags.append((t[0], t[1]))
-    return tags
+    return parse_tags(raw, lambda: where, field="annotation", item="annotation tag")
 
 
 def _text(obj: Dict[str, Any], key: str, where: str, what: str) -> str:
