@@ -231,6 +231,45 @@ def test_gigatoken_internals_we_rely_on(sp_model):
     assert ak.to_numpy(ak.num(arr, axis=1)).tolist()[1] == 0 and ak.flatten(arr, axis=1).ndim == 1
 
 
+def test_sentencepiece_conversion_is_cached_and_still_checked(sp_model, tmp_path, monkeypatch):
+    """The SentencePiece -> gigatoken conversion is kept in the cache; a damaged entry is converted again, and a
+    wrong one (another model's) is caught by the identity check, never used."""
+    import gigatoken._load.sentencepiece as gsp
+    import sentencepiece as spm
+
+    from megatron_anchor.tokenizer import fast
+
+    monkeypatch.setenv("MEGATRON_ANCHOR_CACHE", str(tmp_path / "cache"))
+    tok = build_tokenizer("SentencePieceTokenizer", sp_model)
+    assert "identical" in select_backend(tok, "auto")
+    (entry,) = (tmp_path / "cache" / "gigatoken").iterdir()
+    first = entry.read_text()
+
+    convert = gsp.sentencepiece_to_tokenizer_json
+    calls = []
+    monkeypatch.setattr(gsp, "sentencepiece_to_tokenizer_json", lambda b: calls.append(1) or convert(b))
+    assert "identical" in select_backend(build_tokenizer("SentencePieceTokenizer", sp_model), "auto")
+    assert calls == []  # served by the cache
+    entry.write_text('{"half a file')
+    assert "identical" in select_backend(build_tokenizer("SentencePieceTokenizer", sp_model), "gigatoken")
+    assert calls == [1] and entry.read_text() == first  # converted again, entry replaced
+
+    other = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world", "abc def ghi"] * 50), model_writer=other,
+                                   vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2,
+                                   hard_vocab_limit=False)
+    entry.write_text(convert(other.getvalue()))  # valid, but another model's
+    again = build_tokenizer("SentencePieceTokenizer", sp_model)
+    notice = select_backend(again, "auto")
+    assert "differs" in notice and again.backend_name.startswith("sentencepiece"), notice
+    with pytest.raises(FastBackendError, match="differs"):
+        select_backend(build_tokenizer("SentencePieceTokenizer", sp_model), "gigatoken")
+
+    (tmp_path / "ro").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("MEGATRON_ANCHOR_CACHE", str(tmp_path / "ro"))  # an unusable cache: convert every time
+    assert fast.sentencepiece_json(sp_model) == first
+
+
 def test_budget_merge_and_cap_keep_the_text():
     doc = Document([Chunk("a", "\n\n"), Chunk("bb", "\n\n"), Chunk("c" * 50, "\n\n"), Chunk("d", "\n\n",
                     [("topic", "x"), ("genre", "y"), ("tone", "z")]), Chunk("e", "\n"), Chunk("f", "")])

@@ -44,7 +44,13 @@ def test_bytes_equal_megatron_builder(tmp_path, dtype):
     assert len(ds) == len(docs) and all(np.array_equal(ds[i], d) for i, d in enumerate(docs))
 
 
-def test_merge_equals_single_write_and_megatron_add_index(tmp_path):
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "portable-copy"])
+def test_merge_equals_single_write_and_megatron_add_index(tmp_path, monkeypatch, kernel_copy):
+    if not kernel_copy:  # what a platform or file system without copy_file_range gets
+        def refuse(*a, **k):
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
     pairs = _docs(1, 60)
     single = str(tmp_path / "single")
     write_token_role_documents(single, pairs, np.uint16)

@@ -13,8 +13,9 @@ Readiness check of running replicas (exit 0 when every URL answers ``/health`` a
 
     python tools/annotator_server.py --check http://127.0.0.1:8000 http://127.0.0.1:8001
 
-``--dry-run`` prints the command and environment without starting anything. Only the standard library is used,
-so this file runs under any Python, including the vllm venv's. Importable: tests use :func:`start_server`.
+``--dry-run`` prints the command and environment without starting anything. Only the standard library is used
+(:mod:`megatron_anchor.cache` included), so this file runs under any Python, including the vllm venv's.
+Importable: tests use :func:`start_server`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from megatron_anchor.cache import cache_root  # noqa: E402 - standard library only, like this file
+
 SETUP_SCRIPT = REPO / "tools" / "setup_vllm_cpu.sh"
 
 GPU_MODEL = "Qwen/Qwen3-30B-A3B-Instruct-2507"
@@ -73,14 +78,6 @@ def setup_cpu(install: bool = True) -> Optional[Dict[str, str]]:
         out = subprocess.run(["bash", str(SETUP_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True).stdout
     found = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     return {k: found[k] for k in ("VLLM_PYTHON", "ANNOTATOR_MODEL_DIR")}
-
-
-def cache_root() -> Path:
-    """The project's cache directory (same rule as setup_vllm_cpu.sh)."""
-    base = os.environ.get("MEGATRON_ANCHOR_CACHE")
-    if base:
-        return Path(base)
-    return Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "megatron-anchor"
 
 
 def cpu_spec(

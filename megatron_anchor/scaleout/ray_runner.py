@@ -13,7 +13,6 @@ import importlib
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -74,10 +73,11 @@ def _merge_jsonl(shards: List[str], out: str) -> None:
     """Concatenate the shards' annotated outputs (and their failed-document files) in order, atomically."""
     for suffix in ("", ".failed.jsonl"):
         tmp = out + suffix + ".tmp"
-        with open(tmp, "wb") as dst:
+        from megatron_anchor.data.indexed import append_file
+
+        with open(tmp, "wb", buffering=0) as dst:
             for shard in shards:
-                with open(shard + suffix, "rb") as src:
-                    shutil.copyfileobj(src, dst, 16 << 20)
+                append_file(shard + suffix, dst)
         os.replace(tmp, out + suffix)
 
 

@@ -6,20 +6,36 @@ encoded so that it can never produce a special token id: a document containing t
 gets ordinary tokens for it, and only :meth:`AnchorTokenizer.encode_segments` emits the delimiter ids.
 """
 
-from typing import Optional
+import importlib
+from typing import Optional, Type
 
 from megatron_anchor.tokenizer.base import AnchorTokenizer, TokenizerError
-from megatron_anchor.tokenizer.hf import HuggingFaceAnchorTokenizer
-from megatron_anchor.tokenizer.sentencepiece import SentencePieceAnchorTokenizer
 
+_SP = "megatron_anchor.tokenizer.sentencepiece:SentencePieceAnchorTokenizer"
+_HF = "megatron_anchor.tokenizer.hf:HuggingFaceAnchorTokenizer"
 TOKENIZER_TYPES = {
-    "SentencePieceTokenizer": SentencePieceAnchorTokenizer,
-    "GPTSentencePieceTokenizer": SentencePieceAnchorTokenizer,
-    "Llama2Tokenizer": SentencePieceAnchorTokenizer,
-    "HuggingFaceTokenizer": HuggingFaceAnchorTokenizer,
+    "SentencePieceTokenizer": _SP,
+    "GPTSentencePieceTokenizer": _SP,
+    "Llama2Tokenizer": _SP,
+    "HuggingFaceTokenizer": _HF,
 }
-"""``--tokenizer-type`` values (Megatron-LM's names) and the class behind each: the one list every tool and the
-trainer accept (the trainer adds ``NullTokenizer`` for pre-tokenized and mock data)."""
+"""``--tokenizer-type`` values (Megatron-LM's names) and the class behind each (``module:Class``, imported on
+first use so that a SentencePiece run never pays for importing ``tokenizers`` and the reverse): the one list
+every tool and the trainer accept (the trainer adds ``NullTokenizer`` for pre-tokenized and mock data)."""
+
+
+def tokenizer_class(tokenizer_type: str) -> Type[AnchorTokenizer]:
+    """The class behind a ``--tokenizer-type`` value (imports its library)."""
+    module, name = TOKENIZER_TYPES[tokenizer_type].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def __getattr__(name: str):
+    """``HuggingFaceAnchorTokenizer`` and ``SentencePieceAnchorTokenizer``, imported when first asked for."""
+    for path in (_SP, _HF):
+        if path.endswith(":" + name):
+            return tokenizer_class(next(t for t, p in TOKENIZER_TYPES.items() if p == path))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str, eod_token: Optional[str] = None,
@@ -35,7 +51,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str, eod_token: Option
         )
     if not tokenizer_model:
         raise TokenizerError(f"--tokenizer-model is required for {tokenizer_type}")
-    return TOKENIZER_TYPES[tokenizer_type](tokenizer_model, eod_token=eod_token, **kwargs)
+    return tokenizer_class(tokenizer_type)(tokenizer_model, eod_token=eod_token, **kwargs)
 
 
 __all__ = [
@@ -45,4 +61,5 @@ __all__ = [
     "TOKENIZER_TYPES",
     "TokenizerError",
     "build_tokenizer",
+    "tokenizer_class",
 ]

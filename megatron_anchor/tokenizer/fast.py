@@ -13,12 +13,15 @@ Special tokens: the reference encodes ordinary text so that it never yields a sp
 model with its special added tokens removed; they are then ordinary byte sequences, as for the reference, and the
 probes check exactly that.
 
-Cost: loading takes ~0.1 s and ``awkward`` (gigatoken's array type) takes ~0.7 s to import, overlapped with the
-reference encode of the check; memory is the model plus one flat uint32 buffer per batch.
+Cost: loading takes ~0.1 s (a SentencePiece model's conversion is cached, see :func:`sentencepiece_json`) and
+``awkward`` (gigatoken's array type) takes ~0.7 s to import, overlapped with the reference encode of the check; memory is the model plus one flat
+uint32 buffer per batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import threading
@@ -91,11 +94,10 @@ class GigatokenEncoder:
         if fmt == "hf":
             with open(path, encoding="utf-8") as f:
                 return cls(f.read())
-        # Library internal: gigatoken's own SentencePiece -> tokenizer.json converter (a tripwire test watches it).
-        from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json
-
-        with open(path, "rb") as f:
-            return cls(sentencepiece_to_tokenizer_json(f.read()))
+        try:
+            return cls(sentencepiece_json(path))
+        except Exception:  # noqa: BLE001 - a damaged cache entry: convert again (a real failure raises again)
+            return cls(sentencepiece_json(path, refresh=True))
 
     def encode_flat(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
         """``(ids, lengths)``: every text's ids back to back (uint32) and each text's count (int64)."""
@@ -107,6 +109,38 @@ class GigatokenEncoder:
         ids = ak.to_numpy(ak.flatten(arr, axis=1))
         lengths = ak.to_numpy(ak.num(arr, axis=1)).astype(np.int64, copy=False)
         return ids, lengths
+
+
+def sentencepiece_json(model_path: str, refresh: bool = False) -> str:
+    """gigatoken's tokenizer.json for a SentencePiece model, converted once per model and gigatoken version.
+
+    The conversion (gigatoken's own converter, a library internal watched by a tripwire test) takes ~0.2-0.5 s
+    in Python, paid by every preprocessing process; its result is kept under the project's cache
+    (``gigatoken/<sha256 of the model>-<version>.json``, written under a temporary name and renamed, so ranks
+    sharing a cache never read half a file). The cache only saves time: whatever it holds, the identity check
+    still compares the loaded tokenizer with sentencepiece. An unreadable or unwritable cache is skipped;
+    ``refresh`` converts again and replaces the entry.
+    """
+    from megatron_anchor.cache import cache_root
+
+    with open(model_path, "rb") as f:
+        model = f.read()
+    cached = cache_root() / "gigatoken" / f"{hashlib.sha256(model).hexdigest()}-{gigatoken_version()}.json"
+    if not refresh:
+        with contextlib.suppress(OSError):
+            return cached.read_text(encoding="utf-8")
+    from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json
+
+    text = sentencepiece_to_tokenizer_json(model)
+    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, cached)
+    except OSError:  # a read-only or full cache: convert every time
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return text
 
 
 def _import_awkward() -> None:
