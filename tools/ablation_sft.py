@@ -216,6 +216,8 @@ COLUMNS = (
     ("tag entropy, well-formed only (%)", _gap(TAG, True), _pct),
     ("annotations well formed (%)", lambda r: r["models"]["anchored-SFT"].get("annotation_well_formed"), _pct),
     ("responses follow (%)", lambda r: r["models"]["anchored-SFT"].get("follows_annotation"), _pct),
+    # What SFT starts from: a base model that binds text to its annotation less leaves less to keep.
+    ("responses follow, base model (%)", lambda r: r["models"]["base"].get("follows_annotation"), _pct),
     ("held-out loss, anchored SFT", lambda r: r["models"]["anchored-SFT"].get("loss"), _loss),
     ("held-out loss, standard SFT", lambda r: r["models"]["standard-SFT"].get("loss"), _loss),
 )
