@@ -71,10 +71,10 @@ def _annotate_stats(shard: str) -> Dict[str, object]:
 
 def _merge_jsonl(shards: List[str], out: str) -> None:
     """Concatenate the shards' annotated outputs (and their failed-document files) in order, atomically."""
+    from megatron_anchor.data.indexed import append_file
+
     for suffix in ("", ".failed.jsonl"):
         tmp = out + suffix + ".tmp"
-        from megatron_anchor.data.indexed import append_file
-
         with open(tmp, "wb", buffering=0) as dst:
             for shard in shards:
                 append_file(shard + suffix, dst)

@@ -24,18 +24,22 @@ first use so that a SentencePiece run never pays for importing ``tokenizers`` an
 every tool and the trainer accept (the trainer adds ``NullTokenizer`` for pre-tokenized and mock data)."""
 
 
+def _load(path: str) -> Type[AnchorTokenizer]:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def tokenizer_class(tokenizer_type: str) -> Type[AnchorTokenizer]:
     """The class behind a ``--tokenizer-type`` value (imports its library)."""
-    module, name = TOKENIZER_TYPES[tokenizer_type].split(":")
-    return getattr(importlib.import_module(module), name)
+    return _load(TOKENIZER_TYPES[tokenizer_type])
 
 
 def __getattr__(name: str):
     """``HuggingFaceAnchorTokenizer`` and ``SentencePieceAnchorTokenizer``, imported when first asked for."""
-    for path in (_SP, _HF):
-        if path.endswith(":" + name):
-            return tokenizer_class(next(t for t, p in TOKENIZER_TYPES.items() if p == path))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    path = next((p for p in (_SP, _HF) if p.endswith(":" + name)), None)
+    if path is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _load(path)
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str, eod_token: Optional[str] = None,

@@ -14,8 +14,8 @@ model with its special added tokens removed; they are then ordinary byte sequenc
 probes check exactly that.
 
 Cost: loading takes ~0.1 s (a SentencePiece model's conversion is cached, see :func:`sentencepiece_json`) and
-``awkward`` (gigatoken's array type) takes ~0.7 s to import, overlapped with the reference encode of the check; memory is the model plus one flat
-uint32 buffer per batch.
+``awkward`` (gigatoken's array type) takes ~0.7 s to import, overlapped with the reference encode of the check;
+memory is the model plus one flat uint32 buffer per batch.
 """
 
 from __future__ import annotations
