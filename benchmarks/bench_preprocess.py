@@ -14,6 +14,8 @@
    (--no-annotations) and annotated paths, and with --megatron-lm PATH Megatron-LM's tools/preprocess_data.py and
    tools/preprocess_data_fast.py --use-gigatoken on the same corpus and tokenizer (their .bin compared with ours);
    then a SentencePiece model against the fastest backend identical for it.
+6. side-memory: on the same real-text corpora, peak resident memory (process tree) of the whole corpus against
+   its first tenth, plain and annotated. Target: <= 1.2x.
    Targets: plain >= 2x preprocess_data_fast.py and >= 15x preprocess_data.py; annotated text MB/s >= 0.25 of
    the raw gigatoken encode; SentencePiece >= 0.7 of the fastest identical backend.
 
@@ -323,6 +325,42 @@ def _megatron_env(checkout, tmp):
     return env
 
 
+def _first_tenth(path, tmp):
+    """The first tenth of a JSONL file's lines, as a new file beside the benchmark's others."""
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    out = os.path.join(tmp, "tenth_" + os.path.basename(path))
+    with open(out, "wb") as f:
+        f.writelines(lines[: max(1, len(lines) // 10)])
+    return out
+
+
+def bench_side_memory(args, tmp):
+    """Peak resident memory of the process tree on the real-text corpora: the whole corpus against its first
+    tenth, plain and annotated, HF BPE tokenizer. Parts of 250 documents, so that even the tenth fills the
+    pipeline (2 x workers parts in flight) and both runs are in their steady state."""
+    raw, ann, texts, _ = make_side_corpora(tmp, args.side_mb, args.corpus, args.text_dirs)
+    del texts
+    hf = os.path.join(tmp, "side_hf")
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", raw, "--type", "hf",
+                    "--output-prefix", hf, "--vocab-size", str(args.vocab_size), "--max-bytes", "20000000"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tool = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--workers", str(args.workers),
+            "--append-eod", "--no-progress", "--overwrite", "--docs-per-part", "250",
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf]
+    out = {}
+    for name, path, extra in (("plain", raw, ["--no-annotations"]), ("annotated", ann, [])):
+        peaks = {}
+        for size, inp in (("tenth", _first_tenth(path, tmp)), ("whole", path)):
+            _, peaks[size] = run_tree_peak_rss(tool + extra + ["--input", inp,
+                                                               "--output-prefix", os.path.join(tmp, "mem_" + name)])
+        out[name] = {"input_mb": round(os.path.getsize(path) / 1e6, 1),
+                     "peak_tenth_mib": round(peaks["tenth"] / 2**20, 1),
+                     "peak_whole_mib": round(peaks["whole"] / 2**20, 1),
+                     "ratio": round(peaks["whole"] / peaks["tenth"], 3), "target": "<= 1.2"}
+    return out
+
+
 def bench_side_by_side(args, tmp):
     raw, ann, texts, text_mb = make_side_corpora(tmp, args.side_mb, args.corpus, args.text_dirs)
     del texts
@@ -408,7 +446,7 @@ def main(argv=None):
                    help="throughput: interleaved runs per arm; the best of each counts (default: 5)")
     p.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece vocabulary for the benchmark")
     p.add_argument("--only", nargs="*", default=["throughput", "write", "memory", "fetch"],
-                   help="which benchmarks to run (throughput, write, memory, fetch, side)")
+                   help="which benchmarks to run (throughput, write, memory, fetch, side, side-memory)")
     p.add_argument("--side-mb", type=float, default=200, help="side: size of the raw JSONL corpus (MB)")
     p.add_argument("--side-repeat", type=int, default=3, help="side: rounds; every arm runs once per round")
     p.add_argument("--corpus", choices=["text", "synthetic"], default="text",
@@ -429,7 +467,10 @@ def main(argv=None):
         if "side" in args.only:
             results["side"] = bench_side_by_side(args, tmp)
             print("side", json.dumps(results["side"], indent=1), flush=True)
-        if set(args.only) - {"side"}:
+        if "side-memory" in args.only:
+            results["side_memory"] = bench_side_memory(args, tmp)
+            print("side-memory", json.dumps(results["side_memory"], indent=1), flush=True)
+        if set(args.only) - {"side", "side-memory"}:
             corpus = os.path.join(tmp, "corpus.jsonl")
             results["corpus_documents"] = make_corpus(corpus, args.mb)
             subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", corpus,
