@@ -25,6 +25,7 @@ setup(
         # 0.16.1 is the newest release installable on Python 3.11; 0.17+ need Python 3.12 (GPU images).
         "megatron-core>=0.16.1,<0.20",
         "aiohttp",
+        "msgspec>=0.18",
         "numpy",
         "orjson",
         "packaging",

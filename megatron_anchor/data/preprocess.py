@@ -36,6 +36,7 @@ from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotat
 from megatron_anchor.annotation.format import Segment, annotation_segments
 from megatron_anchor.annotation.schema import (
     Document,
+    annotated_chunks,
     DocumentError,
     document_text,
     json_key,
@@ -250,11 +251,14 @@ class DocumentConverter:
             text, n = document_text(load_line(line, where), where, cfg.json_key)
             batch.text(text)
         else:
-            obj = load_line(line, where)
-            n = None if cfg.budget.active else _add_annotated(obj, batch, enc)
-            if n is None:  # not a well-formed annotated document: the general path says why, or annotates it
+            n = None if cfg.budget.active else _add_annotated_raw(line, batch, enc)
+            if n is None:
                 batch.drop_open_document()
-                n = self._add_document_slow(obj, where, cfg, enc, batch, stats)
+                obj = load_line(line, where)
+                n = None if cfg.budget.active else _add_annotated(obj, batch, enc)
+                if n is None:  # not a well-formed annotated document: the general path says why, or annotates it
+                    batch.drop_open_document()
+                    n = self._add_document_slow(obj, where, cfg, enc, batch, stats)
         if cfg.append_eod:
             batch.codes.append(enc.eod)
         batch.end_document()
@@ -297,6 +301,51 @@ class DocumentConverter:
 
 def _no_where() -> str:
     return ""
+
+
+def _add_annotated_raw(line: bytes, batch: PieceBatch, enc: PieceEncoder) -> Optional[int]:
+    """:func:`_add_annotated` straight from the line's bytes, through the typed decoder of
+    :func:`~megatron_anchor.annotation.schema.annotated_chunks`: the same pieces (tests/test_fast_preprocess.py),
+    with each chunk's annotation found in the memo by its raw JSON bytes (an annotation not seen before is decoded
+    and validated once). None, leaving the pieces it added for the caller to drop, where :func:`_add_annotated`
+    would return None or the line does not decode as annotated chunks: the caller then decodes it as usual."""
+    chunks = annotated_chunks(line)
+    if not chunks:
+        return None
+    memo = enc.json_annotations
+    codes, texts, roles = batch.codes, batch.texts, batch.text_roles
+    text_role = int(Role.TEXT)
+    run: List[str] = []
+    for c in chunks:
+        text, sep = c.text, c.sep
+        if not text or (sep and not sep.isspace()):
+            return None
+        key = bytes(c.tags)
+        ann = memo.get(key)
+        if ann is None:
+            if not key:  # no "tags": a raw chunk, for the general path
+                return None
+            tags = load_line(key, "")
+            if type(tags) is not list:
+                return None
+            try:
+                ann = enc.annotation_codes(parse_tags(tags, _no_where))
+            except DocumentError:
+                return None
+            memo[key] = ann
+        if ann:
+            if run:
+                codes.append(~len(texts))
+                texts.append("".join(run))
+                roles.append(text_role)
+                run = []
+            codes.extend(ann)
+        run.append(text)
+        run.append(sep)
+    codes.append(~len(texts))
+    texts.append("".join(run))
+    roles.append(text_role)
+    return len(chunks)
 
 
 def _add_annotated(obj, batch: PieceBatch, enc: PieceEncoder) -> Optional[int]:
