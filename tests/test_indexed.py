@@ -9,6 +9,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 
 from megatron_anchor.data.indexed import (
     DatasetFormatError,
+    TokenRoleMerger,
     check_role_channel,
     iter_documents,
     merge_datasets,
@@ -69,6 +70,28 @@ def test_merge_equals_single_write_and_megatron_add_index(tmp_path, monkeypatch,
     b.finalize(str(tmp_path / "mc.idx"))
     assert open(str(tmp_path / "mc.idx"), "rb").read() == open(merged + ".idx", "rb").read()
     check_role_channel(merged)
+
+
+def test_a_failed_merge_leaves_nothing(tmp_path):
+    """A part that does not fit (another dtype, a truncated .bin) stops the merge with its name; the temporary
+    output is removed and no file appears under the output's name, whatever was appended before."""
+    pairs = _docs(5, 20)
+    good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
+    write_token_role_documents(good, pairs, np.uint16)
+    write_token_role_documents(bad, [(d.astype(np.int32), r) for d, r in pairs], np.int32)
+    out = str(tmp_path / "out")
+    with pytest.raises(DatasetFormatError, match="bad.idx: dtype int32 differs from uint16"):
+        merge_token_role_datasets([good, good, bad], out)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("out")]
+    write_token_role_documents(bad, pairs, np.uint16)
+    with open(bad + ".bin", "r+b") as f:
+        f.truncate(os.path.getsize(bad + ".bin") - 2)
+    merger = TokenRoleMerger(out)  # as preprocessing uses it: parts added while later ones are written
+    merger.add(good)
+    with pytest.raises(DatasetFormatError, match=r"bad\.bin: .* bytes but"):
+        merger.add(bad)
+    merger.abort()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("out")]
 
 
 def test_truncated_and_mismatched_files_are_detected(tmp_path):

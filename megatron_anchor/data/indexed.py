@@ -191,56 +191,124 @@ def append_file(src_path: str, dst) -> None:
         shutil.copyfileobj(src, dst, _COPY_CHUNK)
 
 
-def merge_datasets(prefixes: Sequence[str], out_prefix: str, show_progress: bool = False) -> IndexHeader:
-    """Concatenate indexed datasets (same dtype) in order into ``out_prefix``, streaming.
+class DatasetMerger:
+    """Concatenates indexed datasets (same dtype) into ``out_prefix`` in the order they are added, as they become
+    available: :meth:`add` appends a dataset's ``.bin`` to the temporary output at once (so a producer of parts
+    can merge while it still writes later ones), :meth:`finish` writes the index and renames both files into
+    place; :meth:`abort` removes the temporary files.
 
-    Index arrays are copied part by part (pointers rebased on the fly) and ``.bin`` files by block copy, so
-    memory stays flat whatever the total size. Output goes to temporary names, renamed at the end.
+    Index arrays are read back part by part at :meth:`finish` (pointers rebased on the fly) and ``.bin`` files are
+    block-copied, so memory stays flat whatever the total size: one header per added dataset. Time is linear in
+    the bytes merged.
     """
+
+    def __init__(self, out_prefix: str):
+        self.out_prefix = out_prefix
+        self._tmp = out_prefix + TMP_SUFFIX
+        self._prefixes: List[str] = []
+        self._headers: List[IndexHeader] = []
+        self._bin = None
+
+    def add(self, prefix: str) -> None:
+        h = read_index_header(idx_path(prefix))
+        if self._headers and h.dtype != self._headers[0].dtype:
+            raise DatasetFormatError(f"{h.path}: dtype {np.dtype(h.dtype).name} differs from "
+                                     f"{np.dtype(self._headers[0].dtype).name}")
+        check_bin_size(h)
+        if self._bin is None:
+            self._bin = open(bin_path(self._tmp), "wb", buffering=0)
+        append_file(bin_path(prefix), self._bin)
+        self._prefixes.append(prefix)
+        self._headers.append(h)
+
+    def finish(self) -> IndexHeader:
+        if not self._prefixes:
+            raise ValueError("nothing to merge")
+        self._bin.close()
+        headers, dtype = self._headers, self._headers[0].dtype
+        itemsize = np.dtype(dtype).itemsize
+        n_seq = sum(h.sequence_count for h in headers)
+        n_doc = sum(h.document_count for h in headers)
+        with open(idx_path(self._tmp), "wb") as out:
+            out.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, DTYPE_CODES[dtype], n_seq, n_doc + 1))
+            for p in self._prefixes:
+                _, lengths, _, _ = read_index_arrays(idx_path(p))
+                out.write(np.asarray(lengths).tobytes())
+            base = 0
+            for p in self._prefixes:
+                _, lengths, pointers, _ = read_index_arrays(idx_path(p))
+                out.write((np.asarray(pointers) + base).tobytes())
+                base += int(np.asarray(lengths, dtype=np.int64).sum()) * itemsize
+            seq_base = 0
+            out.write(np.zeros(1, dtype=np.int64).tobytes())
+            for p, h in zip(self._prefixes, headers):
+                _, _, _, doc_idx = read_index_arrays(idx_path(p))
+                out.write((np.asarray(doc_idx[1:]) + seq_base).tobytes())
+                seq_base += h.sequence_count
+        publish(self._tmp, self.out_prefix)
+        return read_index_header(idx_path(self.out_prefix))
+
+    def abort(self) -> None:
+        if self._bin is not None:
+            self._bin.close()
+        for path in (bin_path(self._tmp), idx_path(self._tmp)):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def merge_datasets(prefixes: Sequence[str], out_prefix: str) -> IndexHeader:
+    """Concatenate indexed datasets (same dtype) in order into ``out_prefix``, streaming
+    (:class:`DatasetMerger`). Output goes to temporary names, renamed at the end."""
     if not prefixes:
         raise ValueError("nothing to merge")
-    headers = [read_index_header(idx_path(p)) for p in prefixes]
-    dtype = headers[0].dtype
-    for h in headers:
-        if h.dtype != dtype:
-            raise DatasetFormatError(f"{h.path}: dtype {np.dtype(h.dtype).name} differs from {np.dtype(dtype).name}")
-        check_bin_size(h)
-    n_seq = sum(h.sequence_count for h in headers)
-    n_doc = sum(h.document_count for h in headers)
-    tmp = out_prefix + TMP_SUFFIX
-    itemsize = np.dtype(dtype).itemsize
-    with open(idx_path(tmp), "wb") as out:
-        out.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, DTYPE_CODES[dtype], n_seq, n_doc + 1))
+    merger = DatasetMerger(out_prefix)
+    try:
         for p in prefixes:
-            _, lengths, _, _ = read_index_arrays(idx_path(p))
-            out.write(np.asarray(lengths).tobytes())
-        base = 0
-        for p in prefixes:
-            _, lengths, pointers, _ = read_index_arrays(idx_path(p))
-            out.write((np.asarray(pointers) + base).tobytes())
-            base += int(np.asarray(lengths, dtype=np.int64).sum()) * itemsize
-        seq_base = 0
-        out.write(np.zeros(1, dtype=np.int64).tobytes())
-        for p, h in zip(prefixes, headers):
-            _, _, _, doc_idx = read_index_arrays(idx_path(p))
-            out.write((np.asarray(doc_idx[1:]) + seq_base).tobytes())
-            seq_base += h.sequence_count
-    with open(bin_path(tmp), "wb", buffering=0) as out:
-        for p in prefixes:
-            append_file(bin_path(p), out)
-    publish(tmp, out_prefix)
-    return read_index_header(idx_path(out_prefix))
+            merger.add(p)
+        return merger.finish()
+    except BaseException:
+        merger.abort()
+        raise
+
+
+class TokenRoleMerger:
+    """:class:`DatasetMerger` for token datasets and their role channels together: each added part's channel is
+    checked against its tokens (lengths, not contents); :meth:`finish` publishes the channel first, so an
+    existing token dataset always has its matching channel."""
+
+    def __init__(self, out_prefix: str):
+        self.out_prefix = out_prefix
+        self._roles, self._tokens = DatasetMerger(roles_prefix(out_prefix)), DatasetMerger(out_prefix)
+
+    def add(self, prefix: str) -> None:
+        check_role_channel(prefix, deep=False)
+        self._roles.add(roles_prefix(prefix))
+        self._tokens.add(prefix)
+
+    def finish(self) -> IndexHeader:
+        self._roles.finish()
+        return self._tokens.finish()
+
+    def abort(self) -> None:
+        self._roles.abort()
+        self._tokens.abort()
 
 
 def merge_token_role_datasets(prefixes: Sequence[str], out_prefix: str) -> IndexHeader:
     """Merge token datasets and their role channels, keeping the two aligned (roles published first)."""
     from megatron_anchor.tokenizer.record import dataset_record_path, merge_records, read_record, write_record
 
-    for p in prefixes:
-        check_role_channel(p, deep=False)
+    if not prefixes:
+        raise ValueError("nothing to merge")
     record = merge_records([read_record(dataset_record_path(p)) for p in prefixes], out_prefix)
-    merge_datasets([roles_prefix(p) for p in prefixes], roles_prefix(out_prefix))
-    header = merge_datasets(prefixes, out_prefix)
+    merger = TokenRoleMerger(out_prefix)
+    try:
+        for p in prefixes:
+            merger.add(p)
+        header = merger.finish()
+    except BaseException:
+        merger.abort()
+        raise
     if record is not None:  # parts without records (e.g. a run's own part files) leave it to the caller
         write_record(dataset_record_path(out_prefix), record)
     return header

@@ -45,9 +45,9 @@ from megatron_anchor.annotation.schema import (
     parse_tags,
 )
 from megatron_anchor.data.indexed import (
+    TokenRoleMerger,
     bin_path,
     idx_path,
-    merge_token_role_datasets,
     roles_prefix,
     write_token_role_documents,
     write_token_role_part,
@@ -665,11 +665,14 @@ def run(cfg: PreprocessConfig) -> PartStats:
     bar = tqdm(total=size, unit="B", unit_scale=True, desc="preprocess", disable=not cfg.show_progress)
     pending: Dict[int, Tuple[int, object]] = {}
     last_bytes = 0
+    # Finished parts are appended to the output as they come, in order, while later ones are still encoded.
+    merger = TokenRoleMerger(out)
 
     def finish(part: int, nbytes: int, stats: PartStats) -> None:
         nonlocal last_bytes
         total.add(stats)
         done_parts.append(part)
+        merger.add(part_prefix(cfg, part))
         bar.update(nbytes - last_bytes)
         last_bytes = nbytes
         bar.set_postfix(docs=total.documents, tokens=total.tokens, refresh=False)
@@ -704,6 +707,9 @@ def run(cfg: PreprocessConfig) -> PartStats:
             nb, res = pending.pop(next_to_finish)
             finish(next_to_finish, nb, _result(res))
             next_to_finish += 1
+    except BaseException:
+        merger.abort()
+        raise
     finally:
         if pool is not None:
             pool.terminate()
@@ -711,9 +717,10 @@ def run(cfg: PreprocessConfig) -> PartStats:
         bar.close()
 
     if total.documents == 0 and cfg.num_shards == 1:
+        merger.abort()
         raise SystemExit(f"{cfg.input}: no usable documents (skipped {total.skipped}); nothing written")
     if done_parts:
-        merge_token_role_datasets([part_prefix(cfg, p) for p in sorted(done_parts)], out)
+        merger.finish()
     else:  # a shard whose byte range holds no line start: an empty dataset keeps the shard set complete
         write_token_role_documents(out, [], _WORKER["tok"].token_dtype)
     write_record(dataset_record_path(out), tokenizer_record(
