@@ -8,8 +8,9 @@ How it runs:
 - Each finished part is written into ``<output>.parts/`` under temporary names, renamed, and then marked done by
   its stats file. A killed run, started again with the same arguments, skips the done parts and redoes the
   rest; a run with different arguments refuses to mix its parts with the old ones.
-- When every part is done they are merged in order into ``<output>_text_document.{bin,idx}`` and
-  ``<output>_text_document_roles.{bin,idx}`` (again via temporary names) and the parts are removed.
+- Finished parts are appended, in order and as they finish, to temporary ``<output>_text_document.bin`` and
+  ``<output>_text_document_roles.bin`` while later parts are still encoded; when every part is done the indexes
+  are written, both datasets renamed into place (roles first) and the parts removed.
 The output bytes depend only on the input and the output-affecting options, never on ``workers`` or on where a
 run was interrupted.
 """
