@@ -99,17 +99,11 @@ def test_annotated_runs_are_encoded_whole(hf_tokenizer_dir, tmp_path):
 
 
 def test_annotated_fast_loop_makes_the_general_paths_pieces(hf_tokenizer_dir, corpus_dir):
-    """The hot loop over annotated chunks (whole annotations memoised by their JSON bytes) gives exactly the
-    pieces of the general path, repeated annotations included; whatever it does not vouch for goes back to the
-    general path, which names the chunk that is wrong. A tag list that only *looks* like a validated one (a dict
-    whose keys spell a known tag) is not taken from the memo."""
-    from megatron_anchor.data.preprocess import (
-        DocumentConverter,
-        PartStats,
-        PreprocessConfig,
-        _add_annotated,
-        _add_annotated_raw,
-    )
+    """The hot loop over annotated chunks (typed decoding, whole annotations memoised by their raw JSON bytes) gives
+    exactly the pieces of the general path, repeated annotations and two spellings of the same JSON included;
+    whatever it does not vouch for goes back to the general path, which names the chunk that is wrong. A tag list
+    that only *looks* like a validated one (a dict whose keys spell a known tag) is not taken from the memo."""
+    from megatron_anchor.data.preprocess import DocumentConverter, PartStats, PreprocessConfig, _add_annotated
     from megatron_anchor.tokenizer.pieces import PieceBatch
 
     tok = build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_dir)
@@ -119,49 +113,46 @@ def test_annotated_fast_loop_makes_the_general_paths_pieces(hf_tokenizer_dir, co
     docs.append({"chunks": [{"text": "a", "tags": []}, {"text": "b", "sep": " \n", "tags": [["topic", "x"]]},
                             {"text": "c", "tags": [["topic", "x"]]}], "id": 3, "meta": {"k": 1}})
     docs += docs[:5]  # repeated annotations now come from the memo
-    fast, raw, slow = PieceBatch(), PieceBatch(), PieceBatch()
+    fast, slow = PieceBatch(), PieceBatch()
     for i, d in enumerate(docs):
-        assert _add_annotated(d, fast, tok.pieces) == len(d["chunks"])
+        line = json.dumps(d, separators=(",", ":") if i % 2 else (", ", ": ")).encode()  # two spellings
+        assert _add_annotated(line, fast, tok.pieces) == len(d["chunks"])
         fast.end_document()
-        # straight from the line's bytes, tags memoised by their raw JSON (spelled two ways: same pieces)
-        line = json.dumps(d, separators=(",", ":") if i % 2 else (", ", ": ")).encode()
-        assert _add_annotated_raw(line, raw, tok.pieces) == len(d["chunks"])
-        raw.end_document()
         DocumentConverter()._add_document_slow(d, "w", cfg, tok.pieces, slow, PartStats())
         slow.end_document()
-    for b in (fast, raw):
-        assert (b.codes, b.texts, b.text_roles, b.doc_ends) == (slow.codes, slow.texts, slow.text_roles, slow.doc_ends)
+    assert (fast.codes, fast.texts, fast.text_roles, fast.doc_ends) == (slow.codes, slow.texts, slow.text_roles,
+                                                                       slow.doc_ends)
     enc = lambda b: tok.pieces.encode(b)  # noqa: E731
     a, b = enc(fast), enc(slow)
     assert a.ids.tolist() == b.ids.tolist() and a.roles.tolist() == b.roles.tolist()
 
     known = {"chunks": [{"text": "x", "tags": [["topic", "cooking"]]}]}
-    assert _add_annotated(known, PieceBatch(), tok.pieces) == 1
+    assert _add_annotated(json.dumps(known).encode(), PieceBatch(), tok.pieces) == 1
     for bad, needle in (([{"topic": 1, "cooking": 2}], "[key, value] pair"), ({"topic": "cooking"}, "must be a list"),
-                        ([["topic", "a<|ann|>"]], "delimiter"), ("topic", "must be a list")):
+                        ([["topic", "a<|ann|>"]], "delimiter"), ("topic", "must be a list"),
+                        (["topic"], "[key, value] pair")):
         doc = {"chunks": [{"text": "fine", "tags": [["topic", "cooking"]]}, {"text": "x", "tags": bad}]}
-        assert _add_annotated_raw(json.dumps(doc).encode(), PieceBatch(), tok.pieces) is None
         batch = PieceBatch()
-        assert _add_annotated(doc, batch, tok.pieces) is None
+        assert _add_annotated(json.dumps(doc).encode(), batch, tok.pieces) is None
         batch.drop_open_document()
         assert batch.codes == [] and batch.texts == []
         with pytest.raises(DocumentError, match="chunk 1") as e:
             DocumentConverter()._add_document_slow(doc, "f.jsonl:9", cfg, tok.pieces, batch, PartStats())
         assert needle in str(e.value) and "f.jsonl:9" in str(e.value)
-    # a chunk without tags makes the document raw: the general path annotates it
-    assert _add_annotated({"chunks": [{"text": "x", "tags": [["topic", "a"]]}, {"text": "y"}]}, PieceBatch(),
-                          tok.pieces) is None
-    # whatever the typed decoder does not vouch for goes back to the general path, which decodes it as usual
-    for line in (b'{"chunks": [{"text": "x", "tags": null}]}', b'{"chunks": [{"text": "x"}]}', b'{"text": "raw"}',
+    # a chunk without tags makes the document raw (the general path annotates it); whatever else the typed
+    # decoder does not vouch for goes back to the general path too, which decodes it as usual and says why
+    for line in (b'{"chunks": [{"text": "x", "tags": [["topic", "a"]]}, {"text": "y"}]}',
+                 b'{"chunks": [{"text": "x", "tags": null}]}', b'{"text": "raw"}', b'{"chunks": []}', b'[1]',
                  b'{"chunks": [{"text": "x", "sep": null, "tags": []}]}', b'{"chunks": [{"text": "", "tags": []}]}',
-                 b'{"chunks": [{"text": "x", "sep": "y", "tags": []}]}', b'{"chunks": []}', b'[1]', b'{"chunks": 3}',
-                 b'{"chunks": [{"text": 3, "tags": []}]}', b'{"chunks": [{"text": "a\xff", "tags": []}]}', b'not json',
-                 b'{"chunks": [{"text": "\\ud800", "tags": []}]}', b'{"chunks": [{"text": "x", "tags": ["topic"]}]}'):
-        assert _add_annotated_raw(line, PieceBatch(), tok.pieces) is None, line
+                 b'{"chunks": [{"text": "x", "sep": "y", "tags": []}]}', b'{"chunks": 3}', b'not json',
+                 b'{"chunks": [{"text": 3, "tags": []}]}', b'{"chunks": [{"text": "a\xff", "tags": []}]}',
+                 b'{"chunks": [{"text": "\\ud800", "tags": []}]}'):
+        assert _add_annotated(line, PieceBatch(), tok.pieces) is None, line
     # duplicate keys resolve as the general decoder resolves them (the last wins)
     dup = b'{"chunks": [{"text": "first", "text": "last", "tags": [["topic", "x"]]}]}'
     one, two = PieceBatch(), PieceBatch()
-    assert _add_annotated_raw(dup, one, tok.pieces) == 1 and _add_annotated(json.loads(dup), two, tok.pieces) == 1
+    assert _add_annotated(dup, one, tok.pieces) == 1
+    DocumentConverter()._add_document_slow(json.loads(dup), "w", cfg, tok.pieces, two, PartStats())
     assert one.texts == two.texts == ["last"] and one.codes == two.codes
 
 

@@ -25,19 +25,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import msgspec
+
 try:  # orjson parses JSONL several times faster; the standard library is the fallback
     from orjson import JSONDecodeError as _JSONDecodeError
-    from orjson import dumps as json_key  # noqa: F401 (re-exported: an exact memo key for decoded JSON)
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
     from json import JSONDecodeError as _JSONDecodeError
-    from json import dumps as json_key  # noqa: F401 (re-exported)
     from json import loads as _loads
-
-try:  # msgspec decodes annotated lines into typed structs, keeping each chunk's tags as their raw JSON bytes
-    import msgspec as _msgspec
-except ImportError:  # pragma: no cover
-    _msgspec = None
 
 from megatron_anchor.annotation.chunking import split_chunks
 from megatron_anchor.annotation.format import MAX_VALUE_CHARS, Tag, tag_problem
@@ -113,8 +108,8 @@ def parse_tags(raw: Any, where: Callable[[], str], max_value_chars: int = MAX_VA
     """Validate one chunk's decoded ``tags`` list; ``where()`` names the chunk in a :class:`DocumentError`, whose
     message calls the list ``field`` and each pair an ``item`` (SFT samples: ``annotation``, ``annotation tag``).
 
-    ``json_key(raw)`` (the list serialised again) is an exact key for a memo of tags already validated: two
-    decoded lists serialise to the same bytes only when they are equal and of the same JSON types."""
+    The JSON bytes of ``raw`` are an exact key for a memo of tags already validated: two JSON texts are equal
+    only when they spell equal values of the same JSON types."""
     if not isinstance(raw, list):
         raise DocumentError(where(), f"'{field}' must be a list of [key, value] pairs, got {type(raw).__name__}")
     tags: List[Tag] = []
@@ -220,36 +215,32 @@ def load_line(line: bytes, where: str) -> Any:
         raise DocumentError(where, f"malformed JSON: {e.msg} at column {e.colno}") from None
 
 
-if _msgspec is not None:
-    class _RawChunk(_msgspec.Struct):
-        text: str
-        sep: str = ""
-        tags: _msgspec.Raw = _msgspec.Raw()  # empty: no "tags" field
+class _RawChunk(msgspec.Struct):
+    text: str
+    sep: str = ""
+    tags: msgspec.Raw = msgspec.Raw()  # empty: no "tags" field
 
-    class _RawDocument(_msgspec.Struct):
-        chunks: List[_RawChunk]
 
-    _decode_annotated = _msgspec.json.Decoder(_RawDocument).decode
-    _DecodeFailure = _msgspec.DecodeError
-else:  # pragma: no cover
-    _decode_annotated = None
+class _RawDocument(msgspec.Struct):
+    chunks: List[_RawChunk]
+
+
+_decode_annotated = msgspec.json.Decoder(_RawDocument).decode
 
 
 def annotated_chunks(line: bytes) -> Optional[List[Any]]:
     """An annotated line's chunks, each with ``.text``, ``.sep`` and ``.tags`` (the raw JSON bytes of its tags,
-    undecoded; empty when it has none), or None when the line is not an object with a list of such chunks (or
-    msgspec is not installed). None says nothing about why: :func:`load_line` and :func:`parse_document` do.
+    undecoded; empty when it has none), or None when the line is not an object with a list of such chunks.
+    None says nothing about why: :func:`load_line` and :func:`parse_document` do.
 
     The fast path of annotated preprocessing: typed decoding builds one small struct and two strings per chunk,
-    where a generic decode builds a dict and a list and two strings per tag, and the raw tags are an exact memo
-    key (equal bytes, equal tags). Field types are checked while decoding; everything else (non-empty text,
+    where a generic decode builds a dict, and a list and two strings per tag, and the raw tags are an exact memo
+    key (equal JSON bytes, equal tags). Field types are checked while decoding; everything else (non-empty text,
     whitespace-only sep, valid tags) is the caller's to check. Duplicate keys resolve as in :func:`load_line`
     (the last wins), and invalid UTF-8 or JSON fails the same lines."""
-    if _decode_annotated is None:  # pragma: no cover
-        return None
     try:
         return _decode_annotated(line).chunks
-    except _DecodeFailure:
+    except msgspec.DecodeError:
         return None
 
 

@@ -37,10 +37,9 @@ from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotat
 from megatron_anchor.annotation.format import Segment, annotation_segments
 from megatron_anchor.annotation.schema import (
     Document,
-    annotated_chunks,
     DocumentError,
+    annotated_chunks,
     document_text,
-    json_key,
     load_line,
     parse_document,
     parse_tags,
@@ -252,14 +251,10 @@ class DocumentConverter:
             text, n = document_text(load_line(line, where), where, cfg.json_key)
             batch.text(text)
         else:
-            n = None if cfg.budget.active else _add_annotated_raw(line, batch, enc)
-            if n is None:
+            n = None if cfg.budget.active else _add_annotated(line, batch, enc)
+            if n is None:  # not a well-formed annotated document: the general path says why, or annotates it
                 batch.drop_open_document()
-                obj = load_line(line, where)
-                n = None if cfg.budget.active else _add_annotated(obj, batch, enc)
-                if n is None:  # not a well-formed annotated document: the general path says why, or annotates it
-                    batch.drop_open_document()
-                    n = self._add_document_slow(obj, where, cfg, enc, batch, stats)
+                n = self._add_document_slow(load_line(line, where), where, cfg, enc, batch, stats)
         if cfg.append_eod:
             batch.codes.append(enc.eod)
         batch.end_document()
@@ -304,12 +299,17 @@ def _no_where() -> str:
     return ""
 
 
-def _add_annotated_raw(line: bytes, batch: PieceBatch, enc: PieceEncoder) -> Optional[int]:
-    """:func:`_add_annotated` straight from the line's bytes, through the typed decoder of
-    :func:`~megatron_anchor.annotation.schema.annotated_chunks`: the same pieces (tests/test_fast_preprocess.py),
-    with each chunk's annotation found in the memo by its raw JSON bytes (an annotation not seen before is decoded
-    and validated once). None, leaving the pieces it added for the caller to drop, where :func:`_add_annotated`
-    would return None or the line does not decode as annotated chunks: the caller then decodes it as usual."""
+def _add_annotated(line: bytes, batch: PieceBatch, enc: PieceEncoder) -> Optional[int]:
+    """Append the pieces of a well-formed annotated line (every chunk tagged); its number of chunks.
+
+    The hot loop of annotated preprocessing, one pass over chunks decoded by
+    :func:`~megatron_anchor.annotation.schema.annotated_chunks` (typed structs whose tags stay raw JSON bytes),
+    with no per-tag objects: a chunk's whole annotation is found by those bytes in the encoder's memo (decoded and
+    validated by :func:`parse_tags` on first sight), so a repeated annotation costs one copy of its bytes and one
+    dict probe. Returns None, leaving the pieces it added for the caller to drop, at the first thing it does not
+    vouch for (not an annotated object, a chunk without tags, an empty text, a bad separator or tag): the general
+    path then raises the exact error or handles the document. The pieces are those the general path makes
+    (tests/test_fast_preprocess.py compares them)."""
     chunks = annotated_chunks(line)
     if not chunks:
         return None
@@ -341,60 +341,6 @@ def _add_annotated_raw(line: bytes, batch: PieceBatch, enc: PieceEncoder) -> Opt
                 roles.append(text_role)
                 run = []
             codes.extend(ann)
-        run.append(text)
-        run.append(sep)
-    codes.append(~len(texts))
-    texts.append("".join(run))
-    roles.append(text_role)
-    return len(chunks)
-
-
-def _add_annotated(obj, batch: PieceBatch, enc: PieceEncoder) -> Optional[int]:
-    """Append the pieces of a well-formed annotated document (every chunk tagged); its number of chunks.
-
-    The hot loop of annotated preprocessing, one pass over the decoded chunks with no per-chunk objects: a
-    chunk's whole annotation is found by the bytes of its ``tags`` list in the encoder's memo (validated on first
-    sight by :func:`parse_tags`), so a repeated annotation costs one serialisation and one dict probe. Returns None,
-    leaving the pieces it added for the caller to drop, at the first thing it does not vouch for (not an object,
-    a chunk without tags, a bad field or tag): the general path then raises the exact error or handles the
-    document. The pieces are those the general path makes (tests/test_fast_preprocess.py compares them)."""
-    if type(obj) is not dict:
-        return None
-    chunks = obj.get("chunks")
-    if type(chunks) is not list or not chunks:
-        return None
-    memo = enc.json_annotations
-    codes, texts, roles = batch.codes, batch.texts, batch.text_roles
-    text_role = int(Role.TEXT)
-    run: List[str] = []
-    for c in chunks:
-        if type(c) is not dict:
-            return None
-        text = c.get("text")
-        sep = c.get("sep", "")
-        tags = c.get("tags")
-        if type(text) is not str or not text or type(sep) is not str or (sep and not sep.isspace()) or tags is None:
-            return None
-        if tags:
-            key = json_key(tags)
-            ann = memo.get(key)
-            if ann is None:
-                if type(tags) is not list:
-                    return None
-                try:
-                    ann = enc.annotation_codes(parse_tags(tags, _no_where))
-                except DocumentError:
-                    return None
-                memo[key] = ann
-            if ann:
-                if run:
-                    codes.append(~len(texts))
-                    texts.append("".join(run))
-                    roles.append(text_role)
-                    run = []
-                codes.extend(ann)
-        elif type(tags) is not list:
-            return None
         run.append(text)
         run.append(sep)
     codes.append(~len(texts))

@@ -113,9 +113,9 @@ class PieceEncoder:
         self._tags: Dict[Tag, Tuple[int, int, int]] = {}
         self._annotations: Dict[Tuple[Tag, ...], List[int]] = {}  # whole annotations: most repeat verbatim
         self.json_annotations: Dict[bytes, List[int]] = {}
-        """Whole annotations by the JSON bytes of their ``tags`` list (as the input spells it, or serialised
-        again: equal JSON bytes are equal tags), for callers that read JSON: filled by the caller once it has
-        validated the tags (:meth:`annotation_codes`); pool indices, so reset with the pool."""
+        """Whole annotations by the JSON bytes of their ``tags`` list as the input spells it (equal JSON bytes are
+        equal tags), for callers that read JSON: filled by the caller once it has validated the tags
+        (:meth:`annotation_codes`); pool indices, so reset with the pool."""
         self._ids: List[np.ndarray] = []
         self._roles: List[int] = []
         self._pending: List[int] = []  # pool indices whose ids are not computed yet
