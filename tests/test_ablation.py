@@ -84,3 +84,33 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert ab.main(argv) == 0
     assert capsys.readouterr().out.count("(done before)") == 1
+
+
+def _report(gap: float) -> dict:
+    """A point's report.json as the quickstart writes it (the fields the table and plot read)."""
+    sampled = {"annotation_closed": 1.0, "annotation_well_formed": 0.9, "follows_annotation": 0.8}
+    return {"gap_closed": {ab.TAG: gap, ab.TOPIC: gap, ab.EMB: gap, ab.DISTINCT: gap},
+            "gap_closed_well_formed": {ab.TAG: gap, ab.EMB: gap},
+            "models": {"base": dict(sampled, loss=1.2), "standard-SFT": {"loss": 0.55},
+                       "anchored-SFT": dict(sampled, loss=0.4)}}
+
+
+def test_results_cover_every_finished_point_whichever_run_made_it(tmp_path, capsys):
+    """Results, table and plot are written from every finished point under OUT, not only from the points of the
+    invocation that writes them: runs with other seeds, settings or lengths add up."""
+    out = str(tmp_path)
+    masked, low = ab.DEFAULT_SETTINGS[2], ab.DEFAULT_SETTINGS[3]
+    for seed, s, n, gap in ((0, masked, 200, 0.88), (1, masked, 200, 0.97), (1, low, 40, 0.5)):
+        os.makedirs(ab.point_dir(out, seed, s, n))
+        with open(os.path.join(ab.point_dir(out, seed, s, n), "report.json"), "w") as f:
+            json.dump(_report(gap), f)
+    os.makedirs(os.path.join(out, "seed1", "standard"))  # other folders under a seed are not points
+    assert ab.main(["--out", out, "--seeds", "0", "--lengths", "200", "--settings", masked.name, "--report-only"]) == 0
+    rows = json.load(open(os.path.join(out, "results.json")))
+    assert [(r["seed"], r["setting"], r["length"]) for r in rows] == [
+        (0, masked.name, 200), (1, masked.name, 200), (1, low.name, 40)]
+    table = open(os.path.join(out, "table.md")).read()
+    assert "Each cell: seed 0 / seed 1." in table
+    assert f"| {masked.name} | 200 | 88 / 97 |" in table and f"| {low.name} | 40 | – / 50 |" in table
+    assert os.path.getsize(os.path.join(out, "gap_closed.png")) > 10_000
+    assert "this plan: 1 points, 0 failed; 3 finished under" in capsys.readouterr().out

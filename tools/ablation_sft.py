@@ -13,8 +13,9 @@ once and shared by the points that need it.
 
 Points run one after another, each logging to ``POINT/run.log``. A rerun skips finished points (their
 ``report.json`` exists) and finished training stages, so an interrupted ablation resumes where it stopped.
-Results accumulate in ``OUT/results.json``; ``OUT/table.md`` and ``OUT/gap_closed.png`` (gap closed against SFT
-length, one line per setting, mean over seeds with the range as error bars) are rewritten after every point.
+Results accumulate in ``OUT/results.json``: it, ``OUT/table.md`` and ``OUT/gap_closed.png`` (gap closed against
+SFT length, one line per setting, mean over seeds with the range as error bars) are rewritten after every point
+from every finished point under ``OUT``, whichever runs of the tool (other seeds, settings, lengths) made them.
 
 Cost: one base per seed (~2-3 minutes on 2 idle cores), then per point two SFT runs (time linear in the SFT
 length) and three models' samples (linear in prompts x samples). Disk: two small checkpoints per point.
@@ -23,9 +24,11 @@ length) and three models' samples (linear in prompts x samples). Disk: two small
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -224,16 +227,17 @@ COLUMNS = (
 
 
 def format_table(rows: List[Dict], settings: Sequence[Setting]) -> str:
-    """Markdown table, one line per (setting, length); each cell lists the seeds' values, '/'-separated."""
+    """Markdown table, one line per (setting, length); each cell lists the seeds' values, '/'-separated ('–'
+    where a seed has no such point)."""
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"Each cell: seed {' / seed '.join(map(str, seeds))}.", "",
              "| setting | SFT iters | " + " | ".join(c[0] for c in COLUMNS) + " |",
              "|" + "---|" * (2 + len(COLUMNS))]
     for s in settings:
         for length in sorted({r["length"] for r in rows if r["setting"] == s.name}):
-            pts = sorted((r for r in rows if r["setting"] == s.name and r["length"] == length),
-                         key=lambda r: r["seed"])
-            cells = [" / ".join(fmt(get(r)) for r in pts) for _, get, fmt in COLUMNS]
+            by_seed = {r["seed"]: r for r in rows if r["setting"] == s.name and r["length"] == length}
+            cells = [" / ".join(fmt(get(by_seed[k])) if k in by_seed else "–" for k in seeds)
+                     for _, get, fmt in COLUMNS]
             lines.append(f"| {s.name} | {length} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -286,6 +290,22 @@ def plot(rows: List[Dict], settings: Sequence[Setting], path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def finished_rows(out: str) -> List[Dict]:
+    """The result rows of every finished point under ``out`` (any seed, setting of the grid and length), whichever
+    runs of the tool made them, in table order: what results, table and plot are written from."""
+    rows = []
+    seeds = sorted(int(m.group(1)) for m in (re.fullmatch(r"seed(\d+)", n) for n in os.listdir(out)) if m)
+    for order, setting in enumerate(DEFAULT_SETTINGS):
+        for seed in seeds:
+            for it in glob.glob(os.path.join(out, f"seed{seed}", setting.slug, "it*", "report.json")):
+                length = re.fullmatch(r"it(\d+)", os.path.basename(os.path.dirname(it)))
+                if length:
+                    with open(it, encoding="utf-8") as f:
+                        rows.append((order, int(length.group(1)), seed,
+                                     result_row(json.load(f), seed, setting, int(length.group(1)))))
+    return [r for *_, r in sorted(rows, key=lambda t: t[:3])]
 
 
 def write_outputs(out: str, rows: List[Dict], settings: Sequence[Setting]) -> None:
@@ -350,7 +370,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"seed {seed} | {s.name} | {length} iterations -> {point_dir(args.out, seed, s, length)}")
         return 0
     os.makedirs(args.out, exist_ok=True)
-    rows, failed = [], 0
+    ran, failed = 0, 0
     start = time.time()
     for k, (seed, s, length) in enumerate(points, 1):
         done = os.path.exists(os.path.join(point_dir(args.out, seed, s, length), "report.json"))
@@ -364,17 +384,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"   failed: {exc}", file=sys.stderr, flush=True)
             failed += 1
             continue
-        rows.append(row)
+        ran += 1
         g = row["gap_closed"]
         anc = row["models"]["anchored-SFT"]
         print(f"   gap closed tag/topic/emb/distinct {_pct(g.get(TAG))}/{_pct(g.get(TOPIC))}/{_pct(g.get(EMB))}/"
               f"{_pct(g.get(DISTINCT))}%, well formed {_pct(anc.get('annotation_well_formed'))}%, follows "
               f"{_pct(anc.get('follows_annotation'))}%, loss {anc.get('loss'):.3f}; "
               f"{(time.time() - start) / 60:.0f} min so far", flush=True)
-        write_outputs(args.out, rows, settings)
-    write_outputs(args.out, rows, settings)
-    print(f"{len(rows)} points, {failed} failed; {os.path.join(args.out, 'table.md')}, "
-          f"{os.path.join(args.out, 'gap_closed.png')}")
+        write_outputs(args.out, finished_rows(args.out), DEFAULT_SETTINGS)
+    rows = finished_rows(args.out)
+    write_outputs(args.out, rows, DEFAULT_SETTINGS)
+    print(f"this plan: {ran} points, {failed} failed; {len(rows)} finished under {args.out}: "
+          f"{os.path.join(args.out, 'table.md')}, {os.path.join(args.out, 'gap_closed.png')}")
     return 1 if failed else 0
 
 
