@@ -19,6 +19,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_anchor.annotation.budget import AnnotationBudget
+from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN
 from megatron_anchor.annotation.schema import Chunk, Document, DocumentError, parse_line
 from megatron_anchor.data.indexed import iter_documents, roles_prefix
 from megatron_anchor.roles import Role
@@ -154,6 +155,33 @@ def test_annotated_fast_loop_makes_the_general_paths_pieces(hf_tokenizer_dir, co
     assert _add_annotated(dup, one, tok.pieces) == 1
     DocumentConverter()._add_document_slow(json.loads(dup), "w", cfg, tok.pieces, two, PartStats())
     assert one.texts == two.texts == ["last"] and one.codes == two.codes
+
+
+def test_piece_layout_follows_the_codes(hf_tokenizer_dir):
+    """A part's ids and roles are its pieces' in the order of the codes, whatever order the text pieces were
+    added in: annotation pieces from the pool with their roles, each text piece encoded whole, EOD last."""
+    from megatron_anchor.tokenizer.pieces import PieceBatch
+
+    tok = build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_dir)
+    enc = tok.pieces
+    texts = ["First run of text.", " second\n\n", "third, with more words in it"]
+    ann = enc.annotation_codes([("topic", "cooking"), ("tone", "dry")])
+    in_order = PieceBatch(codes=[*ann, ~0, ~1, enc.eod, *ann, ~2, enc.eod], texts=list(texts),
+                          text_roles=[int(Role.TEXT)] * 3, doc_ends=[2 + len(ann) + 1, 2 * len(ann) + 5],
+                          meta=[None, None])
+    shuffled = PieceBatch(codes=[*ann, ~1, ~0, enc.eod, *ann, ~2, enc.eod], texts=[texts[1], texts[0], texts[2]],
+                          text_roles=[int(Role.TEXT)] * 3, doc_ends=list(in_order.doc_ends), meta=[None, None])
+    a, b = enc.encode(in_order), enc.encode(shuffled)
+    assert a.ids.tolist() == b.ids.tolist() and a.roles.tolist() == b.roles.tolist()
+    assert a.doc_lengths.tolist() == b.doc_lengths.tolist() and a.longest_text.tolist() == b.longest_text.tolist()
+    one = lambda t: tok.encode_texts_reference([t])[0]  # noqa: E731
+    text_ids = one(texts[0]) + one(texts[1])
+    first = a.documents()[0]
+    n_ann = len(first[0]) - len(text_ids) - 1
+    assert n_ann > 2 and first[0][n_ann:].tolist() == text_ids + [tok.eod]
+    assert first[0][0] == tok.special_ids[ANN_OPEN] and first[0][n_ann - 1] == tok.special_ids[ANN_CLOSE]
+    assert set(first[1][:n_ann].tolist()) <= {int(Role.ANNOTATION_KEY), int(Role.ANNOTATION_VALUE)}
+    assert set(first[1][n_ann:-1].tolist()) == {int(Role.TEXT)} and first[1][-1] == int(Role.EOD)
 
 
 def test_fast_backend_identity_check_accepts_and_matches(model, corpus_dir):

@@ -688,6 +688,12 @@ def _sample_texts(cfg: PreprocessConfig) -> List[str]:
     lines: List[Tuple[int, bytes]] = []
     size = 0
     for _, _, src in iter_parts(cfg):
+        if isinstance(src, LineRange):  # read what the sample needs, not the whole first part
+            with open(src.path, "rb") as f:
+                f.seek(src.start)
+                head = f.read(min(src.stop - src.start, cfg.sample_bytes))
+                head += f.readline() if len(head) < src.stop - src.start and not head.endswith(b"\n") else b""
+            src = LineRange(src.path, src.start, src.start + len(head), src.first_line)
         for item in part_lines(src):
             lines.append(item)
             size += len(item[1])
