@@ -38,7 +38,7 @@ if [ -n "${WHEELHOUSE:-}" ]; then PIP+=(--no-index --find-links "$WHEELHOUSE"); 
 CONSTRAINTS="$(mktemp)"
 "$PY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformer[-_]engine[-_a-z0-9]*|triton)==' > "$CONSTRAINTS" || true
 log "installing the project and its Python dependencies (torch kept: $(grep -i '^torch==' "$CONSTRAINTS" || echo none))"
-"${PIP[@]}" -c "$CONSTRAINTS" "megatron-core>=0.16.1,<0.20" numpy packaging psutil pyyaml orjson sentencepiece \
+"${PIP[@]}" -c "$CONSTRAINTS" "megatron-core>=0.16.1,<0.20" numpy packaging psutil pyyaml orjson msgspec sentencepiece \
   tokenizers tqdm aiohttp pytest pytest-timeout
 "${PIP[@]}" -c "$CONSTRAINTS" --no-deps -e .
 

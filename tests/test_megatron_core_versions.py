@@ -9,6 +9,7 @@ runs those test files there, in their own process.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -41,3 +42,23 @@ def test_dataset_trainer_and_generation_tests_pass_on_megatron_core_019(mcore_py
     tail = (r.stdout + r.stderr)[-6000:]
     assert r.returncode == 0, f"megatron-core {VERSION}:\n{tail}"
     assert " passed" in tail and " failed" not in tail
+
+
+@pytest.mark.parametrize("script, pattern", [
+    ("tools/setup_megatron_core_env.sh", r"DEPS=\((.*?)\)"),  # the megatron-core 0.19 test environment
+    ("benchmarks/gpu_acceptance.sh", r'"megatron-core[^"]*"(.*?)\n"'),  # the lent GPU machine's environment
+])
+def test_other_environments_have_every_runtime_dependency(script, pattern):
+    """Scripts that install the project's dependencies themselves list all of setup.py's install_requires
+    (megatron-core aside where it is installed on its own), so a new dependency cannot be missing there while CI's
+    own environment has it."""
+    def name(req: str) -> str:
+        return re.split(r"[<>=!~\[ ]", req.strip().strip('"'), maxsplit=1)[0].lower()
+
+    with open(os.path.join(REPO_ROOT, "setup.py")) as f:
+        block = re.search(r"install_requires=\[(.*?)\]", f.read(), re.S).group(1)
+    required = {name(r) for r in re.findall(r'"([^"]+)"', block)} - {"megatron-core", "torch"}
+    with open(os.path.join(REPO_ROOT, script)) as f:
+        listed = re.search(pattern, f.read(), re.S).group(1)
+    names = {name(d) for d in listed.replace("\\", " ").split() if d and not d.startswith("$")}
+    assert required and required <= names, f"{script} lacks {sorted(required - names)}"

@@ -43,15 +43,22 @@ exec 9>"$CACHE/.setup-mcore.lock"   # two test sessions may install at once
 if command -v flock >/dev/null; then flock 9; fi
 if [[ $force == 1 ]]; then rm -rf "$VENV"; fi
 
+# What the tests import beyond megatron-core (setup.py's install_requires without megatron-core, plus pytest).
+DEPS=("torch==$TORCH_VERSION" numpy packaging psutil "triton==$TRITON_VERSION" sentencepiece tokenizers orjson msgspec
+      pyyaml tqdm aiohttp pytest pytest-timeout)
+STAMP="${DEPS[*]} megatron-core==$MCORE_VERSION"
+pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 if [[ ! -f "$VENV/.complete" ]]; then
   echo "setup_megatron_core_env: installing megatron-core $MCORE_VERSION into $VENV (torch CPU, triton; a few minutes)" >&2
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV"
-  pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-  "${pip[@]}" -c "$REPO/constraints-cpu.txt" "torch==$TORCH_VERSION" numpy packaging psutil "triton==$TRITON_VERSION" \
-    sentencepiece tokenizers orjson pyyaml tqdm aiohttp pytest pytest-timeout
+  "${pip[@]}" -c "$REPO/constraints-cpu.txt" "${DEPS[@]}"
   "${pip[@]}" --no-deps --ignore-requires-python "megatron-core==$MCORE_VERSION"
   "$VENV/bin/python" -c "import megatron.core, sys; sys.exit(megatron.core.__version__ != '$MCORE_VERSION')"
-  touch "$VENV/.complete"
+  echo "$STAMP" > "$VENV/.complete"
+elif [[ "$(cat "$VENV/.complete")" != "$STAMP" ]]; then  # built with an older package list: add what is new
+  echo "setup_megatron_core_env: updating the packages of $VENV" >&2
+  "${pip[@]}" -c "$REPO/constraints-cpu.txt" "${DEPS[@]}"
+  echo "$STAMP" > "$VENV/.complete"
 fi
 echo "MCORE_PYTHON=$VENV/bin/python"
