@@ -72,7 +72,7 @@ def test_merge_equals_single_write_and_megatron_add_index(tmp_path, monkeypatch,
     check_role_channel(merged)
 
 
-def test_a_failed_merge_leaves_nothing(tmp_path):
+def test_a_failed_merge_leaves_nothing(tmp_path, monkeypatch):
     """A part that does not fit (another dtype, a truncated .bin) stops the merge with its name; the temporary
     output is removed and no file appears under the output's name, whatever was appended before."""
     pairs = _docs(5, 20)
@@ -80,8 +80,14 @@ def test_a_failed_merge_leaves_nothing(tmp_path):
     write_token_role_documents(good, pairs, np.uint16)
     write_token_role_documents(bad, [(d.astype(np.int32), r) for d, r in pairs], np.int32)
     out = str(tmp_path / "out")
+    import megatron_anchor.data.indexed as indexed
+
+    copied = []
+    real_append = indexed.append_file
+    monkeypatch.setattr(indexed, "append_file", lambda src, dst: (copied.append(src), real_append(src, dst)))
     with pytest.raises(DatasetFormatError, match="bad.idx: dtype int32 differs from uint16"):
         merge_token_role_datasets([good, good, bad], out)
+    assert copied == []  # every part is checked before any is copied
     assert not [n for n in os.listdir(tmp_path) if n.startswith("out")]
     write_token_role_documents(bad, pairs, np.uint16)
     with open(bad + ".bin", "r+b") as f:

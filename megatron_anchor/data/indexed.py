@@ -207,14 +207,24 @@ class DatasetMerger:
         self._tmp = out_prefix + TMP_SUFFIX
         self._prefixes: List[str] = []
         self._headers: List[IndexHeader] = []
+        self._dtype = None
         self._bin = None
 
-    def add(self, prefix: str) -> None:
+    def check(self, prefix: str) -> IndexHeader:
+        """The header of a dataset that :meth:`add` would take (same dtype as the first checked, a ``.bin`` of
+        the size its index says); raises :class:`DatasetFormatError` naming the file otherwise. Reads headers
+        only, so callers with every part at hand check them all before copying any."""
         h = read_index_header(idx_path(prefix))
-        if self._headers and h.dtype != self._headers[0].dtype:
+        if self._dtype is None:
+            self._dtype = h.dtype
+        elif h.dtype != self._dtype:
             raise DatasetFormatError(f"{h.path}: dtype {np.dtype(h.dtype).name} differs from "
-                                     f"{np.dtype(self._headers[0].dtype).name}")
+                                     f"{np.dtype(self._dtype).name}")
         check_bin_size(h)
+        return h
+
+    def add(self, prefix: str) -> None:
+        h = self.check(prefix)
         if self._bin is None:
             self._bin = open(bin_path(self._tmp), "wb", buffering=0)
         append_file(bin_path(prefix), self._bin)
@@ -256,12 +266,12 @@ class DatasetMerger:
                 os.remove(path)
 
 
-def merge_datasets(prefixes: Sequence[str], out_prefix: str) -> IndexHeader:
-    """Concatenate indexed datasets (same dtype) in order into ``out_prefix``, streaming
-    (:class:`DatasetMerger`). Output goes to temporary names, renamed at the end."""
+def _merge_all(merger, prefixes: Sequence[str]) -> IndexHeader:
+    """Every part checked (headers only) before any is copied, then all merged; nothing is left on failure."""
     if not prefixes:
         raise ValueError("nothing to merge")
-    merger = DatasetMerger(out_prefix)
+    for p in prefixes:
+        merger.check(p)
     try:
         for p in prefixes:
             merger.add(p)
@@ -269,6 +279,12 @@ def merge_datasets(prefixes: Sequence[str], out_prefix: str) -> IndexHeader:
     except BaseException:
         merger.abort()
         raise
+
+
+def merge_datasets(prefixes: Sequence[str], out_prefix: str) -> IndexHeader:
+    """Concatenate indexed datasets (same dtype) in order into ``out_prefix``, streaming
+    (:class:`DatasetMerger`). Output goes to temporary names, renamed at the end."""
+    return _merge_all(DatasetMerger(out_prefix), prefixes)
 
 
 class TokenRoleMerger:
@@ -279,6 +295,11 @@ class TokenRoleMerger:
     def __init__(self, out_prefix: str):
         self.out_prefix = out_prefix
         self._roles, self._tokens = DatasetMerger(roles_prefix(out_prefix)), DatasetMerger(out_prefix)
+
+    def check(self, prefix: str) -> IndexHeader:
+        check_role_channel(prefix, deep=False)
+        self._roles.check(roles_prefix(prefix))
+        return self._tokens.check(prefix)
 
     def add(self, prefix: str) -> None:
         check_role_channel(prefix, deep=False)
@@ -301,14 +322,7 @@ def merge_token_role_datasets(prefixes: Sequence[str], out_prefix: str) -> Index
     if not prefixes:
         raise ValueError("nothing to merge")
     record = merge_records([read_record(dataset_record_path(p)) for p in prefixes], out_prefix)
-    merger = TokenRoleMerger(out_prefix)
-    try:
-        for p in prefixes:
-            merger.add(p)
-        header = merger.finish()
-    except BaseException:
-        merger.abort()
-        raise
+    header = _merge_all(TokenRoleMerger(out_prefix), prefixes)
     if record is not None:  # parts without records (e.g. a run's own part files) leave it to the caller
         write_record(dataset_record_path(out_prefix), record)
     return header
