@@ -299,3 +299,16 @@ def test_shard_errors_name_the_global_line(tmp_path, sp_model, capsys):
     rcs = [_run(inp, tmp_path / "o", sp_model, "--num-shards", "4", "--shard-index", str(i)) for i in range(4)]
     assert rcs.count(1) == 1
     assert f"{inp}:24" in capsys.readouterr().err
+
+
+def test_line_range_head_keeps_whole_lines(tmp_path):
+    """The identity check's sample is read as the first whole lines holding at least the sample's bytes."""
+    from megatron_anchor.data.preprocess import LineRange
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"aaaa\nbbbbbbbb\ncc\n")
+    whole = LineRange(str(path), 0, 17, 1)
+    assert [line for _, line in whole.head(6).lines()] == [b"aaaa\n", b"bbbbbbbb\n"]
+    assert whole.head(5).lines() == [(1, b"aaaa\n")] and whole.head(100) == whole
+    later = LineRange(str(path), 5, 17, 2)
+    assert later.head(1).lines() == [(2, b"bbbbbbbb\n")]

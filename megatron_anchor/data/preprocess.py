@@ -468,6 +468,15 @@ class LineRange:
     stop: int
     first_line: int
 
+    def head(self, nbytes: int) -> "LineRange":
+        """The first lines of this range that hold at least ``nbytes`` bytes (all of it when it is shorter)."""
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            data = f.read(min(self.stop - self.start, nbytes))
+            if len(data) < self.stop - self.start and not data.endswith(b"\n"):
+                data += f.readline()  # the line crossing nbytes, whole (it ends at or before stop)
+        return LineRange(self.path, self.start, self.start + len(data), self.first_line)
+
     def lines(self) -> List[Tuple[int, bytes]]:
         """``[(line_no, line), ...]`` of the non-blank lines, each with its newline (as iterating a file gives)."""
         with open(self.path, "rb") as f:
@@ -689,11 +698,7 @@ def _sample_texts(cfg: PreprocessConfig) -> List[str]:
     size = 0
     for _, _, src in iter_parts(cfg):
         if isinstance(src, LineRange):  # read what the sample needs, not the whole first part
-            with open(src.path, "rb") as f:
-                f.seek(src.start)
-                head = f.read(min(src.stop - src.start, cfg.sample_bytes))
-                head += f.readline() if len(head) < src.stop - src.start and not head.endswith(b"\n") else b""
-            src = LineRange(src.path, src.start, src.start + len(head), src.first_line)
+            src = src.head(cfg.sample_bytes)
         for item in part_lines(src):
             lines.append(item)
             size += len(item[1])
