@@ -114,3 +114,20 @@ def test_results_cover_every_finished_point_whichever_run_made_it(tmp_path, caps
     assert f"| {masked.name} | 200 | 88 / 97 |" in table and f"| {low.name} | 40 | – / 50 |" in table
     assert os.path.getsize(os.path.join(out, "gap_closed.png")) > 10_000
     assert "this plan: 1 points, 0 failed; 3 finished under" in capsys.readouterr().out
+
+
+def test_one_base_length_per_output_folder(tmp_path, capsys):
+    """--pre-iters is recorded with the first run; another length into the same folder is refused (its points
+    would share a table with points from a different base), as is a non-default length over older bases."""
+    out = str(tmp_path / "a")
+    assert ab.main(["--out", out, "--pre-iters", "700", "--seeds", "0", "--report-only"]) == 0
+    assert json.load(open(os.path.join(out, "ablation.json"))) == {"pre_iters": 700}
+    assert ab.main(["--out", out, "--pre-iters", "700", "--seeds", "0", "--report-only"]) == 0
+    with pytest.raises(SystemExit, match="pretrained for 700 iterations, not --pre-iters 500"):
+        ab.main(["--out", out, "--pre-iters", "500", "--seeds", "0", "--report-only"])
+    old = tmp_path / "b"
+    (old / "seed0" / "base").mkdir(parents=True)  # bases written before the record existed: the default length
+    with pytest.raises(SystemExit, match="use another --out for --pre-iters 700"):
+        ab.main(["--out", str(old), "--pre-iters", "700", "--seeds", "0", "--report-only"])
+    assert ab.main(["--out", str(tmp_path / "c"), "--pre-iters", "0"]) == 2
+    assert "--pre-iters must be at least 1" in capsys.readouterr().err

@@ -81,6 +81,8 @@ DEFAULT_SETTINGS = (
     Setting("replay 0.3, 4x SFT data", 0.3, sft_factor=4, lengths=(200, 1000), tier=4),
 )
 DEFAULT_LENGTHS = (40, 200, 1000)
+DEFAULT_PRE_ITERS = 500
+"""The quickstart's pretraining iterations (examples/quickstart.sh, PRE_ITERS): the base every point starts from."""
 # Report keys (megatron_anchor/eval/quickstart.py): the training annotator's tag and topic entropy, and the
 # independent embedding judges.
 TAG, TOPIC, EMB, DISTINCT = ("annotator:attribute_entropy", "annotator:entropy_topic", "embedding:pairwise_distance",
@@ -116,12 +118,33 @@ def _base_ready(base: str) -> bool:
         os.path.exists(os.path.join(base, "pretrain_plain_text_document.idx"))
 
 
-def ensure_base(out: str, seed: int) -> str:
-    """The seed's data and base checkpoint (built once)."""
+def ensure_base(out: str, seed: int, pre_iters: int = DEFAULT_PRE_ITERS) -> str:
+    """The seed's data and base checkpoint, pretrained for ``pre_iters`` iterations (built once)."""
     base = os.path.join(out, f"seed{seed}", "base")
     if not _base_ready(base):
-        _run_quickstart(base, {"SEED": str(seed), "SFT_ITERS": "0"}, os.path.join(out, f"seed{seed}", "base.log"))
+        _run_quickstart(base, {"SEED": str(seed), "SFT_ITERS": "0", "PRE_ITERS": str(pre_iters)},
+                        os.path.join(out, f"seed{seed}", "base.log"))
     return base
+
+
+def check_pre_iters(out: str, pre_iters: int) -> None:
+    """Record the base pretraining length of ``out`` on first use; refuse another one later (its points would
+    mix two different bases in one table)."""
+    path = os.path.join(out, "ablation.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f).get("pre_iters", DEFAULT_PRE_ITERS)
+        if recorded != pre_iters:
+            raise SystemExit(f"ablation_sft.py: error: {out} holds bases pretrained for {recorded} iterations, not "
+                             f"--pre-iters {pre_iters}; use another --out for another base length")
+        return
+    os.makedirs(out, exist_ok=True)
+    if glob.glob(os.path.join(out, "seed*", "base")) and pre_iters != DEFAULT_PRE_ITERS:
+        raise SystemExit(f"ablation_sft.py: error: {out} holds bases of the quickstart's {DEFAULT_PRE_ITERS} "
+                         f"pretraining iterations; use another --out for --pre-iters {pre_iters}")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"pre_iters": pre_iters}, f)
+    os.replace(path + ".tmp", path)
 
 
 def sft_input(base: str, factor: int, seed: int) -> str:
@@ -161,14 +184,16 @@ def _link_standard(out: str, seed: int, setting: Setting, length: int, work: str
         os.symlink(os.path.abspath(shared), link)
 
 
-def run_point(out: str, seed: int, setting: Setting, length: int, n: int) -> Dict:
+def run_point(out: str, seed: int, setting: Setting, length: int, n: int,
+              pre_iters: int = DEFAULT_PRE_ITERS) -> Dict:
     """Train and measure one point (or read its earlier result); returns its result row."""
     work = point_dir(out, seed, setting, length)
     report_path = os.path.join(work, "report.json")
     if not os.path.exists(report_path):
-        base = ensure_base(out, seed)
+        base = ensure_base(out, seed, pre_iters)
         _link_standard(out, seed, setting, length, work)
         env = {"BASE": os.path.abspath(base), "SEED": str(seed), "N": str(n), "SFT_ITERS": str(length),
+               "PRE_ITERS": str(pre_iters),
                "SFT_REPLAY": f"{setting.replay:g}", "SFT_REPLAY_POLICY": setting.policy,
                "SFT_INPUT": os.path.abspath(sft_input(base, setting.sft_factor, seed)),
                # One temperature, no export or lm-eval per point: the ablation measures diversity and binding.
@@ -346,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="names of the settings to run (default all: " + "; ".join(s.name for s in DEFAULT_SETTINGS)
                         + ")")
     p.add_argument("--n", type=int, default=32, help="samples per held-out prompt (default 32)")
+    p.add_argument("--pre-iters", type=int, default=None,
+                   help="pretraining iterations of each seed's base checkpoint (default: the quickstart's, "
+                        f"$PRE_ITERS or {DEFAULT_PRE_ITERS}); one value per --out, recorded in OUT/ablation.json")
     p.add_argument("--dry-run", action="store_true", help="print the points and exit")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results, table and plot from the finished points without running anything")
@@ -369,7 +397,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         for seed, s, length in points:
             print(f"seed {seed} | {s.name} | {length} iterations -> {point_dir(args.out, seed, s, length)}")
         return 0
-    os.makedirs(args.out, exist_ok=True)
+    if args.pre_iters is None:  # what the quickstart itself would pretrain for
+        args.pre_iters = int(os.environ.get("PRE_ITERS", DEFAULT_PRE_ITERS))
+    if args.pre_iters < 1:
+        print("ablation_sft.py: error: --pre-iters must be at least 1", file=sys.stderr)
+        return 2
+    check_pre_iters(args.out, args.pre_iters)
     ran, failed = 0, 0
     start = time.time()
     for k, (seed, s, length) in enumerate(points, 1):
@@ -379,7 +412,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"[{k}/{len(points)}] {time.strftime('%H:%M:%S')} seed {seed} | {s.name} | {length} iterations"
               f"{' (done before)' if done else ''}", flush=True)
         try:
-            row = run_point(args.out, seed, s, length, args.n)
+            row = run_point(args.out, seed, s, length, args.n, args.pre_iters)
         except RuntimeError as exc:
             print(f"   failed: {exc}", file=sys.stderr, flush=True)
             failed += 1
