@@ -242,6 +242,7 @@ COLUMNS = (
     ("embedding distance (%)", _gap(EMB), _pct),
     ("distinct classes (%)", _gap(DISTINCT), _pct),
     ("tag entropy, well-formed only (%)", _gap(TAG, True), _pct),
+    ("annotations closed (%)", lambda r: r["models"]["anchored-SFT"].get("annotation_closed"), _pct),
     ("annotations well formed (%)", lambda r: r["models"]["anchored-SFT"].get("annotation_well_formed"), _pct),
     ("responses follow (%)", lambda r: r["models"]["anchored-SFT"].get("follows_annotation"), _pct),
     # What SFT starts from: a base model that binds text to its annotation less leaves less to keep.
