@@ -96,13 +96,15 @@ def bench(url: str, rounds: int, n_docs: int, chunks_per_doc: int, concurrency: 
                 s = res["stats"]
                 print(f"round {r + 1} {arm:<10} {s['chunks']} chunks {res['seconds']:.1f}s "
                       f"{res['chunks_s']:.2f} chunks/s, {s['requests']} requests, {s['tokens']} tokens, "
-                      f"malformed {s['malformed']}, failed {s['failed']}, echoed {s['echoed']}", flush=True)
+                      f"malformed {s['malformed']}, cut at the cap {s['truncated']}, failed {s['failed']}, "
+                      f"echoed {s['echoed']}", flush=True)
     out: Dict[str, Any] = {"rounds": rounds, "documents_per_round": n_docs, "chunks_per_doc": chunks_per_doc,
                            "concurrency": concurrency, "max_tokens_per_chunk": max_tokens, "arms": {}}
     for arm, results in per_arm.items():
         tags = [t for res in results for t in res["tags"]]
         total = {k: sum(res["stats"][k] for res in results) for k in
-                 ("chunks", "requests", "tokens", "malformed", "failed", "echoed", "echo_reasked", "echo_dropped")}
+                 ("chunks", "requests", "tokens", "malformed", "truncated", "failed", "echoed", "echo_reasked",
+                  "echo_dropped")}
         out["arms"][arm] = {"chunks_s_median": statistics.median(res["chunks_s"] for res in results),
                             "chunks_s_rounds": [res["chunks_s"] for res in results],
                             "tag_entropy": mean_key_entropy(tags, keys), "tokens_per_chunk":

@@ -117,6 +117,9 @@ class FakeReply:
     tokens: int = 12
     raw_body: Optional[bytes] = None
     """Send these bytes as the body instead of a chat completion."""
+    cut_at: Optional[int] = None
+    """Cut the answer after this many characters and say so (``finish_reason`` "length"), as a server does when
+    the token cap is reached; in a document-level request the first chunk's reply that sets it decides."""
 
 
 class FakeOpenAIServer(_LoopThread):
@@ -184,9 +187,13 @@ class FakeOpenAIServer(_LoopThread):
             content = "\n".join(f"[{i}]\n{a}" for i, a in enumerate(answers, 1))
         else:
             content = answers[0]
+        cut = next((r.cut_at for r in replies if r.cut_at is not None), None)
+        if cut is not None:
+            content = content[:cut]
         return web.json_response({
             "id": f"cmpl-{n}", "object": "chat.completion", "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop" if cut is None else "length"}],
             "usage": {"prompt_tokens": 100, "completion_tokens": sum(r.tokens for r in replies),
                       "total_tokens": 100 + sum(r.tokens for r in replies)},
         })

@@ -280,3 +280,33 @@ def test_cache_waits_for_a_held_lock_then_fails_clearly(tmp_path):
     c.close()  # the write that failed is still pending, and lands now that the lock is free
     with AnnotationCache(path, "m", "p") as c:
         assert c.get(chunk_hash("y")) == [("k", "v")]
+
+
+def test_an_answer_cut_at_the_token_cap_is_asked_again_with_room_to_finish():
+    """A cut answer (finish_reason "length") is never parsed for tags: its last value may be cut mid-word. The same
+    question goes again at the same temperature with twice the cap, up to max_tokens_growth times the cap; past
+    that the answer counts as unparseable and is re-asked as such."""
+    full = "topic: Suez Canal construction\ngenre: history"
+    replies = iter([FakeReply(content=full, cut_at=13), FakeReply(content=full)])
+    srv = FakeOpenAIServer(lambda n, t: next(replies)).start()
+    try:
+        ok, _ = run([srv.url], ["x"], model="m", max_tokens=40)
+        bodies = list(srv.bodies)
+    finally:
+        srv.stop()
+    # the first answer, "topic: Suez C", would have parsed into a cut value
+    assert ok[0].tags == [("topic", "Suez Canal construction"), ("genre", "history")]
+    assert ok[0].truncated == 1 and ok[0].malformed == 0 and ok[0].attempts == 2
+    assert [b["max_tokens"] for b in bodies] == [40, 80]
+    assert [b["temperature"] for b in bodies] == [0.0, 0.0]  # greedy again: the same answer, finished
+
+    srv = FakeOpenAIServer(lambda n, t: FakeReply(content=full, cut_at=13)).start()
+    try:
+        bad, _ = run([srv.url], ["x"], model="m", max_tokens=40, max_tokens_growth=4, parse_retries=1)
+        bodies = list(srv.bodies)
+    finally:
+        srv.stop()
+    assert not bad[0].ok and bad[0].error == "unparseable output" and "cut at the token cap (160" in bad[0].detail
+    assert [b["max_tokens"] for b in bodies] == [40, 80, 160, 160]
+    assert [b["temperature"] for b in bodies] == [0.0, 0.0, 0.0, 0.7]
+    assert bad[0].truncated == 4 and bad[0].malformed == 2

@@ -214,3 +214,58 @@ def test_client_window_api_counts_requests_and_tokens():
         srv.stop()
     assert res.requests == 1 and res.tokens == 36 and all(a.ok for a in res.annotations)
     assert json.loads(json.dumps([a.tags for a in res.annotations]))
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_a_cut_document_answer_keeps_only_whole_chunks(structured):
+    """In a window's cut answer, complete JSON chunk objects are kept; a free-text answer's last section may be cut
+    (sections have no closing mark), so it is asked again too. The chunks asked again go with twice the cap, at
+    the same temperature, and nothing counts as malformed."""
+    texts = ["a tide table", "a fee notice", "a dredging notice"]
+
+    def behaviour(n, text):  # the first window's answer is cut in chunk 2's tags (JSON) or just after one (text)
+        return FakeReply(cut_at=None if n >= 3 else (90 if structured else 70))
+
+    srv = FakeOpenAIServer(behaviour, structured=structured).start()
+
+    async def go():
+        cfg = ClientConfig(urls=[srv.url], structured="on" if structured else "off", max_tokens=50)
+        async with AnnotatorClient(cfg, SCHEMA) as c:
+            return await c.annotate_window(texts, b"\x01")
+
+    import asyncio
+
+    try:
+        res = asyncio.run(go())
+        bodies = list(srv.bodies)
+        asked = list(srv.requests)
+    finally:
+        srv.stop()
+    assert all(a.ok for a in res.annotations) and sum(a.malformed for a in res.annotations) == 0
+    assert [a.tags for a in res.annotations] == [parse_output(fake_tags_for(t), SCHEMA).tags for t in texts]
+    assert asked[:3] == texts and asked[3:] == texts[1:]  # chunk 1 was whole; chunks 2 and 3 asked again
+    assert [b["max_tokens"] for b in bodies] == [54 * 3, 54 * 2 * 2]
+    assert [b["temperature"] for b in bodies] == [0.0, 0.0]
+    assert [a.truncated for a in res.annotations] == [1, 1, 1]
+
+
+def test_the_job_counts_answers_cut_at_the_token_cap(tmp_path):
+    """Cut answers are counted per chunk they carried, apart from malformed ones, and named in the summary."""
+    from megatron_anchor.annotation.annotate import format_summary
+
+    seen = set()
+
+    def behaviour(n, text):  # every document's first answer is cut after its first chunk's tags
+        first = text.endswith("part 0: the harbour at dawn.") and text not in seen
+        seen.add(text)
+        return FakeReply(cut_at=70 if first else None)
+
+    srv = FakeOpenAIServer(behaviour).start()
+    try:
+        stats, out = _job(tmp_path, srv.url, _docs(4))
+    finally:
+        srv.stop()
+    assert stats.failed == 0 and stats.malformed == 0 and stats.truncated == 4 * 3 and stats.requests == 8
+    assert all(c["tags"] for d in out for c in d["chunks"])
+    cfg = AnnotateConfig(input=tmp_path / "out_in.jsonl", output=tmp_path / "out.jsonl")
+    assert "cut at the token cap: 12 (asked again with a larger cap)" in format_summary(stats, cfg)

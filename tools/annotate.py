@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--parse-retries", type=int, default=d.parse_retries,
                      help=f"re-asks when an answer has no usable tags (default: {d.parse_retries})")
     srv.add_argument("--max-tokens", type=int, default=d.max_tokens,
-                     help=f"generation cap per answer (default: {d.max_tokens})")
+                     help=f"generation cap per answer; per chunk in document mode (default: {d.max_tokens})")
+    srv.add_argument("--max-tokens-growth", type=int, default=d.max_tokens_growth, metavar="N",
+                     help="an answer cut at the cap is asked again (same temperature) with twice the cap, up to N "
+                          f"times --max-tokens; its cut-off part is never used (default: {d.max_tokens_growth})")
     srv.add_argument("--temperature", type=float, default=d.temperature,
                      help=f"sampling temperature of the first attempt (default: {d.temperature:g})")
     srv.add_argument("--max-chunk-chars", type=int, default=d.max_chunk_chars,
@@ -173,6 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             backoff_max_s=args.backoff_max,
             parse_retries=args.parse_retries,
             max_tokens=args.max_tokens,
+            max_tokens_growth=args.max_tokens_growth,
             temperature=args.temperature,
             max_chunk_chars=args.max_chunk_chars,
             request_mode=args.request_mode,

@@ -40,7 +40,7 @@ from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 
 PROGRESS_VERSION = 1
 _DOC_COUNTS = ("annotated", "cached", "pretagged", "retried", "requests", "extra_requests", "failed", "tokens",
-               "malformed", "echo_only", "echoed", "echo_reasked", "echo_dropped")
+               "malformed", "truncated", "echo_only", "echoed", "echo_reasked", "echo_dropped")
 """Per-document counters summed into :class:`Stats` when the document is written."""
 _ERRORS_KEY = "annotation_errors"
 _READ_BLOCK = 256  # input lines parsed (and looked up in the cache) together
@@ -123,6 +123,9 @@ class Stats:
     """Completion tokens generated."""
     malformed: int = 0
     """Answers that could not be parsed into a chunk's valid tags (parse failures; each re-asked or failed)."""
+    truncated: int = 0
+    """Answers cut at the token cap, once per chunk they carried (asked again with a larger cap; at the largest
+    cap they count as malformed too)."""
     echo_only: int = 0
     """Answers that parsed but held only echoes of the prompt's examples (each re-asked or failed)."""
     echoed: int = 0
@@ -276,6 +279,7 @@ class AnnotateJob:
             d.counts["tokens"] += result.tokens
             d.counts["retried"] += result.retries > 0
             d.counts["malformed"] += result.malformed
+            d.counts["truncated"] += result.truncated
             d.counts["echo_only"] += result.echo_only
             d.counts["echoed"] += result.echoed
             d.counts["echo_reasked"] += result.echo_reasked
@@ -594,7 +598,7 @@ def format_summary(stats: Stats, config: AnnotateConfig) -> str:
         f"({rate:.1f} chunks/s, {tok_rate:.1f} generated tok/s)",
         f"  annotated: {s.annotated}   cached: {s.cached}   already tagged: {s.pretagged}",
         f"  requests:  {s.requests}   retried: {s.retried} chunks ({s.extra_requests} extra requests)   "
-        f"malformed answers: {s.malformed}",
+        f"malformed answers: {s.malformed}   cut at the token cap: {s.truncated} (asked again with a larger cap)",
         f"  echoes of the prompt's examples: {s.echoed} tags ({s.echo_reasked} chunks re-asked, "
         f"{s.echo_dropped} tags dropped, {s.echo_only} answers of echoes only)",
         f"  failed:    {s.failed} chunks, {s.documents_failed} documents",

@@ -12,6 +12,10 @@ a silent empty list. On the way it:
 - asks again (at a higher temperature, since the same greedy answer would come back) when an answer cannot be
   parsed, and gives up with the parser's reason after ``parse_retries``; in document mode it asks again only for
   the chunks that were missing or malformed in the answer;
+- never takes a tag from the part of an answer that the token cap cut off (``finish_reason`` "length": its last
+  value may be cut mid-word): such an answer is asked again at the same temperature with twice the cap, up to
+  ``max_tokens_growth`` times the cap, before it counts as unparseable; in document mode the chunks the cut
+  answer gave whole (complete JSON objects) are kept;
 - catches tags that copy the prompt's examples and keeps, drops or re-asks them (``echo_policy``);
 - sends the answer's JSON schema (structured outputs) when the server takes it, and stops sending it in ``auto``
   mode when a server rejects the field;
@@ -127,7 +131,10 @@ class ClientConfig:
     parse_retries: int = 2
     """Extra requests when an answer has no usable tags."""
     max_tokens: int = 96
-    """Generation cap per answer (tags are short; this also bounds a runaway answer)."""
+    """Generation cap per answer (tags are short; this also bounds a runaway answer). In document mode, per chunk
+    of the window (plus 4 for its header)."""
+    max_tokens_growth: int = 4
+    """An answer cut at the cap is asked again with twice the cap, up to this multiple of ``max_tokens``."""
     temperature: float = 0.0
     """Sampling temperature of the first attempt (greedy: reproducible annotations)."""
     retry_temperature: float = 0.7
@@ -177,6 +184,9 @@ class Annotation:
     """Echoed tags removed from the final tags."""
     echo_reasked: bool = False
     """Whether the chunk was asked again because its answer repeated the examples."""
+    truncated: int = 0
+    """Answers for this chunk that the token cap cut short (each asked again with a larger cap, or, at the largest
+    cap, counted in ``malformed`` too)."""
 
     @property
     def ok(self) -> bool:
@@ -377,21 +387,28 @@ class AnnotatorClient:
         body.update(cfg.extra_body)
         return body
 
-    def request_body(self, text: str, temperature: Optional[float] = None, example: int = 0) -> Dict[str, Any]:
-        """The JSON body sent for one chunk (also used by the benchmark's bare loop)."""
+    def request_body(self, text: str, temperature: Optional[float] = None, example: int = 0,
+                     growth: int = 1) -> Dict[str, Any]:
+        """The JSON body sent for one chunk (also used by the benchmark's bare loop); ``growth`` multiplies the
+        token cap (an answer cut at the cap is asked again with a larger one)."""
         cfg = self.config
         messages = build_messages(text, self.schema, cfg.max_chunk_chars, example, self.answer_format)
-        return self._body(messages, cfg.max_tokens, temperature, chunk_schema(self.schema))
+        return self._body(messages, cfg.max_tokens * growth, temperature, chunk_schema(self.schema))
 
     def document_body(self, texts: Sequence[str], temperature: Optional[float] = None,
-                      example: int = 0) -> Dict[str, Any]:
+                      example: int = 0, growth: int = 1) -> Dict[str, Any]:
         """The JSON body sent for a window of a document's chunks; ``max_tokens`` is the per-chunk cap times the
-        chunks (plus their headers)."""
+        chunks (plus their headers), times ``growth``."""
         cfg = self.config
         clip = min(cfg.max_chunk_chars, cfg.window_chars)
         messages = build_document_messages(texts, self.schema, clip, example, self.answer_format)
-        return self._body(messages, (cfg.max_tokens + 4) * len(texts), temperature,
+        return self._body(messages, (cfg.max_tokens + 4) * len(texts) * growth, temperature,
                           document_schema(self.schema, len(texts)))
+
+    def _grown(self, growth: int) -> Optional[int]:
+        """The next cap multiple after an answer was cut at ``growth`` (None: already the largest)."""
+        top = max(1, self.config.max_tokens_growth)
+        return min(2 * growth, top) if growth < top else None
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
         """The body, or its first ``max_response_bytes + 1`` bytes when it is longer (checked by the caller)."""
@@ -405,8 +422,9 @@ class AnnotatorClient:
                 break
         return bytes(buf)
 
-    async def _post(self, url: str, body: Dict[str, Any]) -> Tuple[str, int]:
-        """One request; returns (answer text, completion tokens) or raises _Retryable/_Final."""
+    async def _post(self, url: str, body: Dict[str, Any]) -> Tuple[str, int, bool]:
+        """One request; returns (answer text, completion tokens, cut at the token cap) or raises
+        _Retryable/_Final."""
         assert self._session is not None
         try:
             async with self._session.post(url + "/v1/chat/completions", json=body) as resp:
@@ -423,13 +441,15 @@ class AnnotatorClient:
             raise _Final("response too large", f"over {self.config.max_response_bytes} bytes")
         try:
             data = json.loads(raw)
-            content = data["choices"][0]["message"]["content"] or ""
+            choice = data["choices"][0]
+            content = choice["message"]["content"] or ""
+            cut = choice.get("finish_reason") == "length"
             usage = data.get("usage") or {}
             tokens = int(usage.get("completion_tokens") or 0)
         except (ValueError, KeyError, IndexError, TypeError) as e:
             # A 200 with a body that is not a chat completion: a proxy or a half-dead replica. Try again.
             raise _Retryable("malformed response", f"{type(e).__name__}: {raw[:120]!r}") from None
-        return str(content), tokens
+        return str(content), tokens, cut
 
     async def _ensure_model(self) -> Optional[Annotation]:
         """Resolve the served model once; an :class:`Annotation` with the failure when no server answers."""
@@ -444,8 +464,9 @@ class AnnotatorClient:
                     return Annotation(None, "no server", str(e))
         return None
 
-    async def _send(self, make_body: Callable[[], Dict[str, Any]]) -> Tuple[str, int, int]:
-        """One answer: (content, completion tokens, requests sent), retrying transport failures with backoff.
+    async def _send(self, make_body: Callable[[], Dict[str, Any]]) -> Tuple[str, int, int, bool]:
+        """One answer: (content, completion tokens, requests sent, cut at the token cap), retrying transport
+        failures with backoff.
 
         ``make_body`` is called again after ``auto`` structured outputs were turned off, so the retry goes without
         the field. Raises :class:`_Failed` when the retries are spent or the failure is final.
@@ -461,7 +482,7 @@ class AnnotatorClient:
             try:
                 async with self._sem:
                     i = self._pick()  # after the wait for a slot, so a replica that died meanwhile is skipped
-                    content, used = await self._post(self.urls[i], body)
+                    content, used, cut = await self._post(self.urls[i], body)
             except _Retryable as e:
                 self._mark_down(i)
                 failures += 1
@@ -481,7 +502,7 @@ class AnnotatorClient:
                 raise _Failed(e.reason, e.detail, attempts,
                               final=not rejected_structured_output(e.status, e.detail)) from None
             self._down_until[i] = 0.0
-            return content, used, attempts
+            return content, used, attempts, cut
 
     def _screen(self, tags: List[Tag], text: str, example: int, last: bool) -> Tuple[List[Tag], int, bool]:
         """Apply the echo policy: (tags to keep, echoes found, ask again?)."""
@@ -507,18 +528,28 @@ class AnnotatorClient:
         out = Annotation(None)
         temperature: Optional[float] = None
         rounds = parse_failures = 0
+        growth = 1
         while True:
             example = pick_example(key, rounds)
             try:
-                content, used, n = await self._send(lambda: self.request_body(text, temperature, example))
+                content, used, n, cut = await self._send(
+                    lambda: self.request_body(text, temperature, example, growth))
             except _Failed as e:
                 out.error, out.detail, out.attempts = e.reason, e.detail, out.attempts + e.attempts
                 return out
             out.attempts += n
             out.tokens += used
+            if cut:
+                out.truncated += 1
+                grown = self._grown(growth)
+                if grown is not None:  # the same question with room to finish the answer
+                    growth = grown
+                    continue
             rounds += 1
             temperature = cfg.retry_temperature  # the same greedy answer would come back
-            parsed = parse_output(content, self.schema)
+            # A cut answer's last value may be cut mid-word: nothing of it is taken.
+            parsed = (ParseResult([], f"answer cut at the token cap ({cfg.max_tokens * growth} tokens)") if cut
+                      else parse_output(content, self.schema))
             problem = parsed.problem
             if parsed.ok:
                 tags, echoes, again = self._screen(parsed.tags, text, example, last=out.echo_reasked)
@@ -562,12 +593,14 @@ class AnnotatorClient:
             res.annotations[i] = Annotation(None)
         failures: Dict[int, int] = {i: 0 for i in todo}
         rounds = 0
+        growth = 1
         while todo:
             example = pick_example(key, rounds)
             temperature = None if rounds == 0 else cfg.retry_temperature
             sub = [texts[i] for i in todo]
             try:
-                content, used, n = await self._send(lambda: self.document_body(sub, temperature, example))
+                content, used, n, cut = await self._send(
+                    lambda: self.document_body(sub, temperature, example, growth))
             except _Failed as e:
                 res.requests += e.attempts
                 if e.final and len(todo) > 1:  # refused as a whole: halve it to isolate the cause
@@ -581,17 +614,25 @@ class AnnotatorClient:
                 return
             res.requests += n
             res.tokens += used
-            rounds += 1
             parsed: Dict[int, ParseResult] = parse_document_output(content, self.schema, len(todo))
+            grown = None
+            if cut:
+                grown = self._grown(growth)
+                self._distrust_cut(parsed, f"answer cut at the token cap "
+                                           f"({(cfg.max_tokens + 4) * len(todo) * growth} tokens)")
             again: List[int] = []
             for j, i in enumerate(todo, 1):
                 a = res.annotations[i]
                 a.attempts += n
+                a.truncated += cut
                 p = parsed[j]
+                if grown is not None and not p.ok:  # cut off, not wrong: asked again with room to finish
+                    again.append(i)
+                    continue
                 problem = p.problem
                 if p.ok:
                     tags, echoes, reask = self._screen(p.tags, texts[i], example, last=a.echo_reasked)
-                    if rounds == 1:
+                    if rounds == 0:
                         a.echoed = echoes
                     if reask:
                         a.echo_reasked = True
@@ -610,7 +651,22 @@ class AnnotatorClient:
                     a.error, a.detail = "unparseable output", problem
                 else:
                     again.append(i)
+            if grown is not None:  # the next request repeats this one's temperature and examples
+                growth = grown
+            else:
+                rounds += 1
             todo = again
+
+    def _distrust_cut(self, parsed: Dict[int, ParseResult], why: str) -> None:
+        """Drop what a cut answer may have given cut: every chunk without complete tags, and, in free text (whose
+        sections have no closing mark), the last chunk that has tags. Complete JSON objects are whole."""
+        for j, p in parsed.items():
+            if not p.ok:
+                parsed[j] = ParseResult([], why)
+        if self.answer_format != "json":
+            last = max((j for j, p in parsed.items() if p.ok), default=None)
+            if last is not None:
+                parsed[last] = ParseResult([], why)
 
     async def annotate_many(self, texts: Sequence[str]) -> List[Annotation]:
         """Annotate several chunks concurrently (bounded by ``concurrency``); results in input order."""
