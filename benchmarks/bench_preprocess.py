@@ -18,6 +18,11 @@
    its first tenth, plain and annotated. Target: <= 1.2x.
    Targets: plain >= 2x preprocess_data_fast.py and >= 15x preprocess_data.py; annotated text MB/s >= 0.25 of
    the raw gigatoken encode; SentencePiece >= 0.7 of the fastest identical backend.
+7. stages: where the annotated path's time goes, in one process on one core, on the first --stages-mb MB of the
+   annotated real-text corpus: decoding the lines, building the pieces, encoding the text pieces, laying out ids
+   and roles, writing the part; each stage as a multiple of the raw gigatoken encode of the same documents' whole
+   texts on one core (best of --repeat; the annotation memo is warm after the first repeat, as in a worker's
+   later parts).
 
     python benchmarks/bench_preprocess.py --mb 20 --workers 2
     python benchmarks/bench_preprocess.py --only side --side-mb 200 --corpus text --megatron-lm /path/to/Megatron-LM
@@ -361,6 +366,58 @@ def bench_side_memory(args, tmp):
     return out
 
 
+def bench_stages(args, tmp):
+    """Seconds per stage of the annotated path on one core (best of ``args.repeat``), against the raw encode."""
+    from megatron_anchor.annotation.schema import annotated_chunks
+    from megatron_anchor.data.indexed import write_token_role_part
+    from megatron_anchor.data.preprocess import PartStats, PreprocessConfig
+    from megatron_anchor.tokenizer import build_tokenizer
+    from megatron_anchor.tokenizer.fast import select_backend
+    from megatron_anchor.tokenizer.pieces import PieceBatch
+
+    raw, ann, texts, _ = make_side_corpora(tmp, args.stages_mb * 0.55, args.corpus, args.text_dirs)
+    hf = os.path.join(tmp, "side_hf")
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", raw, "--type", "hf",
+                    "--output-prefix", hf, "--vocab-size", str(args.vocab_size), "--max-bytes", "20000000"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tok = build_tokenizer("HuggingFaceTokenizer", hf)
+    notice = select_backend(tok, "gigatoken", texts[:200])
+    cfg = PreprocessConfig(input=ann, output_prefix=os.path.join(tmp, "stages"), tokenizer_type="HuggingFaceTokenizer",
+                           tokenizer_model=hf, append_eod=True)
+    with open(ann, "rb") as f:
+        lines = f.readlines()
+    best = {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        best[name] = min(best.get(name, 1e9), time.perf_counter() - t)
+        return out
+
+    for _ in range(args.repeat):
+        timed("raw encode of the whole texts", lambda: tok.encode_flat(texts))
+        timed("decode lines (msgspec)", lambda: [annotated_chunks(line) for line in lines])
+        batch = PieceBatch()
+
+        def pieces():
+            for i, line in enumerate(lines):
+                cfg.converter.add_document(line, str(i), cfg, tok, batch, PartStats())
+        timed("decode + pieces (per-chunk loop, annotation memo)", pieces)
+        timed("encode text pieces", lambda: tok.encode_flat(batch.texts))
+        part = timed("encode text pieces + layout", lambda: tok.pieces.encode(batch))
+        timed("write part", lambda: write_token_role_part(os.path.join(tmp, "stages_part"), part.ids, part.roles,
+                                                          part.doc_lengths, tok.token_dtype))
+    raw_s = best["raw encode of the whole texts"]
+    best["layout"] = best.pop("encode text pieces + layout") - best["encode text pieces"]
+    work = sum(v for k, v in best.items() if k not in ("raw encode of the whole texts", "decode lines (msgspec)"))
+    return {"annotated_jsonl_mb": round(sum(map(len, lines)) / 1e6, 1), "documents": len(lines),
+            "text_pieces": len(batch.texts), "codes": len(batch.codes), "tokens": int(len(part.ids)), "backend": notice,
+            "seconds": {k: round(v, 3) for k, v in best.items()},
+            "x_raw_encode": {k: round(v / raw_s, 2) for k, v in best.items()},
+            "annotated_work_x_raw_encode": round(work / raw_s, 2),
+            "note": "target 0.25 of the raw encode = the whole process within 4x the raw encode"}
+
+
 def bench_side_by_side(args, tmp):
     raw, ann, texts, text_mb = make_side_corpora(tmp, args.side_mb, args.corpus, args.text_dirs)
     del texts
@@ -446,7 +503,7 @@ def main(argv=None):
                    help="throughput: interleaved runs per arm; the best of each counts (default: 5)")
     p.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece vocabulary for the benchmark")
     p.add_argument("--only", nargs="*", default=["throughput", "write", "memory", "fetch"],
-                   help="which benchmarks to run (throughput, write, memory, fetch, side, side-memory)")
+                   help="which benchmarks to run (throughput, write, memory, fetch, side, side-memory, stages)")
     p.add_argument("--side-mb", type=float, default=200, help="side: size of the raw JSONL corpus (MB)")
     p.add_argument("--side-repeat", type=int, default=3, help="side: rounds; every arm runs once per round")
     p.add_argument("--corpus", choices=["text", "synthetic"], default="text",
@@ -459,6 +516,8 @@ def main(argv=None):
     p.add_argument("--megatron-python", default=None,
                    help="side: the Python that runs Megatron-LM's tools (one with triton installed; default: this one)")
     p.add_argument("--skip-megatron-slow", action="store_true", help="side: leave out Megatron-LM's preprocess_data.py")
+    p.add_argument("--stages-mb", type=float, default=40,
+                   help="stages: size of the annotated JSONL slice profiled in one process (MB)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench_pre_")
@@ -467,10 +526,13 @@ def main(argv=None):
         if "side" in args.only:
             results["side"] = bench_side_by_side(args, tmp)
             print("side", json.dumps(results["side"], indent=1), flush=True)
+        if "stages" in args.only:
+            results["stages"] = bench_stages(args, tmp)
+            print("stages", json.dumps(results["stages"], indent=1), flush=True)
         if "side-memory" in args.only:
             results["side_memory"] = bench_side_memory(args, tmp)
             print("side-memory", json.dumps(results["side_memory"], indent=1), flush=True)
-        if set(args.only) - {"side", "side-memory"}:
+        if set(args.only) - {"side", "side-memory", "stages"}:
             corpus = os.path.join(tmp, "corpus.jsonl")
             results["corpus_documents"] = make_corpus(corpus, args.mb)
             subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", corpus,
