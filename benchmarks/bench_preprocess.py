@@ -340,16 +340,22 @@ def _first_tenth(path, tmp):
     return out
 
 
+def train_side_tokenizer(raw, prefix, vocab_size, hf=True):
+    """An 8k-style tokenizer for the side corpora, trained on the first 20 MB of ``raw``: a byte-level BPE
+    (``PREFIX/``) or, with ``hf=False``, a SentencePiece model (``PREFIX.model``)."""
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", raw,
+                    "--vocab-size", str(vocab_size), "--max-bytes", "20000000", "--output-prefix", prefix,
+                    *(["--type", "hf"] if hf else [])], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return prefix if hf else prefix + ".model"
+
+
 def bench_side_memory(args, tmp):
     """Peak resident memory of the process tree on the real-text corpora: the whole corpus against its first
     tenth, plain and annotated, HF BPE tokenizer. Parts of 250 documents, so that even the tenth fills the
     pipeline (2 x workers parts in flight) and both runs are in their steady state."""
     raw, ann, texts, _ = make_side_corpora(tmp, args.side_mb, args.corpus, args.text_dirs)
     del texts
-    hf = os.path.join(tmp, "side_hf")
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", raw, "--type", "hf",
-                    "--output-prefix", hf, "--vocab-size", str(args.vocab_size), "--max-bytes", "20000000"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    hf = train_side_tokenizer(raw, os.path.join(tmp, "side_hf"), args.vocab_size)
     tool = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--workers", str(args.workers),
             "--append-eod", "--no-progress", "--overwrite", "--docs-per-part", "250",
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf]
@@ -376,10 +382,7 @@ def bench_stages(args, tmp):
     from megatron_anchor.tokenizer.pieces import PieceBatch
 
     raw, ann, texts, _ = make_side_corpora(tmp, args.stages_mb * 0.55, args.corpus, args.text_dirs)
-    hf = os.path.join(tmp, "side_hf")
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", raw, "--type", "hf",
-                    "--output-prefix", hf, "--vocab-size", str(args.vocab_size), "--max-bytes", "20000000"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    hf = train_side_tokenizer(raw, os.path.join(tmp, "side_hf"), args.vocab_size)
     tok = build_tokenizer("HuggingFaceTokenizer", hf)
     notice = select_backend(tok, "gigatoken", texts[:200])
     cfg = PreprocessConfig(input=ann, output_prefix=os.path.join(tmp, "stages"), tokenizer_type="HuggingFaceTokenizer",
@@ -421,13 +424,8 @@ def bench_stages(args, tmp):
 def bench_side_by_side(args, tmp):
     raw, ann, texts, text_mb = make_side_corpora(tmp, args.side_mb, args.corpus, args.text_dirs)
     del texts
-    hf = os.path.join(tmp, "side_hf")
-    sp = os.path.join(tmp, "side_sp")
-    for extra in (["--type", "hf", "--output-prefix", hf], ["--output-prefix", sp]):
-        subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", raw,
-                        "--vocab-size", str(args.vocab_size), "--max-bytes", "20000000", *extra], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sp += ".model"
+    hf = train_side_tokenizer(raw, os.path.join(tmp, "side_hf"), args.vocab_size)
+    sp = train_side_tokenizer(raw, os.path.join(tmp, "side_sp"), args.vocab_size, hf=False)
     w = str(args.workers)
     tool = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--workers", w, "--append-eod",
             "--no-progress", "--overwrite"]

@@ -101,6 +101,15 @@ class EncodedPart:
         return cls(ids, roles, lengths, np.zeros(len(docs), np.int64), list(meta or [None] * len(docs)))
 
 
+def _gather(src: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """``src[starts[p]:starts[p] + lens[p]]`` for every piece ``p``, back to back."""
+    total = int(lens.sum())
+    # Token j of piece p comes from src[starts[p] + j].
+    index = np.repeat(starts - (np.cumsum(lens) - lens), lens)
+    index += np.arange(total, dtype=np.int64)
+    return src[index]
+
+
 class PieceEncoder:
     """Encodes :class:`PieceBatch` es for one tokenizer, keeping the pool of repeating pieces between parts."""
 
@@ -248,8 +257,6 @@ class PieceEncoder:
         text_starts = np.zeros(len(text_lens), np.int64)
         if len(text_lens) > 1:
             np.cumsum(text_lens[:-1], out=text_starts[1:])
-        # One source buffer: the part's text ids, then the pool's ids.
-        src = np.concatenate([text_ids.astype(dtype, copy=False), pool_ids.astype(dtype, copy=False)])
         lens = np.empty(len(codes), np.int64)
         starts = np.empty(len(codes), np.int64)
         roles = np.empty(len(codes), ROLE_DTYPE)
@@ -257,12 +264,17 @@ class PieceEncoder:
         roles[is_text] = np.asarray(batch.text_roles, ROLE_DTYPE)[k] if len(k) else roles[is_text]
         lens[~is_text], starts[~is_text] = pool_lens[pool_k], pool_starts[pool_k] + len(text_ids)
         roles[~is_text] = pool_roles[pool_k]
-        total = int(lens.sum())
-        out_starts = np.cumsum(lens) - lens
-        # Gather: token j of piece p comes from src[starts[p] + j].
-        gather = np.repeat(starts - out_starts, lens)
-        gather += np.arange(total, dtype=np.int64)
-        ids = src[gather]
+        if len(k) == len(text_lens) and (k == np.arange(len(k))).all():
+            # Text pieces in the order they were added (what PieceBatch makes): their ids go out as one block into
+            # the text tokens' places, and only pool tokens (annotations, EOD) are gathered. A byte mask and one
+            # copy per token, where the general gather below builds and reads an int64 index per token.
+            ids = np.empty(int(lens.sum()), dtype)
+            text_tokens = np.repeat(is_text, lens)
+            ids[text_tokens] = text_ids
+            ids[~text_tokens] = _gather(pool_ids.astype(dtype, copy=False), pool_starts[pool_k], lens[~is_text])
+        else:  # one source buffer: the part's text ids, then the pool's ids
+            src = np.concatenate([text_ids.astype(dtype, copy=False), pool_ids.astype(dtype, copy=False)])
+            ids = _gather(src, starts, lens)
         out_roles = np.repeat(roles, lens)
         piece_ends = np.asarray(batch.doc_ends, np.int64)
         token_ends = np.concatenate([[0], np.cumsum(lens)])[piece_ends]
