@@ -132,3 +132,15 @@ def test_one_base_length_per_output_folder(tmp_path, capsys):
         ab.main(["--out", str(old), "--pre-iters", "700", "--seeds", "0", "--report-only"])
     assert ab.main(["--out", str(tmp_path / "c"), "--pre-iters", "0"]) == 2
     assert "--pre-iters must be at least 1" in capsys.readouterr().err
+
+
+def test_the_base_length_default_is_the_quickstarts(monkeypatch):
+    """The tool reads the quickstart script's own default (one place holds it), and says so when it cannot."""
+    script = open(ab.QUICKSTART).read()
+    assert f'PRE_ITERS="${{PRE_ITERS:-{ab.quickstart_default("PRE_ITERS")}}}"' in script
+    monkeypatch.delenv("PRE_ITERS", raising=False)
+    assert ab.default_pre_iters() == int(ab.quickstart_default("PRE_ITERS"))
+    monkeypatch.setenv("PRE_ITERS", "21")
+    assert ab.default_pre_iters() == 21
+    with pytest.raises(RuntimeError, match="no longer sets NO_SUCH_SETTING"):
+        ab.quickstart_default("NO_SUCH_SETTING")

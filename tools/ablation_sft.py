@@ -81,12 +81,26 @@ DEFAULT_SETTINGS = (
     Setting("replay 0.3, 4x SFT data", 0.3, sft_factor=4, lengths=(200, 1000), tier=4),
 )
 DEFAULT_LENGTHS = (40, 200, 1000)
-DEFAULT_PRE_ITERS = 500
-"""The quickstart's pretraining iterations (examples/quickstart.sh, PRE_ITERS): the base every point starts from."""
 # Report keys (megatron_anchor/eval/quickstart.py): the training annotator's tag and topic entropy, and the
 # independent embedding judges.
 TAG, TOPIC, EMB, DISTINCT = ("annotator:attribute_entropy", "annotator:entropy_topic", "embedding:pairwise_distance",
                              "distinct:distinct")
+
+
+def quickstart_default(name: str) -> str:
+    """The default the quickstart script gives its setting ``name`` (``NAME="${NAME:-VALUE}"``): the script is the
+    one place that holds it. Raises when the script no longer spells it that way."""
+    with open(QUICKSTART, encoding="utf-8") as f:
+        m = re.search(rf'^{name}="\$\{{{name}:-([^}}]*)\}}"', f.read(), re.M)
+    if m is None:
+        raise RuntimeError(f"{QUICKSTART} no longer sets {name} as {name}=\"${{{name}:-DEFAULT}}\"; update "
+                           "tools/ablation_sft.py")
+    return m.group(1)
+
+
+def default_pre_iters() -> int:
+    """The base pretraining length the quickstart would use here ($PRE_ITERS, else its script's default)."""
+    return int(os.environ.get("PRE_ITERS") or quickstart_default("PRE_ITERS"))
 
 
 def _free_port() -> int:
@@ -118,7 +132,7 @@ def _base_ready(base: str) -> bool:
         os.path.exists(os.path.join(base, "pretrain_plain_text_document.idx"))
 
 
-def ensure_base(out: str, seed: int, pre_iters: int = DEFAULT_PRE_ITERS) -> str:
+def ensure_base(out: str, seed: int, pre_iters: int) -> str:
     """The seed's data and base checkpoint, pretrained for ``pre_iters`` iterations (built once)."""
     base = os.path.join(out, f"seed{seed}", "base")
     if not _base_ready(base):
@@ -133,15 +147,17 @@ def check_pre_iters(out: str, pre_iters: int) -> None:
     path = os.path.join(out, "ablation.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            recorded = json.load(f).get("pre_iters", DEFAULT_PRE_ITERS)
+            recorded = json.load(f)["pre_iters"]
         if recorded != pre_iters:
             raise SystemExit(f"ablation_sft.py: error: {out} holds bases pretrained for {recorded} iterations, not "
                              f"--pre-iters {pre_iters}; use another --out for another base length")
         return
     os.makedirs(out, exist_ok=True)
-    if glob.glob(os.path.join(out, "seed*", "base")) and pre_iters != DEFAULT_PRE_ITERS:
-        raise SystemExit(f"ablation_sft.py: error: {out} holds bases of the quickstart's {DEFAULT_PRE_ITERS} "
-                         f"pretraining iterations; use another --out for --pre-iters {pre_iters}")
+    default = int(quickstart_default("PRE_ITERS"))
+    if glob.glob(os.path.join(out, "seed*", "base")) and pre_iters != default:
+        # Bases written before the record existed: the quickstart's default length.
+        raise SystemExit(f"ablation_sft.py: error: {out} holds bases of the quickstart's {default} pretraining "
+                         f"iterations; use another --out for --pre-iters {pre_iters}")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump({"pre_iters": pre_iters}, f)
     os.replace(path + ".tmp", path)
@@ -184,8 +200,7 @@ def _link_standard(out: str, seed: int, setting: Setting, length: int, work: str
         os.symlink(os.path.abspath(shared), link)
 
 
-def run_point(out: str, seed: int, setting: Setting, length: int, n: int,
-              pre_iters: int = DEFAULT_PRE_ITERS) -> Dict:
+def run_point(out: str, seed: int, setting: Setting, length: int, n: int, pre_iters: int) -> Dict:
     """Train and measure one point (or read its earlier result); returns its result row."""
     work = point_dir(out, seed, setting, length)
     report_path = os.path.join(work, "report.json")
@@ -374,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=32, help="samples per held-out prompt (default 32)")
     p.add_argument("--pre-iters", type=int, default=None,
                    help="pretraining iterations of each seed's base checkpoint (default: the quickstart's, "
-                        f"$PRE_ITERS or {DEFAULT_PRE_ITERS}); one value per --out, recorded in OUT/ablation.json")
+                        "$PRE_ITERS or its script's default); one value per --out, recorded in OUT/ablation.json")
     p.add_argument("--dry-run", action="store_true", help="print the points and exit")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results, table and plot from the finished points without running anything")
@@ -399,7 +414,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"seed {seed} | {s.name} | {length} iterations -> {point_dir(args.out, seed, s, length)}")
         return 0
     if args.pre_iters is None:  # what the quickstart itself would pretrain for
-        args.pre_iters = int(os.environ.get("PRE_ITERS", DEFAULT_PRE_ITERS))
+        args.pre_iters = default_pre_iters()
     if args.pre_iters < 1:
         print("ablation_sft.py: error: --pre-iters must be at least 1", file=sys.stderr)
         return 2

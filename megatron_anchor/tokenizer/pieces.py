@@ -254,15 +254,11 @@ class PieceEncoder:
         is_text = codes < 0
         k = ~codes[is_text]
         pool_k = codes[~is_text]
-        text_starts = np.zeros(len(text_lens), np.int64)
-        if len(text_lens) > 1:
-            np.cumsum(text_lens[:-1], out=text_starts[1:])
         lens = np.empty(len(codes), np.int64)
-        starts = np.empty(len(codes), np.int64)
         roles = np.empty(len(codes), ROLE_DTYPE)
-        lens[is_text], starts[is_text] = text_lens[k], text_starts[k]
+        lens[is_text] = text_lens[k]
         roles[is_text] = np.asarray(batch.text_roles, ROLE_DTYPE)[k] if len(k) else roles[is_text]
-        lens[~is_text], starts[~is_text] = pool_lens[pool_k], pool_starts[pool_k] + len(text_ids)
+        lens[~is_text] = pool_lens[pool_k]
         roles[~is_text] = pool_roles[pool_k]
         if len(k) == len(text_lens) and (k == np.arange(len(k))).all():
             # Text pieces in the order they were added (what PieceBatch makes): their ids go out as one block into
@@ -273,6 +269,12 @@ class PieceEncoder:
             ids[text_tokens] = text_ids
             ids[~text_tokens] = _gather(pool_ids.astype(dtype, copy=False), pool_starts[pool_k], lens[~is_text])
         else:  # one source buffer: the part's text ids, then the pool's ids
+            text_starts = np.zeros(len(text_lens), np.int64)
+            if len(text_lens) > 1:
+                np.cumsum(text_lens[:-1], out=text_starts[1:])
+            starts = np.empty(len(codes), np.int64)
+            starts[is_text] = text_starts[k]
+            starts[~is_text] = pool_starts[pool_k] + len(text_ids)
             src = np.concatenate([text_ids.astype(dtype, copy=False), pool_ids.astype(dtype, copy=False)])
             ids = _gather(src, starts, lens)
         out_roles = np.repeat(roles, lens)
