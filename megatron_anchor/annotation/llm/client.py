@@ -393,7 +393,7 @@ class AnnotatorClient:
         token cap (an answer cut at the cap is asked again with a larger one)."""
         cfg = self.config
         messages = build_messages(text, self.schema, cfg.max_chunk_chars, example, self.answer_format)
-        return self._body(messages, cfg.max_tokens * growth, temperature, chunk_schema(self.schema))
+        return self._body(messages, self.token_cap(None, growth), temperature, chunk_schema(self.schema))
 
     def document_body(self, texts: Sequence[str], temperature: Optional[float] = None,
                       example: int = 0, growth: int = 1) -> Dict[str, Any]:
@@ -402,8 +402,14 @@ class AnnotatorClient:
         cfg = self.config
         clip = min(cfg.max_chunk_chars, cfg.window_chars)
         messages = build_document_messages(texts, self.schema, clip, example, self.answer_format)
-        return self._body(messages, (cfg.max_tokens + 4) * len(texts) * growth, temperature,
+        return self._body(messages, self.token_cap(len(texts), growth), temperature,
                           document_schema(self.schema, len(texts)))
+
+    def token_cap(self, window: Optional[int], growth: int = 1) -> int:
+        """``max_tokens`` of a request: one chunk's cap (``window`` None), or a window's of ``window`` chunks (each
+        with its header), times ``growth``."""
+        cap = self.config.max_tokens
+        return (cap if window is None else (cap + 4) * window) * growth
 
     def _grown(self, growth: int) -> Optional[int]:
         """The next cap multiple after an answer was cut at ``growth`` (None: already the largest)."""
@@ -548,7 +554,7 @@ class AnnotatorClient:
             rounds += 1
             temperature = cfg.retry_temperature  # the same greedy answer would come back
             # A cut answer's last value may be cut mid-word: nothing of it is taken.
-            parsed = (ParseResult([], f"answer cut at the token cap ({cfg.max_tokens * growth} tokens)") if cut
+            parsed = (ParseResult([], f"answer cut at the token cap ({self.token_cap(None, growth)} tokens)") if cut
                       else parse_output(content, self.schema))
             problem = parsed.problem
             if parsed.ok:
@@ -618,8 +624,7 @@ class AnnotatorClient:
             grown = None
             if cut:
                 grown = self._grown(growth)
-                self._distrust_cut(parsed, f"answer cut at the token cap "
-                                           f"({(cfg.max_tokens + 4) * len(todo) * growth} tokens)")
+                self._distrust_cut(parsed, f"answer cut at the token cap ({self.token_cap(len(todo), growth)} tokens)")
             again: List[int] = []
             for j, i in enumerate(todo, 1):
                 a = res.annotations[i]
