@@ -38,9 +38,11 @@ def _errors(cfg, world=1, cuda=False, te=False):
 
 # --- start-up checks --------------------------------------------------------------------------------------------
 
-def test_mixed_precision_and_fp8_are_refused_on_cpu_with_what_to_do():
-    assert "--bf16 needs a GPU" in _errors(_cfg("--bf16"))
-    assert "--fp16 needs a GPU" in _errors(_cfg("--fp16"))
+def test_mixed_precision_runs_on_cpu_and_fp8_is_refused_there_with_what_to_do():
+    for flags in (["--bf16"], ["--fp16"], ["--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                                           "--overlap-param-gather"]):
+        validate(_cfg(*flags), 2, False, False)  # megatron-core's mixed-precision path on CPU (cpu_compat)
+    assert "needs the Transformer Engine layers on a GPU" in _errors(_cfg("--bf16", "--fp8-format", "hybrid"))
     assert "exclusive" in _errors(_cfg("--bf16", "--fp16"), cuda=True)
     msg = _errors(_cfg("--fp8-format", "hybrid", "--transformer-impl", "local"), cuda=True)
     assert "needs the Transformer Engine layers" in msg and "add --bf16" in msg

@@ -366,8 +366,6 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
         if m.transformer_impl != "transformer_engine":
             errors.append("--sequence-parallel needs the Transformer Engine layers (the local spec's torch "
                           "norms do not support it)")
-    if p.use_distributed_optimizer and backend != "nccl":
-        errors.append("--use-distributed-optimizer needs NCCL (gloo has no reduce-scatter)")
     if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
         errors.append("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
     errors.extend(_packing_errors(cfg, has_te))
@@ -414,6 +412,8 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
 
     if c.finetune and not c.load:
         errors.append("--finetune needs --load")
+    if c.dist_ckpt_optim_fully_reshardable and not p.use_distributed_optimizer:
+        errors.append("--dist-ckpt-optim-fully-reshardable applies to --use-distributed-optimizer only")
     if c.save_interval is not None and c.save_interval < 1:
         errors.append("--save-interval must be >= 1")
     if c.save_interval and not c.save:
@@ -450,16 +450,12 @@ def signal_name(name: str) -> str:
 
 
 def _precision_errors(cfg: AnchorConfig, has_cuda: bool, has_te: bool) -> List[str]:
-    """bf16 / fp16 / FP8 settings that cannot run here (megatron's mixed-precision optimizer is CUDA-only)."""
+    """bf16 / fp16 / FP8 settings that cannot run here. bf16 and fp16 run on CPU too (megatron-core's
+    Float16Module and mixed-precision optimizer, through :mod:`megatron_anchor.cpu_compat`); FP8 needs a GPU."""
     t, f, m = cfg.training, cfg.performance, cfg.model
     errors = []
     if t.bf16 and t.fp16:
         errors.append("--bf16 and --fp16 are exclusive")
-    for flag, on in (("--bf16", t.bf16), ("--fp16", t.fp16)):
-        if on and not has_cuda:
-            # The model would run, but megatron's mixed-precision optimizer asserts CUDA tensor types.
-            errors.append(f"{flag} needs a GPU (megatron's mixed-precision optimizer is CUDA-only); train in "
-                          "fp32 on CPU")
     if not t.fp16 and t.loss_scale is not None:
         errors.append("--loss-scale only applies to --fp16 (bf16 and fp32 need no loss scaling)")
     if t.loss_scale is not None and t.loss_scale <= 0:
