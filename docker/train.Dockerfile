@@ -5,10 +5,11 @@
 # Run a multi-GPU job on one node:
 #   docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 -v /data:/data \
 #     megatron-anchor-train torchrun --nproc-per-node 8 pretrain_anchor.py ...
-# The pairing: megatron-core 0.19 on the NGC PyTorch release its own CI image is built from (Megatron-LM's
-# docker/Dockerfile.ci.dev at core_v0.19.0: nvcr.io/nvidia/pytorch:26.06-py3). Older NGC releases carry Transformer
-# Engine builds older than the 2.9 that megatron-core 0.16's extras already ask for (25.09 has 2.7); the build refuses
-# a Transformer Engine below MIN_TE_VERSION rather than train on a pairing megatron-core was not tested with.
+# The pairing: megatron-core 0.19 on the NGC PyTorch release its own CI image starts from (Megatron-LM's
+# docker/Dockerfile.ci.dev at core_v0.19.0: nvcr.io/nvidia/pytorch:26.06-py3; that CI then builds its own Transformer
+# Engine, 2.17 at that tag, which this image does not). Older NGC releases carry Transformer Engine builds older than
+# the 2.9 that megatron-core's extras have asked for since 0.16 (25.09 has 2.7); the build refuses a Transformer
+# Engine below MIN_TE_VERSION rather than train on a pairing megatron-core no longer targets.
 ARG NGC_PYTORCH_TAG=26.06-py3
 FROM nvcr.io/nvidia/pytorch:${NGC_PYTORCH_TAG}
 ARG MEGATRON_CORE_VERSION=0.19.2

@@ -179,16 +179,29 @@ def test_packed_context_parallel_pads_each_ranks_tokens_for_sequence_parallel_an
         for part in parts:
             assert part["tokens"].shape[1] % multiple == 0, (multiple, part["tokens"].shape)
         assert sum(int(p["loss_mask"].sum()) for p in parts) == 24  # the extra padding carries no loss
-    assert rank_token_multiple(4, False, False) == 1 and rank_token_multiple(4, True, True) == 16
+    assert rank_token_multiple(4, False, False) == 1 and rank_token_multiple(4, True, True) == 32
+    # One 64-token sample of two documents (33 + 31) under CP=2, FP8 and sequence parallelism at TP=4: each TP
+    # rank's share of each CP rank's tokens must be a multiple of 8 (an lcm of TP and 16 gave 12 here).
+    two_docs = torch.tensor([0, 33, 64], dtype=torch.int32)
+    cu_padded, _ = pad_documents(two_docs, 1, 64, 2, rank_token_multiple(4, True, True))
+    assert (int(cu_padded[-1]) // 2 // 4) % 8 == 0
 
 
 def test_sequence_parallel_and_fp8_lengths_that_would_fail_mid_run_are_refused():
     sp = _cfg("--tensor-model-parallel-size", "4", "--num-attention-heads", "4", "--sequence-parallel",
               "--transformer-impl", "transformer_engine", "--seq-length", "66")
-    assert "make --seq-length a multiple of 4" in _errors(sp, world=4, cuda=True, te=True)
+    assert "66 tokens per context-parallel rank over TP (4): make them a multiple of 4" in _errors(sp, world=4,
+                                                                                                  cuda=True, te=True)
     fp8 = _cfg("--bf16", "--fp8-format", "hybrid", "--transformer-impl", "transformer_engine", "--seq-length", "36",
                "--micro-batch-size", "1", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "256")
-    assert "to be a multiple of 16" in _errors(fp8, cuda=True, te=True)
+    assert "to be a multiple of 8" in _errors(fp8, cuda=True, te=True)
+    validate(_cfg("--bf16", "--fp8-format", "hybrid", "--transformer-impl", "transformer_engine", "--seq-length",
+                  "40", "--micro-batch-size", "1", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size",
+                  "256"), 1, True, True)  # 40 tokens: a multiple of 8 is enough
+    weights = _cfg("--bf16", "--fp8-format", "hybrid", "--transformer-impl", "transformer_engine", "--num-layers",
+                   "2", "--hidden-size", "64", "--ffn-hidden-size", "200", "--tensor-model-parallel-size", "2")
+    assert "--ffn-hidden-size / TP (the input of the second MLP projection) = 100" in _errors(weights, world=2,
+                                                                                             cuda=True, te=True)
     packed = _cfg("--bf16", "--fp8-format", "hybrid", "--transformer-impl", "transformer_engine", "--seq-length",
                   "36", "--micro-batch-size", "1", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size",
                   "256", "--context-parallel-size", "2", "--reset-attention-mask")

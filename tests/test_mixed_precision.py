@@ -102,19 +102,23 @@ def _session(rank, world, data, tmp):
 
     # The distributed optimizer's fully reshardable form: saved at DP=2, resumed at TP=2 (DP=1); the per-bucket
     # form is refused there before any model is built.
+    # (the memory-efficient variant: gathered on each data-parallel group's first rank).
     ck = os.path.join(tmp, "reshard")
-    flags = [*DISTOPT, "--dist-ckpt-optim-fully-reshardable"]
+    flags = [*DISTOPT, "--dist-ckpt-optim-fully-reshardable", "--distrib-optim-fully-reshardable-mem-efficient"]
     out["reshard_reference"] = _train(_no_dropout(data, tmp, *flags))
     run(_setup(_no_dropout(data, tmp, *flags, "--save", ck, "--exit-interval", "4")))
     out["resharded"] = _train(_no_dropout(data, tmp, *flags, "--load", ck, "--tensor-model-parallel-size", "2"))
     from megatron_anchor.training.arguments import ConfigError
 
-    try:
-        _setup(_no_dropout(data, tmp, *DISTOPT, "--bf16", "--load", os.path.join(tmp, "resume"),
-                           "--tensor-model-parallel-size", "2"))
-        out["refused"] = None
-    except ConfigError as exc:
-        out["refused"] = str(exc)
+    def refusal(*extra):
+        try:
+            _setup(_no_dropout(data, tmp, *DISTOPT, "--bf16", "--load", os.path.join(tmp, "resume"), *extra))
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    out["refused"] = refusal("--tensor-model-parallel-size", "2")
+    out["refused_buckets"] = refusal("--overlap-grad-reduce")
 
     # NaN/Inf checks under bf16: poisoned gradients without clipping (no norm from the optimizer's clip), and
     # poisoned weights.
@@ -141,6 +145,10 @@ def _session(rank, world, data, tmp):
     out["fp16_first"] = ([m["skipped"] for m in first.train], first.exit_reason, latest_iteration(ck))
     out["fp16_overlap_resumed"] = _train(overlapped + ["--load", ck])
     out["fp16_overlap"] = _train(_no_dropout(data, tmp, *FP16, *OVERLAP, "--eval-interval", "1"))
+    # A plain fp16 checkpoint saved before the first update (no Adam state yet) resumes too.
+    ck = os.path.join(tmp, "fp16_plain_early")
+    run(_setup(_no_dropout(data, tmp, *FP16, "--save", ck, "--exit-interval", "2")))
+    out["fp16_plain_resumed"] = _train(_no_dropout(data, tmp, *FP16, "--load", ck))
 
     # A global batch without loss tokens: finite weights, no loss reported, in fp32, bf16 and bf16 + distopt.
     for name, extra in (("zero_fp32", []), ("zero_bf16_distopt", ["--bf16", *DISTOPT])):
@@ -187,6 +195,8 @@ def test_fully_reshardable_distributed_optimizer_state_resumes_under_another_lay
     msg = session[0]["refused"]
     assert msg and "optimizer state: --tensor-model-parallel-size: checkpoint 1, this run 2" in msg, msg
     assert "--no-load-optim" in msg and "--dist-ckpt-optim-fully-reshardable" in msg
+    msg = session[0]["refused_buckets"]
+    assert msg and "gradient buckets: checkpoint one bucket, this run 40,000,000-element buckets" in msg, msg
 
 
 def test_bf16_nan_checks_fire_with_and_without_clipping(session):
@@ -206,6 +216,7 @@ def test_fp16_skipped_steps_with_overlapped_gather_evaluate_save_and_match_plain
     assert plain["grad_norm"][0] is None and plain["grad_norm"][-1] is not None  # skipped, then updating
     assert overlap["loss"] == plain["loss"]
     assert session[0]["fp16_overlap_resumed"]["loss"] == plain["loss"][2:]
+    assert session[0]["fp16_plain_resumed"]["loss"] == plain["loss"][2:]
     assert len(overlap["valid"]) == 8 and all(math.isfinite(v) for v in overlap["valid"])
 
 

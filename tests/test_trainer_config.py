@@ -330,4 +330,26 @@ def test_launcher_signal_problems_name_what_would_kill_a_save():
     assert launcher_signal_problems("SIGUSR1", True, dict(new, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGUSR1")) == []
     short = launcher_signal_problems("SIGTERM", True, {"TORCHELASTIC_RUN_ID": "x"})
     assert len(short) == 1 and "30 s" in short[0]
+    assert launcher_signal_problems("SIGTERM", True, {"TORCHELASTIC_RUN_ID": "x", "PET_SHUTDOWN_TIMEOUT": "600"}) == []
     assert launcher_signal_problems("SIGTERM", False, {"TORCHELASTIC_RUN_ID": "x"}) == []  # nothing to save
+
+
+def test_an_old_torchrun_is_recognised_whatever_the_environment_says(monkeypatch):
+    import torch
+
+    from megatron_anchor.training.guards import launcher_signal_problems
+
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    env = {"TORCHELASTIC_RUN_ID": "x", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600",
+           "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGUSR1"}  # exported by a script, unread by this torchrun
+    assert "before 2.9" in launcher_signal_problems("SIGUSR1", True, env)[0]
+
+
+def test_the_recipes_read_the_exit_record_the_trainer_writes():
+    from megatron_anchor.training.checkpointing import EXIT_RECORD_FILE
+
+    from tests.distributed import REPO_ROOT
+
+    with open(os.path.join(REPO_ROOT, "examples", "gpu", "preemption.sh"), encoding="utf-8") as fh:
+        script = fh.read()
+    assert f'"$save/{EXIT_RECORD_FILE}"' in script

@@ -35,15 +35,9 @@ TRAIN_ITERS=$(( TOKENS / (GLOBAL_BATCH_SIZE * SEQ_LENGTH) ))
 WARMUP_ITERS=$(( TRAIN_ITERS / 100 ))
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # needed for TP communication overlap with sequence parallel
-# Preemption (Slurm: #SBATCH --signal=USR1@300, without B:, signals every process of the step five minutes before the
-# end): the workers finish the step, save and exit 0. torchrun >= 2.9 forwards the signals of its
-# --signals-to-handle (PET_SIGNALS_TO_HANDLE: an exported TORCHELASTIC_SIGNALS_TO_HANDLE is overwritten by the
-# launcher) and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds before its SIGKILL; older torchruns die of SIGUSR1
-# (the trainer warns at start-up: use EXIT_SIGNAL=SIGTERM with --signal=TERM@300 there). torchrun replaces this shell (exec below), so no
-# shell is left to die of the signal and take the job step down mid-save (srun --kill-on-bad-exit).
-EXIT_SIGNAL="${EXIT_SIGNAL:-SIGUSR1}"
-export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,${EXIT_SIGNAL}}"
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+# Preemption: the exit signal ends the launch with a saved checkpoint and status 0 (examples/gpu/preemption.sh).
+# shellcheck source=preemption.sh
+source "${REPO}/examples/gpu/preemption.sh"
 # Multi-node: megatron-core also makes gloo groups, which pick the interface of the host name; in many containers
 # that is the wrong one (or loopback): set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME) to the cluster network's.
 export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
@@ -61,7 +55,7 @@ if [ -n "${WANDB_PROJECT:-}" ]; then
 fi
 
 # shellcheck disable=SC2206  # DATA_PATH may hold several words (weights and prefixes)
-exec "${LAUNCH[@]}" "${REPO}/pretrain_anchor.py" \
+run_training "${SAVE_DIR}/checkpoints" "${LAUNCH[@]}" "${REPO}/pretrain_anchor.py" \
   --transformer-impl transformer_engine --bf16 \
   --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}" ${SEQ_PARALLEL:+--sequence-parallel} \
   --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather ${VP_LAYERS:+--num-layers-per-virtual-pipeline-stage "${VP_LAYERS}"} \

@@ -56,26 +56,32 @@ python tools/preprocess_sft.py --input "$SFT_JSONL" --output-prefix "$WORK/sft_a
 python tools/preprocess_sft.py --input "$SFT_JSONL" --output-prefix "$WORK/sft_standard" "${TOK[@]}" \
   "${SFT_DATA[@]}" --no-annotations
 
-# Preemption (see pretrain_common.sh): this shell runs two trainings in turn, so it cannot exec torchrun; it ignores
-# the exit signal instead (a shell killed by it would take the job step down mid-save), torchrun >= 2.9 forwards it
-# (PET_SIGNALS_TO_HANDLE, the environment form of its --signals-to-handle),
-# and the workers handle it (their own handler replaces the inherited "ignore").
-EXIT_SIGNAL="${EXIT_SIGNAL:-SIGUSR1}"
-trap '' "${EXIT_SIGNAL#SIG}"
-export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,${EXIT_SIGNAL}}"
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+# Preemption: the exit signal ends a training with a saved checkpoint and status 0 (examples/gpu/preemption.sh); a
+# rerun of this script resumes each training from its own latest checkpoint instead of fine-tuning again.
+# shellcheck source=preemption.sh
+source examples/gpu/preemption.sh
 TRAIN=("${MODEL_ARGS[@]}" --seq-length "$SEQ_LENGTH" --transformer-impl transformer_engine --bf16
        --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
        --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" ${SEQ_PARALLEL:+--sequence-parallel}
        --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GBS" --train-iters "$ITERS"
        --lr "$LR" --min-lr 0 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.0 --clip-grad 1.0
        --hidden-dropout 0 --attention-dropout 0 --split 98,2,0 --eval-interval 200 --eval-iters 10
-       --reset-attention-mask --finetune --load "$CKPT" --log-interval 10 --exit-signal "$EXIT_SIGNAL")
+       --reset-attention-mask --log-interval 10 --exit-signal "$EXIT_SIGNAL")
 
-torchrun --nproc-per-node "$NPROC" pretrain_anchor.py "${TRAIN[@]}" "${TOK[@]}" \
+# From the pretrained weights the first time; from the training's own checkpoint after a preemption.
+start_from() {  # one flag per line
+  if [[ -f "$1/latest_checkpointed_iteration.txt" ]]; then printf '%s\n' --load "$1"
+  else printf '%s\n' --finetune --load "$CKPT"; fi
+}
+mapfile -t ANC_START < <(start_from "$WORK/ck_sft_anchored")
+mapfile -t STD_START < <(start_from "$WORK/ck_sft_standard")
+
+run_training "$WORK/ck_sft_anchored" torchrun --nproc-per-node "$NPROC" pretrain_anchor.py "${TRAIN[@]}" "${TOK[@]}" \
+  "${ANC_START[@]}" \
   --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored "${ANC_REPLAY[@]}" \
   --save "$WORK/ck_sft_anchored" --save-interval 500 --tensorboard-dir "$WORK/tb_sft_anchored"
 
-torchrun --nproc-per-node "$NPROC" pretrain_anchor.py "${TRAIN[@]}" "${TOK[@]}" \
+run_training "$WORK/ck_sft_standard" torchrun --nproc-per-node "$NPROC" pretrain_anchor.py "${TRAIN[@]}" "${TOK[@]}" \
+  "${STD_START[@]}" \
   --data-path "$WORK/sft_standard_text_document" --loss-mask-policy sft-standard "${STD_REPLAY[@]}" \
   --save "$WORK/ck_sft_standard" --save-interval 500 --tensorboard-dir "$WORK/tb_sft_standard"

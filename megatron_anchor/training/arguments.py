@@ -415,6 +415,9 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
         errors.append("--finetune needs --load")
     if c.dist_ckpt_optim_fully_reshardable and not p.use_distributed_optimizer:
         errors.append("--dist-ckpt-optim-fully-reshardable applies to --use-distributed-optimizer only")
+    if c.distrib_optim_fully_reshardable_mem_efficient and not c.dist_ckpt_optim_fully_reshardable:
+        errors.append("--distrib-optim-fully-reshardable-mem-efficient applies to "
+                      "--dist-ckpt-optim-fully-reshardable only")
     if c.save_interval is not None and c.save_interval < 1:
         errors.append("--save-interval must be >= 1")
     if c.save_interval and not c.save:
@@ -473,15 +476,31 @@ def _precision_errors(cfg: AnchorConfig, has_cuda: bool, has_te: bool) -> List[s
             errors.append("--fp8-format runs inside a bf16 or fp16 model: add --bf16")
         if f.fp8_amax_history_len < 1:
             errors.append("--fp8-amax-history-len must be >= 1")
-        if m.hidden_size % 16 or (m.ffn_hidden_size or 0) % 16:
-            # Transformer Engine's FP8 GEMMs need dimensions divisible by 16.
-            errors.append(f"--fp8-format needs --hidden-size ({m.hidden_size}) and --ffn-hidden-size "
-                          f"({m.ffn_hidden_size}) divisible by 16")
+        errors.extend(_fp8_shape_errors(cfg))
         capability = _cuda_capability()
         if capability is not None and capability < (8, 9):
             errors.append(f"--fp8-format needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, "
                           f"Blackwell); this GPU has {capability[0]}.{capability[1]}")
     return errors
+
+
+def _fp8_shape_errors(cfg: AnchorConfig) -> List[str]:
+    """Transformer Engine's FP8 GEMMs check every operand on this rank (``assert_dim_for_fp8_exec``): the inner
+    dimension a multiple of 16, the outer one of 8. The weights' per-rank shapes follow TP's splits (token counts:
+    :func:`_token_multiple_errors`)."""
+    m, p = cfg.model, cfg.parallel
+    tp = max(p.tensor_model_parallel_size, 1)
+    heads = m.num_attention_heads
+    kv = m.kv_channels or (m.hidden_size // heads if heads else 0)
+    groups = m.num_query_groups if m.group_query_attention and m.num_query_groups else heads
+    ffn = m.ffn_hidden_size or 0
+    shapes = [("--hidden-size (the input of the QKV and first MLP projections)", m.hidden_size, 16),
+              ("--ffn-hidden-size / TP (the input of the second MLP projection)", ffn // tp, 16),
+              ("heads x kv-channels / TP (the input of the attention output projection)", heads * kv // tp, 16),
+              ("(heads + 2 x query groups) x kv-channels / TP (the QKV projection's output)",
+               (heads + 2 * groups) * kv // tp, 8)]
+    return [f"--fp8-format needs {what} = {value} to be a multiple of {multiple} (Transformer Engine's FP8 GEMMs)"
+            for what, value, multiple in shapes if value % multiple]
 
 
 def _cuda_capability():
@@ -565,18 +584,21 @@ def _token_multiple_errors(cfg: AnchorConfig) -> List[str]:
 
     m, p, t, f = cfg.model, cfg.parallel, cfg.training, cfg.performance
     tp, cp = max(p.tensor_model_parallel_size, 1), max(p.context_parallel_size, 1)
-    if cp > 1 and boundary_mode(cfg.data.reset_attention_mask, m.transformer_impl) == "thd":
+    thd = boundary_mode(cfg.data.reset_attention_mask, m.transformer_impl) == "thd"
+    if cp > 1 and thd:
         return []
     errors = []
-    per_rank = m.seq_length // cp
-    if p.sequence_parallel and tp > 1 and per_rank % tp:
-        errors.append(f"--sequence-parallel splits each sequence's {per_rank} tokens per context-parallel rank over "
-                      f"TP ({tp}): make --seq-length a multiple of {cp * tp}")
-    tokens = t.micro_batch_size * per_rank // (tp if p.sequence_parallel else 1)
-    if f.fp8_format and tokens % 16:
+    if p.sequence_parallel and tp > 1:
+        # THD flattens the micro-batch into one sequence, which is what sequence parallelism then splits.
+        split, unit = (t.micro_batch_size * m.seq_length, "micro-batch") if thd else (m.seq_length // cp, "sequence")
+        if split % tp:
+            errors.append(f"--sequence-parallel splits each {unit}'s {split} tokens per context-parallel rank over TP "
+                          f"({tp}): make them a multiple of {tp}")
+    tokens = t.micro_batch_size * m.seq_length // cp // (tp if p.sequence_parallel else 1)
+    if f.fp8_format and tokens % 8:
         errors.append(f"--fp8-format: Transformer Engine's FP8 GEMMs need each rank's tokens per micro-batch "
                       f"({tokens} = --micro-batch-size x --seq-length / CP{' / TP' if p.sequence_parallel else ''}) "
-                      "to be a multiple of 16")
+                      "to be a multiple of 8")
     return errors
 
 

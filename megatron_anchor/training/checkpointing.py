@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_anchor.training import distopt_torch_adam
+from megatron_anchor.training import optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ class TrainState:
     iteration: int = 0
     consumed_train_samples: int = 0
 
+
+EXIT_RECORD_FILE = "last_exit.json"
+"""Written beside the tracker when a run stops early and cleanly (a signal, the time budget, --exit-interval) after
+its checkpoint: what a launcher script reads to tell a clean preemption from a failure (examples/gpu/preemption.sh)."""
 
 RUN_CONFIG_FILE = "run_config.yaml"
 """The training run's configuration, written beside the tracker file at every save."""
@@ -126,8 +130,8 @@ def _models_only(sharded: dict):
 
 DISTOPT_FORMATS = ("dp_reshardable", "fully_reshardable")
 """megatron-core's distributed-optimizer checkpoint forms this trainer writes (Megatron-LM's two choices): per
-bucket (parallel, no gathering; reshardable over data-parallel ranks only) or fully reshardable (gathered on each
-data-parallel group's rank 0 at save; reshardable over TP/PP too)."""
+bucket (parallel, no gathering; the same TP/PP/CP layout and gradient buckets on resume) or fully reshardable
+(gathered at save, every rank's TP x PP shard in host memory unless memory-efficient; reshardable over TP/PP)."""
 
 
 def optimizer_metadata(cfg) -> Optional[dict]:
@@ -136,8 +140,11 @@ def optimizer_metadata(cfg) -> Optional[dict]:
     optimizers' form needs none)."""
     if not cfg.parallel.use_distributed_optimizer:
         return None
-    fmt = DISTOPT_FORMATS[1] if cfg.checkpoint.dist_ckpt_optim_fully_reshardable else DISTOPT_FORMATS[0]
-    return {"distrib_optim_sharding_type": fmt}
+    ck = cfg.checkpoint
+    if not ck.dist_ckpt_optim_fully_reshardable:
+        return {"distrib_optim_sharding_type": DISTOPT_FORMATS[0]}
+    return {"distrib_optim_sharding_type": DISTOPT_FORMATS[1],
+            "distrib_optim_fully_reshardable_mem_efficient": ck.distrib_optim_fully_reshardable_mem_efficient}
 
 
 def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer, scheduler,
@@ -158,7 +165,7 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer,
         os.makedirs(ckpt, exist_ok=True)
     dist.barrier()
     sharded = _model_sharded_state_dict(model_chunks)
-    distopt_torch_adam.before_state_dict(optimizer)
+    optimizer_state.before_state_dict(optimizer)
     sharded["optimizer"] = optimizer.sharded_state_dict(_models_only(sharded), is_loading=False, metadata=metadata)
     sharded["opt_param_scheduler"] = scheduler.state_dict()
     sharded["rng_state"] = _rng_sharded_object(_rng_state())
@@ -195,6 +202,22 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer,
     return ckpt
 
 
+def write_exit_record(root: str, iteration: int, reason: str) -> str:
+    """Rank 0 records a clean early stop under ``root`` (:data:`EXIT_RECORD_FILE`, written atomically); returns its
+    path."""
+    import datetime
+    import json
+
+    path = os.path.join(root, EXIT_RECORD_FILE)
+    if dist.get_rank() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({"iteration": iteration, "reason": reason,
+                       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, fh)
+        os.replace(tmp, path)
+    return path
+
+
 def load_checkpoint(root: str, model_chunks: List, optimizer, scheduler, finetune: bool = False,
                     load_optim: bool = True, load_rng: bool = True, fully_parallel: bool = False) -> TrainState:
     """Restore from the latest checkpoint under ``root``; returns the position to continue from.
@@ -221,7 +244,7 @@ def load_checkpoint(root: str, model_chunks: List, optimizer, scheduler, finetun
 
     sharded = _model_sharded_state_dict(model_chunks)
     if not finetune and load_optim:
-        distopt_torch_adam.before_state_dict(optimizer)
+        optimizer_state.before_state_dict(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             _models_only(sharded), is_loading=True,
             metadata=dist_checkpointing.load_content_metadata(preloaded_state_dict=saved_common))
@@ -252,8 +275,9 @@ def load_checkpoint(root: str, model_chunks: List, optimizer, scheduler, finetun
     if finetune:
         return TrainState()
     if load_optim:
+        optimizer_state.before_load(state["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
-        distopt_torch_adam.after_load(optimizer)
+        optimizer_state.after_load(optimizer)
         scheduler.load_state_dict(saved_common["opt_param_scheduler"])
     if restore_rng:
         _set_rng_state(state["rng_state"])
@@ -293,27 +317,67 @@ def _precision(cfg) -> str:
     return "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
 
 
-def optimizer_state_mismatches(saved_cfg, cfg) -> List[str]:
+def distopt_bucket_size(cfg, dp: int) -> Optional[int]:
+    """The gradient-bucket size megatron-core's DDP uses for this run (its own rule: one bucket without the
+    overlapped reduce, else ``max(40M, 1M x DP)`` elements): the per-bucket optimizer form depends on it."""
+    if not cfg.parallel.overlap_grad_reduce:
+        return None
+    return max(40_000_000, 1_000_000 * dp)
+
+
+def _grads_in_fp32(cfg) -> bool:
+    return cfg.training.bf16 or cfg.parallel.accumulate_allreduce_grads_in_fp32
+
+
+def optimizer_state_mismatches(saved_cfg, cfg, saved_format: Optional[str] = None, saved_dp: int = 1,
+                               dp: int = 1) -> List[str]:
     """Why the optimizer state saved by ``saved_cfg``'s run cannot be loaded into ``cfg``'s (empty when it can).
 
     The state's form follows the optimizer: the distributed optimizer's shards or a plain optimizer's tensors,
-    fp32 main copies beside bf16/fp16 weights or none, and the distributed optimizer's per-bucket form
-    (:data:`DISTOPT_FORMATS`) only fits the same TP/PP/CP layout and virtual stages."""
+    fp32 main copies beside bf16/fp16 weights or none. ``saved_format``: the checkpoint's distributed-optimizer form
+    (its content metadata; None: megatron-core's reshardable default). The per-bucket form (``dp_reshardable``)
+    holds each gradient bucket's slice as saved, so it fits only the same TP/PP/CP layout and virtual stages, the
+    same gradient dtype and the same buckets (:func:`distopt_bucket_size`: the overlapped reduce and, past 40
+    data-parallel ranks, DP itself)."""
     problems = []
     old_d, new_d = saved_cfg.parallel.use_distributed_optimizer, cfg.parallel.use_distributed_optimizer
     if old_d != new_d:
         problems.append(f"--use-distributed-optimizer: checkpoint {old_d}, this run {new_d}")
     if _precision(saved_cfg) != _precision(cfg):
         problems.append(f"precision: checkpoint {_precision(saved_cfg)}, this run {_precision(cfg)}")
-    if old_d and new_d and not saved_cfg.checkpoint.dist_ckpt_optim_fully_reshardable:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-                     "num_layers_per_virtual_pipeline_stage"):
-            old, new = getattr(saved_cfg.parallel, name), getattr(cfg.parallel, name)
-            if old != new:
-                problems.append(f"--{name.replace('_', '-')}: checkpoint {old}, this run {new} (the distributed "
-                                "optimizer's state was saved per bucket; --dist-ckpt-optim-fully-reshardable "
-                                "saves it reshardable)")
+    if not (old_d and new_d and saved_format == DISTOPT_FORMATS[0]):
+        return problems
+    hint = " (the distributed optimizer's state was saved per bucket; --dist-ckpt-optim-fully-reshardable saves it " \
+           "reshardable)"
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                 "num_layers_per_virtual_pipeline_stage"):
+        old, new = getattr(saved_cfg.parallel, name), getattr(cfg.parallel, name)
+        if old != new:
+            problems.append(f"--{name.replace('_', '-')}: checkpoint {old}, this run {new}{hint}")
+    if _grads_in_fp32(saved_cfg) != _grads_in_fp32(cfg):
+        problems.append(f"gradients reduced in fp32: checkpoint {_grads_in_fp32(saved_cfg)}, this run "
+                        f"{_grads_in_fp32(cfg)}{hint}")
+    old_b, new_b = distopt_bucket_size(saved_cfg, saved_dp), distopt_bucket_size(cfg, dp)
+    if old_b != new_b:
+        def buckets(n):
+            return "one bucket" if n is None else f"{n:,}-element buckets"
+
+        problems.append(f"gradient buckets: checkpoint {buckets(old_b)}, this run {buckets(new_b)} "
+                        f"(--overlap-grad-reduce and, past 40 data-parallel ranks, the data-parallel size){hint}")
     return problems
+
+
+def _saved_optimizer_form(root: str):
+    """``(distributed-optimizer form, data-parallel size)`` of the latest checkpoint under ``root`` (its common
+    state: the content metadata and the layout it was saved with), or ``(None, 1)`` when there is none."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None, 1
+    common = dist_checkpointing.load_common_state_dict(checkpoint_dir(root, iteration))
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    return metadata.get("distrib_optim_sharding_type"), int(common.get("layout", {}).get("dp", 1))
 
 
 def check_compatible(cfg, root: str, run_tokenizer_record: Optional[dict]) -> None:
@@ -335,7 +399,14 @@ def check_compatible(cfg, root: str, run_tokenizer_record: Optional[dict]) -> No
             raise ConfigError(f"{path}: unreadable run configuration of the checkpoint ({exc})") from None
         problems += architecture_mismatches(saved, cfg)
         if not (cfg.checkpoint.finetune or cfg.checkpoint.no_load_optim):
-            problems += [f"optimizer state: {p}" for p in optimizer_state_mismatches(saved, cfg)]
+            from megatron_anchor.training.initialize import world_size_from_env
+
+            saved_format, saved_dp = _saved_optimizer_form(root)
+            p = cfg.parallel
+            dp = max(world_size_from_env() // max(p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                                                  * p.context_parallel_size, 1), 1)
+            problems += [f"optimizer state: {m}" for m in optimizer_state_mismatches(saved, cfg, saved_format,
+                                                                                      saved_dp, dp)]
     try:
         saved_record = read_record(checkpoint_record_path(root))
     except ValueError as exc:
@@ -348,4 +419,4 @@ def check_compatible(cfg, root: str, run_tokenizer_record: Optional[dict]) -> No
                           f"({path}):\n    " + "\n    ".join(problems)
                           + "\n  pass the checkpoint's model and tokenizer flags (they are in that file); for "
                           "optimizer state, --no-load-optim (or --finetune) keeps the weights and starts a fresh "
-                          "optimizer")
+                          "optimizer and LR schedule")

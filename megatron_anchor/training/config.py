@@ -298,9 +298,14 @@ class CheckpointConfig:
     """Read each checkpoint shard on one data-parallel rank and exchange it over the data-parallel group, instead
     of every replica reading the same shards (fewer storage reads at scale)."""
     dist_ckpt_optim_fully_reshardable: bool = False
-    """With --use-distributed-optimizer: save its state in megatron-core's fully reshardable form (gathered on
-    data-parallel rank 0 at each save; the run may then resume under another TP/PP layout) instead of the default
-    per-bucket form (written in parallel, without gathering; a resume may change only the data-parallel size)."""
+    """With --use-distributed-optimizer: save its state in megatron-core's fully reshardable form (the run may then
+    resume under another TP/PP layout) instead of the default per-bucket form (written in parallel, without
+    gathering; a resume keeps the TP/PP/CP layout and the gradient buckets). At every save and load each
+    data-parallel rank then holds its TP x PP shard's whole optimizer state in host memory (12 bytes per parameter)
+    unless --distrib-optim-fully-reshardable-mem-efficient."""
+    distrib_optim_fully_reshardable_mem_efficient: bool = False
+    """With --dist-ckpt-optim-fully-reshardable: gather the optimizer state on each data-parallel group's first rank
+    only, over gloo (slower saves, a fraction of the host memory)."""
 
 
 @dataclass

@@ -9,8 +9,9 @@ sampler restarts exactly there on resume.
 from __future__ import annotations
 
 import os
+import signal
 from functools import partial
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 
@@ -245,6 +246,16 @@ def collate_with_boundaries(samples, eod: int):
     return add_boundaries(torch.utils.data.default_collate(samples), eod)
 
 
+def ignore_exit_signals(names: Sequence[str], _worker_id: int) -> None:
+    """DataLoader worker start-up: leave the run's exit signals (SIGTERM, ``--exit-signal``) to the main process.
+
+    A scheduler's preemption signal reaches every process of the job (Slurm's ``--signal`` without ``B:``); a worker
+    that died of it would make the main process raise mid-step instead of finishing the step and saving. Workers
+    still end when the main process shuts them down (through their queues) or dies (torch's watchdog)."""
+    for name in names:
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
+
+
 def build_iterator(dataset, consumed_samples: int, cfg: AnchorConfig, dp_rank: int, dp_size: int,
                    cyclic: bool = False, eod: Optional[int] = None) -> Optional[Iterator]:
     """A DataLoader iterator over ``dataset`` from ``consumed_samples`` on; cyclic for validation.
@@ -269,6 +280,8 @@ def build_iterator(dataset, consumed_samples: int, cfg: AnchorConfig, dp_rank: i
             num_workers=cfg.data.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=cfg.data.num_workers > 0,
+            worker_init_fn=(partial(ignore_exit_signals, sorted({"SIGTERM", t.exit_signal}))
+                            if cfg.data.num_workers > 0 and t.exit_signal_handler else None),
             # Its own generator: creating a DataLoader iterator draws a seed, and drawing it from the global
             # generator would shift dropout after a resume (the iterator is built after RNG is restored).
             generator=torch.Generator().manual_seed(t.seed),

@@ -60,6 +60,8 @@ TORCHRUN_DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 """What torchrun forwards to its workers when TORCHELASTIC_SIGNALS_TO_HANDLE is not set (torch's default); torch
 releases before 2.9 know no other and die of any other signal, taking the workers with them."""
 TORCHRUN_SHUTDOWN_DEFAULT_S = 30.0
+TORCHRUN_SIGNALS_SINCE = "2.9"
+"""The torch release whose torchrun takes --signals-to-handle and sets TORCHELASTIC_SIGNALS_TO_HANDLE."""
 
 
 def launcher_signal_problems(exit_signal: str, saving: bool, environ=None) -> List[str]:
@@ -72,11 +74,16 @@ def launcher_signal_problems(exit_signal: str, saving: bool, environ=None) -> Li
     when it was exported for the launcher."""
     import os
 
+    from packaging.version import Version
+
     env = os.environ if environ is None else environ
     if "TORCHELASTIC_RUN_ID" not in env:
         return []
     problems = []
-    listed = env.get("TORCHELASTIC_SIGNALS_TO_HANDLE")
+    # Before 2.9 the launcher neither reads nor sets the variable: one seen here was exported by a script for a
+    # newer torchrun and says nothing about this one.
+    old_launcher = Version(torch.__version__.split("+")[0]) < Version(TORCHRUN_SIGNALS_SINCE)
+    listed = None if old_launcher else env.get("TORCHELASTIC_SIGNALS_TO_HANDLE")
     if listed is None:
         if exit_signal not in TORCHRUN_DEFAULT_SIGNALS:
             problems.append(f"this torchrun (torch {torch.__version__}: before 2.9) forwards only "
@@ -89,8 +96,11 @@ def launcher_signal_problems(exit_signal: str, saving: bool, environ=None) -> Li
                         "TORCHELASTIC_SIGNALS_TO_HANDLE is overwritten by the launcher), or the launcher dies of it "
                         "before the workers save")
     if saving:
+        # torchrun's --shutdown-timeout (environment form PET_SHUTDOWN_TIMEOUT) wins over the variable; a flag given
+        # on torchrun's command line is not visible here, so this may warn about a launcher that is fine.
+        raw = env.get("PET_SHUTDOWN_TIMEOUT", env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TORCHRUN_SHUTDOWN_DEFAULT_S))
         try:
-            timeout = float(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TORCHRUN_SHUTDOWN_DEFAULT_S))
+            timeout = float(raw)
         except ValueError:
             timeout = TORCHRUN_SHUTDOWN_DEFAULT_S
         if timeout < 120:

@@ -373,9 +373,10 @@ def _reduce_step(tr: Trainer, outputs: List[Dict[str, torch.Tensor]], signal_rec
                     if key in out:
                         packed[2 * i: 2 * i + 2] += out[key].to(device=tr.device, dtype=torch.float64)
         packed[2 * n + 3] = (~torch.isfinite(local_loss)).to(torch.float64)
-    packed[2 * n] = float(attention_squares)
-    packed[2 * n + 1] = float(signal_received)
-    packed[2 * n + 2] = float(duration_exceeded)
+    # fill_ passes each host number to the device as a kernel argument: no host-to-device copy, no wait.
+    packed[2 * n].fill_(float(attention_squares))
+    packed[2 * n + 1].fill_(float(signal_received))
+    packed[2 * n + 2].fill_(float(duration_exceeded))
     if dist.get_world_size() > 1:
         dist.all_reduce(packed)
     values = packed.tolist()
@@ -609,6 +610,8 @@ def _run_steps(tr: Trainer, result: RunResult, on_step, handler, clock, profiler
         if reason and it != t.train_iters:
             if ck.save and not saved:
                 _save(tr)
+            if ck.save:
+                checkpointing.write_exit_record(ck.save, it, reason)
             tr.monitor.print(f"exiting at iteration {it}: {reason}"
                              + ("" if ck.save else " (no --save: nothing was saved)"))
             result.exit_reason = reason

@@ -178,13 +178,15 @@ def make_forward_step(policy: str, device: torch.device, use_roles: bool = True,
     if boundaries not in BOUNDARY_MODES:
         raise ValueError(f"unknown boundary mode {boundaries!r}; choose one of {BOUNDARY_MODES}")
     blended = use_roles and dataset_policies is not None and len(dataset_policies) > 1
+    # The lookup tables go to the device once: a copy from pageable host memory per micro-batch would make the host
+    # wait for the device every time.
     if not use_roles:
         table = None
     elif blended:
-        table = policy_tables(dataset_policies)
-        source_of = torch.tensor([SOURCES.index(s) for s in dataset_sources], dtype=torch.long)
+        table = policy_tables(dataset_policies).to(device)
+        source_of = torch.tensor([SOURCES.index(s) for s in dataset_sources], dtype=torch.long, device=device)
     else:
-        table = policy_table(dataset_policies[0] if dataset_policies else policy)
+        table = policy_table(dataset_policies[0] if dataset_policies else policy).to(device)
 
     def forward_step(data_iterator, model):
         batch = get_batch(data_iterator, device)
@@ -199,7 +201,7 @@ def make_forward_step(policy: str, device: torch.device, use_roles: bool = True,
                     raise RuntimeError("a blended batch has no 'dataset_id': megatron-core's BlendedDataset no "
                                        "longer tags samples with their dataset, so per-dataset loss-mask policies "
                                        "cannot work")
-                sources = source_of.to(dataset_id.device)[dataset_id.long()]
+                sources = source_of[dataset_id.long()]
             loss_mask = apply_policy(batch["loss_mask"], roles, table, dataset_id)
         tokens, position_ids, attention_mask, labels, extra = model_inputs(batch, boundaries)
         output = model(tokens, position_ids, attention_mask, labels=labels, **extra)

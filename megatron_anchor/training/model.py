@@ -75,11 +75,26 @@ def has_transformer_engine() -> bool:
     return transformer_engine_import_error() is None
 
 
+_EXTENSIONS: Dict[str, bool] = {}
+
+
 def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+    """Whether a CUDA extension megatron-core imports (apex's, megatron's fused softmax) can be used: found and, on a
+    GPU machine, importable (megatron-core imports it, and a broken build passes a mere lookup). Once per process."""
+    if name not in _EXTENSIONS:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if found and torch.cuda.is_available():
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - a build for another torch/CUDA raises more than ImportError
+                logger.warning("%s is installed but does not import (%s: %s): its fused kernel stays off", name,
+                               type(exc).__name__, exc)
+                found = False
+        _EXTENSIONS[name] = found
+    return _EXTENSIONS[name]
 
 
 def padded_vocab_size(vocab_size: int, make_divisible_by: int, tensor_model_parallel_size: int) -> int:

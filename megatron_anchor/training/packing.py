@@ -116,10 +116,10 @@ def zigzag_positions(length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
 
 
 def rank_token_multiple(tensor_parallel: int, sequence_parallel: bool, fp8: bool) -> int:
-    """What each rank's token count per micro-batch must be a multiple of: TP with sequence parallelism (the
-    sequence is split over the tensor-parallel ranks) and 16 with FP8 (Transformer Engine's FP8 GEMMs need the
-    token dimension divisible by 16), 1 otherwise."""
-    return math.lcm(tensor_parallel if sequence_parallel else 1, 16 if fp8 else 1)
+    """What each context-parallel rank's token count per micro-batch must be a multiple of: with sequence
+    parallelism it is split over the TP ranks, and with FP8 each TP rank's share must be a multiple of 8 (the outer
+    dimension of Transformer Engine's FP8 GEMMs), so the product of the two."""
+    return (tensor_parallel if sequence_parallel else 1) * (8 if fp8 else 1)
 
 
 def pad_documents(cu_seqlens: torch.Tensor, batch: int, seq: int, cp_size: int,
