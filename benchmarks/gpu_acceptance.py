@@ -71,8 +71,8 @@ the backward pass in all 22 layers. Recomputing core attention keeps one layer's
 def train_layout(impl: str, recipe_micro_batch: int, smoke: bool = False) -> Tuple[List[str], int, str]:
     """``(flags, micro-batch size, why)`` of the training phase on ``impl`` layers (besides the architecture, data,
     bf16 and the distributed optimizer, which every layout shares)."""
-    if smoke:
-        return ["--transformer-impl", "local"], 2, "CPU smoke run: tiny model, local layers"
+    if smoke:  # the layout of a GPU without Transformer Engine, on a tiny model
+        return ["--transformer-impl", "local", *LOCAL_FIT], 1, "CPU smoke run: tiny model, local layers"
     if impl == "transformer_engine":
         return ["--transformer-impl", "transformer_engine"], recipe_micro_batch, (
             f"the 1b recipe's layout: Transformer Engine layers, micro-batch {recipe_micro_batch}, THD-packed "
@@ -461,7 +461,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="training steps of the train phase")
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the train phase's medians")
     ap.add_argument("--bench-steps", type=int, default=10, help="timed steps per arm in the bench phase")
-    ap.add_argument("--bench-seq-length", type=int, default=2048)
+    ap.add_argument("--bench-seq-length", type=int, default=None,
+                    help="sequence length of the bench phase (default: --seq-length, so that it reuses the training "
+                         "phase's compiled kernels)")
     ap.add_argument("--budget", type=float, default=float(os.environ.get("BUDGET_S", 525)),
                     help="seconds for the whole run, installs included (default 525, or $BUDGET_S)")
     ap.add_argument("--wheelhouse", default=os.environ.get("WHEELHOUSE") or
@@ -483,6 +485,7 @@ def main(argv=None) -> int:
         except ValueError:
             ap.error(f"--limit {item}: expected PHASE=SECONDS with PHASE one of {', '.join(PHASES)}")
     args.limit = limits
+    args.bench_seq_length = args.bench_seq_length or args.seq_length
     if args.smoke:
         args.model_args = SMOKE_MODEL
         args.seq_length, args.bench_seq_length, args.global_batch_size = 64, 64, 4

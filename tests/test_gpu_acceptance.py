@@ -199,13 +199,14 @@ def _acceptance_args():
     model, mbs = _recipe_model_args()
     return argparse.Namespace(
         model_args=model, micro_batch_size=mbs, seq_length=4096, global_batch_size=8, steps=30, bench_steps=10,
-        bench_seq_length=2048, smoke=False)
+        bench_seq_length=4096, smoke=False)
 
 
 @pytest.mark.parametrize("impl", ["transformer_engine", "local"])
 def test_gpu_training_phase_passes_the_trainers_preflight_for_a_gpu(impl, tmp_path):
     from megatron_anchor.training.arguments import parse_args
     from megatron_anchor.training.loop import preflight
+    from megatron_anchor.training.model import build_transformer_config
 
     args = _acceptance_args()
     prefix = gpu_acceptance.write_packed_sft_data(str(tmp_path / "sft"), 20_000)
@@ -215,6 +216,7 @@ def test_gpu_training_phase_passes_the_trainers_preflight_for_a_gpu(impl, tmp_pa
     assert cfg.model.transformer_impl == impl and cfg.model.num_layers == 22 and cfg.model.seq_length == 4096
     assert cfg.training.bf16 and cfg.parallel.use_distributed_optimizer and cfg.parallel.overlap_param_gather
     assert cfg.data.reset_attention_mask and cfg.training.loss_mask_policy == "sft-anchored"
+    build_transformer_config(cfg)  # megatron-core's own checks of the layout (recomputation, precision)
     if impl == "transformer_engine":
         assert cfg.training.micro_batch_size == args.micro_batch_size == 4 and "recipe" in why
     else:  # what fits 80 GB without Transformer Engine, and the report says why
