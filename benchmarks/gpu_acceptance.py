@@ -29,6 +29,8 @@ import os
 import platform
 import re
 import shlex
+import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -494,13 +496,32 @@ def main(argv=None) -> int:
         ap.error("--model-args is required (benchmarks/gpu_acceptance.sh passes the 1b recipe's)")
 
     run = Run(args)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
     try:
         return _phases(run)
     except BaseException as exc:  # noqa: BLE001 - the report must say why the run stopped, whatever stopped it
         run.report["status"] = f"stopped: {type(exc).__name__}: {exc}"[:500]
         run.report["ok"] = False
         run.write()
+        if isinstance(exc, Stopped):
+            print(f"report: {run.path}\n  status {run.report['status']}", flush=True)
+            return 128 + exc.signum
         raise
+    finally:
+        shutil.rmtree(run.work, ignore_errors=True)  # data, caches and installed wheels: the logs keep the story
+
+
+class Stopped(Exception):
+    """This run received a signal that ends it (the phase in flight is stopped with all its processes)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _stop(signum, _frame):
+    raise Stopped(signum)
 
 
 def _phases(run: Run) -> int:

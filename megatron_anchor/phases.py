@@ -177,7 +177,15 @@ def run_phase(name: str, cmd: Sequence[str], log_path: str, timeout_s: float, en
         timed_out, tree = False, []
         try:
             proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        except BaseException as exc:
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                # This process itself is being stopped (a signal turned into an exception, Ctrl-C): the phase
+                # goes with it, then the exception goes on.
+                tree = descendants(proc.pid)
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+                stop_processes(marker, tree, grace_s=1.0)
+                raise
             timed_out = True
             tree = descendants(proc.pid)  # before the command dies and its children are re-parented
             _signal_group(proc.pid, signal.SIGTERM)

@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -85,6 +86,24 @@ def test_a_phase_stopped_at_its_limit_is_reported_and_the_rest_say_why(tmp_path)
     for name in ("train", "bench"):
         assert report["not_run"][name].startswith("the environment probe did not finish (timed_out"), report
     assert report["ok"] is False and report["status"].startswith("incomplete: probe timed_out")
+    assert not _marked("probe")
+
+
+def test_a_stopped_run_reports_it_and_takes_its_phase_down(tmp_path):
+    """SIGTERM to the run itself (a caller's own time limit) while a phase runs."""
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "gpu_acceptance.py"), "--smoke",
+                             "--out", out], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(out, "probe.log")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    proc.terminate()
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + 15, output
+    report = _report(out)
+    assert report["status"] == "stopped: Stopped: received SIGTERM" and report["ok"] is False, report["status"]
+    assert report["phases"]["install"]["status"] == "ok" and "probe" not in report["phases"]
     assert not _marked("probe")
 
 
