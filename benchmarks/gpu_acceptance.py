@@ -50,9 +50,9 @@ PHASES = {
     "install": (60, 10),
     "te_install": (240, 60),
     "probe": (60, 15),
-    "tests": (200, 60),
+    "tests": (190, 60),
     "train": (150, 75),
-    "bench": (110, 50),
+    "bench": (130, 50),
 }
 LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| tokens/s: (\S+) \| TFLOP/s/GPU: (\S+) \|(?: MFU: (\S+)% \|)? "
                   r"peak memory: (\S+) GiB \(rank \d+\) \| ms/step: (\S+)")
@@ -288,8 +288,17 @@ def do_install(run: Run, later: List[str]) -> bool:
 def do_te_install(run: Run, later: List[str]) -> None:
     """Opt-in (``TE_INSTALL=1``): Transformer Engine for this torch from the package index (its PyTorch extension
     is a source build: nvcc, cuDNN headers, pybind11, ninja)."""
+    from megatron_anchor import wheelhouse
+
     spec = os.environ.get("TE_SPEC", "transformer_engine[pytorch]")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--disable-pip-version-check", spec]
+    # pip may not replace the machine's torch or its CUDA stack to satisfy Transformer Engine: pinned as found.
+    keep = os.path.join(run.work, "keep.txt")
+    with open(keep, "w", encoding="utf-8") as fh:
+        for name, version in wheelhouse.installed_versions().items():
+            if wheelhouse.never_installed(name) and not name.startswith("transformer-engine"):
+                fh.write(f"{name}=={version}\n")
+    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--disable-pip-version-check",
+           "-c", keep, spec]
     if run.args.wheelhouse:
         cmd += ["--find-links", run.args.wheelhouse]
     run.record(run.phase("te_install", cmd, later), spec=spec)

@@ -107,6 +107,31 @@ def test_a_stopped_run_reports_it_and_takes_its_phase_down(tmp_path):
     assert not _marked("probe")
 
 
+def test_transformer_engine_install_keeps_the_machines_torch(tmp_path, monkeypatch):
+    """``TE_INSTALL=1``: pip gets the machine's torch as a constraint, so it fails rather than replace it."""
+    seen = {}
+
+    def fake_phase(self, name, cmd, later, env=None, timeout=None):
+        seen["cmd"] = cmd
+        with open(cmd[cmd.index("-c") + 1], encoding="utf-8") as fh:
+            seen["keep"] = fh.read().split()
+        return phases.PhaseResult(name=name, status="ok")
+
+    monkeypatch.setattr(gpu_acceptance.Run, "phase", fake_phase)
+    run = gpu_acceptance.Run(argparse.Namespace(out=str(tmp_path), budget=60.0, limit={}, smoke=False,
+                                                wheelhouse=None))
+    try:
+        gpu_acceptance.do_te_install(run, ["probe"])
+    finally:
+        import shutil
+
+        shutil.rmtree(run.work, ignore_errors=True)
+    import torch
+
+    assert f"torch=={torch.__version__}" in seen["keep"] and seen["cmd"][-1] == "transformer_engine[pytorch]"
+    assert run.report["phases"]["te_install"]["status"] == "ok"
+
+
 def test_budget_shortens_later_phases():
     now = [0.0]
     budget = phases.Budget(100, clock=lambda: now[0])
