@@ -324,16 +324,9 @@ for module in ("megatron.core", "triton", "apex"):
         out[module] = None
         out[module + "_error"] = f"{type(exc).__name__}: {exc}"[:300]
 try:
-    from megatron_anchor.training.model import transformer_engine_import_error
+    from megatron_anchor.training.model import transformer_engine_import_error, transformer_engine_version
+    out["transformer_engine"] = transformer_engine_version()
     out["te_error"] = transformer_engine_import_error()
-    if out["te_error"] is None:
-        from importlib import metadata
-        for dist in ("transformer_engine", "transformer-engine", "transformer_engine_torch"):
-            try:
-                out["transformer_engine"] = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
 except Exception as exc:
     out["te_error"] = f"{type(exc).__name__}: {exc}"[:300]
 print(json.dumps(out))

@@ -96,7 +96,9 @@ def _session(rank, world, data, tmp):
     out["reference"] = _train(_no_dropout(data, tmp, *flags))
     stopped = run(_setup(_no_dropout(data, tmp, *flags, "--save", ck, "--exit-interval", "4")))
     out["stopped"] = (stopped.exit_reason, latest_iteration(ck))
-    out["resumed"] = _train(_no_dropout(data, tmp, *flags, "--save", ck, "--load", ck))
+    out["resumed"] = _train(_no_dropout(data, tmp, *flags, "--load", ck))
+    # The same resume with each shard read by one data-parallel rank and exchanged (fully parallel load).
+    out["resumed_parallel_load"] = _train(_no_dropout(data, tmp, *flags, "--load", ck, "--ckpt-fully-parallel-load"))
 
     # The distributed optimizer's fully reshardable form: saved at DP=2, resumed at TP=2 (DP=1); the per-bucket
     # form is refused there before any model is built.
@@ -176,6 +178,7 @@ def test_bf16_distributed_optimizer_resume_is_exact(session):
     reason, saved = session[0]["stopped"]
     assert "--exit-interval 4" in reason and saved == 4
     assert session[0]["resumed"]["loss"] == session[0]["reference"]["loss"][4:]  # exact float equality
+    assert session[0]["resumed_parallel_load"]["loss"] == session[0]["reference"]["loss"][4:]
 
 
 def test_fully_reshardable_distributed_optimizer_state_resumes_under_another_layout(session):

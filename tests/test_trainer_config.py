@@ -315,3 +315,19 @@ def pretrain_ok(argv):
     import pretrain_anchor
 
     return pretrain_anchor.main(argv) is not None
+
+
+def test_launcher_signal_problems_name_what_would_kill_a_save():
+    from megatron_anchor.training.guards import launcher_signal_problems
+
+    assert launcher_signal_problems("SIGUSR1", True, {}) == []  # not a torchrun worker
+    worker = {"TORCHELASTIC_RUN_ID": "x", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"}
+    assert launcher_signal_problems("SIGTERM", True, worker) == []  # an old torchrun forwards SIGTERM
+    old = launcher_signal_problems("SIGUSR1", True, worker)
+    assert len(old) == 1 and "before 2.9" in old[0] and "dies of SIGUSR1" in old[0]
+    new = dict(worker, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT")
+    assert "does not forward SIGUSR1" in launcher_signal_problems("SIGUSR1", True, new)[0]
+    assert launcher_signal_problems("SIGUSR1", True, dict(new, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGUSR1")) == []
+    short = launcher_signal_problems("SIGTERM", True, {"TORCHELASTIC_RUN_ID": "x"})
+    assert len(short) == 1 and "30 s" in short[0]
+    assert launcher_signal_problems("SIGTERM", False, {"TORCHELASTIC_RUN_ID": "x"}) == []  # nothing to save

@@ -373,6 +373,7 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
     errors.extend(_recompute_errors(cfg))
     errors.extend(_virtual_pipeline_errors(cfg, dp))
     errors.extend(_context_parallel_errors(cfg))
+    errors.extend(_token_multiple_errors(cfg))
     if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
         errors.append("--exit-duration-in-mins must be > 0")
     try:
@@ -556,6 +557,29 @@ def _virtual_pipeline_errors(cfg: AnchorConfig, dp: int) -> List[str]:
     return errors
 
 
+def _token_multiple_errors(cfg: AnchorConfig) -> List[str]:
+    """Sequence parallelism splits each rank's tokens over TP and FP8 GEMMs need them in multiples of 16: refuse
+    lengths that would fail there mid-run. Packed documents under context parallelism are padded to fit instead
+    (:func:`~megatron_anchor.training.packing.pad_documents`)."""
+    from megatron_anchor.training.loss import boundary_mode
+
+    m, p, t, f = cfg.model, cfg.parallel, cfg.training, cfg.performance
+    tp, cp = max(p.tensor_model_parallel_size, 1), max(p.context_parallel_size, 1)
+    if cp > 1 and boundary_mode(cfg.data.reset_attention_mask, m.transformer_impl) == "thd":
+        return []
+    errors = []
+    per_rank = m.seq_length // cp
+    if p.sequence_parallel and tp > 1 and per_rank % tp:
+        errors.append(f"--sequence-parallel splits each sequence's {per_rank} tokens per context-parallel rank over "
+                      f"TP ({tp}): make --seq-length a multiple of {cp * tp}")
+    tokens = t.micro_batch_size * per_rank // (tp if p.sequence_parallel else 1)
+    if f.fp8_format and tokens % 16:
+        errors.append(f"--fp8-format: Transformer Engine's FP8 GEMMs need each rank's tokens per micro-batch "
+                      f"({tokens} = --micro-batch-size x --seq-length / CP{' / TP' if p.sequence_parallel else ''}) "
+                      "to be a multiple of 16")
+    return errors
+
+
 def _context_parallel_errors(cfg: AnchorConfig) -> List[str]:
     """Context parallelism runs in Transformer Engine's attention and splits sequences into 2 x CP chunks."""
     cp, m = cfg.parallel.context_parallel_size, cfg.model
@@ -594,24 +618,15 @@ def _packing_errors(cfg: AnchorConfig, has_te: bool) -> List[str]:
                       "drop it: with --reset-attention-mask Transformer Engine restarts RoPE per document from the "
                       "boundaries, and on the local layers RoPE scores depend only on relative positions")
     if d.reset_attention_mask and te and has_te:
-        version = _te_version()
+        from megatron_anchor.training.model import transformer_engine_version
+
+        version = transformer_engine_version()
         from packaging.version import Version
 
         if version is not None and Version(version) < Version(MIN_TE_VERSION_FOR_THD):
             errors.append(f"--reset-attention-mask on Transformer Engine needs THD attention, i.e. Transformer Engine "
                           f">= {MIN_TE_VERSION_FOR_THD} (found {version}); upgrade it or use --transformer-impl local")
     return errors
-
-
-def _te_version():
-    from importlib import metadata
-
-    for dist in ("transformer_engine", "transformer-engine", "transformer_engine_torch"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def _replay_errors(cfg: AnchorConfig) -> List[str]:

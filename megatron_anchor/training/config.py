@@ -171,7 +171,7 @@ class TrainingConfig:
     exit_signal_handler: bool = True
     """On SIGTERM or --exit-signal, finish the current step, save a checkpoint when --save is set and exit 0
     (every rank stops at the same step). Under torchrun, let it forward the signal and wait for the save:
-    TORCHELASTIC_SIGNALS_TO_HANDLE and TORCH_ELASTIC_SHUTDOWN_TIMEOUT (docs/trainer.md)."""
+    torchrun's --signals-to-handle (PET_SIGNALS_TO_HANDLE) and TORCH_ELASTIC_SHUTDOWN_TIMEOUT (docs/trainer.md)."""
     exit_signal: str = "SIGTERM"
     """A second signal handled like SIGTERM, e.g. SIGUSR1 for Slurm's --signal=USR1@120."""
     check_for_nan_in_loss_and_grad: bool = True

@@ -28,6 +28,7 @@ from megatron_anchor.training.loss import REPORT_KEYS, boundary_mode
 from megatron_anchor.training.model import (build_model_chunks, build_transformer_config, has_transformer_engine,
                                             log_fusions, num_parameters, padded_vocab_size, resolve_fusions)
 from megatron_anchor.training.monitor import Monitor, StepProfiler, format_train_line, peak_memory_bytes
+from megatron_anchor.training.packing import rank_token_multiple
 
 # Metrics reduced exactly over micro-batches and data-parallel ranks as [sum, count] pairs.
 REDUCED_KEYS = REPORT_KEYS
@@ -249,7 +250,9 @@ def setup(cfg: AnchorConfig, model_provider: Callable, datasets_provider: Callab
                                               fully_parallel=ck.ckpt_fully_parallel_load)
 
     mode = boundary_mode(cfg.data.reset_attention_mask, cfg.model.transformer_impl)
-    plan = current_plan(len(model), mode)
+    plan = current_plan(len(model), mode, rank_token_multiple(cfg.parallel.tensor_model_parallel_size,
+                                                              cfg.parallel.sequence_parallel,
+                                                              bool(cfg.performance.fp8_format)))
     train_loader, make_valid_loader = datasets_provider(
         cfg, tokenizer, state.consumed_train_samples, ps.get_data_parallel_rank(),
         ps.get_data_parallel_world_size(), reads=plan.reads)
@@ -268,6 +271,9 @@ def setup(cfg: AnchorConfig, model_provider: Callable, datasets_provider: Callab
         f"{padded}), {num_parameters(model)} parameters on the last rank, policy {_policy_line(cfg)}, "
         f"starting at iteration {state.iteration}"
     )
+    if cfg.training.exit_signal_handler:
+        for problem in guards.launcher_signal_problems(cfg.training.exit_signal, bool(ck.save)):
+            monitor.print(f"warning: {problem}")
     forward_step = forward_step_factory(cfg, device)
     return Trainer(cfg, model, optimizer, scheduler, state, train_iter, make_valid_iter, forward_step,
                    monitor, device, run_tokenizer_record(cfg, tokenizer), source=source,

@@ -46,6 +46,30 @@ def transformer_engine_import_error() -> Optional[str]:
     return _TE_IMPORT["result"]
 
 
+def transformer_engine_version() -> Optional[str]:
+    """The installed Transformer Engine's version (from its package metadata: no import, no GPU), or None."""
+    from importlib import metadata
+
+    for dist in ("transformer_engine", "transformer-engine", "transformer_engine_torch"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def require_transformer_engine(minimum: str) -> str:
+    """The installed Transformer Engine's version; SystemExit naming both versions when it is missing or older than
+    ``minimum`` (an image build's check: ``python -c "...require_transformer_engine('2.9')"``)."""
+    from packaging.version import Version
+
+    found = transformer_engine_version()
+    if found is None or Version(found) < Version(minimum):
+        raise SystemExit(f"Transformer Engine {found or 'is not installed'}: this image pairs megatron-core with "
+                         f"Transformer Engine >= {minimum}; use a newer NGC PyTorch release (docker/train.Dockerfile)")
+    return found
+
+
 def has_transformer_engine() -> bool:
     """Whether Transformer Engine's layers can run here: installed and, on a GPU machine, importable."""
     return transformer_engine_import_error() is None
