@@ -100,7 +100,7 @@ def ours_block(tr, steps: int) -> list:
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40, help="timed steps per arm")
     ap.add_argument("--block", type=int, default=5, help="consecutive steps per arm before switching")
@@ -117,13 +117,44 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer-model", help="its SentencePiece model")
     ap.add_argument("--extra", default="", help="more trainer flags for both arms (e.g. '--bf16' on a GPU)")
     ap.add_argument("--json", help="also write the figures here")
+    return ap
+
+
+def common_flags(args, prefix: str, tok: str) -> list:
+    """Trainer flags both arms share (the model, the data, the schedule, ``--extra`` last so it overrides)."""
+    total = args.warmup + args.steps
+    return ["--data-path", prefix, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok,
+            "--split", "100,0,0", "--eval-iters", "0", "--data-cache-path", os.path.join(os.path.dirname(prefix),
+                                                                                         "cache"),
+            "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
+            "--num-attention-heads", "4", "--swiglu", "--normalization", "RMSNorm",
+            "--position-embedding-type", "rope", "--seq-length", str(args.seq_length),
+            "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
+            "--tensor-model-parallel-size", str(args.tensor_model_parallel_size),
+            "--train-iters", str(2 * total + DATA_REPEATS), "--lr", "1e-3", "--hidden-dropout", "0",
+            "--attention-dropout", "0", "--log-interval", str(args.log_interval), *args.extra.split()]
+
+
+def stock_config(common: list, for_gpu: bool = False):
+    """The stock arm's config and tokenizer: megatron-core's ``GPTDataset`` (no role channel), checked by the
+    trainer's own preflight, so both arms are validated alike (layers, precision, data) on this machine
+    (``for_gpu``: as if CUDA and Transformer Engine were present, as ``--dry-run-target gpu`` does)."""
+    from megatron_anchor.training.arguments import parse_args
+    from megatron_anchor.training.loop import preflight
+
+    cfg = parse_args(common + ["--no-role-channel"])
+    return cfg, preflight(cfg, for_gpu=for_gpu)
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     import torch
     import torch.distributed as dist
 
     import pretrain_anchor as pa
-    from megatron_anchor.training.arguments import parse_args, validate
+    from megatron_anchor.training.arguments import parse_args
     from megatron_anchor.training.data import build_data
     from megatron_anchor.training.loop import setup
 
@@ -135,25 +166,14 @@ def main(argv=None) -> int:
     else:
         prefix, tok = build_dataset(tempfile.mkdtemp(prefix="bench_trainer_"))
         print(f"dataset: --data-path {prefix} --tokenizer-model {tok}")
-    total = args.warmup + args.steps
-    common = ["--data-path", prefix, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok,
-              "--split", "100,0,0", "--eval-iters", "0", "--data-cache-path", os.path.join(os.path.dirname(prefix),
-                                                                                           "cache"),
-              "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
-              "--num-attention-heads", "4", "--swiglu", "--normalization", "RMSNorm",
-              "--position-embedding-type", "rope", "--seq-length", str(args.seq_length),
-              "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
-              "--tensor-model-parallel-size", str(args.tensor_model_parallel_size),
-              "--train-iters", str(2 * total + DATA_REPEATS), "--lr", "1e-3", "--hidden-dropout", "0",
-              "--attention-dropout", "0", "--log-interval", str(args.log_interval), *args.extra.split()]
+    common = common_flags(args, prefix, tok)
     ours_cfg = parse_args(common + ["--loss-mask-policy", args.policy])
     tr = setup(ours_cfg, pa.model_provider, pa.train_valid_test_datasets_provider, pa.forward_step_factory)
 
     from megatron.core import parallel_state as ps
 
-    stock_cfg = parse_args(common + ["--no-role-channel"])
-    validate(stock_cfg, dist.get_world_size(), torch.cuda.is_available(), False)
-    stock_iter, _ = build_data(stock_cfg, _tokenizer(stock_cfg), 0, ps.get_data_parallel_rank(),
+    stock_cfg, stock_tokenizer = stock_config(common)
+    stock_iter, _ = build_data(stock_cfg, stock_tokenizer, 0, ps.get_data_parallel_rank(),
                                ps.get_data_parallel_world_size())
 
     times = {"ours": [], "stock": []}

@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[Any], out_dir: str,
-            threads: int) -> None:
+            threads: int, backend: str = "gloo") -> None:
     import torch
     import torch.distributed as dist
 
@@ -42,7 +42,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[
     torch.set_num_threads(threads)
     path = os.path.join(out_dir, f"rank{rank}.pkl")
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
         payload = ("ok", value)
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
@@ -61,14 +63,15 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[
 
 
 def run_distributed(fn: Callable, world_size: int = 2, args: Sequence[Any] = (), timeout: float = 600,
-                    allow_killed: bool = False, threads: Optional[int] = None) -> List[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return per-rank results."""
+                    allow_killed: bool = False, threads: Optional[int] = None, backend: str = "gloo") -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes joined by ``backend`` (gloo; ``nccl`` for
+    GPU tests, one device per rank); return per-rank results."""
     cores = os.cpu_count() or 1
     threads = threads or max(1, cores // world_size)
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.get_context("spawn")
         port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), out_dir, threads))
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), out_dir, threads, backend))
                  for r in range(world_size)]
         for p in procs:
             p.start()
