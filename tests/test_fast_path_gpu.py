@@ -297,12 +297,15 @@ def test_bf16_finetune_keeps_the_base_models_loss(session, name):
 
 
 def test_steady_state_steps_wait_on_the_device_once(session):
-    """With bf16 and the distributed optimizer at TP=1, a step synchronises the host with the device only for the
-    loop's one documented copy (losses, FLOPs work and exit/NaN flags in one tensor)."""
+    """With bf16 and the distributed optimizer at TP=1, this project's code synchronises the host with the device
+    once per step: the loop's one documented copy (losses, FLOPs work and exit/NaN flags in one tensor). megatron-core's
+    own synchronisations (the gradient norm's ``.item()``, 0.16's token-count test) are its business and listed only
+    in the failure message."""
     per_step = _run(session, "syncs")["per_step"]
     if per_step is None:
         pytest.skip("torch.cuda.set_sync_debug_mode('warn') reported no synchronisation for a probe .item() here")
-    too_many = {it: where for it, where in per_step.items() if len(where) > 1}
+    ours = {it: [w for w in where if w.startswith("megatron_anchor")] for it, where in per_step.items()}
+    too_many = {it: per_step[it] for it, where in ours.items() if len(where) > 1}
     assert not too_many, json.dumps(too_many, indent=1)
 
 
