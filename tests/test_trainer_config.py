@@ -88,7 +88,7 @@ def test_unknown_flag_and_bad_choice_exit():
     (["--position-embedding-type", "rope", "--reset-position-ids", "--reset-attention-mask"], 1,
      "does nothing with RoPE"),
     (["--exit-signal", "SIGNOPE"], 1, "is not a signal name"),
-    (["--exit-duration-in-mins", "0"], 1, "--exit-duration-in-mins must be > 0"),
+    (["--min-lr", "0.1", "--lr", "0.01"], 1, "--min-lr (0.1) exceeds --lr (0.01)"),
 ])
 def test_impossible_layouts_and_flag_combinations_fail_early(argv, world, message):
     with pytest.raises(ConfigError) as err:

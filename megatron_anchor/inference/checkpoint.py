@@ -15,7 +15,6 @@ import contextlib
 import copy
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -120,28 +119,23 @@ def resolve_checkpoint(load: str, iteration: Optional[int] = None) -> str:
     return ckpt
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def megatron_session(seed: int = 1234) -> Iterator[None]:
     """A one-process gloo group and megatron's parallel state for the duration of the block.
 
     Only what this block created is torn down, so it nests inside a process that already runs a group.
-    The environment (MASTER_PORT, RANK, ...) is left untouched: a TCP init method carries the address.
+    The environment (MASTER_PORT, RANK, ...) is left untouched, and nothing listens on the network: the group's
+    store lives in this process.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_anchor import cpu_compat
+    from megatron_anchor.training.initialize import init_single_process_group
 
     created_group = not dist.is_initialized()
     if created_group:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                                timeout=datetime.timedelta(minutes=5))
+        init_single_process_group("gloo", datetime.timedelta(minutes=5))
     cpu_compat.activate()
     created_state = not parallel_state.model_parallel_is_initialized()
     if created_state:
