@@ -165,10 +165,11 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer,
             from megatron_anchor.tokenizer.record import checkpoint_record_path, write_record
 
             write_record(checkpoint_record_path(root), tokenizer_record)
-        tmp = os.path.join(root, TRACKER_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(str(state.iteration))
-        os.replace(tmp, os.path.join(root, TRACKER_FILE))  # atomic: never a half-written tracker
+        from megatron_anchor.outputs import write_text
+        from megatron_anchor.training.checkpoint_files import write_manifest
+
+        write_manifest(ckpt)  # file sizes, checked before a load unpickles anything
+        write_text(os.path.join(root, TRACKER_FILE), str(state.iteration))  # atomic: never a half-written tracker
     dist.barrier()
     return ckpt
 
