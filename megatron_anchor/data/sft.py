@@ -325,6 +325,7 @@ class SFTConverter(DocumentConverter):
     """
 
     name = "sft"
+    drop_reason = "longer than --seq-length, or no response token left within it"
 
     def __init__(self, template: ChatTemplate, annotations: bool = True, annotator: str = "default",
                  format_stability_fraction: float = DEFAULT_FORMAT_STABILITY_FRACTION,
