@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from megatron_anchor.training.checkpoint_files import describe_read_error, read_errors
 from megatron_anchor.training.config import AnchorConfig
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -35,16 +36,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read, or matched to the given model configuration."""
 
 
-def _unreadable_errors() -> tuple:
-    # torch's CheckpointException derives from BaseException, so ``except Exception`` lets a truncated .distcp
-    # through as a traceback.
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    return (Exception, CheckpointException)
-
-
-_UNREADABLE = _unreadable_errors()
-"""What reading a damaged checkpoint raises (any Exception, and torch's CheckpointException)."""
+_UNREADABLE = read_errors()
+"""What reading a damaged checkpoint raises (:func:`megatron_anchor.training.checkpoint_files.read_errors`)."""
 
 
 def save_dir_file(load: str, name: str) -> Optional[str]:
@@ -215,7 +208,8 @@ def load_megatron_model(cfg: AnchorConfig, load: str, vocab_size: int, iteration
     try:
         common = dist_checkpointing.load_common_state_dict(ckpt)
     except _UNREADABLE as exc:  # torch raises many kinds for unreadable files
-        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: cannot read its common state ({exc})") from None
+        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: cannot read its common state "
+                              f"({describe_read_error(exc)})") from None
     if not isinstance(common, dict) or "layout" not in common:
         raise CheckpointError(f"{ckpt}: unknown checkpoint layout: no 'layout' record (not written by "
                               "pretrain_anchor.py)")
@@ -226,7 +220,7 @@ def load_megatron_model(cfg: AnchorConfig, load: str, vocab_size: int, iteration
     try:
         state = dist_checkpointing.load(sharded, ckpt)
     except _UNREADABLE as exc:
-        raise CheckpointError(f"{ckpt}: loading failed ({type(exc).__name__}: {exc}); check the model flags "
+        raise CheckpointError(f"{ckpt}: loading failed ({describe_read_error(exc)}); check the model flags "
                               "against the run that saved it") from None
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -246,7 +240,8 @@ def _check_shapes(ckpt: str, sharded: dict) -> None:
     try:
         saved = dist_checkpointing.load_tensors_metadata(ckpt)
     except _UNREADABLE as exc:
-        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: unreadable tensor metadata ({exc})") from None
+        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: unreadable tensor metadata "
+                              f"({describe_read_error(exc)})") from None
     problems: List[str] = []
     for sh in sharded.values():
         if not isinstance(sh, ShardedTensor):

@@ -25,6 +25,29 @@ REQUIRED = ("metadata.json", ".metadata", "common.pt")
 """Files a megatron-core ``torch_dist`` checkpoint always has (besides its ``.distcp`` shards)."""
 
 
+def read_errors() -> tuple:
+    """What reading a damaged checkpoint raises: any Exception, and torch's ``CheckpointException``, which derives
+    from BaseException (so ``except Exception`` lets a truncated ``.distcp`` through as a traceback)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def describe_read_error(exc: BaseException) -> str:
+    """One line for a read error: the underlying error of each failed rank of a ``CheckpointException`` (whose own
+    text is a traceback per rank), else the error's type and message."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, pair in sorted(failures.items()):
+            inner = pair[0] if isinstance(pair, tuple) and pair else pair
+            text = str(inner).strip()
+            parts.append(f"rank {rank}: {type(inner).__name__}" + (f": {text}" if text else ""))
+        return "; ".join(parts)
+    text = str(exc).strip()
+    return type(exc).__name__ + (f": {text}" if text else "")
+
+
 def write_manifest(ckpt_dir: str) -> None:
     """Record the size of every file in ``ckpt_dir`` (call once all ranks finished writing it)."""
     from megatron_anchor.outputs import write_json

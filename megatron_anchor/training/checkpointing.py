@@ -202,7 +202,14 @@ def load_checkpoint(root: str, model_chunks: List, optimizer, scheduler, finetun
     restore_rng = not finetune and load_rng and same_model_layout
     if restore_rng:
         sharded["rng_state"] = _rng_sharded_object(_rng_state())
-    state = dist_checkpointing.load(sharded, ckpt)
+    from megatron_anchor.training.checkpoint_files import describe_read_error, read_errors
+
+    try:
+        state = dist_checkpointing.load(sharded, ckpt)
+    except read_errors() as exc:
+        from megatron_anchor.training.arguments import ConfigError
+
+        raise ConfigError(f"{ckpt}: the checkpoint cannot be read ({describe_read_error(exc)})") from None
 
     from megatron_anchor.training.model import unwrap
 
