@@ -147,7 +147,7 @@ def require_input(path: PathLike, flag: str, folder: bool = False) -> None:
     kind, with a message that says which ("is a folder", not "not found")."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{flag} {path}: no such {'folder' if folder else 'file'}")
+        raise FileNotFoundError(f"{flag} {path} not found")
     if folder and not os.path.isdir(path):
         raise FileNotFoundError(f"{flag} {path} is a file, not a folder")
     if not folder and os.path.isdir(path):

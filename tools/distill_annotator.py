@@ -30,7 +30,7 @@ from megatron_anchor.annotation.distilled.model import DECODES  # noqa: E402
 from megatron_anchor.annotation.distilled.train import DistillConfig  # noqa: E402
 from megatron_anchor.annotation.llm.tagschema import SchemaError, TagKey, TagSchema, load_schema  # noqa: E402
 from megatron_anchor.bounds import argument  # noqa: E402
-from megatron_anchor.outputs import OutputError, check_outputs, write_json  # noqa: E402
+from megatron_anchor.outputs import check_outputs, write_json  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,18 +104,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.output.exists() and not args.overwrite:
         print(f"distill_annotator: {args.output} exists (use --overwrite to replace it)", file=sys.stderr)
         return 1
-    try:
-        check_outputs([("--output", args.output), ("--report", args.report)],
-                      [("--teacher", args.teacher), ("--schema", args.schema)])
-        schema = resolve_schema(args.schema, args.keys)
-    except (SchemaError, OutputError) as e:
-        print(f"distill_annotator: {e}", file=sys.stderr)
-        return 1
     cfg = DistillConfig(dim=args.dim, epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size,
                         lr=args.lr, embedding_lr=args.embedding_lr, max_classes=args.max_classes,
                         test_fraction=args.test_fraction, validation_fraction=args.validation_fraction,
                         extractive_share=args.extractive_share, decode=args.decode, seed=args.seed,
                         features=FeatureConfig(hash_bits=args.hash_bits))
+    try:
+        cfg.check()
+        check_outputs([("--output", args.output), ("--report", args.report)],
+                      [("--teacher", args.teacher), ("--schema", args.schema)])
+        schema = resolve_schema(args.schema, args.keys)
+    except ValueError as e:  # bad settings, OutputError, SchemaError
+        print(f"distill_annotator: {e}", file=sys.stderr)
+        return 1
     from megatron_anchor.annotation.distilled.evaluate import format_report
     from megatron_anchor.annotation.distilled.train import distill, load_teacher
 

@@ -63,6 +63,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         urls = named_values(args.url, "--url")
         tasks = list(args.tasks)
         include = args.include_path
+        for name, folder in models.items():
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                raise FileNotFoundError(f"--model {name}={folder}: no config.json (export it with "
+                                        "tools/export_hf.py)")
+            if args.backend == "server" and name not in urls:
+                raise ValueError(f"--backend server needs --url {name}=URL")
         if args.demo_task:
             write_demo_task(args.demo_task, n=args.demo_questions)
             if include and os.path.abspath(include) != os.path.abspath(args.demo_task):
@@ -72,12 +78,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             tasks.append(DEMO_TASK)
         if not tasks:
             raise ValueError("no tasks: pass --tasks and/or --demo-task")
-        for name, folder in models.items():
-            if not os.path.isfile(os.path.join(folder, "config.json")):
-                raise FileNotFoundError(f"--model {name}={folder}: no config.json (export it with "
-                                        "tools/export_hf.py)")
-            if args.backend == "server" and name not in urls:
-                raise ValueError(f"--backend server needs --url {name}=URL")
         results = {name: run_ability(folder, tasks, include, args.backend, urls.get(name), args.batch_size,
                                      args.limit, args.num_fewshot)
                    for name, folder in models.items()}

@@ -566,7 +566,8 @@ def _gz_lines(f, path: str) -> Iterator[bytes]:
         try:
             line = f.readline()
         except (EOFError, OSError, zlib.error) as exc:
-            raise DocumentError(f"{path}:{line_no + 1}: the compressed input is truncated or corrupt ({exc})") from None
+            raise DocumentError(f"{path}:{line_no + 1}",
+                                f"the compressed input is truncated or corrupt ({exc})") from None
         if not line:
             return
         line_no += 1

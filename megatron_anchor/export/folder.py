@@ -144,8 +144,9 @@ def export_checkpoint(model_args: Sequence[str], out_dir: str, load: Optional[st
     """
     from megatron_anchor.inference.checkpoint import checkpoint_config, load_decoder
 
+    check_output_folder(out_dir, overwrite, load)  # before anything is read: fail in seconds
     cfg, load = checkpoint_config(model_args, load)
-    check_output_folder(out_dir, overwrite, load)  # before the checkpoint is read: fail in seconds
+    check_output_folder(out_dir, overwrite, load)  # the flags' --load too, when ``load`` was not given
     layout = choose_layout(replace(ModelSpec.from_anchor_config(cfg, 0), gelu_approximation=gelu_approximation))
     model, tok, loaded = load_decoder(cfg, load, iteration, gelu_approximation=gelu_approximation,
                                       allow_missing_record=allow_missing_record)

@@ -137,6 +137,16 @@ class DistillConfig:
     seed: int = 0
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
+    def check(self) -> None:
+        """Raise ValueError for settings that cannot train (out of range, or splits that leave nothing)."""
+        if self.decode not in DECODES:
+            raise ValueError(f"unknown decode {self.decode!r} (choose from {', '.join(DECODES)})")
+        bounds.check(self, ValueError)
+        if self.test_fraction + self.validation_fraction >= 1:
+            raise ValueError(f"--test-fraction {self.test_fraction:g} and --validation-fraction "
+                             f"{self.validation_fraction:g} leave no documents to train on (their sum must be below "
+                             "1)")
+
 
 def _split(sample: TeacherSample, cfg: DistillConfig) -> Tuple[List[int], List[int], List[int]]:
     docs = sorted(set(sample.documents))
@@ -255,12 +265,7 @@ def _fit_temperature(model: DistilledAnnotator, head: KeyHead, hidden: np.ndarra
 def distill(sample: TeacherSample, schema: TagSchema, cfg: DistillConfig,
             log: Callable[[str], None] = lambda s: None) -> Tuple[DistilledAnnotator, Dict[str, object]]:
     """Train on ``sample`` for ``schema``'s keys; returns the model and its held-out report (:func:`evaluate`)."""
-    if cfg.decode not in DECODES:
-        raise ValueError(f"unknown decode {cfg.decode!r} (choose from {', '.join(DECODES)})")
-    bounds.check(cfg, ValueError)
-    if cfg.test_fraction + cfg.validation_fraction >= 1:
-        raise ValueError(f"--test-fraction {cfg.test_fraction:g} and --validation-fraction "
-                         f"{cfg.validation_fraction:g} leave no documents to train on (their sum must be below 1)")
+    cfg.check()
     train, val, test = _split(sample, cfg)
     keys = [k.name for k in schema.keys]
     featurize = Featurizer(cfg.features)
