@@ -310,6 +310,7 @@ def load_decoder(cfg: AnchorConfig, load: str, iteration: Optional[int] = None, 
 
     from megatron_anchor.tokenizer import TokenizerError
 
+    check_checkpoint_files(resolve_checkpoint(load, iteration))  # what the checkpoint is, before its tokenizer
     try:
         tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, eod_token=cfg.data.eod_token)
     except TokenizerError as exc:
