@@ -37,10 +37,10 @@ def check_run_files(cfg: AnchorConfig) -> None:
     if not load:
         return
     # A --load folder without a checkpoint yet starts from scratch (a first run that saves there); --finetune
-    # needs one.
+    # needs one, except in a dry run of a recipe whose earlier step writes it.
     if os.path.exists(load) and not os.path.isdir(load):
         raise ConfigError(f"--load {load} is a file; give the --save folder of a run")
-    if cfg.checkpoint.finetune and not os.path.isfile(os.path.join(load, TRACKER_FILE)):
+    if cfg.checkpoint.finetune and not cfg.training.dry_run and not os.path.isfile(os.path.join(load, TRACKER_FILE)):
         raise ConfigError(f"--finetune: no checkpoint under --load {load} ({TRACKER_FILE} missing)")
     found = checkpoint_files.latest_problems(load, TRACKER_FILE)
     if found:
