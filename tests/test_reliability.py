@@ -412,3 +412,17 @@ def test_no_parser_of_user_files_can_execute_code():
             if "allow_pickle=False" not in call:
                 bad.append(f"{path}: {call}")
     assert not bad, bad
+
+
+def test_an_unknown_ability_task_is_named_before_any_model_loads(tmp_path, capsys):
+    """Tasks are looked up in lm-eval's index before anything runs, so the error names the task; the model folder
+    here is only a config.json, so reaching the model would fail differently."""
+    from tools import evaluate_ability
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert evaluate_ability.main(["--model", f"m={model}", "--tasks", "no_such_task_xyz", "--demo-task",
+                                  str(tmp_path / "tasks"), "--output", str(tmp_path / "a.json")]) == 2
+    assert "unknown lm-eval task(s) no_such_task_xyz" in capsys.readouterr().err
+    assert not (tmp_path / "a.json").exists()
