@@ -514,7 +514,7 @@ def test_ctrl_c_stops_annotation_cleanly_and_a_rerun_finishes_it(annotator, tmp_
 
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     corpus = str(tmp_path / "big.jsonl")
-    write_raw_jsonl(corpus, 12000, seed=3)
+    write_raw_jsonl(corpus, 6000, seed=3)
     spec = "default"
     if annotator == "distilled":
         teacher = tmp_path / "teacher.jsonl"
