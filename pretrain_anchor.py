@@ -57,6 +57,8 @@ def forward_step_factory(cfg: AnchorConfig, device):
 
 def main(argv: Optional[List[str]] = None):
     """Parse flags, train, and return the run's :class:`RunResult`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from megatron_anchor.cpu_compat import quiet_cpu_warnings
 
     quiet_cpu_warnings()
@@ -73,6 +75,14 @@ def main(argv: Optional[List[str]] = None):
     except TrainingAborted as exc:
         print(f"pretrain_anchor.py: training stopped: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
+    except CheckpointException as exc:  # a BaseException: an unreadable --load checkpoint past the file checks
+        print(f"pretrain_anchor.py: error: cannot read the checkpoint under --load: {exc}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("pretrain_anchor.py: interrupted; checkpoints already saved are complete (resume with --load; "
+              "SIGTERM or --exit-signal saves one before stopping)", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

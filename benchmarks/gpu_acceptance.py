@@ -37,7 +37,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
-from megatron_anchor.phases import Budget, PhaseResult, not_run, run_phase, write_json_atomic
+from megatron_anchor.outputs import write_json
+from megatron_anchor.phases import Budget, PhaseResult, not_run, run_phase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT = "gpu_acceptance.json"
@@ -209,7 +210,7 @@ class Run:
 
     def write(self) -> None:
         self.report["wall_s"] = round(self.budget.elapsed(), 1)
-        write_json_atomic(self.path, self.report)
+        write_json(self.path, self.report, fsync=True, indent=2)
 
     def grant(self, name: str, later: List[str]) -> float:
         """The time limit of phase ``name``: its plan, cut so that each of ``later`` keeps its minimum."""

@@ -151,4 +151,5 @@ python -m megatron_anchor.eval.quickstart report --work "$WORK" --n "$N" --seed 
 if [[ "${UPDATE_README:-0}" == 1 ]]; then
   python -m megatron_anchor.eval.quickstart readme --work "$WORK"
 fi
-stage "done: data, checkpoints, Hugging Face folders (hf/), samples.jsonl, report.json, report.md, pareto.png under $WORK"
+if [[ "${ABILITY:-1}" == 0 ]]; then EXPORTED=""; else EXPORTED=" Hugging Face folders (hf/),"; fi
+stage "done: data, checkpoints,${EXPORTED} samples.jsonl, report.json, report.md, pareto.png under $WORK"

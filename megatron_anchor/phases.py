@@ -21,7 +21,6 @@ phase runs.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -214,15 +213,3 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except OSError:  # the group is already gone
         pass
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: a reader (or a kill mid-write)
-    sees the old report or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

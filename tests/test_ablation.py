@@ -130,8 +130,9 @@ def test_one_base_length_per_output_folder(tmp_path, capsys):
     (old / "seed0" / "base").mkdir(parents=True)  # bases written before the record existed: the default length
     with pytest.raises(SystemExit, match="use another --out for --pre-iters 700"):
         ab.main(["--out", str(old), "--pre-iters", "700", "--seeds", "0", "--report-only"])
-    assert ab.main(["--out", str(tmp_path / "c"), "--pre-iters", "0"]) == 2
-    assert "--pre-iters must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        ab.main(["--out", str(tmp_path / "c"), "--pre-iters", "0"])
+    assert exit_.value.code == 2 and "--pre-iters: must be >= 1" in capsys.readouterr().err
 
 
 def test_the_base_length_default_is_the_quickstarts(monkeypatch):

@@ -88,7 +88,7 @@ def test_unknown_flag_and_bad_choice_exit():
     (["--position-embedding-type", "rope", "--reset-position-ids", "--reset-attention-mask"], 1,
      "does nothing with RoPE"),
     (["--exit-signal", "SIGNOPE"], 1, "is not a signal name"),
-    (["--exit-duration-in-mins", "0"], 1, "--exit-duration-in-mins must be > 0"),
+    (["--min-lr", "0.1", "--lr", "0.01"], 1, "--min-lr (0.1) exceeds --lr (0.01)"),
 ])
 def test_impossible_layouts_and_flag_combinations_fail_early(argv, world, message):
     with pytest.raises(ConfigError) as err:
@@ -284,6 +284,12 @@ def test_finetune_refuses_another_architecture_or_tokenizer(tiny_dataset, tmp_pa
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
+    # What --finetune checks before loading (a tracker and the files of its iteration); --dry-run reads no tensor.
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1")
+    (ckpt / "iter_0000001").mkdir()
+    for name in (".metadata", "common.pt", "__0_0.distcp"):
+        (ckpt / "iter_0000001" / name).write_bytes(b"x")
+    (ckpt / "iter_0000001" / "metadata.json").write_text("{}")
     trained = _data_argv(tiny_dataset["prefix"], tiny_dataset["tokenizer_model"], "--norm-epsilon", "1e-6",
                          "--position-embedding-type", "rope", "--rotary-base", "500000")
     cfg = _validate(trained)

@@ -39,6 +39,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_anchor.bounds import ranged  # noqa: E402
+from megatron_anchor.outputs import atomic_path, atomic_write, write_json, write_text  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "examples", "quickstart.sh")
 
@@ -158,9 +161,7 @@ def check_pre_iters(out: str, pre_iters: int) -> None:
         # Bases written before the record existed: the quickstart's default length.
         raise SystemExit(f"ablation_sft.py: error: {out} holds bases of the quickstart's {default} pretraining "
                          f"iterations; use another --out for --pre-iters {pre_iters}")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"pre_iters": pre_iters}, f)
-    os.replace(path + ".tmp", path)
+    write_json(path, {"pre_iters": pre_iters})
 
 
 def sft_input(base: str, factor: int, seed: int) -> str:
@@ -177,12 +178,10 @@ def sft_input(base: str, factor: int, seed: int) -> str:
     with open(src, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
     rng = random.Random(1_000_003 * (seed + 1) + factor)  # a stream disjoint from the corpus writer's
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.writelines(lines)
         for _ in range((factor - 1) * len(lines)):
             f.write(json.dumps(sft_sample(rng)) + "\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -352,14 +351,10 @@ def finished_rows(out: str) -> List[Dict]:
 def write_outputs(out: str, rows: List[Dict], settings: Sequence[Setting]) -> None:
     """``results.json``, ``table.md`` and ``gap_closed.png`` (each written under a temporary name first)."""
     for name, text in (("results.json", json.dumps(rows, indent=1)), ("table.md", format_table(rows, settings))):
-        tmp = os.path.join(out, name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, os.path.join(out, name))
+        write_text(os.path.join(out, name), text + "\n")
     if rows:
-        tmp = os.path.join(out, "gap_closed.tmp.png")
-        plot(rows, settings, tmp)
-        os.replace(tmp, os.path.join(out, "gap_closed.png"))
+        with atomic_path(os.path.join(out, "gap_closed.png"), suffix=".png") as tmp:
+            plot(rows, settings, tmp)
 
 
 def plan(seeds: Sequence[int], lengths: Sequence[int], settings: Sequence[Setting]) -> List[tuple]:
@@ -380,16 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ablation", help="output directory (default runs/ablation)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="base seeds (default 0 1)")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
-                   help="SFT iterations (default 40 200 1000; 40 is the quickstart's)")
+    p.add_argument("--seeds", nargs="+", default=[0, 1], **ranged(int, "base seeds (default 0 1)", ge=0))
+    p.add_argument("--lengths", nargs="+", default=list(DEFAULT_LENGTHS),
+                   **ranged(int, "SFT iterations (default 40 200 1000; 40 is the quickstart's)", ge=1))
     p.add_argument("--settings", nargs="+", default=None,
                    help="names of the settings to run (default all: " + "; ".join(s.name for s in DEFAULT_SETTINGS)
                         + ")")
-    p.add_argument("--n", type=int, default=32, help="samples per held-out prompt (default 32)")
-    p.add_argument("--pre-iters", type=int, default=None,
-                   help="pretraining iterations of each seed's base checkpoint (default: the quickstart's, "
-                        "$PRE_ITERS or its script's default); one value per --out, recorded in OUT/ablation.json")
+    p.add_argument("--n", default=32, **ranged(int, "samples per held-out prompt (default 32)", ge=2))
+    p.add_argument("--pre-iters", default=None, **ranged(
+        int, "pretraining iterations of each seed's base checkpoint (default: the quickstart's, $PRE_ITERS or its "
+             "script's default); one value per --out, recorded in OUT/ablation.json", ge=1))
     p.add_argument("--dry-run", action="store_true", help="print the points and exit")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results, table and plot from the finished points without running anything")

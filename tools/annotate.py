@@ -38,6 +38,7 @@ from megatron_anchor.annotation.llm.prompt import REQUEST_MODES  # noqa: E402
 from megatron_anchor.annotation.llm.structured import STRUCTURED_MODES  # noqa: E402
 from megatron_anchor.annotation.local import DISTILLED_PREFIX  # noqa: E402
 from megatron_anchor.annotation.llm.tagschema import SchemaError  # noqa: E402
+from megatron_anchor.bounds import argument  # noqa: E402
 from megatron_anchor.sharding import shard_path  # noqa: E402
 
 
@@ -55,18 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--text-key", default="text", help="field holding a raw document's text (default: text)")
     io.add_argument("--overwrite", action="store_true",
                     help="start from scratch, discarding the output and its checkpoint (the cache is kept)")
-    io.add_argument("--limit", type=int, default=None, help="stop after this many input lines (for trials)")
-    io.add_argument("--checkpoint-every", type=float, default=2.0, metavar="SECONDS",
-                    help="seconds between checkpoints; each fsyncs the outputs (default: 2)")
+    io.add_argument("--limit", **argument(AnnotateConfig, "limit", "stop after this many input lines (for trials)"))
+    io.add_argument("--checkpoint-every", metavar="SECONDS", **argument(
+        AnnotateConfig, "checkpoint_every_s", "seconds between checkpoints; each fsyncs the outputs (default: 2)"))
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
-    io.add_argument("--num-shards", type=int, default=1,
-                    help="split the input into N byte-range shards (shard i owns the lines starting in bytes "
+    io.add_argument("--num-shards", **argument(AnnotateConfig, "num_shards",
+                    "split the input into N byte-range shards (shard i owns the lines starting in bytes "
                          "[i*size/N, (i+1)*size/N)); this run writes only shard --shard-index, to "
                          "OUTPUT with .shardIIIII-of-NNNNN before its extension (side files named after it). "
-                         "The shards' outputs concatenated in order equal an unsharded run's")
-    io.add_argument("--shard-index", type=int, default=0,
-                    help="which shard to process (0-based); a rerun skips a finished shard and resumes a "
-                         "half-written one")
+                         "The shards' outputs concatenated in order equal an unsharded run's"))
+    io.add_argument("--shard-index", **argument(AnnotateConfig, "shard_index",
+                    "which shard to process (0-based); a rerun skips a finished shard and resumes a "
+                    "half-written one"))
     io.add_argument("--strict", action="store_true", help="exit with status 2 when any chunk failed")
 
     ann = p.add_argument_group("annotator")
@@ -92,43 +93,48 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key-file", default=None,
                      help=f"file whose first line is the API key; otherwise ${API_KEY_ENV} is used if set. "
                           "The key is never printed")
-    srv.add_argument("--concurrency", type=int, default=d.concurrency,
-                     help=f"requests in flight over all replicas (default: {d.concurrency})")
-    srv.add_argument("--window", type=int, default=0,
-                     help="chunk requests queued before input reading pauses (default: 4 x concurrency)")
-    srv.add_argument("--timeout", type=float, default=d.request_timeout_s, metavar="SECONDS",
-                     help=f"total time for one request before it is retried (default: {d.request_timeout_s:g})")
-    srv.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s, metavar="SECONDS",
-                     help=f"time to open a connection (default: {d.connect_timeout_s:g})")
-    srv.add_argument("--max-attempts", type=int, default=d.max_attempts,
-                     help="failed attempts (connection errors, timeouts, 429, 5xx) before a chunk fails "
-                          f"(default: {d.max_attempts})")
-    srv.add_argument("--retry-budget", type=float, default=d.retry_budget_s, metavar="SECONDS",
-                     help=f"stop retrying a chunk this long after its first attempt (default: {d.retry_budget_s:g})")
-    srv.add_argument("--backoff-base", type=float, default=d.backoff_base_s, metavar="SECONDS",
-                     help=f"first backoff ceiling, doubled per failure, with full jitter (default: {d.backoff_base_s:g})")
-    srv.add_argument("--backoff-max", type=float, default=d.backoff_max_s, metavar="SECONDS",
-                     help=f"largest backoff ceiling (default: {d.backoff_max_s:g})")
-    srv.add_argument("--parse-retries", type=int, default=d.parse_retries,
-                     help=f"re-asks when an answer has no usable tags (default: {d.parse_retries})")
-    srv.add_argument("--max-tokens", type=int, default=d.max_tokens,
-                     help=f"generation cap per answer; per chunk in document mode (default: {d.max_tokens})")
-    srv.add_argument("--max-tokens-growth", type=int, default=d.max_tokens_growth, metavar="N",
-                     help="an answer cut at the cap is asked again (same temperature) with twice the cap, up to N "
-                          f"times --max-tokens; its cut-off part is never used (default: {d.max_tokens_growth})")
-    srv.add_argument("--temperature", type=float, default=d.temperature,
-                     help=f"sampling temperature of the first attempt (default: {d.temperature:g})")
-    srv.add_argument("--max-chunk-chars", type=int, default=d.max_chunk_chars,
-                     help=f"chunks are clipped to this many characters in the prompt (default: {d.max_chunk_chars})")
+    c = ClientConfig
+    srv.add_argument("--concurrency", **argument(
+        c, "concurrency", f"requests in flight over all replicas (default: {d.concurrency})"))
+    srv.add_argument("--window", **argument(
+        AnnotateConfig, "window", "chunk requests queued before input reading pauses (default: 4 x concurrency)"))
+    srv.add_argument("--timeout", metavar="SECONDS", **argument(
+        c, "request_timeout_s", f"total time for one request before it is retried (default: {d.request_timeout_s:g})"))
+    srv.add_argument("--connect-timeout", metavar="SECONDS", **argument(
+        c, "connect_timeout_s", f"time to open a connection (default: {d.connect_timeout_s:g})"))
+    srv.add_argument("--max-attempts", **argument(
+        c, "max_attempts", "failed attempts (connection errors, timeouts, 429, 5xx) before a chunk fails "
+                           f"(default: {d.max_attempts})"))
+    srv.add_argument("--retry-budget", metavar="SECONDS", **argument(
+        c, "retry_budget_s", "stop retrying a chunk this long after its first attempt (default: "
+                             f"{d.retry_budget_s:g})"))
+    srv.add_argument("--backoff-base", metavar="SECONDS", **argument(
+        c, "backoff_base_s", f"first backoff ceiling, doubled per failure, with full jitter (default: "
+                             f"{d.backoff_base_s:g})"))
+    srv.add_argument("--backoff-max", metavar="SECONDS", **argument(
+        c, "backoff_max_s", f"largest backoff ceiling (default: {d.backoff_max_s:g})"))
+    srv.add_argument("--parse-retries", **argument(
+        c, "parse_retries", f"re-asks when an answer has no usable tags (default: {d.parse_retries})"))
+    srv.add_argument("--max-tokens", **argument(
+        c, "max_tokens", f"generation cap per answer; per chunk in document mode (default: {d.max_tokens})"))
+    srv.add_argument("--max-tokens-growth", metavar="N", **argument(
+        c, "max_tokens_growth", "an answer cut at the cap is asked again (same temperature) with twice the cap, up "
+                                f"to N times --max-tokens; its cut-off part is never used (default: "
+                                f"{d.max_tokens_growth})"))
+    srv.add_argument("--temperature", **argument(
+        c, "temperature", f"sampling temperature of the first attempt (default: {d.temperature:g})"))
+    srv.add_argument("--max-chunk-chars", **argument(
+        c, "max_chunk_chars", f"chunks are clipped to this many characters in the prompt (default: "
+                              f"{d.max_chunk_chars})"))
     srv.add_argument("--request-mode", choices=REQUEST_MODES, default=d.request_mode,
                      help="document: one request per window of a document's numbered chunks (the instructions "
                           "are paid once per window and tags see the document); chunk: one request per chunk "
                           f"(default: {d.request_mode})")
-    srv.add_argument("--window-chunks", type=int, default=d.window_chunks,
-                     help=f"document mode: most chunks per request (default: {d.window_chunks})")
-    srv.add_argument("--window-chars", type=int, default=d.window_chars,
-                     help="document mode: most characters of chunk text per request; longer chunks go alone, "
-                          f"clipped to it (default: {d.window_chars})")
+    srv.add_argument("--window-chunks", **argument(
+        c, "window_chunks", f"document mode: most chunks per request (default: {d.window_chunks})"))
+    srv.add_argument("--window-chars", **argument(
+        c, "window_chars", "document mode: most characters of chunk text per request; longer chunks go alone, "
+                           f"clipped to it (default: {d.window_chars})"))
     srv.add_argument("--structured-output", choices=STRUCTURED_MODES, default=d.structured,
                      help="send the answer's JSON schema (response_format) so the server can only write parseable "
                           "answers: on, off (free text, tolerant parser), or auto (on until a server rejects the "
@@ -212,6 +218,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (AnnotateError, SchemaError, ConnectionError) as e:
         print(f"annotate: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"annotate: interrupted; {config.output} holds every document up to the checkpoint just written: "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
     print(format_summary(stats, config), file=sys.stderr)
     return 2 if args.strict and stats.failed else 0
 

@@ -13,9 +13,14 @@ Readiness check of running replicas (exit 0 when every URL answers ``/health`` a
 
     python tools/annotator_server.py --check http://127.0.0.1:8000 http://127.0.0.1:8001
 
-``--dry-run`` prints the command and environment without starting anything. Only the standard library is used
-(:mod:`megatron_anchor.cache` included), so this file runs under any Python, including the vllm venv's.
-Importable: tests use :func:`start_server`.
+``--dry-run`` prints the command and environment without starting anything (the API key as ``***``). Only the
+standard library is used (:mod:`megatron_anchor.cache`, ``bounds`` and ``apikey`` included), so this file runs
+under any Python, including the vllm venv's. Importable: tests use :func:`start_server`.
+
+API key: ``--api-key-file FILE`` (or ``$ANNOTATOR_API_KEY``, the variable the clients read too) makes vLLM refuse
+requests without it. The key reaches vLLM through its environment (``VLLM_API_KEY``), never its command line, and
+is never printed. The GPU server listens on every interface by default so other nodes reach it: give it a key, or
+``--host`` a private address (docs/annotator.md, "Keeping the server private").
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from typing import Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from megatron_anchor.apikey import API_KEY_ENV, Secret, load_api_key  # noqa: E402 - standard library only
+from megatron_anchor.bounds import ranged  # noqa: E402 - standard library only
 from megatron_anchor.cache import cache_root  # noqa: E402 - standard library only, like this file
 
 SETUP_SCRIPT = REPO / "tools" / "setup_vllm_cpu.sh"
@@ -56,6 +63,13 @@ class ServerSpec:
     env: Dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8000
+    api_key: Optional[Secret] = None
+    """Handed to vLLM as ``VLLM_API_KEY`` in its environment by :func:`start_server` (never in ``argv``)."""
+
+    @property
+    def listens_publicly(self) -> bool:
+        """Whether the address reaches beyond this machine (anything but loopback)."""
+        return not (self.host in ("localhost", "::1") or self.host.startswith("127."))
 
     @property
     def url(self) -> str:
@@ -171,9 +185,12 @@ def gpu_spec(
     return ServerSpec(argv, {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}, host, port)
 
 
-def _get_json(url: str, timeout: float) -> Optional[object]:
+def _get_json(url: str, timeout: float, api_key: Optional[Secret] = None) -> Optional[object]:
+    request = urllib.request.Request(url)
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key.reveal()}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (URLs come from the operator)
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (URLs come from the operator)
             if resp.status != 200:
                 return None
             body = resp.read()
@@ -185,14 +202,15 @@ def _get_json(url: str, timeout: float) -> Optional[object]:
         return None
 
 
-def is_ready(url: str, timeout: float = 5.0) -> Optional[str]:
-    """The served model id when ``url`` answers ``/health`` and ``/v1/models``, else None."""
+def is_ready(url: str, timeout: float = 5.0, api_key: Optional[Secret] = None) -> Optional[str]:
+    """The served model id when ``url`` answers ``/health`` and ``/v1/models`` (with ``api_key`` when the server
+    has one), else None."""
     url = url.rstrip("/")
     if url.endswith("/v1"):
         url = url[:-3]
     if _get_json(url + "/health", timeout) is None:
         return None
-    models = _get_json(url + "/v1/models", timeout)
+    models = _get_json(url + "/v1/models", timeout, api_key)
     try:
         return str(models["data"][0]["id"])  # type: ignore[index]
     except (TypeError, KeyError, IndexError):
@@ -216,11 +234,12 @@ def prefix_cache_counters(url: str, timeout: float = 5.0) -> Optional[Dict[str, 
     return found if len(found) == 2 else None
 
 
-def wait_ready(url: str, timeout_s: float = 600.0, proc: Optional[subprocess.Popen] = None) -> str:
+def wait_ready(url: str, timeout_s: float = 600.0, proc: Optional[subprocess.Popen] = None,
+               api_key: Optional[Secret] = None) -> str:
     """Block until ``url`` is ready; raises if ``proc`` exits first or the time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        model = is_ready(url)
+        model = is_ready(url, api_key=api_key)
         if model:
             return model
         if proc is not None and proc.poll() is not None:
@@ -233,6 +252,9 @@ def start_server(spec: ServerSpec, log_path: Optional[Path] = None) -> subproces
     """Start the server in its own process group (so stopping it stops its workers too)."""
     env = dict(os.environ)
     env.update(spec.env)
+    env.pop(API_KEY_ENV, None)  # the server gets the key under vLLM's own name only
+    if spec.api_key:
+        env["VLLM_API_KEY"] = spec.api_key.reveal()
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (lives with the process)
     return subprocess.Popen(spec.argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -273,29 +295,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "nvidia-smi lists a GPU (default: auto)")
     p.add_argument("--host", default=None,
                    help="address to listen on (default: 127.0.0.1 on cpu, 0.0.0.0 on gpu so other nodes reach it)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--port", default=8000, **ranged(int, "port to listen on (default: 8000)", ge=1, le=65535))
+    p.add_argument("--api-key-file", default=None,
+                   help=f"file whose first line is the API key the server requires (otherwise ${API_KEY_ENV}, the "
+                        "variable the clients read too, if set); handed to vLLM in its environment, never printed")
+    p.add_argument("--api-key", default=None,
+                   help="the API key itself; visible to every user of this machine in the process list, so prefer "
+                        f"--api-key-file or ${API_KEY_ENV}")
     p.add_argument("--model", default=None, help=f"gpu: model id or path (default: {GPU_MODEL}); "
                                                  "cpu: a local HF folder (default: the converted SmolLM2)")
     p.add_argument("--served-model-name", default=None,
                    help="name clients send and the cache keys on (default: the model's own name)")
-    p.add_argument("--tensor-parallel-size", type=int, default=None,
-                   help="gpu: GPUs per replica (default: all visible GPUs)")
+    p.add_argument("--tensor-parallel-size", default=None,
+                   **ranged(int, "gpu: GPUs per replica (default: all visible GPUs)", ge=1))
     p.add_argument("--expert-parallel", action="store_true",
                    help="gpu: shard the mixture-of-experts layers by expert across the tensor-parallel GPUs")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context length to reserve KV memory for (default: 8192 gpu, 4096 cpu: a document window "
-                        "of chunks and their answers)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.90,
-                   help="gpu: fraction of each GPU's memory vLLM may use (default: 0.90)")
-    p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="requests batched at once (default: 256 gpu, 16 cpu)")
-    p.add_argument("--kv-cache-gib", type=int, default=1, help="cpu: KV cache size in GiB (default: 1)")
+    p.add_argument("--max-model-len", default=None, **ranged(
+        int, "context length to reserve KV memory for (default: 8192 gpu, 4096 cpu: a document window of chunks and "
+             "their answers)", ge=1))
+    p.add_argument("--gpu-memory-utilization", default=0.90, **ranged(
+        float, "gpu: fraction of each GPU's memory vLLM may use (default: 0.90)", gt=0, le=1))
+    p.add_argument("--max-num-seqs", default=None,
+                   **ranged(int, "requests batched at once (default: 256 gpu, 16 cpu)", ge=1))
+    p.add_argument("--kv-cache-gib", default=1, **ranged(int, "cpu: KV cache size in GiB (default: 1)", ge=1))
     p.add_argument("--cpu-cores", default=None,
                    help="cpu: cores to pin the compute threads to, e.g. 0 or 0-3; give each replica on one machine "
                         "its own set (default: vllm-cpu's choice, which on one NUMA node keeps a core for its "
                         "scheduler)")
-    p.add_argument("--ready-timeout", type=float, default=900.0,
-                   help="seconds to wait for readiness before giving up (default: 900)")
+    p.add_argument("--ready-timeout", default=900.0,
+                   **ranged(float, "seconds to wait for readiness before giving up (default: 900)", gt=0))
     p.add_argument("--log", type=Path, default=None, help="append the server's output to this file")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment; start nothing")
     p.add_argument("--check", nargs="+", metavar="URL", default=None,
@@ -307,10 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Start a server and wait until it is ready (it keeps running in the foreground), or check servers."""
     args = build_parser().parse_args(argv)
+    try:
+        api_key = Secret(args.api_key) if args.api_key else load_api_key(args.api_key_file)
+    except ValueError as e:
+        print(f"annotator_server: {e}", file=sys.stderr)
+        return 1
     if args.check:
         bad = 0
         for url in args.check:
-            model = is_ready(url)
+            model = is_ready(url, api_key=api_key)
             print(f"{url}: {'ready, serving ' + model if model else 'NOT ready'}")
             bad += model is None
         return 1 if bad else 0
@@ -344,9 +377,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             extra=args.extra,
             install=not args.dry_run,
         )
+    spec.api_key = api_key
+    if spec.listens_publicly and not api_key:
+        print(f"annotator_server: warning: listening on {spec.host}:{spec.port} without an API key: anyone who "
+              f"reaches this port can use the server; give --api-key-file (or ${API_KEY_ENV}), or --host a private "
+              "address (docs/annotator.md)", file=sys.stderr)
     if args.dry_run:
         for k, v in sorted(spec.env.items()):
             print(f"{k}={v}")
+        if api_key:
+            print("VLLM_API_KEY=***")
         print(" ".join(spec.argv))
         return 0
 
@@ -361,7 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     try:
-        model = wait_ready(spec.url, args.ready_timeout, proc)
+        model = wait_ready(spec.url, args.ready_timeout, proc, api_key=api_key)
         print(f"annotator server ready at {spec.url} serving {model}", flush=True)
         return proc.wait()
     except (RuntimeError, TimeoutError) as e:

@@ -19,8 +19,6 @@ Exit status: 0 on success, 1 on bad input (the message names the file, line or k
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_anchor.annotation.distilled.features import FeatureConfig  # noqa: E402
 from megatron_anchor.annotation.distilled.model import DECODES  # noqa: E402
-from megatron_anchor.annotation.distilled.train import DistillConfig, TeacherError  # noqa: E402
+from megatron_anchor.annotation.distilled.train import DistillConfig  # noqa: E402
 from megatron_anchor.annotation.llm.tagschema import SchemaError, TagKey, TagSchema, load_schema  # noqa: E402
+from megatron_anchor.bounds import argument  # noqa: E402
+from megatron_anchor.outputs import check_outputs, write_json  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,29 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "learned as plain keys, e.g. the embedded annotator's 'length')")
     p.add_argument("--report", type=Path, default=None, help="also write the held-out report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    p.add_argument("--skip-bad-documents", action="store_true",
+                   help="skip and count teacher documents that are malformed or not fully tagged, instead of "
+                        "stopping at the first (the error names file and line)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch log")
     m = p.add_argument_group("model and training")
-    m.add_argument("--dim", type=int, default=d.dim, help=f"width of the shared embedding (default: {d.dim})")
-    m.add_argument("--hash-bits", type=int, default=f.hash_bits,
-                   help=f"2**BITS hashed n-gram features; the embedding table is 2**BITS x dim floats "
-                        f"(default: {f.hash_bits}, 64 MiB at dim 64)")
-    m.add_argument("--epochs", type=int, default=d.epochs, help=f"most passes over the sample (default: {d.epochs})")
-    m.add_argument("--min-steps", type=int, default=d.min_steps,
-                   help=f"optimizer steps before early stopping may end training (default: {d.min_steps})")
-    m.add_argument("--batch-size", type=int, default=d.batch_size, help=f"chunks per step (default: {d.batch_size})")
-    m.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate of the heads (default: {d.lr:g})")
-    m.add_argument("--embedding-lr", type=float, default=d.embedding_lr,
-                   help=f"SGD learning rate of the embedding, decayed linearly (default: {d.embedding_lr:g})")
-    m.add_argument("--max-classes", type=int, default=d.max_classes,
-                   help=f"most distinct values learned per key (default: {d.max_classes})")
-    m.add_argument("--test-fraction", type=float, default=d.test_fraction,
-                   help=f"share of documents held out for the report (default: {d.test_fraction:g})")
-    m.add_argument("--validation-fraction", type=float, default=d.validation_fraction,
-                   help=f"share of documents for early stopping and temperature fitting (default: "
-                        f"{d.validation_fraction:g})")
-    m.add_argument("--extractive-share", type=float, default=d.extractive_share,
-                   help="a key gets an extractive head (copies spans of the chunk) when this share of its teacher "
-                        f"items occur in their chunk (default: {d.extractive_share:g})")
+    c = DistillConfig
+    m.add_argument("--dim", **argument(c, "dim", f"width of the shared embedding (default: {d.dim})"))
+    m.add_argument("--hash-bits", **argument(
+        FeatureConfig, "hash_bits", f"2**BITS hashed n-gram features; the embedding table is 2**BITS x dim floats "
+                                    f"(default: {f.hash_bits}, 64 MiB at dim 64)"))
+    m.add_argument("--epochs", **argument(c, "epochs", f"most passes over the sample (default: {d.epochs})"))
+    m.add_argument("--min-steps", **argument(
+        c, "min_steps", f"optimizer steps before early stopping may end training (default: {d.min_steps})"))
+    m.add_argument("--batch-size", **argument(c, "batch_size", f"chunks per step (default: {d.batch_size})"))
+    m.add_argument("--lr", **argument(c, "lr", f"Adam learning rate of the heads (default: {d.lr:g})"))
+    m.add_argument("--embedding-lr", **argument(
+        c, "embedding_lr", f"SGD learning rate of the embedding, decayed linearly (default: {d.embedding_lr:g})"))
+    m.add_argument("--max-classes", **argument(
+        c, "max_classes", f"most distinct values learned per key (default: {d.max_classes})"))
+    m.add_argument("--test-fraction", **argument(
+        c, "test_fraction", f"share of documents held out for the report (default: {d.test_fraction:g})"))
+    m.add_argument("--validation-fraction", **argument(
+        c, "validation_fraction", f"share of documents for early stopping and temperature fitting (default: "
+                                  f"{d.validation_fraction:g})"))
+    m.add_argument("--extractive-share", **argument(
+        c, "extractive_share", "a key gets an extractive head (copies spans of the chunk) when this share of its "
+                               f"teacher items occur in their chunk (default: {d.extractive_share:g})"))
     m.add_argument("--decode", choices=DECODES, default=d.decode,
                    help="sample: each value drawn from the head at a temperature fitted to the teacher's entropy "
                         "(deterministic per chunk); argmax: the most likely value (default: sample)")
@@ -100,33 +104,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.output.exists() and not args.overwrite:
         print(f"distill_annotator: {args.output} exists (use --overwrite to replace it)", file=sys.stderr)
         return 1
-    try:
-        schema = resolve_schema(args.schema, args.keys)
-    except SchemaError as e:
-        print(f"distill_annotator: {e}", file=sys.stderr)
-        return 1
     cfg = DistillConfig(dim=args.dim, epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size,
                         lr=args.lr, embedding_lr=args.embedding_lr, max_classes=args.max_classes,
                         test_fraction=args.test_fraction, validation_fraction=args.validation_fraction,
                         extractive_share=args.extractive_share, decode=args.decode, seed=args.seed,
                         features=FeatureConfig(hash_bits=args.hash_bits))
+    try:
+        cfg.check()
+        check_outputs([("--output", args.output), ("--report", args.report)],
+                      [("--teacher", args.teacher), ("--schema", args.schema)])
+        schema = resolve_schema(args.schema, args.keys)
+    except ValueError as e:  # bad settings, OutputError, SchemaError
+        print(f"distill_annotator: {e}", file=sys.stderr)
+        return 1
     from megatron_anchor.annotation.distilled.evaluate import format_report
     from megatron_anchor.annotation.distilled.train import distill, load_teacher
 
     log = (lambda s: None) if args.quiet else (lambda s: print(f"distill_annotator: {s}", file=sys.stderr))
     try:
-        sample = load_teacher(args.teacher, [k.name for k in schema.keys])
+        sample = load_teacher(args.teacher, [k.name for k in schema.keys], skip_bad=args.skip_bad_documents)
+        if sample.skipped:
+            print(f"distill_annotator: skipped {len(sample.skipped)} bad teacher documents, the first: "
+                  f"{sample.skipped[0]}", file=sys.stderr)
         log(f"{len(sample)} teacher chunks from {args.teacher}; keys: {', '.join(k.name for k in schema.keys)}")
         model, report = distill(sample, schema, cfg, log)
-    except TeacherError as e:
+    except ValueError as e:  # TeacherError, or settings that cannot train together
         print(f"distill_annotator: {e}", file=sys.stderr)
         return 1
     model.info["teacher"] = str(args.teacher)
     model.save(args.output)
     if args.report is not None:
-        tmp = args.report.with_name(args.report.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, args.report)
+        write_json(args.report, report, indent=2)
     if report:
         print(format_report(report))
     print(f"distill_annotator: wrote {args.output} ({args.output.stat().st_size / 2 ** 20:.1f} MiB); tag with "

@@ -26,7 +26,9 @@ from typing import List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_anchor.bounds import ranged  # noqa: E402
 from megatron_anchor.eval.harness import named_values  # noqa: E402
+from megatron_anchor.outputs import check_outputs, write_json  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,14 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="*", default=[], help="lm-eval task names (local or lm-eval's own)")
     p.add_argument("--demo-task", default=None, metavar="DIR",
                    help="write the designed multiple-choice task into DIR and run it")
-    p.add_argument("--demo-questions", type=int, default=200, help="questions of the demo task (default 200)")
+    p.add_argument("--demo-questions", default=200, **ranged(int, "questions of the demo task (default 200)", ge=1))
     p.add_argument("--include-path", default=None, help="folder of local task YAML files")
     p.add_argument("--backend", choices=("hf", "server"), default="hf",
                    help="hf: transformers in this process (default); server: a vLLM server per model (--url)")
     p.add_argument("--url", action="append", default=[], help="NAME=URL of the vLLM server serving model NAME")
-    p.add_argument("--batch-size", type=int, default=16, help="requests per batch (default 16)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task (checks)")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    p.add_argument("--batch-size", default=16, **ranged(int, "requests per batch (default 16)", ge=1))
+    p.add_argument("--limit", default=None, **ranged(int, "only the first N examples of each task (checks)", ge=1))
+    p.add_argument("--num-fewshot", default=None, **ranged(int, "few-shot examples (default: the task's)", ge=0))
     p.add_argument("--output", required=True, help="JSON file to write the results to")
     return p
 
@@ -56,10 +58,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        check_outputs([("--output", args.output)])
         models = named_values(args.model, "--model")
         urls = named_values(args.url, "--url")
         tasks = list(args.tasks)
         include = args.include_path
+        for name, folder in models.items():
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                raise FileNotFoundError(f"--model {name}={folder}: no config.json (export it with "
+                                        "tools/export_hf.py)")
+            if args.backend == "server" and name not in urls:
+                raise ValueError(f"--backend server needs --url {name}=URL")
         if args.demo_task:
             write_demo_task(args.demo_task, n=args.demo_questions)
             if include and os.path.abspath(include) != os.path.abspath(args.demo_task):
@@ -69,22 +78,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             tasks.append(DEMO_TASK)
         if not tasks:
             raise ValueError("no tasks: pass --tasks and/or --demo-task")
-        for name, folder in models.items():
-            if not os.path.isfile(os.path.join(folder, "config.json")):
-                raise FileNotFoundError(f"--model {name}={folder}: no config.json (export it with "
-                                        "tools/export_hf.py)")
-            if args.backend == "server" and name not in urls:
-                raise ValueError(f"--backend server needs --url {name}=URL")
         results = {name: run_ability(folder, tasks, include, args.backend, urls.get(name), args.batch_size,
                                      args.limit, args.num_fewshot)
                    for name, folder in models.items()}
-    except (ValueError, FileNotFoundError, VllmError) as exc:
+    except (ValueError, FileNotFoundError, VllmError) as exc:  # OutputError is a ValueError
         print(f"evaluate_ability.py: error: {exc}", file=sys.stderr)
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    os.replace(args.output + ".tmp", args.output)
+    write_json(args.output, results, indent=2)
     print(json.dumps(results, indent=2))
     return 0
 

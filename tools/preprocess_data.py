@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_anchor.annotation.budget import add_budget_arguments, budget_from_args  # noqa: E402
 from megatron_anchor.annotation.schema import DocumentError  # noqa: E402
-from megatron_anchor.data.cli import add_output_arguments, add_tokenizer_arguments  # noqa: E402
+from megatron_anchor.bounds import argument  # noqa: E402
+from megatron_anchor.data.cli import add_output_arguments, add_runtime_arguments, add_tokenizer_arguments  # noqa: E402
 from megatron_anchor.data.preprocess import PreprocessConfig, run  # noqa: E402
 from megatron_anchor.tokenizer import TokenizerError  # noqa: E402
 from megatron_anchor.tokenizer.fast import FastBackendError  # noqa: E402
@@ -43,10 +44,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-bad-documents", action="store_true",
                    help="skip bad documents (malformed JSON, invalid UTF-8, empty, bad tags, over-long chunks) "
                         "and count them in the summary, instead of stopping at the first with its file:line")
-    g.add_argument("--max-chunk-tokens", type=int, default=0,
-                   help="reject documents with a run of text between annotations longer than this many tokens, "
-                        "e.g. your --seq-length (0: no limit). Not with --no-annotations, where a document is "
-                        "one run")
+    g.add_argument("--max-chunk-tokens", **argument(
+        PreprocessConfig, "max_chunk_tokens",
+        "reject documents with a run of text between annotations longer than this many tokens, e.g. your "
+        "--seq-length (0: no limit). Not with --no-annotations, where a document is one run"))
 
     g = p.add_argument_group("annotation budget (raw documents annotated here; see docs/data_formats.md)")
     add_budget_arguments(g)
@@ -56,12 +57,7 @@ def get_parser() -> argparse.ArgumentParser:
 
     add_output_arguments(p)
 
-    g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="tokenizing worker processes")
-    g.add_argument("--docs-per-part", type=int, default=2000,
-                   help="input lines per part, the unit of parallel work and of resumption (a killed run "
-                        "restarted with the same arguments skips finished parts)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_arguments(p)
     return p
 
 

@@ -30,8 +30,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_anchor.annotation.annotate import AnnotateError  # noqa: E402
 from megatron_anchor.annotation.schema import DocumentError  # noqa: E402
-from megatron_anchor.data.cli import add_output_arguments, add_tokenizer_arguments  # noqa: E402
+from megatron_anchor.bounds import ranged  # noqa: E402
+from megatron_anchor.outputs import atomic_write, require_input, write_json  # noqa: E402
+from megatron_anchor.data.cli import add_output_arguments, add_runtime_arguments, add_tokenizer_arguments  # noqa: E402
 from megatron_anchor.data.preprocess import PreprocessConfig, run  # noqa: E402
 from megatron_anchor.data.sft import (  # noqa: E402
     DEFAULT_FORMAT_STABILITY_FRACTION,
@@ -74,10 +77,10 @@ def get_parser() -> argparse.ArgumentParser:
                         "(in the tokenizing workers); 'vllm' the LLM annotator at --url, as a first stage that "
                         "writes PREFIX.sft_annotated.jsonl (cached and resumable, the same client and cache as "
                         "pretraining annotation); 'none' makes unannotated responses an error")
-    g.add_argument("--format-stability-fraction", type=float, default=DEFAULT_FORMAT_STABILITY_FRACTION,
-                   help="share of samples, chosen by a stable hash of the sample's content and the seed (identical "
-                        "between runs), whose annotation delimiters, keys and separators are written with role "
-                        "RESPONSE and so keep their loss; values stay masked (default: %(default)s)")
+    g.add_argument("--format-stability-fraction", default=DEFAULT_FORMAT_STABILITY_FRACTION, **ranged(
+        float, "share of samples, chosen by a stable hash of the sample's content and the seed (identical between "
+               "runs), whose annotation delimiters, keys and separators are written with role RESPONSE and so keep "
+               "their loss; values stay masked (default: %(default)s)", ge=0, le=1))
     g.add_argument("--format-stability-seed", type=int, default=0,
                    help="seed of the format-stability choice (default: 0)")
     g.add_argument("--url", action="append", default=[], metavar="URL",
@@ -85,16 +88,16 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="--annotator vllm: served model name (default: the first listed)")
     g.add_argument("--api-key-file", default=None,
                    help="--annotator vllm: file whose first line is the API key (else $ANNOTATOR_API_KEY)")
-    g.add_argument("--concurrency", type=int, default=32, help="--annotator vllm: requests in flight (default: 32)")
+    g.add_argument("--concurrency", default=32, **ranged(int, "--annotator vllm: requests in flight (default: 32)",
+                                                          ge=1))
     g.add_argument("--schema", default=None, help="--annotator vllm: tag schema YAML (default: the packaged one)")
     g.add_argument("--annotation-cache", default=None,
                    help="--annotator vllm: SQLite annotation cache; point it at the pretraining run's cache to "
                         "share it (default: PREFIX.sft_annotated.jsonl.cache.sqlite)")
 
     g = p.add_argument_group("sequences")
-    g.add_argument("--seq-length", type=int, default=0,
-                   help="the training --seq-length; samples with more tokens are handled by --overlong "
-                        "(0: no limit)")
+    g.add_argument("--seq-length", default=0, **ranged(
+        int, "the training --seq-length; samples with more tokens are handled by --overlong (0: no limit)", ge=0))
     g.add_argument("--pack", action="store_true",
                    help="pack whole samples (first fit, in order) into sequences of exactly --seq-length tokens, "
                         "padded with role PAD, so that no training sample is split across two sequences; train "
@@ -108,11 +111,7 @@ def get_parser() -> argparse.ArgumentParser:
 
     add_output_arguments(p, ". Not with --annotator vllm: annotate the responses first")
 
-    g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="tokenizing worker processes (default: 1)")
-    g.add_argument("--docs-per-part", type=int, default=2000,
-                   help="input lines per part, the unit of parallel work and of resumption (default: 2000)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_runtime_arguments(p)
     return p
 
 
@@ -133,7 +132,8 @@ def annotate_with_llm(args, annotated_path: str) -> str:
         raise SystemExit("--annotator vllm needs at least one --url")
     job_in, job_out = annotated_path + ".job-input.jsonl", annotated_path + ".job-output.jsonl"
     bad = 0
-    with open(args.input, "rb") as src, open(job_in + ".tmp", "w", encoding="utf-8") as dst:
+    # Same bytes on a rerun, so the job recognises its input and resumes.
+    with open(args.input, "rb") as src, atomic_write(job_in) as dst:
         for line_no, line in enumerate(src, 1):
             if not line.strip():
                 continue
@@ -149,7 +149,6 @@ def annotate_with_llm(args, annotated_path: str) -> str:
                                                           else {}) for t in sample.assistant_turns]
             dst.write(json.dumps({"chunks": chunks, "sft_line": line_no, "sft": sample.raw},
                                  ensure_ascii=False) + "\n")
-    os.replace(job_in + ".tmp", job_in)  # same bytes on a rerun, so the job recognises its input and resumes
     client = ClientConfig(urls=urls, model=args.model, concurrency=args.concurrency,
                           api_key=load_api_key(args.api_key_file))
     cfg = AnnotateConfig(input=Path(job_in), output=Path(job_out), annotator="vllm", client=client,
@@ -158,13 +157,12 @@ def annotate_with_llm(args, annotated_path: str) -> str:
                          overwrite=args.overwrite, progress=not args.no_progress)
     stats = annotate_file(cfg)
     logger.info(format_summary(stats, cfg))
-    with open(job_out, "rb") as src, open(annotated_path + ".tmp", "w", encoding="utf-8") as dst:
+    with open(job_out, "rb") as src, atomic_write(annotated_path) as dst:
         for line in src:
             rec = json.loads(line)
             sample = parse_sample_line(json.dumps(rec["sft"]).encode(), f"{args.input}:{rec['sft_line']}")
             tags = [[tuple(t) for t in c["tags"]] for c in rec["chunks"]]
             dst.write(json.dumps(with_annotations(sample, tags), ensure_ascii=False) + "\n")
-    os.replace(annotated_path + ".tmp", annotated_path)
     logger.info(f"annotated SFT JSONL: {annotated_path} (bad input lines skipped: {bad}; samples whose "
                 f"responses could not be annotated: {stats.documents_failed}, see {cfg.failed_path})")
     return annotated_path
@@ -174,6 +172,11 @@ def main(argv=None) -> int:
     """Run SFT preprocessing; returns the exit status (0 ok, 1 bad input, 2 usage error)."""
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        require_input(args.input, "--input")
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         template = load_template(args.chat_template)
     except ValueError as e:
@@ -203,12 +206,13 @@ def main(argv=None) -> int:
         cfg = PreprocessConfig(
             input=data_input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
             tokenizer_model=args.tokenizer_model, workers=args.workers, append_eod=True,
-            annotations=not args.no_annotations, skip_bad_documents=args.skip_bad_samples, docs_per_part=args.docs_per_part, eod_token=args.eod_token,
+            annotations=not args.no_annotations, skip_bad_documents=args.skip_bad_samples,
+            docs_per_part=args.docs_per_part, eod_token=args.eod_token,
             overwrite=args.overwrite, show_progress=not args.no_progress, converter=converter,
             num_shards=args.num_shards, shard_index=args.shard_index, tokenizer_backend=args.tokenizer_backend,
         )
         total = run(cfg)
-    except (DocumentError, TokenizerError, FastBackendError) as e:
+    except (DocumentError, TokenizerError, FastBackendError, AnnotateError) as e:
         print(f"error: {e}\n(finished parts are kept: fix the input, or pass --skip-bad-samples, and rerun the "
               "same command to resume)", file=sys.stderr)
         return 1
@@ -223,8 +227,7 @@ def main(argv=None) -> int:
         "truncated": counts.get("truncated", 0), "dropped_overlong": total.dropped, "skipped_bad": total.skipped,
         "template": template.name, "annotations": not args.no_annotations,
     }
-    with open(cfg.output_path_prefix + ".sft_stats.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+    write_json(cfg.output_path_prefix + ".sft_stats.json", summary, indent=1)
     logger.info("SFT: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
 

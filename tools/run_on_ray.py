@@ -22,6 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_anchor.bounds import ranged  # noqa: E402
 from megatron_anchor.scaleout.ray_runner import STAGES, run_on_ray  # noqa: E402
 
 
@@ -32,14 +33,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s --stage STAGE --num-shards N [options] -- TOOL_ARGS...")
     p.add_argument("--stage", required=True, choices=sorted(STAGES), help="which data tool to run")
-    p.add_argument("--num-shards", type=int, required=True, help="number of shards (Ray tasks)")
+    p.add_argument("--num-shards", required=True, **ranged(int, "number of shards (Ray tasks)", ge=1))
     p.add_argument("--address", default=None,
                    help="Ray cluster address ('auto' for the cluster this machine belongs to); default: start "
                         "a local Ray instance")
-    p.add_argument("--max-retries", type=int, default=3,
-                   help="how often Ray reruns a shard whose worker died (the tool resumes the shard)")
-    p.add_argument("--cpus-per-task", type=float, default=1.0,
-                   help="CPUs Ray reserves per shard; give the tool's --workers as many")
+    p.add_argument("--max-retries", default=3, **ranged(
+        int, "how often Ray reruns a shard whose worker died (the tool resumes the shard)", ge=0))
+    p.add_argument("--cpus-per-task", default=1.0, **ranged(
+        float, "CPUs Ray reserves per shard; give the tool's --workers as many", gt=0))
     p.add_argument("--no-merge", action="store_true", help="leave the shard outputs unmerged")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(own)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, TextIO, Tuple
 
+from megatron_anchor import bounds
 from megatron_anchor.annotation.budget import NO_BUDGET, AnnotationBudget
 from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash
 from megatron_anchor.annotation.llm.client import Annotation, AnnotatorClient, ClientConfig, WindowResult
@@ -36,6 +37,8 @@ from megatron_anchor.annotation.llm.prompt import plan_windows, prompt_id
 from megatron_anchor.annotation.llm.tagschema import TagSchema, load_schema
 from megatron_anchor.annotation.local import LocalAnnotator, LocalAnnotatorError, open_local_annotator
 from megatron_anchor.annotation.schema import Document, DocumentError, parse_line
+from megatron_anchor.bounds import bounded
+from megatron_anchor.outputs import OutputError, check_outputs, write_json
 from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 
 PROGRESS_VERSION = 1
@@ -72,20 +75,20 @@ class AnnotateConfig:
     """Look chunks up in / store them into the cache."""
     text_key: str = "text"
     """Field holding a raw document's text."""
-    window: int = 0
+    window: int = bounded(0, ge=0)
     """Chunk requests allowed in flight before reading stops (0: four times the concurrency)."""
-    checkpoint_every_s: float = 2.0
+    checkpoint_every_s: float = bounded(2.0, gt=0)
     """Seconds between checkpoints (each costs an fsync of both outputs)."""
     overwrite: bool = False
     """Start from scratch even when a checkpoint or an output exists."""
     progress: bool = True
     """Show a tqdm bar on stderr."""
-    limit: Optional[int] = None
+    limit: Optional[int] = bounded(None, ge=1)
     """Stop after this many input lines (for trials)."""
-    num_shards: int = 1
+    num_shards: int = bounded(1, ge=1)
     """Process only shard ``shard_index`` of this many byte-range shards of the input
     (:mod:`megatron_anchor.sharding`); ``output`` is then that shard's own output."""
-    shard_index: int = 0
+    shard_index: int = bounded(0, ge=0)
     """Which shard (0-based)."""
     budget: AnnotationBudget = NO_BUDGET
     """Merge short chunks before annotation, cap tags per chunk (:mod:`megatron_anchor.annotation.budget`)."""
@@ -180,9 +183,19 @@ class AnnotateJob:
         if config.annotator == "vllm" and (config.client is None or not config.client.urls):
             raise AnnotateError("the vllm annotator needs at least one server URL")
         if not config.input.is_file():
-            raise AnnotateError(f"input {config.input} does not exist")
-        if config.num_shards < 1 or not 0 <= config.shard_index < config.num_shards:
+            raise AnnotateError(f"input {config.input} " + ("is a folder, not a file" if config.input.is_dir()
+                                                            else "does not exist"))
+        bounds.check(config, AnnotateError)
+        if not config.shard_index < config.num_shards:
             raise AnnotateError(f"shard index must be in [0, {config.num_shards}); got {config.shard_index}")
+        try:
+            # A job truncates its outputs before it reads: an output that is the input would be emptied.
+            check_outputs([("--output", config.output), ("--output (its failed file)", config.failed_path),
+                           ("--output (its progress file)", config.progress_path),
+                           ("--cache", config.cache_path or Path(str(config.output) + ".cache.sqlite"))],
+                          [("--input", config.input), ("--schema", config.schema_path)])
+        except OutputError as e:
+            raise AnnotateError(str(e)) from None
         self.cfg = config
         self.log = log if log is not None else sys.stderr  # resolved late so redirection is honoured
         self.local: Optional[LocalAnnotator] = None
@@ -218,7 +231,15 @@ class AnnotateJob:
                 p.unlink(missing_ok=True)
             return None
         if cfg.progress_path.exists():
-            state = json.loads(cfg.progress_path.read_text())
+            try:
+                state = json.loads(cfg.progress_path.read_text())
+                if not isinstance(state, dict) or not all(
+                        isinstance(state.get(k), int) for k in ("out_bytes", "failed_bytes", "in_bytes", "lines_done")
+                ) or not isinstance(state.get("stats"), dict):
+                    raise ValueError("fields missing")
+            except (OSError, ValueError) as exc:
+                raise AnnotateError(f"{cfg.progress_path}: unreadable checkpoint ({exc}); rerun with --overwrite to "
+                                    "start again (the cache keeps what was annotated)") from None
             if state.get("version") != PROGRESS_VERSION:
                 raise AnnotateError(f"{cfg.progress_path}: unknown progress version; rerun with --overwrite")
             if state.get("input") != _input_fingerprint(cfg.input):
@@ -257,11 +278,7 @@ class AnnotateJob:
             "complete": complete,
             "stats": self.stats.to_json(),
         }
-        tmp = self.cfg.progress_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            _fsync(f)
-        os.replace(tmp, self.cfg.progress_path)  # atomic: a kill leaves the old or the new checkpoint
+        write_json(self.cfg.progress_path, state, fsync=True)  # atomic: a kill leaves the old or the new checkpoint
         self._last_checkpoint = time.monotonic()
 
     # -- annotation ----------------------------------------------------------------------------------------
@@ -481,7 +498,7 @@ class AnnotateJob:
         self._elapsed_before = self.stats.seconds
         self._changed = asyncio.Event()
         await self._open_client()
-        window = cfg.window or 4 * (cfg.client.concurrency if cfg.client else 32)
+        window = max(1, cfg.window or 4 * (cfg.client.concurrency if cfg.client else 32))
 
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         out = open(cfg.output, "a+b" if state else "wb")
@@ -536,6 +553,9 @@ class AnnotateJob:
                     self._start_block(block)
                     self._docs.extend(block)
                     self._write_ready(out_w, failed_w)
+                    # Let the event loop run: in-process annotators never await, and Ctrl-C (asyncio cancels
+                    # the main task) and finished requests are only seen at an await.
+                    await asyncio.sleep(0)
                 self._write_ready(out_w, failed_w)
                 if time.monotonic() - self._last_checkpoint >= cfg.checkpoint_every_s:
                     self._checkpoint(out, failed)
@@ -546,6 +566,11 @@ class AnnotateJob:
                     await self._changed.wait()
                 self._refresh_bar()
             self._checkpoint(out, failed, complete=True)
+        except asyncio.CancelledError:
+            # Ctrl-C: everything written so far is whole (documents are written between awaits), so record it
+            # and a rerun resumes here instead of at the last periodic checkpoint.
+            self._checkpoint(out, failed)
+            raise
         finally:
             if self._bar is not None:
                 self._bar.close()

@@ -19,21 +19,24 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict
 
+from megatron_anchor import bounds
 from megatron_anchor.annotation.schema import Chunk, Document
+from megatron_anchor.bounds import bounded
+
+_FLAGS = {"merge_below_chars": "--merge-chunks-below", "max_tags": "--max-tags-per-chunk"}
 
 
 @dataclass(frozen=True)
 class AnnotationBudget:
     """Options that trade annotation density for content tokens (0 everywhere: the paper's behaviour)."""
 
-    merge_below_chars: int = 0
+    merge_below_chars: int = bounded(0, ge=0)
     """Merge consecutive chunks without tags while the merged chunk is shorter than this many characters."""
-    max_tags: int = 0
+    max_tags: int = bounded(0, ge=0)
     """Keep at most this many tags per chunk, the first ones (0: all)."""
 
     def __post_init__(self) -> None:
-        if self.merge_below_chars < 0 or self.max_tags < 0:
-            raise ValueError(f"annotation budget options must be >= 0, got {self}")
+        bounds.check(self, ValueError, flag_of=_FLAGS.get)
 
     @property
     def active(self) -> bool:
@@ -74,13 +77,13 @@ NO_BUDGET = AnnotationBudget()
 
 def add_budget_arguments(group) -> None:
     """``--merge-chunks-below`` and ``--max-tags-per-chunk`` (the same flags in every tool that annotates)."""
-    group.add_argument("--merge-chunks-below", type=int, default=0, metavar="CHARS",
-                       help="before annotation, merge a chunk shorter than CHARS characters with the chunks after "
-                            "it (their blank lines kept) until it reaches CHARS, so short paragraphs share one "
-                            "annotation; chunks that already have tags never merge (default 0: every blank-line "
-                            "chunk, as in the paper)")
-    group.add_argument("--max-tags-per-chunk", type=int, default=0, metavar="N",
-                       help="keep only the first N tags of each chunk (default 0: all)")
+    group.add_argument("--merge-chunks-below", metavar="CHARS", **bounds.argument(
+        AnnotationBudget, "merge_below_chars",
+        "before annotation, merge a chunk shorter than CHARS characters with the chunks after it (their blank lines "
+        "kept) until it reaches CHARS, so short paragraphs share one annotation; chunks that already have tags never "
+        "merge (default 0: every blank-line chunk, as in the paper)"))
+    group.add_argument("--max-tags-per-chunk", metavar="N", **bounds.argument(
+        AnnotationBudget, "max_tags", "keep only the first N tags of each chunk (default 0: all)"))
 
 
 def budget_from_args(args) -> AnnotationBudget:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_anchor.bounds import argument
+from megatron_anchor.data.preprocess import PreprocessConfig
 from megatron_anchor.tokenizer import TOKENIZER_TYPES
 from megatron_anchor.tokenizer.fast import BACKENDS, INSTALL_HINT
 
@@ -34,11 +36,24 @@ def add_output_arguments(p: argparse.ArgumentParser, shard_note: str = "") -> ar
                    help="path prefix of the outputs: PREFIX_text_document.{bin,idx} and _roles beside them")
     g.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs / discard unfinished parts of a run with other arguments")
-    g.add_argument("--num-shards", type=int, default=1,
-                   help="split the input into N shards by byte range (shard i owns the lines starting in bytes "
-                        "[i*size/N, (i+1)*size/N)); each run writes PREFIX_text_document.shardIIIII-of-NNNNN "
-                        "plus a .done marker; merge the shards with tools/merge_datasets.py" + shard_note)
-    g.add_argument("--shard-index", type=int, default=0,
-                   help="which shard this run processes (0-based); a rerun skips a completed shard and "
-                        "resumes a half-written one")
+    g.add_argument("--num-shards", **argument(
+        PreprocessConfig, "num_shards",
+        "split the input into N shards by byte range (shard i owns the lines starting in bytes [i*size/N, "
+        "(i+1)*size/N)); each run writes PREFIX_text_document.shardIIIII-of-NNNNN plus a .done marker; merge the "
+        "shards with tools/merge_datasets.py" + shard_note))
+    g.add_argument("--shard-index", **argument(
+        PreprocessConfig, "shard_index",
+        "which shard this run processes (0-based, below --num-shards); a rerun skips a completed shard and resumes "
+        "a half-written one"))
+    return g
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--workers``, ``--docs-per-part`` and ``--no-progress``."""
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", **argument(PreprocessConfig, "workers", "tokenizing worker processes"))
+    g.add_argument("--docs-per-part", **argument(
+        PreprocessConfig, "docs_per_part", "input lines per part, the unit of parallel work and of resumption (a "
+                                           "killed run restarted with the same arguments skips finished parts)"))
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return g

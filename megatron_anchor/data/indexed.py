@@ -226,6 +226,7 @@ class DatasetMerger:
     def add(self, prefix: str) -> None:
         h = self.check(prefix)
         if self._bin is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self._tmp)), exist_ok=True)
             self._bin = open(bin_path(self._tmp), "wb", buffering=0)
         append_file(bin_path(prefix), self._bin)
         self._prefixes.append(prefix)
@@ -319,8 +320,15 @@ def merge_token_role_datasets(prefixes: Sequence[str], out_prefix: str) -> Index
     """Merge token datasets and their role channels, keeping the two aligned (roles published first)."""
     from megatron_anchor.tokenizer.record import dataset_record_path, merge_records, read_record, write_record
 
+    from megatron_anchor.outputs import check_outputs
+
     if not prefixes:
         raise ValueError("nothing to merge")
+    inputs = [("--input", path) for p in prefixes for path in (bin_path(p), idx_path(p), bin_path(roles_prefix(p)),
+                                                               idx_path(roles_prefix(p)))]
+    check_outputs([("--output-prefix", path) for path in (bin_path(out_prefix), idx_path(out_prefix),
+                                                          bin_path(roles_prefix(out_prefix)),
+                                                          idx_path(roles_prefix(out_prefix)))], inputs)
     record = merge_records([read_record(dataset_record_path(p)) for p in prefixes], out_prefix)
     header = _merge_all(TokenRoleMerger(out_prefix), prefixes)
     if record is not None:  # parts without records (e.g. a run's own part files) leave it to the caller

@@ -32,6 +32,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 from tqdm import tqdm
 
+from megatron_anchor import bounds
 from megatron_anchor.annotation.budget import NO_BUDGET, AnnotationBudget
 from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotate_document
 from megatron_anchor.annotation.format import Segment, annotation_segments
@@ -52,6 +53,8 @@ from megatron_anchor.data.indexed import (
     write_token_role_documents,
     write_token_role_part,
 )
+from megatron_anchor.bounds import bounded
+from megatron_anchor.outputs import check_outputs, write_json
 from megatron_anchor.roles import ANNOTATION_ROLES, Role
 from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 from megatron_anchor.tokenizer import AnchorTokenizer, build_tokenizer
@@ -79,7 +82,7 @@ class PreprocessConfig:
     """SentencePiece model file or Hugging Face tokenizer.json / folder (output-affecting)."""
     json_key: str = "text"
     """Key holding a raw document's text (output-affecting)."""
-    workers: int = 1
+    workers: int = bounded(1, ge=1)
     """Tokenizing processes."""
     append_eod: bool = False
     """Append the end-of-document token to each document (output-affecting)."""
@@ -89,9 +92,9 @@ class PreprocessConfig:
     """How to annotate raw documents: ``default`` (embedded) or ``none`` (raw documents are an error)."""
     skip_bad_documents: bool = False
     """Skip and count bad documents instead of stopping at the first (output-affecting)."""
-    max_chunk_tokens: int = 0
+    max_chunk_tokens: int = bounded(0, ge=0)
     """Reject chunks with more text tokens than this (e.g. the training sequence length); 0: no limit."""
-    docs_per_part: int = 2000
+    docs_per_part: int = bounded(2000, ge=1)
     """Input lines per part: the unit of parallel work and of resumption (output-affecting)."""
     eod_token: Optional[str] = None
     """End-of-document token text (default: the tokenizer's own; output-affecting)."""
@@ -99,9 +102,9 @@ class PreprocessConfig:
     """Replace existing outputs and discard parts left by a run with other arguments."""
     show_progress: bool = True
     """Show a tqdm progress bar."""
-    num_shards: int = 1
+    num_shards: int = bounded(1, ge=1)
     """Split the input into this many shards by byte range (:mod:`megatron_anchor.sharding`); one run per shard."""
-    shard_index: int = 0
+    shard_index: int = bounded(0, ge=0)
     """Which shard this run processes (0-based)."""
     converter: "DocumentConverter" = field(default_factory=lambda: DocumentConverter())
     """What an input line means (pretraining documents by default; SFT preprocessing passes its own)."""
@@ -110,7 +113,7 @@ class PreprocessConfig:
     ``reference``. Never output-affecting: gigatoken is used only where it gives the reference's ids."""
     budget: AnnotationBudget = NO_BUDGET
     """Merge short chunks before the embedded annotator, cap tags per chunk (output-affecting)."""
-    sample_bytes: int = 64 << 10
+    sample_bytes: int = bounded(64 << 10, ge=1)
     """Input read at start to check the fast backend's identity on the run's own texts."""
 
     @property
@@ -201,6 +204,8 @@ class DocumentConverter:
     """
 
     name = "pretrain"
+    drop_reason = "by the converter"
+    """Why documents are dropped by design (:class:`DocumentDropped`), for the summary when nothing is left."""
 
     def fingerprint(self) -> Dict[str, object]:
         """Converter options that change the output (checked when a run resumes)."""
@@ -437,7 +442,7 @@ def _process_part_unguarded(args: Tuple[int, int, "PartLines"]) -> Tuple[int, "P
         stats.annotation_tokens = int(sum(counts[r] for r in ANNOTATION_ROLES))
     prefix = part_prefix(cfg, part_no)
     write_token_role_part(prefix, part.ids, part.roles, part.doc_lengths, tok.token_dtype)
-    _write_json_atomic(prefix + ".stats.json", asdict(stats))
+    write_json(prefix + ".stats.json", asdict(stats), indent=1)
     return part_no, stats
 
 
@@ -448,13 +453,6 @@ def _process_part_unguarded(args: Tuple[int, int, "PartLines"]) -> Tuple[int, "P
 
 def part_prefix(cfg: PreprocessConfig, part: int) -> str:
     return os.path.join(cfg.parts_dir, f"part-{part:06d}")
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -545,7 +543,7 @@ def _iter_gz_parts(cfg: PreprocessConfig) -> Iterator[Tuple[int, int, PartLines]
     with gzip.open(cfg.input, "rb") as f:
         line_no = 0
         part, lines, seen, nbytes = 0, [], 0, 0
-        for line in f:
+        for line in _gz_lines(f, cfg.input):
             line_no += 1
             seen += 1
             nbytes += len(line)
@@ -558,14 +556,35 @@ def _iter_gz_parts(cfg: PreprocessConfig) -> Iterator[Tuple[int, int, PartLines]
             yield part, nbytes, lines
 
 
+def _gz_lines(f, path: str) -> Iterator[bytes]:
+    """The lines of an open gzip file; a truncated or corrupt stream is a :class:`DocumentError` naming the file
+    and the line where the damage starts (finished parts stay: a fixed file resumes the run)."""
+    import zlib
+
+    line_no = 0
+    while True:
+        try:
+            line = f.readline()
+        except (EOFError, OSError, zlib.error) as exc:
+            raise DocumentError(f"{path}:{line_no + 1}",
+                                f"the compressed input is truncated or corrupt ({exc})") from None
+        if not line:
+            return
+        line_no += 1
+        yield line
+
+
 def _prepare_parts_dir(cfg: PreprocessConfig) -> None:
     fingerprint = cfg.fingerprint()
     manifest = os.path.join(cfg.parts_dir, MANIFEST)
     if os.path.isdir(cfg.parts_dir):
         old = None
         if os.path.isfile(manifest):
-            with open(manifest, encoding="utf-8") as f:
-                old = json.load(f)
+            try:
+                with open(manifest, encoding="utf-8") as f:
+                    old = json.load(f)
+            except (OSError, ValueError):
+                old = None  # unreadable: treated as another run's (kept unless --overwrite)
         if old != fingerprint:
             if not cfg.overwrite:
                 raise SystemExit(
@@ -574,7 +593,7 @@ def _prepare_parts_dir(cfg: PreprocessConfig) -> None:
                 )
             shutil.rmtree(cfg.parts_dir)
     os.makedirs(cfg.parts_dir, exist_ok=True)
-    _write_json_atomic(manifest, fingerprint)
+    write_json(manifest, fingerprint, indent=1)
 
 
 def _outputs_exist(prefix: str) -> bool:
@@ -584,10 +603,10 @@ def _outputs_exist(prefix: str) -> bool:
 def run(cfg: PreprocessConfig) -> PartStats:
     """Run (or resume) preprocessing; returns the totals. Raises :class:`DocumentError` on bad input."""
     if not os.path.isfile(cfg.input):
-        raise SystemExit(f"input {cfg.input!r} not found")
-    if cfg.docs_per_part < 1 or cfg.workers < 1:
-        raise SystemExit("--docs-per-part and --workers must be at least 1")
-    if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
+        raise SystemExit(f"input {cfg.input!r} " + ("is a folder, not a file" if os.path.isdir(cfg.input)
+                                                    else "not found"))
+    bounds.check(cfg, SystemExit)
+    if not cfg.shard_index < cfg.num_shards:
         raise SystemExit(f"--shard-index must be in [0, --num-shards); got {cfg.shard_index} of {cfg.num_shards}")
     if cfg.num_shards > 1 and cfg.input.endswith(".gz"):
         raise SystemExit("sharding needs a seekable input: decompress the .gz file, or split it into files")
@@ -603,6 +622,12 @@ def run(cfg: PreprocessConfig) -> PartStats:
     half_written_shard = cfg.num_shards > 1 and not os.path.isfile(cfg.done_marker)
     if _outputs_exist(out) and not resuming and not cfg.overwrite and not half_written_shard:
         raise SystemExit(f"{out}.bin/.idx already exist; pass --overwrite to replace them")
+    try:
+        check_outputs([("--output-prefix", p) for p in (bin_path(out), idx_path(out), bin_path(roles_prefix(out)),
+                                                         idx_path(roles_prefix(out)), dataset_record_path(out))],
+                      [("--input", cfg.input), ("--tokenizer-model", cfg.tokenizer_model)])
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if os.path.exists(cfg.done_marker):  # a stale marker goes before the shard is redone
         os.remove(cfg.done_marker)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -674,7 +699,10 @@ def run(cfg: PreprocessConfig) -> PartStats:
 
     if total.documents == 0 and cfg.num_shards == 1:
         merger.abort()
-        raise SystemExit(f"{cfg.input}: no usable documents (skipped {total.skipped}); nothing written")
+        dropped = f", {total.dropped} dropped by design ({cfg.converter.drop_reason})" if total.dropped else ""
+        raise SystemExit(f"{cfg.input}: no usable documents ({total.skipped} bad ones skipped{dropped}); "
+                         "nothing written" + (f"; first reasons: {'; '.join(total.reasons[:3])}"
+                                              if total.reasons else ""))
     if done_parts:
         merger.finish()
     else:  # a shard whose byte range holds no line start: an empty dataset keeps the shard set complete
@@ -682,7 +710,7 @@ def run(cfg: PreprocessConfig) -> PartStats:
     write_record(dataset_record_path(out), tokenizer_record(
         _WORKER["tok"], cfg.tokenizer_type, annotations=cfg.annotations, **cfg.converter.dataset_facts()))
     if cfg.num_shards > 1:
-        _write_json_atomic(cfg.done_marker, asdict(total))
+        write_json(cfg.done_marker, asdict(total), indent=1)
     shutil.rmtree(cfg.parts_dir)
     elapsed = time.time() - start
     _log_summary(cfg, total, elapsed, resumed=resuming)

@@ -103,14 +103,14 @@ def load_template(spec: str) -> ChatTemplate:
         return TEMPLATE_PRESETS[spec]
     if not os.path.isfile(spec):
         raise ValueError(f"--chat-template {spec!r} is neither a preset ({', '.join(TEMPLATE_PRESETS)}) nor a file")
-    with open(spec, encoding="utf-8") as f:
-        text = f.read()
-    if spec.endswith(".json"):
-        raw = json.loads(text)
-    else:
-        import yaml
+    import yaml
 
-        raw = yaml.safe_load(text)
+    try:
+        with open(spec, encoding="utf-8") as f:
+            text = f.read()
+        raw = json.loads(text) if spec.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"--chat-template {spec}: unreadable ({' '.join(str(exc).split())})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{spec}: a chat template file must hold a mapping of template fields")
     raw = dict(raw)
@@ -118,7 +118,7 @@ def load_template(spec: str) -> ChatTemplate:
     if base_name is not None and base_name not in TEMPLATE_PRESETS:
         raise ValueError(f"{spec}: unknown base template {base_name!r}; choose one of {', '.join(TEMPLATE_PRESETS)}")
     known = {f.name for f in fields(ChatTemplate)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
         raise ValueError(f"{spec}: unknown template fields {unknown}; known: {sorted(known)}")
     bad = [k for k, v in raw.items() if not isinstance(v, str)]
@@ -325,6 +325,7 @@ class SFTConverter(DocumentConverter):
     """
 
     name = "sft"
+    drop_reason = "longer than --seq-length, or no response token left within it"
 
     def __init__(self, template: ChatTemplate, annotations: bool = True, annotator: str = "default",
                  format_stability_fraction: float = DEFAULT_FORMAT_STABILITY_FRACTION,

@@ -87,15 +87,13 @@ def demo_questions(n: int = 200, seed: int = 12345, choices: int = 4) -> List[Di
 def write_demo_task(out_dir: str, n: int = 200, seed: int = 12345) -> str:
     """Write the demo task (``DEMO_TASK.yaml`` + its JSONL) into ``out_dir``; returns the folder (an
     ``include_path`` for lm-eval)."""
-    os.makedirs(out_dir, exist_ok=True)
+    from megatron_anchor.outputs import atomic_write, write_text
+
     data = os.path.abspath(os.path.join(out_dir, DEMO_TASK + ".jsonl"))
-    tmp = data + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(data) as f:
         for q in demo_questions(n, seed):
             f.write(json.dumps(q) + "\n")
-    os.replace(tmp, data)
-    with open(os.path.join(out_dir, DEMO_TASK + ".yaml"), "w", encoding="utf-8") as f:
-        f.write(_YAML.format(task=DEMO_TASK, data=json.dumps(data)))
+    write_text(os.path.join(out_dir, DEMO_TASK + ".yaml"), _YAML.format(task=DEMO_TASK, data=json.dumps(data)))
     return out_dir
 
 
@@ -132,6 +130,10 @@ def run_ability(folder: str, tasks: Sequence[str], include_path: Optional[str] =
     model, args = _model_args(backend, folder, url, batch_size)
     # Indexing lm-eval's thousands of built-in task files takes seconds: skipped when only local tasks run.
     manager = TaskManager(include_path=include_path, include_defaults=not local_only)
+    unknown = sorted(set(tasks) - set(manager.match_tasks(list(tasks))))
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}: not among lm-eval's tasks"
+                         + (f" or those in {include_path}" if include_path else "") + " (lm_eval --tasks list)")
     out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=list(tasks), task_manager=manager,
                                   device="cpu" if backend == "hf" else None, batch_size=batch_size, limit=limit,
                                   num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000)

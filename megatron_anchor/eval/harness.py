@@ -13,9 +13,9 @@ Time: models x temperatures x (sampling + judging) of prompts x N responses; mem
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +26,7 @@ from megatron_anchor.eval.judges import DiversityJudge, QualityJudge
 from megatron_anchor.eval.metrics import pareto_front
 from megatron_anchor.inference.prompts import Prompt
 from megatron_anchor.inference.sampler import SamplingParams
+from megatron_anchor.outputs import atomic_path, atomic_write, write_json
 
 BASE_COLUMNS = ("model", "mode", "temperature", "prompts", "samples")
 QUALITY = "quality"
@@ -46,13 +47,15 @@ class ModelUnderTest:
 
 
 def named_values(values: Optional[Sequence[str]], flag: str) -> Dict[str, str]:
-    """``NAME=VALUE`` flag values (``--model base=hf/base``) as a dict; a malformed one is a ValueError naming
-    ``flag``."""
+    """``NAME=VALUE`` flag values (``--model base=hf/base``) as a dict; a malformed one, or a name given twice
+    (the second would silently replace the first), is a ValueError naming ``flag``."""
     out = {}
     for v in values or []:
         name, eq, rest = v.partition("=")
         if not eq or not name or not rest:
             raise ValueError(f"{flag} expects NAME=VALUE, got {v!r}")
+        if name in out:
+            raise ValueError(f"{flag} {name} is given twice ({out[name]!r} and {rest!r}); names must be distinct")
         out[name] = rest
     return out
 
@@ -140,11 +143,8 @@ def sample_sweep(models: Sequence[ModelUnderTest], prompts: Sequence[Prompt], n:
     ``clean`` made, what judges see); every sample is also written to ``samples_out`` (JSONL). Prompt i uses
     seed + i at every temperature, as tools/generate.py does."""
     out: Dict[Tuple[str, float], List[List[Dict]]] = {}
-    sink = None
-    if samples_out:
-        os.makedirs(os.path.dirname(os.path.abspath(samples_out)), exist_ok=True)
-        sink = open(samples_out + ".tmp", "w", encoding="utf-8")  # noqa: SIM115 (renamed when complete)
-    try:
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(atomic_write(samples_out)) if samples_out else None  # renamed when complete
         for m in models:
             for temp in temperatures:
                 p = SamplingParams(**{**params.__dict__, "temperature": temp})
@@ -160,11 +160,6 @@ def sample_sweep(models: Sequence[ModelUnderTest], prompts: Sequence[Prompt], n:
                             sink.write(json.dumps({"model": m.name, "temperature": temp, "id": prompt.id,
                                                    "sample": j, "prompt": prompt.text, **r},
                                                   ensure_ascii=False) + "\n")
-    finally:
-        if sink:
-            sink.close()
-    if samples_out:
-        os.replace(samples_out + ".tmp", samples_out)
     return out
 
 
@@ -189,18 +184,14 @@ def run_sweep(models: Sequence[ModelUnderTest], prompts: Sequence[Prompt], n: in
 
 def write_table(rows: Sequence[Dict[str, object]], out_prefix: str, judges: Sequence[Dict]) -> List[str]:
     """``PREFIX.json`` (rows and the judge records) and ``PREFIX.csv``; returns the paths."""
-    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     columns = list(BASE_COLUMNS) + sorted({k for r in rows for k in r} - set(BASE_COLUMNS),
                                           key=lambda k: (k == QUALITY, k))
-    with open(out_prefix + ".json.tmp", "w", encoding="utf-8") as f:
-        json.dump({"columns": columns, "judges": list(judges), "rows": list(rows)}, f, indent=2)
-    os.replace(out_prefix + ".json.tmp", out_prefix + ".json")
-    with open(out_prefix + ".csv.tmp", "w", newline="", encoding="utf-8") as f:
+    write_json(out_prefix + ".json", {"columns": columns, "judges": list(judges), "rows": list(rows)}, indent=2)
+    with atomic_write(out_prefix + ".csv", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in columns})
-    os.replace(out_prefix + ".csv.tmp", out_prefix + ".csv")
     return [out_prefix + ".json", out_prefix + ".csv"]
 
 
@@ -230,8 +221,7 @@ def plot_pareto(rows: Sequence[Dict[str, object]], path: str, diversity: str, qu
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:  # the suffix tells matplotlib the format
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

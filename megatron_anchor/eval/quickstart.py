@@ -283,9 +283,9 @@ def plot_report(report: Dict, path: str) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    from megatron_anchor.outputs import write_text
+
+    write_text(path, text)
 
 
 def update_readme(work: str, readme: str = "README.md", repo: str = ".") -> str:

@@ -5,6 +5,10 @@ The layout follows the run's architecture: Llama (:mod:`~megatron_anchor.export.
 SwiGLU runs, GPT-2 (:mod:`~megatron_anchor.export.hf_gpt2`) for learned-position/LayerNorm/GeLU runs; anything
 else is refused with the flags each layout would need. The folder is written under a temporary name and renamed
 when complete. Memory: one float32 copy of the weights (plus megatron's while the checkpoint is read).
+
+``--overwrite`` replaces only what an earlier export wrote: a folder holding :data:`MARKER`, or nothing but the
+files an export writes (exports older than the marker). Any other folder, the current folder or one of its
+parents, and a folder that holds or lies inside the checkpoint are refused before anything is read.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -56,20 +61,53 @@ def choose_layout(spec: ModelSpec) -> Layout:
                       + "\n  ".join(reasons))
 
 
+MARKER = "megatron_anchor_export.json"
+"""Written into every exported folder: what ``--overwrite`` recognises as replaceable."""
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", MARKER})
+"""Every file an export writes (a folder of only these is an earlier export, with or without the marker)."""
+
+
+def check_output_folder(out_dir: str, overwrite: bool, load: Optional[str] = None) -> None:
+    """Refuse an output folder the export must not replace (see the module docstring); ExportError says why."""
+    real = os.path.realpath(out_dir)
+    if os.path.isfile(real):
+        raise ExportError(f"--output {out_dir} is a file; give a folder")
+    if real == os.path.realpath(os.getcwd()) or os.getcwd().startswith(real.rstrip(os.sep) + os.sep) \
+            or real == os.sep:
+        raise ExportError(f"--output {out_dir} is the current folder or one above it; give a new folder")
+    if load:
+        from megatron_anchor.outputs import inside
+
+        if inside(out_dir, load) or inside(load, out_dir):
+            raise ExportError(f"--output {out_dir} and the checkpoint --load {load} overlap; give a separate folder")
+    entries = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    if not entries:
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    foreign = sorted(set(entries) - EXPORT_FILES)
+    if MARKER not in entries and foreign:
+        raise ExportError(f"--overwrite replaces only an earlier export, and {out_dir} holds other files "
+                          f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); give a new folder or "
+                          "empty this one yourself")
+
+
 def save_folder(model: DecoderLM, tokenizer, tokenizer_type: str, out_dir: str, check_texts: Sequence[str] = (),
                 extra: Optional[Dict] = None, overwrite: bool = False) -> List[str]:
-    """Write the model and tokenizer into ``out_dir`` (via a temporary folder); returns the written file names."""
+    """Write the model and tokenizer into ``out_dir`` (via a temporary folder beside it, swapped in when complete;
+    see :func:`check_output_folder` for what may be replaced); returns the written file names."""
     from safetensors.torch import save_file
 
     from megatron_anchor.export.tokenizer import write_tokenizer
 
     layout = choose_layout(model.spec)
     config = layout.config(model.spec, tokenizer.eod, extra)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-    tmp = out_dir.rstrip("/") + ".tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    check_output_folder(out_dir, overwrite)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    # A fresh, uniquely named folder: nothing that already exists is ever removed on the way.
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.export-", dir=parent)
     try:
         save_file(layout.state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -78,17 +116,27 @@ def save_folder(model: DecoderLM, tokenizer, tokenizer_type: str, out_dir: str, 
             json.dump({"eos_token_id": tokenizer.eod, "do_sample": True, "temperature": 1.0}, f, indent=2)
         files = ["config.json", "generation_config.json", "model.safetensors"]
         files += write_tokenizer(tokenizer, tokenizer_type, tmp, check_texts)
+        with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+            json.dump({"written_by": "megatron-anchor tools/export_hf.py", "files": files,
+                       "source_checkpoint": (extra or {}).get("source_checkpoint")}, f, indent=2)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is an ordinary folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(out_dir, ignore_errors=True)
+    old = None
+    if os.path.isdir(out_dir):  # an earlier export (checked above): swap, then remove it
+        old = tmp + "-replaced"
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    return files
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    return files + [MARKER]
 
 
 def export_checkpoint(model_args: Sequence[str], out_dir: str, load: Optional[str] = None,
                       iteration: Optional[int] = None, check_texts: Sequence[str] = (),
-                      gelu_approximation: str = "none", overwrite: bool = False) -> Dict:
+                      gelu_approximation: str = "none", overwrite: bool = False,
+                      allow_missing_record: bool = False) -> Dict:
     """Read a checkpoint (any TP/PP layout, the trainer's model flags) and write the folder; returns a summary.
 
     ``gelu_approximation``: "tanh" for GeLU runs trained with megatron's fused bias-GeLU kernel or Transformer
@@ -96,9 +144,12 @@ def export_checkpoint(model_args: Sequence[str], out_dir: str, load: Optional[st
     """
     from megatron_anchor.inference.checkpoint import checkpoint_config, load_decoder
 
+    check_output_folder(out_dir, overwrite, load)  # before anything is read: fail in seconds
     cfg, load = checkpoint_config(model_args, load)
+    check_output_folder(out_dir, overwrite, load)  # the flags' --load too, when ``load`` was not given
     layout = choose_layout(replace(ModelSpec.from_anchor_config(cfg, 0), gelu_approximation=gelu_approximation))
-    model, tok, loaded = load_decoder(cfg, load, iteration, gelu_approximation=gelu_approximation)
+    model, tok, loaded = load_decoder(cfg, load, iteration, gelu_approximation=gelu_approximation,
+                                      allow_missing_record=allow_missing_record)
     files = save_folder(model, tok, cfg.data.tokenizer_type, out_dir, check_texts,
                         extra={"source_checkpoint": os.path.abspath(loaded.path),
                                "saved_layout": loaded.saved_layout, "tokenizer_vocab_size": tok.vocab_size},

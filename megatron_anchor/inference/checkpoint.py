@@ -5,8 +5,14 @@ sharded tensors are stored with their global shapes, so megatron reassembles any
 SwiGLU halves, vocabulary shards, pipeline stages) for us. What comes out is a plain full state dict in megatron's
 names, which :mod:`megatron_anchor.inference.model` and :mod:`megatron_anchor.export` turn into their own layouts.
 
-The model architecture is not stored in checkpoints today, so it is given with the trainer's own flags
-(``--config run.yaml`` or ``--num-layers ...``): :func:`config_from_args` goes through the trainer's parser.
+The model architecture comes from the ``run_config.yaml`` the trainer writes beside its checkpoints, or from the
+trainer's own flags (``--config run.yaml`` or ``--num-layers ...``): :func:`config_from_args` goes through the
+trainer's parser.
+
+Trust: reading a checkpoint unpickles its ``.metadata`` and ``common.pt`` (torch distributed checkpointing), so a
+crafted checkpoint runs code in this process. Load only checkpoints you or your cluster wrote. What can be
+checked without unpickling (the files a checkpoint must have, their recorded sizes, the tokenizer record) is
+checked first (:mod:`megatron_anchor.training.checkpoint_files`).
 """
 
 from __future__ import annotations
@@ -15,12 +21,12 @@ import contextlib
 import copy
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from megatron_anchor.training.checkpoint_files import describe_read_error, read_errors
 from megatron_anchor.training.config import AnchorConfig
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -28,6 +34,10 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read, or matched to the given model configuration."""
+
+
+_UNREADABLE = read_errors()
+"""What reading a damaged checkpoint raises (:func:`megatron_anchor.training.checkpoint_files.read_errors`)."""
 
 
 def save_dir_file(load: str, name: str) -> Optional[str]:
@@ -54,6 +64,9 @@ def config_from_args(argv: Sequence[str], load: Optional[str] = None) -> AnchorC
     argv = list(argv)
     if load is None and "--load" in argv[:-1]:
         load = argv[argv.index("--load") + 1]
+    if load and not os.path.isdir(load):
+        raise CheckpointError(f"checkpoint directory {load!r} "
+                              + ("is a file" if os.path.exists(load) else "does not exist"))
     run_config = save_dir_file(load, RUN_CONFIG_FILE) if load and "--config" not in argv else None
     if run_config:
         argv = ["--config", run_config] + argv
@@ -120,10 +133,13 @@ def resolve_checkpoint(load: str, iteration: Optional[int] = None) -> str:
     return ckpt
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def check_checkpoint_files(ckpt: str) -> None:
+    """Refuse a damaged or incomplete checkpoint before anything in it is unpickled (files, recorded sizes)."""
+    from megatron_anchor.training.checkpoint_files import problems
+
+    found = problems(ckpt)
+    if found:
+        raise CheckpointError(f"{ckpt}: the checkpoint is damaged or incomplete:\n  " + "\n  ".join(found))
 
 
 @contextlib.contextmanager
@@ -131,17 +147,18 @@ def megatron_session(seed: int = 1234) -> Iterator[None]:
     """A one-process gloo group and megatron's parallel state for the duration of the block.
 
     Only what this block created is torn down, so it nests inside a process that already runs a group.
-    The environment (MASTER_PORT, RANK, ...) is left untouched: a TCP init method carries the address.
+    The environment (MASTER_PORT, RANK, ...) is left untouched, and nothing listens on the network: the group's
+    store lives in this process.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_anchor import cpu_compat
+    from megatron_anchor.training.initialize import init_single_process_group
 
     created_group = not dist.is_initialized()
     if created_group:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                                timeout=datetime.timedelta(minutes=5))
+        init_single_process_group("gloo", datetime.timedelta(minutes=5))
     cpu_compat.activate()
     created_state = not parallel_state.model_parallel_is_initialized()
     if created_state:
@@ -187,10 +204,12 @@ def load_megatron_model(cfg: AnchorConfig, load: str, vocab_size: int, iteration
     from megatron_anchor.training.model import model_provider
 
     ckpt = resolve_checkpoint(load, iteration)
+    check_checkpoint_files(ckpt)
     try:
         common = dist_checkpointing.load_common_state_dict(ckpt)
-    except Exception as exc:  # noqa: BLE001 (torch raises many kinds for unreadable files)
-        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: cannot read its common state ({exc})") from None
+    except _UNREADABLE as exc:  # torch raises many kinds for unreadable files
+        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: cannot read its common state "
+                              f"({describe_read_error(exc)})") from None
     if not isinstance(common, dict) or "layout" not in common:
         raise CheckpointError(f"{ckpt}: unknown checkpoint layout: no 'layout' record (not written by "
                               "pretrain_anchor.py)")
@@ -200,8 +219,8 @@ def load_megatron_model(cfg: AnchorConfig, load: str, vocab_size: int, iteration
     _check_shapes(ckpt, sharded["model"])
     try:
         state = dist_checkpointing.load(sharded, ckpt)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{ckpt}: loading failed ({type(exc).__name__}: {exc}); check the model flags "
+    except _UNREADABLE as exc:
+        raise CheckpointError(f"{ckpt}: loading failed ({describe_read_error(exc)}); check the model flags "
                               "against the run that saved it") from None
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -220,8 +239,9 @@ def _check_shapes(ckpt: str, sharded: dict) -> None:
 
     try:
         saved = dist_checkpointing.load_tensors_metadata(ckpt)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: unreadable tensor metadata ({exc})") from None
+    except _UNREADABLE as exc:
+        raise CheckpointError(f"{ckpt}: unknown checkpoint layout: unreadable tensor metadata "
+                              f"({describe_read_error(exc)})") from None
     problems: List[str] = []
     for sh in sharded.values():
         if not isinstance(sh, ShardedTensor):
@@ -247,19 +267,25 @@ def checkpoint_config(model_args: Sequence[str], load: Optional[str] = None):
     return cfg, load
 
 
-def check_tokenizer_record(load: str, tokenizer, tokenizer_type: str) -> None:
+def check_tokenizer_record(load: str, tokenizer, tokenizer_type: str, allow_missing: bool = False) -> None:
     """Refuse a tokenizer whose ids differ from the one the checkpoint was trained with.
 
     Reads ``tokenizer_record.json`` that the trainer writes into every ``--save`` directory (``load`` or the
-    directory above an ``iter_*`` folder); a checkpoint without one (written before records existed) is not
-    checked. Another model file, end-of-document token (``--eod-token``), delimiter ids or vocabulary size
-    would otherwise sample or export on ids that mean something else."""
+    directory above an ``iter_*`` folder). Another model file, end-of-document token (``--eod-token``), delimiter
+    ids or vocabulary size would otherwise sample or export on ids that mean something else, so a checkpoint
+    without a record is refused too, unless ``allow_missing`` (checkpoints written before records existed: the
+    tools' ``--allow-missing-tokenizer-record``)."""
     from megatron_anchor.tokenizer.record import CHECKPOINT_RECORD_FILE, read_record, record_mismatches, \
         tokenizer_record
 
     path = save_dir_file(load, CHECKPOINT_RECORD_FILE)
     if path is None:
-        return
+        if allow_missing:
+            return
+        raise CheckpointError(
+            f"{load}: no {CHECKPOINT_RECORD_FILE}, so nothing shows which tokenizer the model was trained with; a "
+            "wrong one samples gibberish without an error. Pass the training run's tokenizer flags and "
+            "--allow-missing-tokenizer-record if you are sure they are right")
     try:
         saved = read_record(path)
     except ValueError as exc:
@@ -270,11 +296,13 @@ def check_tokenizer_record(load: str, tokenizer, tokenizer_type: str) -> None:
                               + " (pass the training run's --tokenizer-model and --eod-token)")
 
 
-def load_decoder(cfg: AnchorConfig, load: str, iteration: Optional[int] = None, gelu_approximation: str = "none"):
+def load_decoder(cfg: AnchorConfig, load: str, iteration: Optional[int] = None, gelu_approximation: str = "none",
+                 allow_missing_record: bool = False):
     """``(DecoderLM, tokenizer, LoadedCheckpoint)``: the checkpoint read into the single-process decoder.
 
     ``gelu_approximation`` ("none" or "tanh") is the GeLU the run was trained with: megatron's unfused MLP
-    computes the erf GeLU, its fused bias-GeLU kernel and Transformer Engine the tanh approximation."""
+    computes the erf GeLU, its fused bias-GeLU kernel and Transformer Engine the tanh approximation.
+    ``allow_missing_record``: see :func:`check_tokenizer_record`."""
     from dataclasses import replace
 
     from megatron_anchor.inference.model import DecoderLM, ModelSpec
@@ -282,11 +310,12 @@ def load_decoder(cfg: AnchorConfig, load: str, iteration: Optional[int] = None, 
 
     from megatron_anchor.tokenizer import TokenizerError
 
+    check_checkpoint_files(resolve_checkpoint(load, iteration))  # what the checkpoint is, before its tokenizer
     try:
         tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, eod_token=cfg.data.eod_token)
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from None
-    check_tokenizer_record(load, tok, cfg.data.tokenizer_type)
+    check_tokenizer_record(load, tok, cfg.data.tokenizer_type, allow_missing=allow_missing_record)
     with megatron_session(cfg.training.seed):
         loaded = load_megatron_model(cfg, load, tok.vocab_size, iteration)
     spec = replace(ModelSpec.from_anchor_config(cfg, loaded.state_dict["embedding.word_embeddings.weight"].shape[0]),

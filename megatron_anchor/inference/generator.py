@@ -97,15 +97,18 @@ class AnchorGenerator(PromptFormatter):
 
 
 def load_from_checkpoint(model_args: Sequence[str], load: Optional[str] = None, iteration: Optional[int] = None,
-                         template: Optional[ChatTemplate] = None) -> AnchorGenerator:
+                         template: Optional[ChatTemplate] = None,
+                         allow_missing_record: bool = False) -> AnchorGenerator:
     """Read a megatron-anchor checkpoint (any saved TP/PP layout) given the trainer's model flags.
 
     ``load`` defaults to the flags' ``--load``. Raises
-    :class:`~megatron_anchor.inference.checkpoint.CheckpointError` for unreadable or mismatched checkpoints.
+    :class:`~megatron_anchor.inference.checkpoint.CheckpointError` for unreadable or mismatched checkpoints, and
+    for one without a tokenizer record unless ``allow_missing_record``.
     """
     from megatron_anchor.inference.checkpoint import checkpoint_config, load_decoder
 
-    model, tok, loaded = load_decoder(*checkpoint_config(model_args, load), iteration)
+    model, tok, loaded = load_decoder(*checkpoint_config(model_args, load), iteration,
+                                      allow_missing_record=allow_missing_record)
     return AnchorGenerator(tok, template or TEMPLATE_PRESETS["plain"], source=loaded.path, model=model)
 
 

@@ -97,7 +97,7 @@ def parse_prompt(obj, where: str, index: int) -> Prompt:
 def read_prompts(path: str) -> List[Prompt]:
     """All prompts of a JSONL file; raises :class:`PromptFileError` with ``file:line`` on the first bad line."""
     if not os.path.isfile(path):
-        raise PromptFileError(f"prompts file {path!r} not found")
+        raise PromptFileError(f"prompts file {path!r} " + ("is a folder" if os.path.isdir(path) else "not found"))
     prompts: List[Prompt] = []
     seen = set()
     with open(path, "rb") as f:

@@ -22,7 +22,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from megatron_anchor import bounds
 from megatron_anchor.annotation.format import parse_annotation
+from megatron_anchor.bounds import bounded
 from megatron_anchor.inference.model import DecoderLM, KVCache
 
 MODES = ("anchored", "conditioned", "plain")
@@ -34,29 +36,22 @@ _ANNOTATION, _RESPONSE, _DONE = 0, 1, 2
 class SamplingParams:
     """How tokens are drawn."""
 
-    temperature: float = 1.0
+    temperature: float = bounded(1.0, ge=0)
     """Softmax temperature; 0 is greedy decoding."""
-    top_k: int = 0
+    top_k: int = bounded(0, ge=0)
     """Keep only the k most likely tokens (0: all)."""
-    top_p: float = 1.0
+    top_p: float = bounded(1.0, gt=0, le=1)
     """Keep the smallest set of tokens whose probability reaches p (1.0: all)."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = bounded(128, ge=1)
     """Cap on response tokens (the annotation has its own cap)."""
-    max_annotation_tokens: int = 64
+    max_annotation_tokens: int = bounded(64, ge=1)
     """Cap on annotation tokens in anchored mode; the closing delimiter is forced once it is reached."""
     use_cache: bool = True
     """Use the KV cache (False recomputes the whole prefix at every step: for benchmarks and checks only)."""
 
     def check(self) -> None:
-        """Raise ValueError on settings that cannot sample."""
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1 or self.max_annotation_tokens < 1:
-            raise ValueError("max_new_tokens and max_annotation_tokens must be >= 1")
+        """Raise ValueError on settings that cannot sample (out of their declared ranges, or not finite)."""
+        bounds.check(self, ValueError)
 
 
 @dataclass

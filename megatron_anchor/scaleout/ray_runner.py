@@ -73,12 +73,12 @@ def _merge_jsonl(shards: List[str], out: str) -> None:
     """Concatenate the shards' annotated outputs (and their failed-document files) in order, atomically."""
     from megatron_anchor.data.indexed import append_file
 
+    from megatron_anchor.outputs import atomic_path
+
     for suffix in ("", ".failed.jsonl"):
-        tmp = out + suffix + ".tmp"
-        with open(tmp, "wb", buffering=0) as dst:
+        with atomic_path(out + suffix) as tmp, open(tmp, "wb", buffering=0) as dst:
             for shard in shards:
                 append_file(shard + suffix, dst)
-        os.replace(tmp, out + suffix)
 
 
 STAGES: Dict[str, Stage] = {

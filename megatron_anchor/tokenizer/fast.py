@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_anchor.outputs import write_text
+
 if TYPE_CHECKING:  # pragma: no cover
     from megatron_anchor.tokenizer.base import AnchorTokenizer
 
@@ -132,14 +134,8 @@ def sentencepiece_json(model_path: str, refresh: bool = False) -> str:
     from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json
 
     text = sentencepiece_to_tokenizer_json(model)
-    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, cached)
-    except OSError:  # a read-only or full cache: convert every time
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    with contextlib.suppress(OSError):  # a read-only or full cache: convert every time
+        write_text(cached, text)
     return text
 
 

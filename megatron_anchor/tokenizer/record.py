@@ -69,11 +69,9 @@ def tokenizer_record(tokenizer, tokenizer_type: str, **extra) -> Dict[str, objec
 
 def write_record(path: str, record: Dict[str, object]) -> None:
     """Write ``record`` as JSON under a temporary name, then rename (never a half-written record)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+    from megatron_anchor.outputs import write_text
+
+    write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def read_record(path: str) -> Optional[Dict[str, object]]:

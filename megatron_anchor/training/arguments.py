@@ -1,8 +1,10 @@
 """Command line and YAML -> :class:`AnchorConfig`, and the checks that reject impossible runs early.
 
-Flags are generated from the config dataclasses: field ``foo_bar`` is ``--foo-bar`` and its docstring is the
-help text, so the dataclasses stay the single source of names and defaults. Precedence: dataclass defaults,
-then ``--config FILE.yaml``, then flags given on the command line.
+Flags are generated from the config dataclasses: field ``foo_bar`` is ``--foo-bar``, its docstring is the
+help text and its declared range (:mod:`megatron_anchor.bounds`) is checked by the flag and shown by ``--help``,
+so the dataclasses stay the single source of names, defaults and ranges. Precedence: dataclass defaults, then
+``--config FILE.yaml``, then flags given on the command line. YAML values get the same range checks in
+:func:`validate`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import math
 import os
 import inspect
 import textwrap
@@ -18,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
+from megatron_anchor import bounds
 from megatron_anchor.tokenizer import TOKENIZER_TYPES
 from megatron_anchor.training.config import (
     LOSS_MASK_POLICIES,
@@ -108,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     flags actually given on the command line override the YAML file."""
     parser = argparse.ArgumentParser(
         description="Annotation-anchored GPT training on megatron-core.",
+        # The flag list is long: an error should end on its reason, not on a hundred lines of usage.
+        usage="%(prog)s [--config FILE.yaml] [--FLAG VALUE ...]  (--help lists every flag with its range)",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML file of settings (sectioned or flat, flag or field names).")
@@ -129,11 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
                 else:
                     group.add_argument(flag, dest=dest, action="store_true", help=help_text)
             elif kind is list:
-                group.add_argument(flag, dest=dest, nargs="+", type=_element_type(hints[f.name]),
-                                   help=help_text)
+                element = _element_type(hints[f.name])
+                if element in (int, float):
+                    element = bounds.flag_type(element, bounds.bounds_of(cls, f.name))
+                group.add_argument(flag, dest=dest, nargs="+", type=element,
+                                   help=help_text + bounds.describe(cls, f.name))
             else:
+                if kind in (int, float):
+                    kind = bounds.flag_type(kind, bounds.bounds_of(cls, f.name))
                 group.add_argument(flag, dest=dest, type=kind, choices=_CHOICES.get(f.name),
-                                   help=f"{help_text} (default: {default})")
+                                   help=f"{help_text} (default: {default}){bounds.describe(cls, f.name)}")
     return parser
 
 
@@ -146,28 +157,56 @@ def _flat_field_index() -> Dict[str, str]:
     return index
 
 
+def _numeric_from_text(value, annotation):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string: numbers written as text become the field's number type,
+    anything else is left for :func:`validate`'s range check to name."""
+    kind = _base_type(annotation)
+    if kind is list:
+        element = _element_type(annotation)
+        if isinstance(value, list) and element in (int, float):
+            return [_numeric_from_text(v, element) for v in value]
+        return value
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _apply(cfg: AnchorConfig, section: str, name: str, value) -> None:
     obj = getattr(cfg, section)
     if not hasattr(obj, name):
         raise ConfigError(f"unknown setting {section}.{name}")
     if name in ("data_path", "replay_data_path") and isinstance(value, str):
         value = value.split()
-    setattr(obj, name, value)
+    setattr(obj, name, _numeric_from_text(value, typing.get_type_hints(type(obj))[name]))
 
 
 def load_yaml(path: str, cfg: Optional[AnchorConfig] = None) -> AnchorConfig:
     """Apply a YAML file to ``cfg`` (a fresh default config when None). Keys may be section mappings
-    (``model: {num_layers: 2}``) or flat names in field or flag spelling (``num-layers: 2``)."""
+    (``model: {num_layers: 2}``) or flat names in field or flag spelling (``num-layers: 2``).
+
+    An unreadable, unparsable or misshapen file is a :class:`ConfigError` naming it (and the key)."""
     cfg = cfg or AnchorConfig()
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     flat = _flat_field_index()
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: setting names must be text, got {key!r}")
         key = key.replace("-", "_")
         if key in _SECTION_CLASSES and isinstance(value, dict):
             for name, v in value.items():
+                if not isinstance(name, str):
+                    raise ConfigError(f"{path}: setting names must be text, got {name!r} under {key}")
                 _apply(cfg, key, name.replace("-", "_"), v)
         elif key in flat:
             _apply(cfg, flat[key], key, value)
@@ -200,11 +239,10 @@ def dump_yaml(cfg: AnchorConfig, path: str) -> None:
 
     Paths to the tokenizer and the data are made absolute, so the file works from any working directory.
     """
-    out = config_dict(cfg)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(out, fh, sort_keys=False)
-    os.replace(tmp, path)
+    from megatron_anchor.outputs import atomic_write
+
+    with atomic_write(path) as fh:
+        yaml.safe_dump(config_dict(cfg), fh, sort_keys=False)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> AnchorConfig:
@@ -237,7 +275,12 @@ def parse_data_path(data_path: List[str]):
         return list(data_path), None
     if len(data_path) % 2:
         raise ConfigError(f"--data-path with weights needs 'W1 PREFIX1 W2 PREFIX2 ...', got {data_path}")
-    weights = [float(w) for w in data_path[0::2]]
+    try:
+        weights = [float(w) for w in data_path[0::2]]
+    except ValueError:
+        raise ConfigError(f"--data-path with weights needs 'W1 PREFIX1 W2 PREFIX2 ...', got {data_path}") from None
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--data-path weights must be finite, >= 0 and not all 0, got {data_path[0::2]}")
     return list(data_path[1::2]), weights
 
 
@@ -288,11 +331,12 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
     initialisation, so every rank fails the same way before any model is built or step is taken.
     """
     m, p, t, d, c, lg = cfg.model, cfg.parallel, cfg.training, cfg.data, cfg.checkpoint, cfg.logging
+    # Ranges and number types first (a YAML file can hold anything): the checks below compute with the values.
+    out_of_range = bounds.problems(cfg)
+    if out_of_range:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(out_of_range))
     errors = []
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    if tp < 1 or pp < 1 or cp < 1:
-        errors.append("tensor, pipeline and context parallel sizes must be >= 1")
-        tp, pp, cp = max(tp, 1), max(pp, 1), max(cp, 1)
     if world_size % (tp * pp * cp):
         errors.append(f"world size {world_size} is not divisible by TP ({tp}) x PP ({pp}) x CP ({cp}) = "
                       f"{tp * pp * cp}")
@@ -334,13 +378,9 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
 
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp
-    if t.micro_batch_size < 1:
-        errors.append("--micro-batch-size must be >= 1")
-    elif t.global_batch_size % (t.micro_batch_size * dp):
+    if t.global_batch_size % (t.micro_batch_size * dp):
         errors.append(f"--global-batch-size ({t.global_batch_size}) is not divisible by --micro-batch-size "
                       f"({t.micro_batch_size}) x data-parallel size ({dp})")
-    if t.train_iters < 1:
-        errors.append("--train-iters must be >= 1")
     if t.lr_decay_iters is None:
         t.lr_decay_iters = t.train_iters
     if t.lr_warmup_iters >= t.lr_decay_iters:
@@ -374,8 +414,6 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
     errors.extend(_virtual_pipeline_errors(cfg, dp))
     errors.extend(_context_parallel_errors(cfg))
     errors.extend(_token_multiple_errors(cfg))
-    if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
-        errors.append("--exit-duration-in-mins must be > 0")
     try:
         t.exit_signal = signal_name(t.exit_signal)
     except ValueError as exc:
@@ -418,19 +456,9 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
     if c.distrib_optim_fully_reshardable_mem_efficient and not c.dist_ckpt_optim_fully_reshardable:
         errors.append("--distrib-optim-fully-reshardable-mem-efficient applies to "
                       "--dist-ckpt-optim-fully-reshardable only")
-    if c.save_interval is not None and c.save_interval < 1:
-        errors.append("--save-interval must be >= 1")
     if c.save_interval and not c.save:
         errors.append("--save-interval needs --save")
-    if lg.log_interval < 1:
-        errors.append("--log-interval must be >= 1")
-    if lg.eval_interval is not None and lg.eval_interval < 1:
-        errors.append("--eval-interval must be >= 1")
-    if lg.eval_iters < 0:
-        errors.append("--eval-iters must be >= 0")
-    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
-        errors.append("--peak-tflops must be > 0")
-    if lg.profile and not 1 <= lg.profile_step_start <= lg.profile_step_end:
+    if lg.profile and not lg.profile_step_start <= lg.profile_step_end:
         errors.append(f"--profile needs 1 <= --profile-step-start ({lg.profile_step_start}) <= "
                       f"--profile-step-end ({lg.profile_step_end})")
     if errors:
@@ -462,20 +490,14 @@ def _precision_errors(cfg: AnchorConfig, has_cuda: bool, has_te: bool) -> List[s
         errors.append("--bf16 and --fp16 are exclusive")
     if not t.fp16 and t.loss_scale is not None:
         errors.append("--loss-scale only applies to --fp16 (bf16 and fp32 need no loss scaling)")
-    if t.loss_scale is not None and t.loss_scale <= 0:
-        errors.append("--loss-scale must be > 0")
-    if t.fp16 and (t.min_loss_scale <= 0 or t.initial_loss_scale < t.min_loss_scale):
-        errors.append("--fp16 needs 0 < --min-loss-scale <= --initial-loss-scale")
-    if t.loss_scale_window < 1 or t.hysteresis < 1:
-        errors.append("--loss-scale-window and --hysteresis must be >= 1")
+    if t.fp16 and t.initial_loss_scale < t.min_loss_scale:
+        errors.append("--fp16 needs --min-loss-scale <= --initial-loss-scale")
     if f.fp8_format:
         if m.transformer_impl != "transformer_engine" or not (has_te and has_cuda):
             errors.append(f"--fp8-format {f.fp8_format} needs the Transformer Engine layers on a GPU "
                           "(--transformer-impl transformer_engine)")
         if not (t.bf16 or t.fp16):
             errors.append("--fp8-format runs inside a bf16 or fp16 model: add --bf16")
-        if f.fp8_amax_history_len < 1:
-            errors.append("--fp8-amax-history-len must be >= 1")
         errors.extend(_fp8_shape_errors(cfg))
         capability = _cuda_capability()
         if capability is not None and capability < (8, 9):

@@ -194,10 +194,11 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer,
             from megatron_anchor.tokenizer.record import checkpoint_record_path, write_record
 
             write_record(checkpoint_record_path(root), tokenizer_record)
-        tmp = os.path.join(root, TRACKER_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(str(state.iteration))
-        os.replace(tmp, os.path.join(root, TRACKER_FILE))  # atomic: never a half-written tracker
+        from megatron_anchor.outputs import write_text
+        from megatron_anchor.training.checkpoint_files import write_manifest
+
+        write_manifest(ckpt)  # file sizes, checked before a load unpickles anything
+        write_text(os.path.join(root, TRACKER_FILE), str(state.iteration))  # atomic: never a half-written tracker
     dist.barrier()
     return ckpt
 
@@ -206,15 +207,13 @@ def write_exit_record(root: str, iteration: int, reason: str) -> str:
     """Rank 0 records a clean early stop under ``root`` (:data:`EXIT_RECORD_FILE`, written atomically); returns its
     path."""
     import datetime
-    import json
+
+    from megatron_anchor.outputs import write_json
 
     path = os.path.join(root, EXIT_RECORD_FILE)
     if dist.get_rank() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"iteration": iteration, "reason": reason,
-                       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, fh)
-        os.replace(tmp, path)
+        write_json(path, {"iteration": iteration, "reason": reason,
+                          "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     return path
 
 
@@ -261,7 +260,14 @@ def load_checkpoint(root: str, model_chunks: List, optimizer, scheduler, finetun
 
         strategy = FullyParallelLoadStrategyWrapper(
             get_default_load_sharded_strategy(ckpt), ps.get_data_parallel_group(with_context_parallel=True))
-    state = dist_checkpointing.load(sharded, ckpt, sharded_strategy=strategy)
+    from megatron_anchor.training.checkpoint_files import describe_read_error, read_errors
+
+    try:
+        state = dist_checkpointing.load(sharded, ckpt, sharded_strategy=strategy)
+    except read_errors() as exc:
+        from megatron_anchor.training.arguments import ConfigError
+
+        raise ConfigError(f"{ckpt}: the checkpoint cannot be read ({describe_read_error(exc)})") from None
 
     from megatron_anchor.training.model import unwrap
 

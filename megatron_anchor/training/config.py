@@ -2,14 +2,18 @@
 
 Field names are Megatron-LM's argument names (``tensor_model_parallel_size`` is ``--tensor-model-parallel-size``)
 so a Megatron-LM launch script maps onto them with few changes. Each field's docstring is its ``--help`` text
-(see :mod:`megatron_anchor.training.arguments`). Boolean fields default to False and are switched on by their
-flag, as in Megatron-LM; defaults that Megatron-LM sets differently are listed in ``docs/trainer.md``.
+(see :mod:`megatron_anchor.training.arguments`) and each numeric field's range is declared with it
+(:func:`~megatron_anchor.bounds.bounded`: checked on flags and YAML alike, shown by ``--help``). Boolean fields
+default to False and are switched on by their flag, as in Megatron-LM; defaults that Megatron-LM sets differently
+are listed in ``docs/trainer.md``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+from megatron_anchor.bounds import bounded
 
 LOSS_MASK_POLICIES = ("pretrain", "pretrain-text", "sft-anchored", "sft-standard")
 """Policy names (their role tables: ``megatron_anchor.training.loss.POLICY_ROLES``)."""
@@ -21,47 +25,47 @@ REPLAY_POLICIES = ("pretrain", "pretrain-text")
 class ModelConfig:
     """Architecture of the GPT model."""
 
-    num_layers: int = 2
+    num_layers: int = bounded(2, ge=1)
     """Number of transformer layers."""
-    hidden_size: int = 64
+    hidden_size: int = bounded(64, ge=1)
     """Transformer hidden size."""
-    ffn_hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = bounded(None, ge=1)
     """MLP hidden size; default 4 * hidden_size (8/3 * hidden_size rounded up to 64 with --swiglu)."""
-    num_attention_heads: int = 4
+    num_attention_heads: int = bounded(4, ge=1)
     """Number of attention heads."""
     group_query_attention: bool = False
     """Use grouped-query attention (needs --num-query-groups)."""
-    num_query_groups: Optional[int] = None
+    num_query_groups: Optional[int] = bounded(None, ge=1)
     """Number of key/value head groups with --group-query-attention."""
-    kv_channels: Optional[int] = None
+    kv_channels: Optional[int] = bounded(None, ge=1)
     """Per-head projection size; default hidden_size / num_attention_heads."""
-    seq_length: int = 128
+    seq_length: int = bounded(128, ge=1)
     """Sequence length of a training sample (tokens)."""
-    max_position_embeddings: Optional[int] = None
+    max_position_embeddings: Optional[int] = bounded(None, ge=1)
     """Maximum positions for learned absolute embeddings; default seq_length."""
     position_embedding_type: str = "learned_absolute"
     """Position embedding: learned_absolute or rope."""
-    rotary_base: int = 10000
+    rotary_base: int = bounded(10000, gt=0)
     """RoPE base period."""
-    rotary_percent: float = 1.0
+    rotary_percent: float = bounded(1.0, gt=0, le=1)
     """Fraction of each head's dimensions that RoPE rotates."""
     swiglu: bool = False
     """Use SwiGLU in the MLP (gated linear unit with SiLU)."""
     normalization: str = "LayerNorm"
     """Normalization layer: LayerNorm or RMSNorm."""
-    norm_epsilon: float = 1e-5
+    norm_epsilon: float = bounded(1e-5, gt=0)
     """Epsilon of the normalization layers."""
     untie_embeddings_and_output_weights: bool = False
     """Use a separate output layer instead of the transposed input embedding."""
     disable_bias_linear: bool = False
     """Drop the biases of all linear layers."""
-    hidden_dropout: float = 0.1
+    hidden_dropout: float = bounded(0.1, ge=0, lt=1)
     """Dropout after attention and MLP."""
-    attention_dropout: float = 0.1
+    attention_dropout: float = bounded(0.1, ge=0, lt=1)
     """Dropout on attention probabilities."""
-    init_method_std: float = 0.02
+    init_method_std: float = bounded(0.02, ge=0)
     """Standard deviation of the normal weight initialisation."""
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = bounded(128, ge=1)
     """Pad the vocabulary to a multiple of this value times the tensor-parallel size."""
     transformer_impl: str = "auto"
     """Layer implementation: local (megatron-core modules), transformer_engine, or auto (Transformer Engine when
@@ -72,9 +76,9 @@ class ModelConfig:
 class ParallelConfig:
     """How the model and data are split over processes."""
 
-    tensor_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = bounded(1, ge=1)
     """Tensor-parallel size (splits layers over ranks)."""
-    pipeline_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = bounded(1, ge=1)
     """Pipeline-parallel size (splits the layer stack into stages)."""
     sequence_parallel: bool = False
     """Sequence parallelism inside tensor-parallel regions (needs TP > 1 and Transformer Engine)."""
@@ -86,13 +90,13 @@ class ParallelConfig:
     """Overlap the data-parallel gradient all-reduce with the backward pass."""
     distributed_backend: str = "auto"
     """torch.distributed backend: nccl, gloo, or auto (nccl with CUDA, else gloo)."""
-    distributed_timeout_minutes: int = 10
+    distributed_timeout_minutes: int = bounded(10, ge=1)
     """Timeout of collective operations."""
-    context_parallel_size: int = 1
+    context_parallel_size: int = bounded(1, ge=1)
     """Context-parallel size: each sequence is split over this many ranks, which exchange keys and values in a
     ring (Transformer Engine only; with --reset-attention-mask every document is padded to a multiple of
     2 x this size and split per document)."""
-    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    num_layers_per_virtual_pipeline_stage: Optional[int] = bounded(None, ge=1)
     """Layers per virtual pipeline stage: each pipeline rank holds num_layers / (PP x this) model chunks and
     megatron-core's interleaved schedule runs them (smaller pipeline bubble; needs PP >= 2)."""
     overlap_param_gather: bool = False
@@ -106,35 +110,35 @@ class ParallelConfig:
 class TrainingConfig:
     """Optimisation, batch sizes, precision and the loss-mask policy."""
 
-    micro_batch_size: int = 2
+    micro_batch_size: int = bounded(2, ge=1)
     """Samples per micro-batch on one data-parallel rank."""
-    global_batch_size: Optional[int] = None
+    global_batch_size: Optional[int] = bounded(None, ge=1)
     """Samples per optimizer step over all data-parallel ranks; default micro_batch_size * DP size."""
-    train_iters: int = 100
+    train_iters: int = bounded(100, ge=1)
     """Number of optimizer steps."""
-    lr: float = 1e-3
+    lr: float = bounded(1e-3, ge=0)
     """Peak learning rate."""
-    min_lr: float = 0.0
+    min_lr: float = bounded(0.0, ge=0)
     """Learning rate at the end of the decay."""
     lr_decay_style: str = "cosine"
     """Learning-rate decay: constant, linear, cosine, inverse-square-root or WSD."""
-    lr_warmup_iters: int = 0
+    lr_warmup_iters: int = bounded(0, ge=0)
     """Linear warm-up steps."""
-    lr_decay_iters: Optional[int] = None
+    lr_decay_iters: Optional[int] = bounded(None, ge=1)
     """Steps over which the rate decays; default train_iters."""
-    lr_wsd_decay_iters: Optional[int] = None
+    lr_wsd_decay_iters: Optional[int] = bounded(None, ge=0)
     """Final decay steps of the WSD schedule; default 10% of the decay steps."""
-    weight_decay: float = 0.01
+    weight_decay: float = bounded(0.01, ge=0)
     """Decoupled weight decay (AdamW)."""
-    adam_beta1: float = 0.9
+    adam_beta1: float = bounded(0.9, ge=0, lt=1)
     """Adam beta1."""
-    adam_beta2: float = 0.999
+    adam_beta2: float = bounded(0.999, ge=0, lt=1)
     """Adam beta2."""
-    adam_eps: float = 1e-8
+    adam_eps: float = bounded(1e-8, gt=0)
     """Adam epsilon."""
-    clip_grad: float = 1.0
+    clip_grad: float = bounded(1.0, ge=0)
     """Clip gradients to this global L2 norm (0 disables clipping)."""
-    seed: int = 1234
+    seed: int = bounded(1234, ge=0, le=2**31 - 1)
     """Random seed (model initialisation, dropout, data order)."""
     bf16: bool = False
     """Train in bfloat16: megatron-core's Float16Module holds bf16 weights, the optimizer fp32 main weights,
@@ -142,15 +146,15 @@ class TrainingConfig:
     AMX or AVX512-BF16)."""
     fp16: bool = False
     """Train in float16 with fp32 main weights and loss scaling (dynamic unless --loss-scale); GPU or CPU."""
-    loss_scale: Optional[float] = None
+    loss_scale: Optional[float] = bounded(None, gt=0)
     """Static loss scale for --fp16 (a power of 2 is best); default: dynamic loss scaling."""
-    initial_loss_scale: float = 4294967296.0
+    initial_loss_scale: float = bounded(4294967296.0, gt=0)
     """Initial dynamic loss scale for --fp16 (2^32)."""
-    min_loss_scale: float = 1.0
+    min_loss_scale: float = bounded(1.0, gt=0)
     """Smallest dynamic loss scale for --fp16."""
-    loss_scale_window: int = 1000
+    loss_scale_window: int = bounded(1000, ge=1)
     """Steps without overflow after which the dynamic loss scale doubles."""
-    hysteresis: int = 2
+    hysteresis: int = bounded(2, ge=1)
     """Overflowing steps tolerated before the dynamic loss scale halves."""
     loss_mask_policy: str = "pretrain"
     """Which token roles carry loss: pretrain (every real token, annotations included), pretrain-text (every real
@@ -163,9 +167,9 @@ class TrainingConfig:
     pretrain-text (annotations masked, an ablation)."""
     eod_mask_loss: bool = False
     """Also mask the loss where the input token is end-of-document (megatron's own option)."""
-    exit_interval: Optional[int] = None
+    exit_interval: Optional[int] = bounded(None, ge=1)
     """Stop once the iteration is a multiple of this, after saving a checkpoint when --save is set."""
-    exit_duration_in_mins: Optional[float] = None
+    exit_duration_in_mins: Optional[float] = bounded(None, gt=0)
     """Stop once this many minutes have passed since start-up, after saving a checkpoint when --save is set
     (keep it below the job's time limit by more than one step and one save)."""
     exit_signal_handler: bool = True
@@ -199,7 +203,7 @@ class PerformanceConfig:
     recompute_method: Optional[str] = None
     """With full recomputation: uniform (recompute every layer, checkpointing groups of --recompute-num-layers)
     or block (recompute the first --recompute-num-layers layers of each pipeline stage)."""
-    recompute_num_layers: Optional[int] = None
+    recompute_num_layers: Optional[int] = bounded(None, ge=1)
     """With full recomputation: layers per recomputed group (uniform) or recomputed layers per stage (block)."""
     recompute_modules: Optional[List[str]] = None
     """With selective recomputation: which submodules to recompute (core_attn, mlp, layernorm); default
@@ -223,11 +227,11 @@ class PerformanceConfig:
     fp8_format: Optional[str] = None
     """Run the transformer layers' GEMMs in FP8 through Transformer Engine: hybrid (E4M3 forward, E5M2
     backward) or e4m3 (both); needs Transformer Engine, a GPU with FP8 tensor cores and --bf16 or --fp16."""
-    fp8_amax_history_len: int = 1024
+    fp8_amax_history_len: int = bounded(1024, ge=1)
     """FP8 delayed scaling: length of the amax history window."""
     fp8_amax_compute_algo: str = "max"
     """FP8 delayed scaling: scale from the max of the amax history (max) or its latest entry (most_recent)."""
-    fp8_margin: int = 0
+    fp8_margin: int = bounded(0, ge=0)
     """FP8 delayed scaling: scale margin (powers of 2 of headroom)."""
 
 
@@ -242,7 +246,7 @@ class DataConfig:
     """Pretraining data replayed in a fine-tuning run, in --data-path's form ('PREFIX' or 'W1 PREFIX1 ...'). Its
     samples are scored under --replay-loss-mask-policy, the --data-path samples under --loss-mask-policy; the
     log shows the loss of each ('sft loss', 'replay loss')."""
-    replay_share: float = 0.0
+    replay_share: float = bounded(0.0, ge=0, le=1)
     """Share of the training and validation samples drawn from --replay-data-path (0 <= share < 1); the
     --data-path entries share the rest in proportion to their weights."""
     split: str = "969,30,1"
@@ -255,14 +259,14 @@ class DataConfig:
     eod_token: Optional[str] = None
     """End-of-document token text, as given to the data tools' --eod-token (default: the tokenizer's own). The
     tokenizer record beside each dataset must agree."""
-    vocab_size: Optional[int] = None
+    vocab_size: Optional[int] = bounded(None, ge=2)
     """Vocabulary size for NullTokenizer / --mock-data (the tokenizer knows it otherwise)."""
     mock_data: bool = False
     """Train on megatron's synthetic mock dataset (no files, no roles; for smoke tests)."""
     no_role_channel: bool = False
     """Read plain GPTDataset samples without the role channel (a stock Megatron baseline; only the pretrain
     policy is allowed)."""
-    num_workers: int = 0
+    num_workers: int = bounded(0, ge=0)
     """DataLoader worker processes per rank."""
     data_cache_path: Optional[str] = None
     """Where megatron caches dataset index files; default beside the data."""
@@ -284,7 +288,7 @@ class CheckpointConfig:
     """Directory to save checkpoints in."""
     load: Optional[str] = None
     """Directory to load a checkpoint from (its latest iteration)."""
-    save_interval: Optional[int] = None
+    save_interval: Optional[int] = bounded(None, ge=1)
     """Save every this many steps (and at the end when --save is set)."""
     finetune: bool = False
     """Load model weights only: fresh optimizer, schedule, RNG and data position, iteration 0."""
@@ -312,11 +316,11 @@ class CheckpointConfig:
 class LoggingConfig:
     """Console, validation, TensorBoard and wandb."""
 
-    log_interval: int = 10
+    log_interval: int = bounded(10, ge=1)
     """Print a log line every this many steps."""
-    eval_interval: Optional[int] = None
+    eval_interval: Optional[int] = bounded(None, ge=1)
     """Evaluate on the validation set every this many steps (and at the end); default: only at the end."""
-    eval_iters: int = 10
+    eval_iters: int = bounded(10, ge=0)
     """Validation batches per evaluation (0 disables validation)."""
     tensorboard_dir: Optional[str] = None
     """Write TensorBoard events here."""
@@ -328,16 +332,16 @@ class LoggingConfig:
     """Directory for wandb's local files; default <save>/wandb or ./wandb."""
     log_role_losses: bool = True
     """Log the loss on annotation tokens and on text tokens separately (pretrain policy)."""
-    peak_tflops: Optional[float] = None
+    peak_tflops: Optional[float] = bounded(None, gt=0)
     """Peak TFLOP/s of one device for MFU; default: detected from the GPU's name (dense bf16 peak), none on
     CPU (MFU is then not logged)."""
     profile: bool = False
     """Record a torch.profiler trace of steps --profile-step-start to --profile-step-end on --profile-ranks."""
-    profile_step_start: int = 10
+    profile_step_start: int = bounded(10, ge=1)
     """First profiled iteration (1-based, counting from the run's start iteration)."""
-    profile_step_end: int = 12
+    profile_step_end: int = bounded(12, ge=1)
     """Last profiled iteration."""
-    profile_ranks: List[int] = field(default_factory=lambda: [0])
+    profile_ranks: List[int] = bounded(default_factory=lambda: [0], ge=0)
     """Global ranks that record a trace."""
     profile_dir: Optional[str] = None
     """Where traces go (one Chrome-trace JSON per rank, TensorBoard's profiler plugin reads them); default

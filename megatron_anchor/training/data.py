@@ -69,7 +69,8 @@ def check_data_paths(cfg: AnchorConfig, tokenizer=None) -> None:
     from megatron_anchor.data.indexed import DatasetFormatError, check_role_channel, read_index_header
 
     run_record = run_tokenizer_record(cfg, tokenizer) if tokenizer is not None else None
-    for prefix in data_blend(cfg).prefixes:
+    blend = data_blend(cfg)
+    for prefix, policy in zip(blend.prefixes, blend.policies):
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):
                 raise ConfigError(f"data file {prefix + ext} not found (--data-path takes the prefix without "
@@ -86,6 +87,54 @@ def check_data_paths(cfg: AnchorConfig, tokenizer=None) -> None:
             raise ConfigError(f"{what} of {prefix}: {exc}") from None
         _check_split_nonempty(cfg, prefix)
         _check_dataset_record(cfg, prefix, run_record)
+        if not d.no_role_channel:
+            check_loss_tokens(prefix, policy)
+
+
+LOSS_PROBE_TOKENS = 1 << 16
+"""Tokens at the start of each dataset whose roles :func:`check_loss_tokens` counts."""
+SPARSE_LOSS_SHARE = 0.02
+"""A policy that leaves less than this share of the probed tokens with loss gets a warning."""
+
+
+def check_loss_tokens(prefix: str, policy: str) -> None:
+    """Refuse a loss-mask policy that leaves nothing to learn on this data but end-of-document tokens.
+
+    ``sft-anchored`` on pretraining data (roles TEXT and ANNOTATION, no RESPONSE) would train on EOD tokens only,
+    or on nothing (gradient norm 0), without a word. Counts the roles of the first :data:`LOSS_PROBE_TOKENS` tokens
+    of the role channel (one read of at most 64 KiB); a share of loss tokens below :data:`SPARSE_LOSS_SHARE` is
+    only a warning (long prompts, short responses)."""
+    import logging
+
+    import numpy as np
+
+    from megatron_anchor.data.indexed import bin_path, roles_prefix
+    from megatron_anchor.roles import Role
+    from megatron_anchor.training.loss import POLICY_ROLES
+
+    path = bin_path(roles_prefix(prefix))
+    size = os.path.getsize(path)
+    if size == 0:
+        return
+    roles = np.fromfile(path, dtype=np.uint8, count=min(size, LOSS_PROBE_TOKENS))
+    counts = np.bincount(roles, minlength=256)
+    real = int(counts.sum() - counts[int(Role.PAD)])
+    kept = POLICY_ROLES[policy]
+    learned = sum(int(counts[int(r)]) for r in kept if r != Role.EOD)
+    share = sum(int(counts[int(r)]) for r in kept) / max(real, 1)
+    present = ", ".join(f"{Role(c).name} {counts[c] / max(real, 1):.0%}" for c in range(len(Role))
+                        if counts[c] and c != int(Role.PAD))
+    if learned == 0:
+        hint = ("this is pretraining data (tools/preprocess_data.py): use --loss-mask-policy pretrain, or SFT data "
+                "written by tools/preprocess_sft.py" if policy in ("sft-anchored", "sft-standard")
+                else "check that --data-path names the data you meant")
+        raise ConfigError(f"--loss-mask-policy {policy} leaves no token but end-of-document ones with loss in the "
+                          f"first {len(roles):,} tokens of {prefix} (roles there: {present or 'none'}): the run "
+                          f"would learn nothing; {hint}")
+    if share < SPARSE_LOSS_SHARE and os.environ.get("RANK", "0") == "0":
+        logging.getLogger(__name__).warning(
+            "--loss-mask-policy %s leaves only %.2f%% of the first %d tokens of %s with loss (roles there: %s)",
+            policy, 100 * share, len(roles), prefix, present)
 
 
 def _check_dataset_record(cfg: AnchorConfig, prefix: str, run_record: Optional[dict]) -> None:

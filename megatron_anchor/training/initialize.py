@@ -34,15 +34,13 @@ def initialize_distributed(cfg: AnchorConfig) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     cpu_compat.activate()
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=p.distributed_timeout_minutes)
         if "RANK" not in os.environ:
-            # A plain `python pretrain_anchor.py`: a one-process group on a free local port.
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            # A plain `python pretrain_anchor.py`: a one-process group with an in-process store.
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group(
-            backend=p.distributed_backend,
-            timeout=datetime.timedelta(minutes=p.distributed_timeout_minutes),
-        )
+            init_single_process_group(p.distributed_backend, timeout)
+        else:
+            dist.init_process_group(backend=p.distributed_backend, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     from megatron_anchor.training.model import num_model_chunks
@@ -81,12 +79,13 @@ def check_distributed_optimizer_backend(cfg: AnchorConfig) -> None:
                           "the flag") from None
 
 
-def _free_port() -> int:
-    import socket
+def init_single_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """The default process group of a world of one, rendezvous through torch's in-process ``HashStore``.
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    A ``tcp://`` or ``env://`` init method starts a ``TCPStore`` server, which listens on every interface whatever
+    address the method names; a one-process run (generation, export, ``python pretrain_anchor.py``) has nobody to
+    meet, so nothing of it should be reachable from the network."""
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def set_seeds(seed: int) -> None:

@@ -163,11 +163,13 @@ def preflight(cfg: AnchorConfig, for_gpu: bool = False):
 
     ``for_gpu`` validates as if CUDA and Transformer Engine were present (``--dry-run-target gpu``)."""
     from megatron_anchor.training.data import build_tokenizer, check_data_paths, run_tokenizer_record
+    from megatron_anchor.training.run_checks import check_run_files
 
     validate(cfg, initialize.world_size_from_env(), for_gpu or torch.cuda.is_available(),
              for_gpu or has_transformer_engine())
     tokenizer = build_tokenizer(cfg)
     check_data_paths(cfg, tokenizer)
+    check_run_files(cfg)
     if cfg.checkpoint.load:
         checkpointing.check_compatible(cfg, cfg.checkpoint.load, run_tokenizer_record(cfg, tokenizer))
     return tokenizer

@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from megatron_anchor.bounds import bounded
+
 TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]"
 """Words, and every punctuation mark as a token of its own."""
 
@@ -29,11 +31,11 @@ TOKEN_PATTERN = r"(?u)\b\w+\b|[^\w\s]"
 class FeatureConfig:
     """How chunks become feature vectors. Stored in the model file: a model reads texts the way it was trained."""
 
-    hash_bits: int = 18
+    hash_bits: int = bounded(18, ge=1, le=30)
     """Hashed n-gram space of ``2 ** hash_bits`` columns (collisions are rare below ~100k distinct n-grams)."""
-    ngram_max: int = 2
+    ngram_max: int = bounded(2, ge=1)
     """Word n-grams from 1 to this length."""
-    length_buckets: int = 40
+    length_buckets: int = bounded(40, ge=1)
     """One-hot columns for ``4 * log2(1 + words)``, capped (bucket edges ~19% apart)."""
 
     @property

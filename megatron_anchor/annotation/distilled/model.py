@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from megatron_anchor.annotation.distilled.extract import Extractor
 from megatron_anchor.annotation.distilled.features import FeatureConfig, Featurizer
 from megatron_anchor.annotation.format import Tag, sanitize_tags
 from megatron_anchor.annotation.llm.tagschema import SchemaError, TagSchema, schema_from_dict
+from megatron_anchor.outputs import atomic_write
 
 FORMAT_NAME = "megatron-anchor-distilled-annotator"
 FORMAT_VERSION = 1
@@ -188,16 +188,8 @@ class DistilledAnnotator:
                 "schema_fingerprint": self.schema.fingerprint(), "features": self.features.to_json(),
                 "decode": self.decode, "heads": heads, "info": self.info}
         arrays["meta"] = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(path, "wb", fsync=True) as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "DistilledAnnotator":

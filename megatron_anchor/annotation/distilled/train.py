@@ -29,6 +29,8 @@ from megatron_anchor.annotation.distilled.features import FeatureConfig, Featuri
 from megatron_anchor.annotation.distilled.model import DECODES, DistilledAnnotator, KeyHead
 from megatron_anchor.annotation.llm.tagschema import TagSchema
 from megatron_anchor.annotation.schema import DocumentError, parse_line
+from megatron_anchor import bounds
+from megatron_anchor.bounds import bounded
 
 _TEMPERATURES = tuple(round(0.25 * 1.12 ** i, 4) for i in range(32))  # 0.25 .. ~8.4, geometric
 
@@ -45,20 +47,23 @@ class TeacherSample:
     values: List[Dict[str, str]] = field(default_factory=list)
     documents: List[int] = field(default_factory=list)
     """Index of each chunk's document (splits are drawn by document)."""
+    skipped: List[str] = field(default_factory=list)
+    """Why each bad document was skipped (``skip_bad``), ``file:line`` first."""
 
     def __len__(self) -> int:
         return len(self.texts)
 
 
-def load_teacher(path: Union[str, Path], keys: Sequence[str]) -> TeacherSample:
+def load_teacher(path: Union[str, Path], keys: Sequence[str], skip_bad: bool = False) -> TeacherSample:
     """Read a teacher file (annotated JSONL) and check that every chunk is tagged and every key occurs.
 
-    Raises :class:`TeacherError` naming the file and line of a bad document or untagged chunk, or the keys that
-    no chunk has. Reads the file once; memory grows with the sample's text.
+    Raises :class:`TeacherError` naming the file and line of a bad document or untagged chunk (with ``skip_bad``
+    such documents are skipped and listed in ``skipped``), or the keys that no chunk has. Reads the file once;
+    memory grows with the sample's text.
     """
     path = Path(path)
     if not path.is_file():
-        raise TeacherError(f"teacher file {path} does not exist")
+        raise TeacherError(f"teacher file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
     sample = TeacherSample()
     wanted = set(keys)
     with open(path, "rb") as f:
@@ -68,12 +73,18 @@ def load_teacher(path: Union[str, Path], keys: Sequence[str]) -> TeacherSample:
             where = f"{path}:{line_no}"
             try:
                 doc = parse_line(raw.rstrip(b"\r\n"), where)
-            except DocumentError as e:
-                raise TeacherError(f"{e} (the teacher file must be tools/annotate.py output)") from None
+                untagged = [i for i, chunk in enumerate(doc.chunks) if chunk.tags is None]
+                if untagged:
+                    raise TeacherError(f"{where}: chunk {untagged[0]} has no tags: the teacher file must be fully "
+                                       "annotated (drop the document, or annotate it first)")
+            except (DocumentError, TeacherError) as e:
+                why = f"{e} (the teacher file must be tools/annotate.py output)" if isinstance(e, DocumentError) \
+                    else str(e)
+                if not skip_bad:
+                    raise TeacherError(why + "; --skip-bad-documents skips such documents") from None
+                sample.skipped.append(why)
+                continue
             for i, chunk in enumerate(doc.chunks):
-                if chunk.tags is None:
-                    raise TeacherError(f"{where}: chunk {i} has no tags: the teacher file must be fully annotated "
-                                       "(drop the document, or annotate it first)")
                 per_key: Dict[str, List[str]] = {}
                 for k, v in chunk.tags:
                     if k in wanted:
@@ -82,7 +93,8 @@ def load_teacher(path: Union[str, Path], keys: Sequence[str]) -> TeacherSample:
                 sample.values.append({k: ", ".join(vs) for k, vs in per_key.items()})
                 sample.documents.append(line_no)
     if not sample.texts:
-        raise TeacherError(f"teacher file {path} holds no chunks")
+        raise TeacherError(f"teacher file {path} holds no chunks"
+                           + (f" ({len(sample.skipped)} bad documents skipped)" if sample.skipped else ""))
     seen = Counter(k for v in sample.values for k in v)
     missing = [k for k in keys if not seen[k]]
     if missing:
@@ -98,32 +110,42 @@ def load_teacher(path: Union[str, Path], keys: Sequence[str]) -> TeacherSample:
 class DistillConfig:
     """How a distilled annotator is trained. ``tools/distill_annotator.py`` maps its flags onto these fields."""
 
-    dim: int = 64
+    dim: int = bounded(64, ge=1)
     """Width of the shared embedding (fastText uses 10-300; 64 is plenty for tags)."""
-    epochs: int = 20
+    epochs: int = bounded(20, ge=1)
     """Most passes over the training chunks (early stopping usually ends sooner)."""
-    patience: int = 3
+    patience: int = bounded(3, ge=1)
     """Stop after this many epochs without a validation loss 1% below the best."""
-    min_steps: int = 400
+    min_steps: int = bounded(400, ge=0)
     """Optimizer steps before early stopping may end training (small samples get more epochs to reach them)."""
-    batch_size: int = 128
-    lr: float = 0.02
+    batch_size: int = bounded(128, ge=1)
+    lr: float = bounded(0.02, gt=0)
     """Adam learning rate of the heads."""
-    embedding_lr: float = 3.0
+    embedding_lr: float = bounded(3.0, gt=0)
     """SGD learning rate of the embedding, decayed linearly to 0 (as fastText trains; sparse Adam is ~5x slower
     per step)."""
-    max_classes: int = 4096
+    max_classes: int = bounded(4096, ge=1)
     """Most values per key (the most frequent); rarer values are not learned."""
-    test_fraction: float = 0.1
+    test_fraction: float = bounded(0.1, ge=0, lt=1)
     """Share of the teacher's documents held out for the report."""
-    validation_fraction: float = 0.1
+    validation_fraction: float = bounded(0.1, ge=0, lt=1)
     """Share held out for early stopping, temperatures and extractor thresholds."""
-    extractive_share: float = 0.6
+    extractive_share: float = bounded(0.6, ge=0)
     """A key gets an extractive head when at least this share of its teacher items are spans of their chunk."""
     decode: str = "sample"
     """``sample`` (entropy-matched temperature) or ``argmax``."""
     seed: int = 0
     features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    def check(self) -> None:
+        """Raise ValueError for settings that cannot train (out of range, or splits that leave nothing)."""
+        if self.decode not in DECODES:
+            raise ValueError(f"unknown decode {self.decode!r} (choose from {', '.join(DECODES)})")
+        bounds.check(self, ValueError)
+        if self.test_fraction + self.validation_fraction >= 1:
+            raise ValueError(f"--test-fraction {self.test_fraction:g} and --validation-fraction "
+                             f"{self.validation_fraction:g} leave no documents to train on (their sum must be below "
+                             "1)")
 
 
 def _split(sample: TeacherSample, cfg: DistillConfig) -> Tuple[List[int], List[int], List[int]]:
@@ -167,6 +189,11 @@ def _fit_softmax(x_train, y_train: List[np.ndarray], x_val, y_val: List[np.ndarr
     import torch
     from torch import nn
 
+    if not n_classes:
+        # Every key is extractive: no head reads the embedding, so none is trained (and a one-column table of zeros
+        # keeps the file small and its format unchanged).
+        log("every key gets an extractive head: no embedding to train")
+        return np.zeros((cfg.features.n_features, 1), dtype=np.float32), []
     torch.manual_seed(cfg.seed)
     emb = nn.EmbeddingBag(cfg.features.n_features, cfg.dim, mode="sum", sparse=True)
     nn.init.uniform_(emb.weight, -1.0 / cfg.dim, 1.0 / cfg.dim)
@@ -238,8 +265,7 @@ def _fit_temperature(model: DistilledAnnotator, head: KeyHead, hidden: np.ndarra
 def distill(sample: TeacherSample, schema: TagSchema, cfg: DistillConfig,
             log: Callable[[str], None] = lambda s: None) -> Tuple[DistilledAnnotator, Dict[str, object]]:
     """Train on ``sample`` for ``schema``'s keys; returns the model and its held-out report (:func:`evaluate`)."""
-    if cfg.decode not in DECODES:
-        raise ValueError(f"unknown decode {cfg.decode!r} (choose from {', '.join(DECODES)})")
+    cfg.check()
     train, val, test = _split(sample, cfg)
     keys = [k.name for k in schema.keys]
     featurize = Featurizer(cfg.features)

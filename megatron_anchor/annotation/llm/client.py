@@ -30,11 +30,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import aiohttp
@@ -52,47 +50,8 @@ from megatron_anchor.annotation.llm.structured import (
     DEFAULT_STRUCTURED, STRUCTURED_MODES, chunk_schema, document_schema, rejected_structured_output, structured_field,
 )
 from megatron_anchor.annotation.llm.tagschema import TagSchema
-
-API_KEY_ENV = "ANNOTATOR_API_KEY"
-
-
-class Secret:
-    """A string that never shows itself in logs, reprs or tracebacks."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret itself (for the request header only)."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-
-def load_api_key(key_file: Optional[str] = None, env_var: str = API_KEY_ENV) -> Optional[Secret]:
-    """The API key from ``key_file`` (first line) if given, else from ``$env_var``, else None.
-
-    A file is preferred because environment variables leak into child processes and crash reports.
-    """
-    if key_file:
-        try:
-            value = Path(key_file).read_text(encoding="utf-8").strip().splitlines()
-        except OSError as e:
-            raise ValueError(f"cannot read API key file {key_file}: {e.strerror or e}") from None
-        if not value or not value[0].strip():
-            raise ValueError(f"API key file {key_file} is empty")
-        return Secret(value[0].strip())
-    value_env = os.environ.get(env_var, "").strip()
-    return Secret(value_env) if value_env else None
-
+from megatron_anchor.apikey import API_KEY_ENV, Secret, load_api_key  # noqa: F401 - re-exported for the tools
+from megatron_anchor.bounds import bounded
 
 def normalize_url(url: str) -> str:
     """``http://h:8000``, ``http://h:8000/`` and ``http://h:8000/v1`` all name the same server root."""
@@ -112,46 +71,46 @@ class ClientConfig:
     """Replica base URLs (``http://host:port``, with or without ``/v1``); used round-robin."""
     model: Optional[str] = None
     """Served model name; None asks the first reachable replica's ``/v1/models``."""
-    concurrency: int = 32
+    concurrency: int = bounded(32, ge=1)
     """Requests in flight at once, over all replicas (vLLM batches them; too few leaves it idle)."""
-    request_timeout_s: float = 120.0
+    request_timeout_s: float = bounded(120.0, gt=0)
     """Total time allowed for one request; a stalled replica is abandoned after it."""
-    connect_timeout_s: float = 10.0
+    connect_timeout_s: float = bounded(10.0, gt=0)
     """Time allowed to open a connection."""
-    max_attempts: int = 8
+    max_attempts: int = bounded(8, ge=1)
     """Failed transport attempts (connection errors, timeouts, 429, 5xx) before a chunk fails."""
-    retry_budget_s: float = 600.0
+    retry_budget_s: float = bounded(600.0, gt=0)
     """Give up retrying a chunk after this many seconds since its first attempt."""
-    backoff_base_s: float = 0.5
+    backoff_base_s: float = bounded(0.5, ge=0)
     """First backoff ceiling; doubles per failed attempt."""
-    backoff_max_s: float = 30.0
+    backoff_max_s: float = bounded(30.0, ge=0)
     """Largest backoff ceiling."""
-    cooldown_s: float = 2.0
+    cooldown_s: float = bounded(2.0, ge=0)
     """How long a replica that just failed is skipped while others are up."""
-    parse_retries: int = 2
+    parse_retries: int = bounded(2, ge=0)
     """Extra requests when an answer has no usable tags."""
-    max_tokens: int = 96
+    max_tokens: int = bounded(96, ge=1)
     """Generation cap per answer (tags are short; this also bounds a runaway answer). In document mode, per chunk
     of the window (plus 4 for its header)."""
-    max_tokens_growth: int = 4
+    max_tokens_growth: int = bounded(4, ge=1)
     """An answer cut at the cap is asked again with twice the cap, up to this multiple of ``max_tokens``."""
-    temperature: float = 0.0
+    temperature: float = bounded(0.0, ge=0)
     """Sampling temperature of the first attempt (greedy: reproducible annotations)."""
-    retry_temperature: float = 0.7
+    retry_temperature: float = bounded(0.7, ge=0)
     """Temperature for re-asking after an unparseable answer."""
-    max_chunk_chars: int = DEFAULT_MAX_CHUNK_CHARS
+    max_chunk_chars: int = bounded(DEFAULT_MAX_CHUNK_CHARS, ge=1)
     """Chunks are clipped to this many characters in the prompt."""
     request_mode: str = "document"
     """``document``: one request per window of a document's chunks; ``chunk``: one request per chunk."""
-    window_chunks: int = DEFAULT_WINDOW_CHUNKS
+    window_chunks: int = bounded(DEFAULT_WINDOW_CHUNKS, ge=1)
     """Most chunks in one document-level request."""
-    window_chars: int = DEFAULT_WINDOW_CHARS
+    window_chars: int = bounded(DEFAULT_WINDOW_CHARS, ge=1)
     """Most characters of chunk text in one document-level request (longer chunks are clipped to it)."""
     structured: str = DEFAULT_STRUCTURED
     """Structured outputs (the answer's JSON schema in ``response_format``): ``auto``, ``on`` or ``off``."""
     echo_policy: str = DEFAULT_ECHO_POLICY
     """Tags that repeat the prompt's examples: ``reask`` (once, with other examples), ``drop`` or ``keep``."""
-    max_response_bytes: int = 1 << 20
+    max_response_bytes: int = bounded(1 << 20, ge=1)
     """Response bodies beyond this are refused."""
     api_key: Optional[Secret] = field(default=None, repr=False)
     """Bearer token, if the servers need one."""
