@@ -30,7 +30,7 @@ DRY_RUN_GPU = ["gpu/pretrain_0.6b.sh", "gpu/pretrain_1b.sh", "gpu/pretrain_2.5b.
 RUN_FOR_REAL = ["slurm/preprocess_array.sbatch", "slurm/merge_shards.sbatch"]
 ELSEWHERE = {"quickstart.sh": "tests/test_quickstart.py runs it end to end",
              "slurm/annotator_fleet.sbatch": "starts vLLM servers on GPUs; syntax only here"}
-SOURCED = ["gpu/pretrain_common.sh", "gpu/model_sizes.sh"]  # libraries of the recipes above
+SOURCED = ["gpu/pretrain_common.sh", "gpu/model_sizes.sh", "gpu/preemption.sh"]  # libraries of the recipes above
 
 _TORCHRUN = """\
 #!{python}
