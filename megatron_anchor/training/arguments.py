@@ -331,6 +331,12 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
             m.ffn_hidden_size = 4 * m.hidden_size
     if m.ffn_hidden_size % tp:
         errors.append(f"--ffn-hidden-size ({m.ffn_hidden_size}) is not divisible by TP ({tp})")
+    if m.padded_vocab_size is not None and (m.padded_vocab_size < 1 or m.padded_vocab_size % tp):
+        errors.append(f"--padded-vocab-size ({m.padded_vocab_size}) is not a positive multiple of TP ({tp})")
+    if m.use_rope_scaling and m.position_embedding_type != "rope":
+        errors.append("--use-rope-scaling needs --position-embedding-type rope")
+    if m.add_qkv_bias and not m.disable_bias_linear:
+        errors.append("--add-qkv-bias only adds to --disable-bias-linear (without it every linear has biases)")
 
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp

@@ -234,7 +234,9 @@ def _effective_architecture(model_cfg) -> dict:
     if model_cfg.position_embedding_type == "learned_absolute":
         # The position table's size is part of the weights; RoPE settings are unused there.
         arch["max_position_embeddings"] = model_cfg.max_position_embeddings or model_cfg.seq_length
-        del arch["rotary_base"], arch["rotary_percent"]
+        del arch["rotary_base"], arch["rotary_percent"], arch["use_rope_scaling"]
+    if not arch.get("use_rope_scaling"):
+        arch.pop("rope_scaling_factor")
     return arch
 
 
