@@ -38,9 +38,6 @@ from megatron_anchor.hf_import.families import ImportRefused, model_fields
 from megatron_anchor.hf_import.tokens import missing_delimiters, write_tokenizer_folder
 from megatron_anchor.hf_import.weights import HFWeights
 
-WEIGHTS_ONLY_KEY = "weights_only"
-"""Common-state key of a checkpoint that holds model weights only (an import): resuming it is refused."""
-
 
 def _anchor_config(fields: Dict, seq_length: int, divisible_by: int):
     from megatron_anchor.training.config import AnchorConfig
@@ -155,7 +152,7 @@ def _write(src: str, out: str, cfg, weights: HFWeights, rows_hf: int, add_tokens
     from megatron_anchor.inference.model import ModelSpec
     from megatron_anchor.tokenizer.record import checkpoint_record_path, tokenizer_record, write_record
     from megatron_anchor.training.arguments import dump_yaml
-    from megatron_anchor.training.checkpointing import RUN_CONFIG_FILE, checkpoint_dir
+    from megatron_anchor.training.checkpointing import RUN_CONFIG_FILE, WEIGHTS_ONLY_KEY, checkpoint_dir
     from megatron_anchor.training.model import build_transformer_config, model_provider
 
     tok_dir = os.path.join(os.path.abspath(out), "tokenizer")

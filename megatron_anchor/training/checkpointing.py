@@ -36,6 +36,10 @@ class TrainState:
 RUN_CONFIG_FILE = "run_config.yaml"
 """The training run's configuration, written beside the tracker file at every save."""
 
+WEIGHTS_ONLY_KEY = "weights_only"
+"""Common-state key of a checkpoint that holds model weights only (tools/import_hf.py writes them): it can start a
+--finetune run, never be resumed (there is no optimizer state)."""
+
 
 def checkpoint_dir(root: str, iteration: int) -> str:
     """Directory of the checkpoint at ``iteration`` under ``root``."""
@@ -258,6 +262,13 @@ def check_compatible(cfg, root: str, run_tokenizer_record: Optional[dict]) -> No
     from megatron_anchor.training.arguments import ConfigError, load_yaml
 
     path = os.path.join(root, RUN_CONFIG_FILE)
+    iteration = latest_iteration(root)
+    if not cfg.checkpoint.finetune and iteration is not None:
+        from megatron.core import dist_checkpointing
+
+        if dist_checkpointing.load_common_state_dict(checkpoint_dir(root, iteration)).get(WEIGHTS_ONLY_KEY):
+            raise ConfigError(f"{root} holds model weights only (an imported model, no optimizer state): start "
+                              "from it with --finetune")
     problems = []
     if os.path.isfile(path):
         try:
