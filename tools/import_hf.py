@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The tool's flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="Hugging Face model folder (config.json, weights, tokenizer.json)")
+    p.add_argument("--input", required=True,
+                   help="Hugging Face model folder (config.json, weights, tokenizer.json), or a .gguf file, first "
+                        "written as a float32 folder OUTPUT_hf (needs the gguf package)")
     p.add_argument("--output", required=True, help="checkpoint directory to write (a --load for the trainer)")
     p.add_argument("--add-annotation-tokens", action="store_true",
                    help="add the annotation delimiters to the tokenizer as special tokens, with embedding and "
@@ -48,8 +50,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_anchor.hf_import import ImportRefused, import_hf
 
     args = build_parser().parse_args(argv)
+    src = args.input
+    if src.endswith(".gguf"):
+        from megatron_anchor.hf_import.gguf import gguf_to_hf_folder
+
+        src = gguf_to_hf_folder(src, args.output.rstrip("/") + "_hf")
     try:
-        summary = import_hf(args.input, args.output, add_annotation_tokens=args.add_annotation_tokens,
+        summary = import_hf(src, args.output, add_annotation_tokens=args.add_annotation_tokens,
                             seq_length=args.seq_length, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                             eod_token=args.eod_token, overwrite=args.overwrite)
     except ImportRefused as exc:
