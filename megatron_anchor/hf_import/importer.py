@@ -15,7 +15,7 @@ Vocabulary rows: the source's rows, or, when added delimiters do not fit, the ne
 of ``make_vocab_size_divisible_by`` (128: Megatron-LM's rule at TP=1, and a multiple of every power-of-two TP up
 to 128), recorded as ``--padded-vocab-size`` so every TP reads the same rows. Rows for the added ids and the padding
 are the mean of the rows the tokenizer reached before (a mean row takes at most the average row's probability,
-so the model's distribution over its old vocabulary barely moves).
+so the model's distribution over its old vocabulary barely moves); spare source rows no added id takes are kept.
 
 Cost: the refusals read only ``config.json``, ``tokenizer.json`` and the weight files' headers. Then one megatron
 model is allocated (float32, uninitialised) and filled one tensor at a time from memory-mapped files (a fused QKV
@@ -63,9 +63,23 @@ def _check_names(weights: HFWeights, spec, src: str) -> None:
         raise ImportRefused(f"{src}: the weights do not match the config's architecture: " + "; ".join(problems))
 
 
-def _fill(model, weights: HFWeights, spec, vocab_before: int, rows_hf: int) -> None:
-    """Copy every tensor into ``model`` (a TP=1/PP=1 GPTModel); rows of the vocabulary beyond ``vocab_before``
-    (added ids and padding) get the mean of the rows before it."""
+def _fill_vocab_rows(target: torch.Tensor, tensor: torch.Tensor, vocab_before: int, vocab_now: int,
+                     name: str) -> None:
+    """In place: the source's rows, then the mean of the rows its tokenizer reached (ids below ``vocab_before``)
+    on the added ids (``vocab_before`` .. ``vocab_now``, which may land on spare source rows) and on new padding
+    rows. Spare source rows no added id takes keep their values."""
+    rows, rows_hf = target.shape[0], tensor.shape[0]
+    if tensor.shape[1:] != target.shape[1:] or rows_hf > rows:
+        raise ImportRefused(f"{name}: the folder gives shape {tuple(tensor.shape)}, the config {tuple(target.shape)}")
+    mean = tensor[:min(vocab_before, rows_hf)].mean(dim=0)
+    target[:rows_hf].copy_(tensor)
+    target[rows_hf:] = mean
+    target[vocab_before:vocab_now] = mean
+
+
+def _fill(model, weights: HFWeights, spec, vocab_before: int, vocab_now: int) -> None:
+    """Copy every tensor into ``model`` (a TP=1/PP=1 GPTModel), one at a time; the vocabulary rows as
+    :func:`_fill_vocab_rows` says."""
     from megatron_anchor.inference.mapping import hf_to_megatron
 
     params = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
@@ -75,20 +89,15 @@ def _fill(model, weights: HFWeights, spec, vocab_before: int, rows_hf: int) -> N
         if target is None:
             raise RuntimeError(f"megatron-core's GPTModel has no tensor {name}: its names changed (update "
                                "megatron_anchor.inference.mapping)")
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            rows = target.shape[0]
-            grown = torch.empty(rows, tensor.shape[1])
-            keep = min(vocab_before, rows_hf)
-            grown[:keep] = tensor[:keep]
-            grown[keep:] = tensor[:keep].mean(dim=0)
-            if rows_hf > keep and rows_hf <= rows:
-                # Rows the source had beyond its tokenizer keep their values unless an added id lands on them.
-                grown[keep:rows_hf] = tensor[keep:rows_hf]
-            tensor = grown
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ImportRefused(f"{name}: the folder gives shape {tuple(tensor.shape)}, the config {tuple(target.shape)}")
         with torch.no_grad():
-            target.copy_(tensor)
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                _fill_vocab_rows(target, tensor, vocab_before, vocab_now, name)
+            elif tuple(tensor.shape) != tuple(target.shape):
+                raise ImportRefused(f"{name}: the folder gives shape {tuple(tensor.shape)}, the config "
+                                    f"{tuple(target.shape)}")
+            else:
+                target.copy_(tensor)
+        del tensor
         done.add(name)
     left = sorted(set(params) - done)
     if left:
@@ -172,7 +181,7 @@ def _write(src: str, out: str, cfg, weights: HFWeights, rows_hf: int, add_tokens
         config = build_transformer_config(one)
         config.perform_initialization = False  # every weight is overwritten below
         model = model_provider(one, tok.vocab_size, config=config)
-        _fill(model, weights, spec, vocab_before, rows_hf)
+        _fill(model, weights, spec, vocab_before, tok.vocab_size)
         ckpt = checkpoint_dir(out, 0)
         os.makedirs(ckpt)
         sharded = {"model": model.sharded_state_dict(),
