@@ -4,8 +4,11 @@ megatron-core assumes a CUDA device in a handful of places that a CPU run reache
 see the project's findings): ``torch.cuda.current_device()`` used as a device for buffers,
 ``torch.cuda.synchronize()`` / ``current_stream()`` calls, tensors created with a hard-coded
 ``device="cuda"``, ``Tensor.cuda()`` in the tied-embedding sync, CUDA RNG trackers (and the CUDA generator state
-that activation recomputation saves), and a gradient clip that asserts ``torch.cuda.FloatTensor``. :func:`activate` neutralises exactly those and nothing else, and only when
-no CUDA device is present, so a GPU run never goes through this module.
+that activation recomputation saves), a gradient clip that asserts ``torch.cuda.FloatTensor``, and the
+mixed-precision optimizers' constructors, which sort parameters by CUDA type names (so ``--bf16``/``--fp16`` run
+megatron-core's own ``Float16Module``, fp32 main parameters, loss scaler and distributed optimizer on CPU).
+:func:`activate` neutralises exactly those and nothing else, and only when no CUDA device is present, so a GPU run
+never goes through this module.
 
 On a machine without CUDA each patched call would otherwise raise, so redirecting it to the CPU cannot change
 the behaviour of code that worked before.
@@ -159,6 +162,83 @@ def _patch_torch_cuda():
     torch.Tensor.cuda = _identity_cuda
 
 
+_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
+                    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+# megatron-core's mixed-precision optimizers sort parameters into fp16/bf16 and fp32 groups by comparing
+# ``param.type()`` with CUDA tensor type names, and raise TypeError for anything else (a CPU tensor). Only their
+# constructors do this; they run with CPU tensors reporting the CUDA names, which sorts them by dtype exactly as a
+# GPU run would. (class path, a string the constructor's source must contain: the tripwire)
+MIXED_PRECISION_OPTIMIZERS = (
+    ("megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params", "'torch.cuda.BFloat16Tensor'"),
+    ("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer", "'torch.cuda.BFloat16Tensor'"),
+)
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """While active, ``Tensor.type()`` (no arguments) names CPU float tensors as their CUDA types."""
+    real = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = real(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return real(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = real
+
+
+def _with_cuda_type_names(fn):
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    wrapper.__wrapped__ = fn
+    wrapper.__name__ = getattr(fn, "__name__", "wrapper")
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def _resolve(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def mixed_precision_tripwire() -> list:
+    """What changed in megatron-core under the mixed-precision shim: one line per optimizer class that moved or no
+    longer sorts parameters by CUDA type names (empty when the shim matches this release)."""
+    import inspect
+
+    problems = []
+    for path, marker in MIXED_PRECISION_OPTIMIZERS:
+        try:
+            cls = _resolve(path)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{path} not found ({exc})")
+            continue
+        source = inspect.getsource(inspect.getmodule(cls))
+        if marker not in source:
+            problems.append(f"{path}: its module no longer compares param.type() with {marker}")
+    return problems
+
+
+def _patch_mixed_precision_optimizers():
+    problems = mixed_precision_tripwire()
+    if problems:
+        # A bf16/fp16 run on CPU would fail or misbehave in the optimizer: say what moved instead.
+        raise RuntimeError("megatron_anchor.cpu_compat: megatron-core changed under the CPU mixed-precision shim; "
+                           "--bf16/--fp16 on CPU need it updated: " + "; ".join(problems))
+    for path, _ in MIXED_PRECISION_OPTIMIZERS:
+        cls = _resolve(path)
+        if not hasattr(cls.__init__, "__wrapped__"):
+            cls.__init__ = _with_cuda_type_names(cls.__init__)
+
+
 def _patch_megatron_modules():
     for name in _MODULES_WITH_CUDA_LITERALS:
         try:
@@ -179,6 +259,8 @@ def _patch_megatron_modules():
     else:  # moved in another megatron-core release: recomputation on CPU fails (tests/test_fast_path.py)
         logger.warning("megatron_anchor.cpu_compat: megatron-core's CUDA RNG helpers moved; activation "
                        "recomputation will not run on CPU")
+
+    _patch_mixed_precision_optimizers()
 
     # Grad clipping: megatron imports the function by name into the optimizer module, so replace both.
     for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):

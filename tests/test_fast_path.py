@@ -19,8 +19,8 @@ import torch
 from megatron_anchor.training.arguments import ConfigError, parse_args, validate
 from megatron_anchor.training.batch import decode_header, encode_header, pack, stage_keeps, unpack
 from megatron_anchor.training.packing import (CU_SEQLENS, CU_SEQLENS_PADDED, MAX_SEQLEN, add_boundaries,
-                                              pad_documents, split_for_context_parallel, thd_partition_indices,
-                                              zigzag_positions)
+                                              pad_documents, rank_token_multiple, split_for_context_parallel,
+                                              thd_partition_indices, zigzag_positions)
 from tests.distributed import run_distributed
 
 EOD = 9
@@ -38,9 +38,11 @@ def _errors(cfg, world=1, cuda=False, te=False):
 
 # --- start-up checks --------------------------------------------------------------------------------------------
 
-def test_mixed_precision_and_fp8_are_refused_on_cpu_with_what_to_do():
-    assert "--bf16 needs a GPU" in _errors(_cfg("--bf16"))
-    assert "--fp16 needs a GPU" in _errors(_cfg("--fp16"))
+def test_mixed_precision_runs_on_cpu_and_fp8_is_refused_there_with_what_to_do():
+    for flags in (["--bf16"], ["--fp16"], ["--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                                           "--overlap-param-gather"]):
+        validate(_cfg(*flags), 2, False, False)  # megatron-core's mixed-precision path on CPU (cpu_compat)
+    assert "needs the Transformer Engine layers on a GPU" in _errors(_cfg("--bf16", "--fp8-format", "hybrid"))
     assert "exclusive" in _errors(_cfg("--bf16", "--fp16"), cuda=True)
     msg = _errors(_cfg("--fp8-format", "hybrid", "--transformer-impl", "local"), cuda=True)
     assert "needs the Transformer Engine layers" in msg and "add --bf16" in msg
@@ -112,7 +114,7 @@ def test_header_and_buffer_round_trip_any_keys():
              CU_SEQLENS: torch.tensor([0, 4, 6, 12], dtype=torch.int32), MAX_SEQLEN: 6, "note": None,
              "flag": True, "empty": torch.zeros(0, 3)}
     spec, buffer = pack(batch)
-    got = unpack(decode_header(encode_header(spec, "cpu")), buffer.clone())
+    got = unpack(decode_header(encode_header(spec)), buffer.clone())
     assert set(got) == set(batch)
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
@@ -165,6 +167,32 @@ def test_context_parallel_ranks_hold_every_real_token_once_in_zigzag_chunks():
     assert sorted(labels.tolist()) == sorted((batch["tokens"] + 100).reshape(-1).tolist())
     plain = [split_for_context_parallel(batch, cp, r, "none") for r in range(cp)]
     assert all(p["tokens"].shape == (2, 6) for p in plain)
+
+
+def test_packed_context_parallel_pads_each_ranks_tokens_for_sequence_parallel_and_fp8():
+    batch = _packed_batch()
+    for cp, multiple in ((2, rank_token_multiple(4, True, False)), (2, rank_token_multiple(2, True, True))):
+        cu_padded, _ = pad_documents(batch[CU_SEQLENS], 2, 12, cp, multiple)
+        lengths = (cu_padded[1:] - cu_padded[:-1]).tolist()
+        assert all(n % (2 * cp) == 0 for n in lengths)
+        parts = [split_for_context_parallel(batch, cp, r, "thd", multiple) for r in range(cp)]
+        for part in parts:
+            assert part["tokens"].shape[1] % multiple == 0, (multiple, part["tokens"].shape)
+        assert sum(int(p["loss_mask"].sum()) for p in parts) == 24  # the extra padding carries no loss
+    assert rank_token_multiple(4, False, False) == 1 and rank_token_multiple(4, True, True) == 16
+
+
+def test_sequence_parallel_and_fp8_lengths_that_would_fail_mid_run_are_refused():
+    sp = _cfg("--tensor-model-parallel-size", "4", "--num-attention-heads", "4", "--sequence-parallel",
+              "--transformer-impl", "transformer_engine", "--seq-length", "66")
+    assert "make --seq-length a multiple of 4" in _errors(sp, world=4, cuda=True, te=True)
+    fp8 = _cfg("--bf16", "--fp8-format", "hybrid", "--transformer-impl", "transformer_engine", "--seq-length", "36",
+               "--micro-batch-size", "1", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "256")
+    assert "to be a multiple of 16" in _errors(fp8, cuda=True, te=True)
+    packed = _cfg("--bf16", "--fp8-format", "hybrid", "--transformer-impl", "transformer_engine", "--seq-length",
+                  "36", "--micro-batch-size", "1", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size",
+                  "256", "--context-parallel-size", "2", "--reset-attention-mask")
+    validate(packed, 2, True, True)  # packed documents under CP are padded to fit instead
 
 
 # --- distributed: TP=2 x PP=2 ---------------------------------------------------------------------------------
@@ -350,3 +378,30 @@ def test_docs_list_every_flag():
     flags = [o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")]
     missing = [f for f in flags if not re.search(re.escape(f) + r"(?![a-z0-9-])", doc)]
     assert not missing, f"docs/trainer.md does not list {missing}"
+
+
+def _gloo_twin_session(rank, world):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_anchor.training.batch import HEADER_BYTES, gloo_twin
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=2)
+    tp = ps.get_tensor_model_parallel_group()
+    twin = gloo_twin(tp)
+    same = gloo_twin(tp) is twin  # cached: made once per process
+    if ps.get_tensor_model_parallel_rank() == 0:
+        header = encode_header({"tensors": {}, "scalars": {"from": rank}, "size": 0})
+    else:
+        header = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+    dist.broadcast(header, ps.get_tensor_model_parallel_src_rank(), group=twin)
+    return dist.get_process_group_ranks(twin), same, dist.get_backend(twin), decode_header(header)["scalars"]["from"]
+
+
+def test_headers_travel_between_host_memories_over_a_gloo_twin_of_each_tensor_parallel_group():
+    """On a GPU the tensor-parallel group is NCCL; the batch headers go over a gloo group with the same members, so
+    no receiver reads anything back from its device. Here (gloo everywhere) the twin is made the same way."""
+    results = run_distributed(_gloo_twin_session, 4, threads=1)
+    assert [r[0] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert all(r[1] and r[2] == "gloo" for r in results)
+    assert [r[3] for r in results] == [0, 0, 2, 2]

@@ -1,8 +1,8 @@
 """The dataset, trainer and generation tests against the megatron-core line that GPU images install.
 
 CI's own environment has megatron-core 0.16.1 (the newest release for Python 3.11); NGC PyTorch images (Python
-3.12) get 0.17-0.19, and the role channel, the packed-sequence path and the trainer lean on internals that moved
-between them. ``tools/setup_megatron_core_env.sh`` builds (once, cached) an environment with 0.19.2, and this test
+3.12) get 0.17-0.19, and the role channel, the packed-sequence path, the trainer and its mixed-precision and
+distributed-optimizer checkpoints lean on internals that moved between them. ``tools/setup_megatron_core_env.sh`` builds (once, cached) an environment with 0.19.2, and this test
 runs those test files there, in their own process.
 """
 
@@ -18,7 +18,7 @@ import pytest
 from tests.distributed import REPO_ROOT
 
 INNER_TESTS = ["tests/test_anchor_dataset.py", "tests/test_packing.py", "tests/test_trainer_parallel.py",
-               "tests/test_generate.py"]
+               "tests/test_mixed_precision.py", "tests/test_generate.py"]
 VERSION = "0.19.2"
 
 

@@ -78,10 +78,10 @@ def test_unknown_flag_and_bad_choice_exit():
     (["--tensor-model-parallel-size", "2", "--group-query-attention", "--num-query-groups", "1"], 2,
      "num-query-groups (1) is not divisible by TP"),
     (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2, "sequence-parallel"),
-    (["--use-distributed-optimizer"], 2, "distributed-optimizer needs NCCL"),
+    (["--dist-ckpt-optim-fully-reshardable"], 2, "applies to --use-distributed-optimizer only"),
     (["--finetune"], 1, "--finetune needs --load"),
     (["--loss-mask-policy", "sft-anchored"], 1, "needs the role channel"),
-    (["--bf16"], 1, "bf16 needs a GPU"),
+    (["--bf16", "--fp8-format", "hybrid"], 1, "needs the Transformer Engine layers on a GPU"),
     (["--lr-warmup-iters", "100", "--train-iters", "100"], 1, "lr-warmup-iters"),
     (["--save-interval", "10"], 1, "--save-interval needs --save"),
     (["--position-embedding-type", "rope", "--reset-position-ids"], 1, "use --reset-attention-mask"),
@@ -315,3 +315,19 @@ def pretrain_ok(argv):
     import pretrain_anchor
 
     return pretrain_anchor.main(argv) is not None
+
+
+def test_launcher_signal_problems_name_what_would_kill_a_save():
+    from megatron_anchor.training.guards import launcher_signal_problems
+
+    assert launcher_signal_problems("SIGUSR1", True, {}) == []  # not a torchrun worker
+    worker = {"TORCHELASTIC_RUN_ID": "x", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"}
+    assert launcher_signal_problems("SIGTERM", True, worker) == []  # an old torchrun forwards SIGTERM
+    old = launcher_signal_problems("SIGUSR1", True, worker)
+    assert len(old) == 1 and "before 2.9" in old[0] and "dies of SIGUSR1" in old[0]
+    new = dict(worker, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT")
+    assert "does not forward SIGUSR1" in launcher_signal_problems("SIGUSR1", True, new)[0]
+    assert launcher_signal_problems("SIGUSR1", True, dict(new, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGUSR1")) == []
+    short = launcher_signal_problems("SIGTERM", True, {"TORCHELASTIC_RUN_ID": "x"})
+    assert len(short) == 1 and "30 s" in short[0]
+    assert launcher_signal_problems("SIGTERM", False, {"TORCHELASTIC_RUN_ID": "x"}) == []  # nothing to save

@@ -180,3 +180,48 @@ def test_sigterm_to_torchrun_saves_and_exits_then_resumes_exactly(tiny_dataset, 
     want = _losses(reference.stdout + reference.stderr)
     assert sorted(got) == list(range(k + 1, iters + 1))
     assert got == {i: want[i] for i in got}
+
+
+@pytest.mark.slow
+def test_preemption_signal_to_every_process_of_a_recipe_shell_saves_the_step(tiny_dataset, tmp_path):
+    """Slurm's ``--signal=USR1@T`` (no ``B:``) signals every process of the job step: the recipe's shell, torchrun
+    and the workers. The shell ignores it (as examples/gpu/sft_anchored.sh does; pretrain_common.sh execs torchrun
+    instead), torchrun forwards it (PET_SIGNALS_TO_HANDLE, as the recipes set it) and waits, the workers finish the
+    step, save and exit 0. A shell that died of the signal would end the job step mid-save."""
+    import shlex
+
+    iters = 12
+    ck = str(tmp_path / "ck")
+    base = _argv(tiny_dataset, str(tmp_path), iters=iters) + ["--log-interval", "1", "--exit-signal", "SIGUSR1",
+                                                              "--save", ck]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+              str(free_port()), "pretrain_anchor.py", *base]
+    script = "trap '' USR1\n" + " ".join(shlex.quote(a) for a in launch) + "\n"
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+               TORCH_ELASTIC_SHUTDOWN_TIMEOUT="300")
+    proc = subprocess.Popen(["bash", "-c", script], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, deadline = [], time.time() + 600
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            m = _LOSS.search(line)
+            if m and int(m.group(1)) == 3:
+                os.killpg(proc.pid, signal.SIGUSR1)  # the whole step, as slurmstepd does
+                break
+            assert time.time() < deadline, "no iteration 3 within 10 minutes"
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = "".join(lines)
+    assert proc.returncode != -signal.SIGUSR1, "the recipe shell died of the signal"
+    stopped = re.search(r"exiting at iteration (\d+): exit signal received", log)
+    assert stopped, log[-4000:]
+    from megatron_anchor.training.checkpointing import latest_iteration
+
+    assert latest_iteration(ck) == int(stopped.group(1))
+    assert "Traceback" not in log.split("exiting at iteration")[0]
+    assert "does not forward SIGUSR1" not in log

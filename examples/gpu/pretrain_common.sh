@@ -9,7 +9,8 @@
 #
 # Environment: DATA_PATH (prefix or "W1 P1 W2 P2"), TOKENIZER_TYPE, TOKENIZER_MODEL, SAVE_DIR,
 # GPUS_PER_NODE (default: all visible), POLICY (pretrain | sft-anchored | sft-standard), WANDB_PROJECT,
-# VP_LAYERS (layers per virtual pipeline stage when PP > 1), EXTRA_ARGS (appended; later flags win).
+# VP_LAYERS (layers per virtual pipeline stage when PP > 1), EXIT_SIGNAL (SIGUSR1: the preemption signal the
+# scheduler sends), EXTRA_ARGS (appended; later flags win).
 # bf16 through Float16Module, every fused kernel (on by default where it exists), the distributed optimizer with
 # overlapped gradient reduce and parameter gather; the log shows tokens/s, TFLOP/s per GPU, MFU and peak memory.
 set -euo pipefail
@@ -34,10 +35,17 @@ TRAIN_ITERS=$(( TOKENS / (GLOBAL_BATCH_SIZE * SEQ_LENGTH) ))
 WARMUP_ITERS=$(( TRAIN_ITERS / 100 ))
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # needed for TP communication overlap with sequence parallel
-# Preemption: torchrun forwards these signals to the workers, which finish the step, save and exit 0; give the
-# save time before torchrun's SIGKILL (Slurm: #SBATCH --signal=USR1@300 sends SIGUSR1 five minutes before the end).
-export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+# Preemption (Slurm: #SBATCH --signal=USR1@300, without B:, signals every process of the step five minutes before the
+# end): the workers finish the step, save and exit 0. torchrun >= 2.9 forwards the signals of its
+# --signals-to-handle (PET_SIGNALS_TO_HANDLE: an exported TORCHELASTIC_SIGNALS_TO_HANDLE is overwritten by the
+# launcher) and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds before its SIGKILL; older torchruns die of SIGUSR1
+# (the trainer warns at start-up: use EXIT_SIGNAL=SIGTERM with --signal=TERM@300 there). torchrun replaces this shell (exec below), so no
+# shell is left to die of the signal and take the job step down mid-save (srun --kill-on-bad-exit).
+EXIT_SIGNAL="${EXIT_SIGNAL:-SIGUSR1}"
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,${EXIT_SIGNAL}}"
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+# Multi-node: megatron-core also makes gloo groups, which pick the interface of the host name; in many containers
+# that is the wrong one (or loopback): set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME) to the cluster network's.
 export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
 
 LAUNCH=(torchrun --nproc-per-node "${GPUS_PER_NODE}" --nnodes "${NNODES}" --node-rank "${NODE_RANK}")
@@ -53,7 +61,7 @@ if [ -n "${WANDB_PROJECT:-}" ]; then
 fi
 
 # shellcheck disable=SC2206  # DATA_PATH may hold several words (weights and prefixes)
-"${LAUNCH[@]}" "${REPO}/pretrain_anchor.py" \
+exec "${LAUNCH[@]}" "${REPO}/pretrain_anchor.py" \
   --transformer-impl transformer_engine --bf16 \
   --tensor-model-parallel-size "${TP}" --pipeline-model-parallel-size "${PP}" ${SEQ_PARALLEL:+--sequence-parallel} \
   --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather ${VP_LAYERS:+--num-layers-per-virtual-pipeline-stage "${VP_LAYERS}"} \
@@ -64,7 +72,7 @@ fi
   --clip-grad 1.0 \
   --data-path ${DATA_PATH} --split 998,2,0 --num-workers 2 \
   --tokenizer-type "${TOKENIZER_TYPE}" --tokenizer-model "${TOKENIZER_MODEL}" \
-  --loss-mask-policy "${POLICY}" --exit-signal SIGUSR1 \
+  --loss-mask-policy "${POLICY}" --exit-signal "${EXIT_SIGNAL}" \
   --save "${SAVE_DIR}/checkpoints" --load "${SAVE_DIR}/checkpoints" --save-interval 1000 \
   --ckpt-fully-parallel-save \
   "${LOGGING[@]}" \

@@ -56,7 +56,13 @@ python tools/preprocess_sft.py --input "$SFT_JSONL" --output-prefix "$WORK/sft_a
 python tools/preprocess_sft.py --input "$SFT_JSONL" --output-prefix "$WORK/sft_standard" "${TOK[@]}" \
   "${SFT_DATA[@]}" --no-annotations
 
-export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+# Preemption (see pretrain_common.sh): this shell runs two trainings in turn, so it cannot exec torchrun; it ignores
+# the exit signal instead (a shell killed by it would take the job step down mid-save), torchrun >= 2.9 forwards it
+# (PET_SIGNALS_TO_HANDLE, the environment form of its --signals-to-handle),
+# and the workers handle it (their own handler replaces the inherited "ignore").
+EXIT_SIGNAL="${EXIT_SIGNAL:-SIGUSR1}"
+trap '' "${EXIT_SIGNAL#SIG}"
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,${EXIT_SIGNAL}}"
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
 TRAIN=("${MODEL_ARGS[@]}" --seq-length "$SEQ_LENGTH" --transformer-impl transformer_engine --bf16
        --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
@@ -64,7 +70,7 @@ TRAIN=("${MODEL_ARGS[@]}" --seq-length "$SEQ_LENGTH" --transformer-impl transfor
        --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GBS" --train-iters "$ITERS"
        --lr "$LR" --min-lr 0 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.0 --clip-grad 1.0
        --hidden-dropout 0 --attention-dropout 0 --split 98,2,0 --eval-interval 200 --eval-iters 10
-       --reset-attention-mask --finetune --load "$CKPT" --log-interval 10 --exit-signal SIGUSR1)
+       --reset-attention-mask --finetune --load "$CKPT" --log-interval 10 --exit-signal "$EXIT_SIGNAL")
 
 torchrun --nproc-per-node "$NPROC" pretrain_anchor.py "${TRAIN[@]}" "${TOK[@]}" \
   --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored "${ANC_REPLAY[@]}" \

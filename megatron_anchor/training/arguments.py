@@ -403,8 +403,6 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
         if m.transformer_impl != "transformer_engine":
             errors.append("--sequence-parallel needs the Transformer Engine layers (the local spec's torch "
                           "norms do not support it)")
-    if p.use_distributed_optimizer and backend != "nccl":
-        errors.append("--use-distributed-optimizer needs NCCL (gloo has no reduce-scatter)")
     if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
         errors.append("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
     errors.extend(_packing_errors(cfg, has_te))
@@ -412,6 +410,7 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
     errors.extend(_recompute_errors(cfg))
     errors.extend(_virtual_pipeline_errors(cfg, dp))
     errors.extend(_context_parallel_errors(cfg))
+    errors.extend(_token_multiple_errors(cfg))
     if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
         errors.append("--exit-duration-in-mins must be > 0")
     try:
@@ -451,6 +450,8 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
 
     if c.finetune and not c.load:
         errors.append("--finetune needs --load")
+    if c.dist_ckpt_optim_fully_reshardable and not p.use_distributed_optimizer:
+        errors.append("--dist-ckpt-optim-fully-reshardable applies to --use-distributed-optimizer only")
     if c.save_interval is not None and c.save_interval < 1:
         errors.append("--save-interval must be >= 1")
     if c.save_interval and not c.save:
@@ -487,16 +488,12 @@ def signal_name(name: str) -> str:
 
 
 def _precision_errors(cfg: AnchorConfig, has_cuda: bool, has_te: bool) -> List[str]:
-    """bf16 / fp16 / FP8 settings that cannot run here (megatron's mixed-precision optimizer is CUDA-only)."""
+    """bf16 / fp16 / FP8 settings that cannot run here. bf16 and fp16 run on CPU too (megatron-core's
+    Float16Module and mixed-precision optimizer, through :mod:`megatron_anchor.cpu_compat`); FP8 needs a GPU."""
     t, f, m = cfg.training, cfg.performance, cfg.model
     errors = []
     if t.bf16 and t.fp16:
         errors.append("--bf16 and --fp16 are exclusive")
-    for flag, on in (("--bf16", t.bf16), ("--fp16", t.fp16)):
-        if on and not has_cuda:
-            # The model would run, but megatron's mixed-precision optimizer asserts CUDA tensor types.
-            errors.append(f"{flag} needs a GPU (megatron's mixed-precision optimizer is CUDA-only); train in "
-                          "fp32 on CPU")
     if not t.fp16 and t.loss_scale is not None:
         errors.append("--loss-scale only applies to --fp16 (bf16 and fp32 need no loss scaling)")
     if t.loss_scale is not None and t.loss_scale <= 0:
@@ -597,6 +594,29 @@ def _virtual_pipeline_errors(cfg: AnchorConfig, dp: int) -> List[str]:
     return errors
 
 
+def _token_multiple_errors(cfg: AnchorConfig) -> List[str]:
+    """Sequence parallelism splits each rank's tokens over TP and FP8 GEMMs need them in multiples of 16: refuse
+    lengths that would fail there mid-run. Packed documents under context parallelism are padded to fit instead
+    (:func:`~megatron_anchor.training.packing.pad_documents`)."""
+    from megatron_anchor.training.loss import boundary_mode
+
+    m, p, t, f = cfg.model, cfg.parallel, cfg.training, cfg.performance
+    tp, cp = max(p.tensor_model_parallel_size, 1), max(p.context_parallel_size, 1)
+    if cp > 1 and boundary_mode(cfg.data.reset_attention_mask, m.transformer_impl) == "thd":
+        return []
+    errors = []
+    per_rank = m.seq_length // cp
+    if p.sequence_parallel and tp > 1 and per_rank % tp:
+        errors.append(f"--sequence-parallel splits each sequence's {per_rank} tokens per context-parallel rank over "
+                      f"TP ({tp}): make --seq-length a multiple of {cp * tp}")
+    tokens = t.micro_batch_size * per_rank // (tp if p.sequence_parallel else 1)
+    if f.fp8_format and tokens % 16:
+        errors.append(f"--fp8-format: Transformer Engine's FP8 GEMMs need each rank's tokens per micro-batch "
+                      f"({tokens} = --micro-batch-size x --seq-length / CP{' / TP' if p.sequence_parallel else ''}) "
+                      "to be a multiple of 16")
+    return errors
+
+
 def _context_parallel_errors(cfg: AnchorConfig) -> List[str]:
     """Context parallelism runs in Transformer Engine's attention and splits sequences into 2 x CP chunks."""
     cp, m = cfg.parallel.context_parallel_size, cfg.model
@@ -635,24 +655,15 @@ def _packing_errors(cfg: AnchorConfig, has_te: bool) -> List[str]:
                       "drop it: with --reset-attention-mask Transformer Engine restarts RoPE per document from the "
                       "boundaries, and on the local layers RoPE scores depend only on relative positions")
     if d.reset_attention_mask and te and has_te:
-        version = _te_version()
+        from megatron_anchor.training.model import transformer_engine_version
+
+        version = transformer_engine_version()
         from packaging.version import Version
 
         if version is not None and Version(version) < Version(MIN_TE_VERSION_FOR_THD):
             errors.append(f"--reset-attention-mask on Transformer Engine needs THD attention, i.e. Transformer Engine "
                           f">= {MIN_TE_VERSION_FOR_THD} (found {version}); upgrade it or use --transformer-impl local")
     return errors
-
-
-def _te_version():
-    from importlib import metadata
-
-    for dist in ("transformer_engine", "transformer-engine", "transformer_engine_torch"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def _replay_errors(cfg: AnchorConfig) -> List[str]:

@@ -11,8 +11,11 @@ them; it sends the other TP ranks exactly what their pipeline stage uses:
 
 One broadcast of a fixed-size header (names, dtypes, shapes, Python scalars such as ``max_seqlen``, as JSON)
 and one of a single byte buffer holding every tensor: two collectives and one host-to-device copy per
-micro-batch, whatever keys the batch holds, variable-length ``cu_seqlens`` included. Receivers read the header
-on the host (one small device-to-host copy) to size the buffer; the tensors they get are views into it.
+micro-batch, whatever keys the batch holds, variable-length ``cu_seqlens`` included. The header travels between
+host memories over a gloo group beside the tensor-parallel group (:func:`host_group`), so receivers learn the
+buffer's size without reading anything back from the device: on a GPU no rank's host waits for its device to
+receive a micro-batch (the buffer's NCCL broadcast is ordered on the device stream, and the reader's copy to the
+device is asynchronous from pinned memory). The tensors receivers get are views into the buffer.
 With context parallelism the reading rank first keeps its CP rank's part of every per-token tensor
 (:func:`~megatron_anchor.training.packing.split_for_context_parallel`).
 
@@ -64,8 +67,12 @@ class DataPlan:
     tp_src: int = 0
     """Global rank of this TP group's rank 0 (the reader)."""
     tp_group: Optional[object] = None
+    header_group: Optional[object] = None
+    """Group over the same ranks as ``tp_group`` whose collectives run on host tensors (gloo): the headers."""
     cp_size: int = 1
     cp_rank: int = 0
+    rank_multiple: int = 1
+    """Each rank's tokens per micro-batch must be a multiple of this (THD + context parallelism pads to it)."""
     boundary_mode: str = "none"
     counts_attention: bool = False
     """Whether this rank adds its micro-batches' ``sum L^2`` to the step's FLOPs count (one rank per DP rank)."""
@@ -92,8 +99,9 @@ class DataPlan:
         return any(keep(key) for keep in self.keeps)
 
 
-def current_plan(num_chunks: int, boundary_mode: str) -> DataPlan:
-    """The :class:`DataPlan` of this rank from megatron-core's parallel state."""
+def current_plan(num_chunks: int, boundary_mode: str, rank_multiple: int = 1) -> DataPlan:
+    """The :class:`DataPlan` of this rank from megatron-core's parallel state (``rank_multiple``: see
+    :func:`~megatron_anchor.training.packing.rank_token_multiple`)."""
     from megatron.core import parallel_state as ps
 
     stages = []
@@ -105,11 +113,45 @@ def current_plan(num_chunks: int, boundary_mode: str) -> DataPlan:
             stages.append((ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()))
     tp_rank = ps.get_tensor_model_parallel_rank()
     cp_rank = ps.get_context_parallel_rank()
+    tp_group = ps.get_tensor_model_parallel_group()
     return DataPlan(chunk_stages=stages, boundaries=boundary_mode != "none", tp_rank=tp_rank,
                     tp_size=ps.get_tensor_model_parallel_world_size(),
-                    tp_src=ps.get_tensor_model_parallel_src_rank(), tp_group=ps.get_tensor_model_parallel_group(),
-                    cp_size=ps.get_context_parallel_world_size(), cp_rank=cp_rank, boundary_mode=boundary_mode,
+                    tp_src=ps.get_tensor_model_parallel_src_rank(), tp_group=tp_group,
+                    header_group=host_group(tp_group),
+                    cp_size=ps.get_context_parallel_world_size(), cp_rank=cp_rank, rank_multiple=rank_multiple,
+                    boundary_mode=boundary_mode,
                     counts_attention=tp_rank == 0 and cp_rank == 0 and ps.is_pipeline_first_stage())
+
+
+_HOST_GROUPS: Dict[tuple, object] = {}
+
+
+def host_group(group):
+    """A gloo group over the ranks of ``group`` (itself when it already is gloo), for exchanges between host
+    memories that must not wait on a device. Collective over all ranks (see :func:`gloo_twin`)."""
+    if group is None or dist.get_world_size(group) == 1 or dist.get_backend(group) == "gloo":
+        return group
+    return gloo_twin(group)
+
+
+def gloo_twin(group):
+    """A new gloo group with the members of ``group``.
+
+    Collective: every rank calls it with its own group of the same kind (e.g. all tensor-parallel groups), since
+    gloo groups are made by all ranks together: one ``all_gather_object`` of each rank's group members, then one
+    ``new_group`` per distinct member list, in the same order everywhere. Cached per default process group, so a
+    process that builds several trainers makes them once. Cost: one small all-gather and O(world) group
+    creations, once."""
+    world = dist.group.WORLD
+    mine = tuple(dist.get_process_group_ranks(group))
+    key = (id(world), mine)
+    if key not in _HOST_GROUPS:
+        everyone: List[Optional[tuple]] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        for ranks in sorted(set(everyone)):
+            _HOST_GROUPS[(id(world), ranks)] = dist.new_group(list(ranks), backend="gloo")
+        _HOST_GROUPS[("world", id(world))] = world  # keeps the id from being reused while the cache holds it
+    return _HOST_GROUPS[key]
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -152,8 +194,8 @@ def unpack(spec: dict, buffer: torch.Tensor) -> Dict:
     return out
 
 
-def encode_header(spec: dict, device) -> torch.Tensor:
-    """``spec`` as a fixed-size uint8 tensor on ``device`` (length-prefixed JSON)."""
+def encode_header(spec: dict) -> torch.Tensor:
+    """``spec`` as a fixed-size host uint8 tensor (length-prefixed JSON)."""
     raw = json.dumps(spec, separators=(",", ":")).encode()
     if len(raw) + 8 > HEADER_BYTES:
         raise ValueError(f"the batch description ({len(raw)} bytes; keys {sorted(spec['tensors'])} "
@@ -161,14 +203,14 @@ def encode_header(spec: dict, device) -> torch.Tensor:
     header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
     header[:8] = torch.tensor(list(len(raw).to_bytes(8, "little")), dtype=torch.uint8)
     header[8:8 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return header.to(device)
+    return header
 
 
 def decode_header(header: torch.Tensor) -> dict:
-    """Inverse of :func:`encode_header` (copies the header to the host)."""
-    raw = bytes(header.cpu().tolist()[:8])
-    n = int.from_bytes(raw, "little")
-    return json.loads(bytes(header[8:8 + n].cpu().numpy().tobytes()).decode())
+    """Inverse of :func:`encode_header` (a host tensor)."""
+    data = header.numpy().tobytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n].decode())
 
 
 class MicroBatchSource:
@@ -196,16 +238,17 @@ class MicroBatchSource:
             batch = next(self.loader)
             if plan.counts_attention and CU_SEQLENS in batch:
                 self.attention_squares += seqlen_squared_sum(batch[CU_SEQLENS])
-            batch = split_for_context_parallel(batch, plan.cp_size, plan.cp_rank, plan.boundary_mode)
+            batch = split_for_context_parallel(batch, plan.cp_size, plan.cp_rank, plan.boundary_mode,
+                                               plan.rank_multiple)
             batch = {k: v for k, v in batch.items() if plan.keep(k)}
             spec, host = pack(batch, pin=self.pin)
             buffer = host.to(self.device, non_blocking=True)
             if plan.tp_size > 1:
-                dist.broadcast(encode_header(spec, self.device), plan.tp_src, group=plan.tp_group)
+                dist.broadcast(encode_header(spec), plan.tp_src, group=plan.header_group)
                 dist.broadcast(buffer, plan.tp_src, group=plan.tp_group)
             return unpack(spec, buffer)
-        header = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=self.device)
-        dist.broadcast(header, plan.tp_src, group=plan.tp_group)
+        header = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+        dist.broadcast(header, plan.tp_src, group=plan.header_group)
         spec = decode_header(header)
         buffer = torch.empty(spec["size"], dtype=torch.uint8, device=self.device)
         dist.broadcast(buffer, plan.tp_src, group=plan.tp_group)

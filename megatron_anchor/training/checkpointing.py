@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_anchor.training import distopt_torch_adam
+
 logger = logging.getLogger(__name__)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -126,13 +128,32 @@ def _models_only(sharded: dict):
     return sharded["model"] if keys == ["model"] else {k: sharded[k] for k in keys}
 
 
+DISTOPT_FORMATS = ("dp_reshardable", "fully_reshardable")
+"""megatron-core's distributed-optimizer checkpoint forms this trainer writes (Megatron-LM's two choices): per
+bucket (parallel, no gathering; reshardable over data-parallel ranks only) or fully reshardable (gathered on each
+data-parallel group's rank 0 at save; reshardable over TP/PP too)."""
+
+
+def optimizer_metadata(cfg) -> Optional[dict]:
+    """The sharded-state-dict metadata of this run's optimizer (stored in every checkpoint as its content
+    metadata, and read back from the checkpoint on load): None without the distributed optimizer (the plain
+    optimizers' form needs none)."""
+    if not cfg.parallel.use_distributed_optimizer:
+        return None
+    fmt = DISTOPT_FORMATS[1] if cfg.checkpoint.dist_ckpt_optim_fully_reshardable else DISTOPT_FORMATS[0]
+    return {"distrib_optim_sharding_type": fmt}
+
+
 def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer, scheduler,
-                    fully_parallel: bool = False, run_config=None, tokenizer_record=None) -> str:
+                    fully_parallel: bool = False, run_config=None, tokenizer_record=None,
+                    metadata: Optional[dict] = None) -> str:
     """Write a checkpoint of the current step under ``root`` and update the tracker file.
 
     With ``run_config`` (the run's :class:`AnchorConfig`), rank 0 also writes it as ``run_config.yaml`` beside the
     tracker, so generation and export can rebuild the model without repeating the training flags; with
     ``tokenizer_record`` it writes ``tokenizer_record.json`` there too, so they can check their tokenizer.
+    ``metadata``: :func:`optimizer_metadata` of the run (kept in the checkpoint, so a load reads the optimizer
+    state in the form it was written).
     """
     from megatron.core import dist_checkpointing
 
@@ -141,7 +162,8 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer,
         os.makedirs(ckpt, exist_ok=True)
     dist.barrier()
     sharded = _model_sharded_state_dict(model_chunks)
-    sharded["optimizer"] = optimizer.sharded_state_dict(_models_only(sharded), is_loading=False)
+    distopt_torch_adam.before_state_dict(optimizer)
+    sharded["optimizer"] = optimizer.sharded_state_dict(_models_only(sharded), is_loading=False, metadata=metadata)
     sharded["opt_param_scheduler"] = scheduler.state_dict()
     sharded["rng_state"] = _rng_sharded_object(_rng_state())
     sharded["train_state"] = {"iteration": state.iteration,
@@ -158,7 +180,7 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer,
         strategy = FullyParallelSaveStrategyWrapper(
             get_default_save_sharded_strategy(), ps.get_data_parallel_group(with_context_parallel=True)
         )
-    dist_checkpointing.save(sharded, ckpt, sharded_strategy=strategy)
+    dist_checkpointing.save(sharded, ckpt, sharded_strategy=strategy, content_metadata=metadata)
     dist.barrier()
     if dist.get_rank() == 0:
         if run_config is not None:
@@ -178,11 +200,13 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer,
 
 
 def load_checkpoint(root: str, model_chunks: List, optimizer, scheduler, finetune: bool = False,
-                    load_optim: bool = True, load_rng: bool = True) -> TrainState:
+                    load_optim: bool = True, load_rng: bool = True, fully_parallel: bool = False) -> TrainState:
     """Restore from the latest checkpoint under ``root``; returns the position to continue from.
 
     With ``finetune`` only model weights are read and training starts at iteration 0. Without a finished
     checkpoint under ``root`` a fresh run starts (finetune then is an error: there is nothing to tune).
+    ``fully_parallel``: each shard is read by one data-parallel rank and exchanged (megatron-core's fully parallel
+    load) instead of by every replica.
     """
     from megatron.core import dist_checkpointing
 
@@ -201,20 +225,39 @@ def load_checkpoint(root: str, model_chunks: List, optimizer, scheduler, finetun
 
     sharded = _model_sharded_state_dict(model_chunks)
     if not finetune and load_optim:
-        sharded["optimizer"] = optimizer.sharded_state_dict(_models_only(sharded), is_loading=True)
+        distopt_torch_adam.before_state_dict(optimizer)
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            _models_only(sharded), is_loading=True,
+            metadata=dist_checkpointing.load_content_metadata(preloaded_state_dict=saved_common))
     restore_rng = not finetune and load_rng and same_model_layout
     if restore_rng:
         sharded["rng_state"] = _rng_sharded_object(_rng_state())
-    state = dist_checkpointing.load(sharded, ckpt)
+    strategy = None
+    if fully_parallel:
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelLoadStrategyWrapper,
+        )
+
+        strategy = FullyParallelLoadStrategyWrapper(
+            get_default_load_sharded_strategy(ckpt), ps.get_data_parallel_group(with_context_parallel=True))
+    state = dist_checkpointing.load(sharded, ckpt, sharded_strategy=strategy)
 
     from megatron_anchor.training.model import unwrap
 
     for key, chunk in zip(model_keys(len(model_chunks)), model_chunks):
         unwrap(chunk).load_state_dict(state[key])
+    if finetune or not load_optim:
+        # bf16/fp16: the optimizer holds fp32 main copies of the weights, made when it was built (the random
+        # init). Without its saved state they must be refreshed from the weights just loaded, or the first step
+        # writes the random init back into the model (Megatron-LM does the same here); fp32: a no-op.
+        optimizer.reload_model_params()
     if finetune:
         return TrainState()
     if load_optim:
         optimizer.load_state_dict(state["optimizer"])
+        distopt_torch_adam.after_load(optimizer)
         scheduler.load_state_dict(saved_common["opt_param_scheduler"])
     if restore_rng:
         _set_rng_state(state["rng_state"])
@@ -251,6 +294,34 @@ def architecture_mismatches(saved_cfg, cfg) -> List[str]:
             for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)]
 
 
+def _precision(cfg) -> str:
+    t = cfg.training
+    return "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
+
+
+def optimizer_state_mismatches(saved_cfg, cfg) -> List[str]:
+    """Why the optimizer state saved by ``saved_cfg``'s run cannot be loaded into ``cfg``'s (empty when it can).
+
+    The state's form follows the optimizer: the distributed optimizer's shards or a plain optimizer's tensors,
+    fp32 main copies beside bf16/fp16 weights or none, and the distributed optimizer's per-bucket form
+    (:data:`DISTOPT_FORMATS`) only fits the same TP/PP/CP layout and virtual stages."""
+    problems = []
+    old_d, new_d = saved_cfg.parallel.use_distributed_optimizer, cfg.parallel.use_distributed_optimizer
+    if old_d != new_d:
+        problems.append(f"--use-distributed-optimizer: checkpoint {old_d}, this run {new_d}")
+    if _precision(saved_cfg) != _precision(cfg):
+        problems.append(f"precision: checkpoint {_precision(saved_cfg)}, this run {_precision(cfg)}")
+    if old_d and new_d and not saved_cfg.checkpoint.dist_ckpt_optim_fully_reshardable:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "num_layers_per_virtual_pipeline_stage"):
+            old, new = getattr(saved_cfg.parallel, name), getattr(cfg.parallel, name)
+            if old != new:
+                problems.append(f"--{name.replace('_', '-')}: checkpoint {old}, this run {new} (the distributed "
+                                "optimizer's state was saved per bucket; --dist-ckpt-optim-fully-reshardable "
+                                "saves it reshardable)")
+    return problems
+
+
 def check_compatible(cfg, root: str, run_tokenizer_record: Optional[dict]) -> None:
     """Refuse ``--load``/``--finetune`` of a checkpoint trained with another architecture or tokenizer.
 
@@ -276,6 +347,8 @@ def check_compatible(cfg, root: str, run_tokenizer_record: Optional[dict]) -> No
         except (ConfigError, OSError, ValueError) as exc:
             raise ConfigError(f"{path}: unreadable run configuration of the checkpoint ({exc})") from None
         problems += architecture_mismatches(saved, cfg)
+        if not (cfg.checkpoint.finetune or cfg.checkpoint.no_load_optim):
+            problems += [f"optimizer state: {p}" for p in optimizer_state_mismatches(saved, cfg)]
     try:
         saved_record = read_record(checkpoint_record_path(root))
     except ValueError as exc:
@@ -286,4 +359,6 @@ def check_compatible(cfg, root: str, run_tokenizer_record: Optional[dict]) -> No
         verb = "fine-tune" if cfg.checkpoint.finetune else "resume"
         raise ConfigError(f"cannot {verb} from {root}: the checkpoint was trained with other settings "
                           f"({path}):\n    " + "\n    ".join(problems)
-                          + "\n  pass the checkpoint's model and tokenizer flags (they are in that file)")
+                          + "\n  pass the checkpoint's model and tokenizer flags (they are in that file); for "
+                          "optimizer state, --no-load-optim (or --finetune) keeps the weights and starts a fresh "
+                          "optimizer")

@@ -92,7 +92,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Sequence parallelism inside tensor-parallel regions (needs TP > 1 and Transformer Engine)."""
     use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks (needs NCCL: gloo has no reduce-scatter)."""
+    """Shard optimizer state and fp32 main weights over data-parallel ranks (megatron-core's distributed
+    optimizer: gradients reduce-scattered, parameters all-gathered; NCCL, or gloo where this torch's gloo has
+    reduce-scatter, which is checked at start-up)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient all-reduce with the backward pass."""
     distributed_backend: str = "auto"
@@ -149,9 +151,10 @@ class TrainingConfig:
     """Random seed (model initialisation, dropout, data order)."""
     bf16: bool = False
     """Train in bfloat16: megatron-core's Float16Module holds bf16 weights, the optimizer fp32 main weights,
-    gradients are reduced in fp32 (GPU only)."""
+    gradients are reduced in fp32. Runs on GPUs and on CPUs (fastest where the CPU has bf16 instructions, e.g.
+    AMX or AVX512-BF16)."""
     fp16: bool = False
-    """Train in float16 with fp32 main weights and loss scaling (dynamic unless --loss-scale; GPU only)."""
+    """Train in float16 with fp32 main weights and loss scaling (dynamic unless --loss-scale); GPU or CPU."""
     loss_scale: Optional[float] = None
     """Static loss scale for --fp16 (a power of 2 is best); default: dynamic loss scaling."""
     initial_loss_scale: float = 4294967296.0
@@ -181,7 +184,7 @@ class TrainingConfig:
     exit_signal_handler: bool = True
     """On SIGTERM or --exit-signal, finish the current step, save a checkpoint when --save is set and exit 0
     (every rank stops at the same step). Under torchrun, let it forward the signal and wait for the save:
-    TORCHELASTIC_SIGNALS_TO_HANDLE and TORCH_ELASTIC_SHUTDOWN_TIMEOUT (docs/trainer.md)."""
+    torchrun's --signals-to-handle (PET_SIGNALS_TO_HANDLE) and TORCH_ELASTIC_SHUTDOWN_TIMEOUT (docs/trainer.md)."""
     exit_signal: str = "SIGTERM"
     """A second signal handled like SIGTERM, e.g. SIGUSR1 for Slurm's --signal=USR1@120."""
     check_for_nan_in_loss_and_grad: bool = True
@@ -226,8 +229,10 @@ class PerformanceConfig:
     cross_entropy_loss_fusion: bool = True
     """Fuse the vocabulary-parallel cross-entropy where the kernel is available (CUDA)."""
     gradient_accumulation_fusion: bool = True
-    """Accumulate weight gradients into the fp32 gradient buffer inside the GEMM where available (Transformer
-    Engine layers, or local layers with apex's fused_weight_gradient_mlp_cuda)."""
+    """Accumulate weight gradients into the fp32 gradient buffer inside the GEMM where available: needs apex's
+    fused_weight_gradient_mlp_cuda extension with either layer implementation (the output layer is always
+    megatron-core's ColumnParallelLinear, which refuses the fusion without it), CUDA, and the DDP gradient
+    buffer."""
     fp8_format: Optional[str] = None
     """Run the transformer layers' GEMMs in FP8 through Transformer Engine: hybrid (E4M3 forward, E5M2
     backward) or e4m3 (both); needs Transformer Engine, a GPU with FP8 tensor cores and --bf16 or --fp16."""
@@ -302,6 +307,13 @@ class CheckpointConfig:
     """Do not load RNG state."""
     ckpt_fully_parallel_save: bool = False
     """Spread checkpoint writes over data-parallel ranks."""
+    ckpt_fully_parallel_load: bool = False
+    """Read each checkpoint shard on one data-parallel rank and exchange it over the data-parallel group, instead
+    of every replica reading the same shards (fewer storage reads at scale)."""
+    dist_ckpt_optim_fully_reshardable: bool = False
+    """With --use-distributed-optimizer: save its state in megatron-core's fully reshardable form (gathered on
+    data-parallel rank 0 at each save; the run may then resume under another TP/PP layout) instead of the default
+    per-bucket form (written in parallel, without gathering; a resume may change only the data-parallel size)."""
 
 
 @dataclass

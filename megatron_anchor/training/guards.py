@@ -56,6 +56,50 @@ class ExitSignalHandler:
         self._previous = {}
 
 
+TORCHRUN_DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+"""What torchrun forwards to its workers when TORCHELASTIC_SIGNALS_TO_HANDLE is not set (torch's default); torch
+releases before 2.9 know no other and die of any other signal, taking the workers with them."""
+TORCHRUN_SHUTDOWN_DEFAULT_S = 30.0
+
+
+def launcher_signal_problems(exit_signal: str, saving: bool, environ=None) -> List[str]:
+    """Why a scheduler's exit signal would not end this torchrun job with a saved checkpoint (empty when it
+    would, or when the process was not started by torchrun).
+
+    Read from the worker's environment, which torchrun fills: ``TORCHELASTIC_RUN_ID`` marks a torchrun worker;
+    a torchrun of torch >= 2.9 sets ``TORCHELASTIC_SIGNALS_TO_HANDLE`` to the signals it forwards (its
+    ``--signals-to-handle``, or ``PET_SIGNALS_TO_HANDLE``), older ones do not; ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` (seconds from forwarding to SIGKILL, default 30) reaches the workers
+    when it was exported for the launcher."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return []
+    problems = []
+    listed = env.get("TORCHELASTIC_SIGNALS_TO_HANDLE")
+    if listed is None:
+        if exit_signal not in TORCHRUN_DEFAULT_SIGNALS:
+            problems.append(f"this torchrun (torch {torch.__version__}: before 2.9) forwards only "
+                            f"{', '.join(TORCHRUN_DEFAULT_SIGNALS)} and dies of {exit_signal}, killing the workers "
+                            f"before they save: have the scheduler send SIGTERM (--exit-signal SIGTERM), launch with "
+                            f"a torch >= 2.9 torchrun, or start one process per GPU without torchrun")
+    elif exit_signal not in {name.strip() for name in listed.split(",")}:
+        problems.append(f"torchrun does not forward {exit_signal} (it handles {listed}): add it to torchrun's "
+                        "--signals-to-handle (or export PET_SIGNALS_TO_HANDLE; an exported "
+                        "TORCHELASTIC_SIGNALS_TO_HANDLE is overwritten by the launcher), or the launcher dies of it "
+                        "before the workers save")
+    if saving:
+        try:
+            timeout = float(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TORCHRUN_SHUTDOWN_DEFAULT_S))
+        except ValueError:
+            timeout = TORCHRUN_SHUTDOWN_DEFAULT_S
+        if timeout < 120:
+            problems.append(f"torchrun SIGKILLs the workers {timeout:g} s after forwarding a signal, which may cut "
+                            "the final checkpoint short: export TORCH_ELASTIC_SHUTDOWN_TIMEOUT (e.g. 600) for the "
+                            "launcher")
+    return problems
+
+
 @dataclass
 class Verdict:
     """What all ranks agreed on after a step."""

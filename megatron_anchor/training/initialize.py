@@ -56,6 +56,31 @@ def initialize_distributed(cfg: AnchorConfig) -> None:
     )
 
 
+def check_distributed_optimizer_backend(cfg: AnchorConfig) -> None:
+    """Refuse ``--use-distributed-optimizer`` on a gloo build without the collectives it needs.
+
+    megatron-core's distributed optimizer reduce-scatters gradients into, and all-gathers parameters from, one
+    flat buffer per bucket (``reduce_scatter_tensor`` / ``all_gather_into_tensor``). NCCL has both; gloo has them
+    only in recent torch releases, so on gloo one tiny exchange over the data-parallel group tells, before any
+    model is built. Raises :class:`~megatron_anchor.training.arguments.ConfigError`."""
+    if not cfg.parallel.use_distributed_optimizer or dist.get_backend() != "gloo":
+        return
+    from megatron.core import parallel_state
+
+    from megatron_anchor.training.arguments import ConfigError
+
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    n = dist.get_world_size(group)
+    whole, part = torch.ones(n), torch.empty(1)
+    try:
+        dist.reduce_scatter_tensor(part, whole, group=group)
+        dist.all_gather_into_tensor(whole, part, group=group)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        raise ConfigError(f"--use-distributed-optimizer: this torch's gloo backend (torch {torch.__version__}) has "
+                          f"no reduce-scatter/all-gather into one tensor ({exc}); use NCCL, a newer torch, or drop "
+                          "the flag") from None
+
+
 def _free_port() -> int:
     import socket
 

@@ -28,6 +28,7 @@ from megatron_anchor.training.loss import REPORT_KEYS, boundary_mode
 from megatron_anchor.training.model import (build_model_chunks, build_transformer_config, has_transformer_engine,
                                             log_fusions, num_parameters, resolve_fusions, vocab_rows)
 from megatron_anchor.training.monitor import Monitor, StepProfiler, format_train_line, peak_memory_bytes
+from megatron_anchor.training.packing import rank_token_multiple
 
 # Metrics reduced exactly over micro-batches and data-parallel ranks as [sum, count] pairs.
 REDUCED_KEYS = REPORT_KEYS
@@ -76,22 +77,36 @@ class Trainer:
     """megatron-core's aligned parameter gather, held back until the first step succeeded (overlapped gather)."""
     gather_pending: bool = False
     """With --overlap-param-gather: the forward hooks are off until the first step succeeded (Megatron-LM)."""
+    step_returns_norm: bool = True
+    """Whether ``optimizer.step()`` returns the real gradient norm: megatron-core's ChainedOptimizer always computes
+    it; a bare optimizer only when it clips (--clip-grad > 0)."""
 
 
-def _wrap_ddp(cfg: AnchorConfig, model: torch.nn.Module, config, disable_bucketing: bool = False):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def ddp_config(cfg: AnchorConfig):
+    """megatron-core's DistributedDataParallelConfig for this run (as Megatron-LM's training.py fills it)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from megatron_anchor.training.model import num_model_chunks
 
     p, t = cfg.parallel, cfg.training
-    ddp_config = DistributedDataParallelConfig(
+    return DistributedDataParallelConfig(
         grad_reduce_in_fp32=t.bf16 or p.accumulate_allreduce_grads_in_fp32,
         overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
+        # With the interleaved schedule every pipeline stage launches its chunks' parameter gathers from the
+        # schedule (param_sync_func); the forward pre-hooks then must not dispatch the next bucket themselves.
+        align_param_gather=p.overlap_param_gather and num_model_chunks(cfg) > 1,
         use_distributed_optimizer=p.use_distributed_optimizer,
         # Gradients are token sums: divide once by the global token count, never by the DP size.
         average_in_collective=False,
     )
+
+
+def _wrap_ddp(cfg: AnchorConfig, model: torch.nn.Module, config, disable_bucketing: bool = False):
+    from megatron.core.distributed import DistributedDataParallel
+
     # Later virtual pipeline chunks get one bucket each (Megatron-LM): their gradients are ready only at the end.
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
+    return DistributedDataParallel(config=config, ddp_config=ddp_config(cfg), module=model,
                                    disable_bucketing=disable_bucketing)
 
 
@@ -211,6 +226,7 @@ def setup(cfg: AnchorConfig, model_provider: Callable, datasets_provider: Callab
 
     tokenizer = preflight(cfg)
     initialize.initialize_distributed(cfg)
+    initialize.check_distributed_optimizer_backend(cfg)
     initialize.set_seeds(cfg.training.seed)
     device = initialize.device()
     # Role codes: every byte read once per job, each rank a share, one verdict for all.
@@ -230,10 +246,13 @@ def setup(cfg: AnchorConfig, model_provider: Callable, datasets_provider: Callab
     state = checkpointing.TrainState()
     if ck.load:
         state = checkpointing.load_checkpoint(ck.load, model, optimizer, scheduler, finetune=ck.finetune,
-                                              load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng)
+                                              load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng,
+                                              fully_parallel=ck.ckpt_fully_parallel_load)
 
     mode = boundary_mode(cfg.data.reset_attention_mask, cfg.model.transformer_impl)
-    plan = current_plan(len(model), mode)
+    plan = current_plan(len(model), mode, rank_token_multiple(cfg.parallel.tensor_model_parallel_size,
+                                                              cfg.parallel.sequence_parallel,
+                                                              bool(cfg.performance.fp8_format)))
     train_loader, make_valid_loader = datasets_provider(
         cfg, tokenizer, state.consumed_train_samples, ps.get_data_parallel_rank(),
         ps.get_data_parallel_world_size(), reads=plan.reads)
@@ -251,12 +270,22 @@ def setup(cfg: AnchorConfig, model_provider: Callable, datasets_provider: Callab
         f"{padded}), {num_parameters(model)} parameters on the last rank, policy {_policy_line(cfg)}, "
         f"starting at iteration {state.iteration}"
     )
+    if cfg.training.exit_signal_handler:
+        for problem in guards.launcher_signal_problems(cfg.training.exit_signal, bool(ck.save)):
+            monitor.print(f"warning: {problem}")
     forward_step = forward_step_factory(cfg, device)
     return Trainer(cfg, model, optimizer, scheduler, state, train_iter, make_valid_iter, forward_step,
                    monitor, device, run_tokenizer_record(cfg, tokenizer), source=source,
                    valid_enabled=validation_enabled(cfg), shape=ModelShape.from_config(cfg.model, padded),
                    peak_tflops=device_peak_tflops(cfg.logging.peak_tflops), param_sync_func=param_sync,
-                   gather_pending=cfg.parallel.overlap_param_gather)
+                   gather_pending=cfg.parallel.overlap_param_gather,
+                   step_returns_norm=_step_returns_norm(optimizer, cfg.training.clip_grad))
+
+
+def _step_returns_norm(optimizer, clip_grad: float) -> bool:
+    from megatron.core.optimizer import ChainedOptimizer
+
+    return clip_grad > 0 or isinstance(optimizer, ChainedOptimizer)
 
 
 def _policy_line(cfg: AnchorConfig) -> str:
@@ -368,9 +397,10 @@ def train_step(tr: Trainer, signal_received: bool = False, duration_exceeded: bo
     tr.optimizer.zero_grad()
     outputs = _forward_backward(tr, tr.train_iter, forward_only=False)
     update_ok, grad_norm, _ = tr.optimizer.step()
-    if update_ok and grad_norm is None and tr.cfg.training.check_for_nan_in_loss_and_grad:
-        # Without clipping megatron computes no norm; the gradients are still in place after the step.
-        grad_norm = tr.optimizer.get_grad_norm()
+    if update_ok and not tr.step_returns_norm:
+        # Without clipping a bare megatron optimizer computes no norm (None, or 0.0 from the mixed-precision
+        # ones); the gradients are still in place after the step.
+        grad_norm = tr.optimizer.get_grad_norm() if tr.cfg.training.check_for_nan_in_loss_and_grad else None
     if update_ok:
         tr.scheduler.step(increment=1)
     squares = 0
@@ -391,7 +421,8 @@ def _save(tr: Trainer) -> str:
     with _params_synced(tr):
         path = checkpointing.save_checkpoint(ck.save, tr.state, tr.model, tr.optimizer, tr.scheduler,
                                              ck.ckpt_fully_parallel_save, run_config=tr.cfg,
-                                             tokenizer_record=tr.tokenizer_record)
+                                             tokenizer_record=tr.tokenizer_record,
+                                             metadata=checkpointing.optimizer_metadata(tr.cfg))
     tr.monitor.print(f"saved checkpoint at iteration {tr.state.iteration} to {path}")
     return path
 
@@ -405,6 +436,9 @@ class _params_synced:
         self.active = tr.cfg.parallel.overlap_param_gather
 
     def __enter__(self):
+        # Before the first successful step the hooks are already off and the weights are the loaded (or initial)
+        # ones, which no update has touched: nothing to gather (fp16 skips steps while the loss scale settles).
+        self.active = self.active and not self.tr.gather_pending
         if self.active:
             prepare = getattr(self.tr.optimizer, "prepare_model_params_for_param_sync", None)
             if prepare is not None:
@@ -413,7 +447,7 @@ class _params_synced:
                 chunk.disable_forward_pre_hook(param_sync=True)
 
     def __exit__(self, *exc):
-        if self.active and not self.tr.gather_pending:  # before the first good step the hooks stay off
+        if self.active:
             for chunk in self.tr.model:
                 chunk.enable_forward_pre_hook()
 

@@ -19,12 +19,60 @@ from megatron_anchor.training.config import AnchorConfig
 logger = logging.getLogger(__name__)
 
 
+_TE_IMPORT: Dict[str, Optional[str]] = {}
+
+
+def transformer_engine_import_error() -> Optional[str]:
+    """Why ``transformer_engine.pytorch`` cannot be used here (None when it imports). Found on disk is not enough:
+    a build that does not match the machine's torch or CUDA fails at import, and ``auto`` must not pick it. The
+    import is tried only where CUDA is present (without a GPU the layers are never Transformer Engine's) and once
+    per process."""
+    if "result" not in _TE_IMPORT:
+        try:
+            found = importlib.util.find_spec("transformer_engine") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            _TE_IMPORT["result"] = "Transformer Engine is not installed"
+        elif not torch.cuda.is_available():
+            _TE_IMPORT["result"] = None  # installed; whether it imports is decided on a GPU machine
+        else:
+            try:
+                import transformer_engine.pytorch  # noqa: F401
+                _TE_IMPORT["result"] = None
+            except Exception as exc:  # noqa: BLE001 - a broken build raises OSError, RuntimeError, ...
+                _TE_IMPORT["result"] = f"transformer_engine.pytorch failed to import ({type(exc).__name__}: {exc})"
+                logger.warning("%s: using megatron-core's local layers", _TE_IMPORT["result"])
+    return _TE_IMPORT["result"]
+
+
+def transformer_engine_version() -> Optional[str]:
+    """The installed Transformer Engine's version (from its package metadata: no import, no GPU), or None."""
+    from importlib import metadata
+
+    for dist in ("transformer_engine", "transformer-engine", "transformer_engine_torch"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def require_transformer_engine(minimum: str) -> str:
+    """The installed Transformer Engine's version; SystemExit naming both versions when it is missing or older than
+    ``minimum`` (an image build's check: ``python -c "...require_transformer_engine('2.9')"``)."""
+    from packaging.version import Version
+
+    found = transformer_engine_version()
+    if found is None or Version(found) < Version(minimum):
+        raise SystemExit(f"Transformer Engine {found or 'is not installed'}: this image pairs megatron-core with "
+                         f"Transformer Engine >= {minimum}; use a newer NGC PyTorch release (docker/train.Dockerfile)")
+    return found
+
+
 def has_transformer_engine() -> bool:
-    """Whether Transformer Engine's PyTorch package can be found (not imported: that needs CUDA)."""
-    try:
-        return importlib.util.find_spec("transformer_engine") is not None
-    except (ImportError, ValueError):
-        return False
+    """Whether Transformer Engine's layers can run here: installed and, on a GPU machine, importable."""
+    return transformer_engine_import_error() is None
 
 
 def _has_module(name: str) -> bool:
@@ -94,8 +142,10 @@ def _fusion_unavailable(name: str, cfg: AnchorConfig, on_gpu: bool) -> Optional[
             return "no RoPE (--position-embedding-type learned_absolute)"
         if not _fused_rope_available():
             return "needs Transformer Engine >= 1.4 (its fused RoPE kernel)"
-    if name == "gradient_accumulation_fusion" and not te and not _has_module("fused_weight_gradient_mlp_cuda"):
-        return "the local layers need apex's fused_weight_gradient_mlp_cuda extension"
+    if name == "gradient_accumulation_fusion" and not _has_module("fused_weight_gradient_mlp_cuda"):
+        # Transformer Engine's own linears fuse it natively, but the output layer is megatron-core's
+        # ColumnParallelLinear, whose constructor raises without apex's extension (one config flag for both).
+        return "needs apex's fused_weight_gradient_mlp_cuda extension (megatron-core's output layer uses it)"
     return None
 
 

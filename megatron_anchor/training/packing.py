@@ -21,6 +21,7 @@ O(b*s^2) booleans, which is why the GPU path never builds it.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -114,27 +115,32 @@ def zigzag_positions(length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
     return torch.cat([first, second])
 
 
-def _per_token_keys(batch: Dict, b: int, s: int) -> List[str]:
-    """Keys of tensors laid out per token (``[b, s, ...]``); per-sample ones (``[b]``, e.g. dataset_id) and the
-    boundaries are not."""
-    return [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in BOUNDARY_KEYS
-            and v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)]
+def rank_token_multiple(tensor_parallel: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What each rank's token count per micro-batch must be a multiple of: TP with sequence parallelism (the
+    sequence is split over the tensor-parallel ranks) and 16 with FP8 (Transformer Engine's FP8 GEMMs need the
+    token dimension divisible by 16), 1 otherwise."""
+    return math.lcm(tensor_parallel if sequence_parallel else 1, 16 if fp8 else 1)
 
 
-def pad_documents(cu_seqlens: torch.Tensor, batch: int, seq: int, cp_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def pad_documents(cu_seqlens: torch.Tensor, batch: int, seq: int, cp_size: int,
+                  rank_multiple: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """The padded THD layout for context parallelism: ``(cu_seqlens_padded, source)``.
 
     Every document is padded to a multiple of ``2 x cp_size``, and the last document of each sample further, so
-    that all ``batch`` samples have the same padded length ``P``. ``source[j]`` is the position in the flattened
-    ``[batch * seq]`` micro-batch that padded position ``j`` holds (``-1`` for padding); ``cu_seqlens_padded``
-    (int32) bounds the padded documents over ``[batch * P]``. Host work O(b*s).
+    that all ``batch`` samples have the same padded length ``P``, with ``P / cp_size`` a multiple of
+    ``rank_multiple`` (:func:`rank_token_multiple`: sequence parallelism and FP8 split or tile each rank's tokens).
+    ``source[j]`` is the position in the flattened ``[batch * seq]`` micro-batch that padded position ``j`` holds
+    (``-1`` for padding); ``cu_seqlens_padded`` (int32) bounds the padded documents over ``[batch * P]``. Host work
+    O(b*s).
     """
     unit = 2 * cp_size
     cu = cu_seqlens.to(torch.int64).tolist()
     rows: List[List[Tuple[int, int, int]]] = [[] for _ in range(batch)]  # per sample: (start, length, padded)
     for start, end in zip(cu[:-1], cu[1:]):
         rows[start // seq].append((start, end - start, -(-(end - start) // unit) * unit))
+    whole = cp_size * math.lcm(2, rank_multiple)
     padded = max(sum(p for _, _, p in docs) for docs in rows)
+    padded = -(-padded // whole) * whole
     source = torch.full((batch * padded,), -1, dtype=torch.int64)
     bounds = [0]
     for docs in rows:
@@ -161,15 +167,15 @@ def _per_token_keys(batch: Dict, b: int, s: int) -> List[str]:
             and v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)]
 
 
-def split_for_context_parallel(batch: Dict, cp_size: int, cp_rank: int, mode: str) -> Dict:
+def split_for_context_parallel(batch: Dict, cp_size: int, cp_rank: int, mode: str, rank_multiple: int = 1) -> Dict:
     """This context-parallel rank's part of a host micro-batch (every per-token tensor, consistently).
 
     ``mode`` ``none``: each sample is split by :func:`zigzag_positions` (``[b, s] -> [b, s / cp]``).
     ``thd``: documents are padded (:func:`pad_documents`; tokens, labels, roles and loss mask are 0 there) and
     every document is split by :func:`zigzag_positions` (``[b, s] -> [b, P / cp]``), which is how Transformer
     Engine partitions THD input; ``cu_seqlens_padded`` and ``max_seqlen`` then describe the padded stream.
-    Per-sample tensors (``dataset_id``) are kept whole. Host work O(b*s); the padding adds at most ``2 cp - 1``
-    tokens per document.
+    Per-sample tensors (``dataset_id``) are kept whole. ``rank_multiple``: see :func:`pad_documents`. Host work
+    O(b*s); the padding adds at most ``2 cp - 1`` tokens per document, plus what ``rank_multiple`` asks per sample.
     """
     if cp_size <= 1:
         return batch
@@ -184,7 +190,7 @@ def split_for_context_parallel(batch: Dict, cp_size: int, cp_rank: int, mode: st
         return out
     if mode != "thd":
         raise ValueError(f"context parallelism needs Transformer Engine's attention (boundary mode {mode!r})")
-    cu_padded, source = pad_documents(batch[CU_SEQLENS], b, s, cp_size)
+    cu_padded, source = pad_documents(batch[CU_SEQLENS], b, s, cp_size, rank_multiple)
     picked = source[thd_partition_indices(cu_padded, cp_size, cp_rank)]  # flat positions, -1 for padding
     valid, safe = picked >= 0, picked.clamp(min=0)
     for k in keys:
