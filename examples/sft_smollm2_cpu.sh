@@ -10,12 +10,12 @@
 #
 # Usage: bash examples/sft_smollm2_cpu.sh [WORKDIR]      (default WORKDIR: runs/midtrain_smollm2)
 # Environment: SFT_ITERS (40), SEQ (256), MBS (2), LR (5e-5), REPLAY (0.3), N (samples per prompt, 8),
-#   MAX_NEW (response tokens, 64)
+#   MAX_NEW (response tokens, 64), PRECISION (--bf16; empty for fp32)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-runs/midtrain_smollm2}"
 SFT_ITERS="${SFT_ITERS:-40}"; SEQ="${SEQ:-256}"; MBS="${MBS:-2}"; LR="${LR:-5e-5}"; REPLAY="${REPLAY:-0.3}"
-N="${N:-8}"; MAX_NEW="${MAX_NEW:-64}"
+N="${N:-8}"; MAX_NEW="${MAX_NEW:-64}"; PRECISION="${PRECISION---bf16}"
 PORT="${MASTER_PORT:-29533}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 [[ -f "$WORK/midtrained/latest_checkpointed_iteration.txt" ]] || \
@@ -49,7 +49,8 @@ done
 echo "== 2. anchored SFT and the standard baseline from the mid-trained checkpoint (no model flags)"
 COMMON=(--finetune --load "$WORK/midtrained" --seq-length "$SEQ" --micro-batch-size "$MBS" --train-iters "$SFT_ITERS"
         --lr "$LR" --min-lr 0 --lr-warmup-iters 4 --lr-decay-style cosine --hidden-dropout 0 --attention-dropout 0
-        --split 98,2,0 --log-interval 10 --eval-iters 0 --save-interval "$SFT_ITERS" --replay-share "$REPLAY")
+        --split 98,2,0 --log-interval 10 --eval-iters 0 --save-interval "$SFT_ITERS" --replay-share "$REPLAY"
+        $PRECISION)
 torchrun --nproc-per-node 1 --master-port "$PORT" pretrain_anchor.py "${COMMON[@]}" \
   --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored \
   --replay-data-path "$WORK/ann_text_document" --save "$WORK/sft_anchored"
