@@ -6,7 +6,9 @@ What is written under ``OUT``, as the trainer's own saves lay it out:
 - ``iter_0000000/``: a megatron-core dist_checkpointing directory holding the model's weights (float32) as sharded
   tensors with their global shapes, so any TP/PP layout (and virtual pipeline stages) loads it; no optimizer state
   (``--finetune`` starts a fresh optimizer; resuming from it is refused by name).
-- ``latest_checkpointed_iteration.txt`` (written last: an interrupted import leaves no loadable checkpoint).
+- ``latest_checkpointed_iteration.txt``. Everything is written under ``OUT.tmp-import`` and renamed when complete:
+  an interrupted import leaves nothing at ``OUT`` (and an existing ``OUT``, replaced with ``overwrite``, stays
+  until then).
 - ``run_config.yaml``: the architecture (:mod:`megatron_anchor.hf_import.families`) and the tokenizer.
 - ``tokenizer/``: the source's tokenizer files, with the annotation delimiters added as special tokens when asked,
   and ``tokenizer_record.json`` for it.
@@ -135,36 +137,39 @@ def import_hf(src: str, out: str, add_annotation_tokens: bool = False, seq_lengt
     if missing and not add_annotation_tokens:
         raise ImportRefused(f"{src}/tokenizer.json has no {' or '.join(missing)}: pass --add-annotation-tokens to "
                             "add the annotation delimiters as special tokens (and rows for them)")
-    if os.path.exists(out) and os.listdir(out):
-        if not overwrite:
-            raise ImportRefused(f"{out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and os.listdir(out) and not overwrite:
+        raise ImportRefused(f"{out} exists and is not empty; pass --overwrite to replace it")
+    # Written under a temporary name and renamed when complete: an existing --output is replaced only then.
+    final = os.path.abspath(out)
+    tmp = final.rstrip("/") + ".tmp-import"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     try:
-        summary = _write(src, out, cfg, weights, rows_hf, add_annotation_tokens, eod_token)
+        summary = _write(src, tmp, final, cfg, weights, rows_hf, add_annotation_tokens, eod_token)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    summary["seconds"] = round(time.time() - start, 1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    summary.update(output=out, family=hf_config["model_type"], seconds=round(time.time() - start, 1))
     return summary
 
 
-def _write(src: str, out: str, cfg, weights: HFWeights, rows_hf: int, add_tokens: bool,
+def _write(src: str, tmp: str, final: str, cfg, weights: HFWeights, rows_hf: int, add_tokens: bool,
            eod_token: Optional[str]) -> Dict:
-    """Write the tokenizer folder, the weights, run_config.yaml, the tokenizer record, then the tracker."""
+    """Write the tokenizer folder, the weights, run_config.yaml, the tokenizer record, then the tracker into
+    ``tmp``; the paths recorded inside are those under ``final``, where ``tmp`` is renamed afterwards."""
     from megatron.core import dist_checkpointing
 
     from megatron_anchor.inference.checkpoint import TRACKER_FILE, megatron_session, prepare_config
-    from megatron_anchor.tokenizer import HuggingFaceAnchorTokenizer, TokenizerError
-    from megatron_anchor.training.model import padded_vocab_size
-
     from megatron_anchor.inference.model import ModelSpec
+    from megatron_anchor.tokenizer import HuggingFaceAnchorTokenizer, TokenizerError
     from megatron_anchor.tokenizer.record import checkpoint_record_path, tokenizer_record, write_record
     from megatron_anchor.training.arguments import dump_yaml
     from megatron_anchor.training.checkpointing import RUN_CONFIG_FILE, WEIGHTS_ONLY_KEY, checkpoint_dir
-    from megatron_anchor.training.model import build_transformer_config, model_provider
+    from megatron_anchor.training.model import build_transformer_config, model_provider, padded_vocab_size
 
-    tok_dir = os.path.join(os.path.abspath(out), "tokenizer")
+    tok_dir = os.path.join(tmp, "tokenizer")
     added = write_tokenizer_folder(src, tok_dir, add_tokens)
     try:
         tok = HuggingFaceAnchorTokenizer(tok_dir, eod_token=eod_token, check_roundtrip=False)
@@ -182,7 +187,7 @@ def _write(src: str, out: str, cfg, weights: HFWeights, rows_hf: int, add_tokens
         config.perform_initialization = False  # every weight is overwritten below
         model = model_provider(one, tok.vocab_size, config=config)
         _fill(model, weights, spec, vocab_before, tok.vocab_size)
-        ckpt = checkpoint_dir(out, 0)
+        ckpt = checkpoint_dir(tmp, 0)
         os.makedirs(ckpt)
         sharded = {"model": model.sharded_state_dict(),
                    "layout": {"tp": 1, "pp": 1, "dp": 1, "cp": 1, "vp": 1},
@@ -190,18 +195,13 @@ def _write(src: str, out: str, cfg, weights: HFWeights, rows_hf: int, add_tokens
                    WEIGHTS_ONLY_KEY: True, "imported_from": os.path.abspath(src)}
         dist_checkpointing.save(sharded, ckpt)
         del model, sharded
-    dump_yaml(cfg, os.path.join(out, RUN_CONFIG_FILE))
-    write_record(checkpoint_record_path(out), tokenizer_record(tok, "HuggingFaceTokenizer"))
-    tmp = os.path.join(out, TRACKER_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    final_tok = os.path.join(final, "tokenizer")
+    cfg.data.tokenizer_model = final_tok
+    dump_yaml(cfg, os.path.join(tmp, RUN_CONFIG_FILE))
+    record = tokenizer_record(tok, "HuggingFaceTokenizer")
+    record["tokenizer_model"] = os.path.join(final_tok, "tokenizer.json")
+    write_record(checkpoint_record_path(tmp), record)
+    with open(os.path.join(tmp, TRACKER_FILE), "w", encoding="utf-8") as f:
         f.write("0")
-    os.replace(tmp, os.path.join(out, TRACKER_FILE))
-    return {"output": out, "checkpoint": ckpt, "family": weights_family(src), "vocab_rows": rows,
-            "source_rows": rows_hf, "tokenizer_vocab": tok.vocab_size, "added_tokens": added,
-            "tokenizer": tok_dir}
-
-
-def weights_family(src: str) -> str:
-    """The model_type of ``src``'s config.json."""
-    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
-        return json.load(f).get("model_type", "?")
+    return {"checkpoint": checkpoint_dir(final, 0), "vocab_rows": rows, "source_rows": rows_hf,
+            "tokenizer_vocab": tok.vocab_size, "added_tokens": added, "tokenizer": final_tok}
