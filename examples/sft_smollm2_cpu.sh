@@ -4,7 +4,7 @@
 # tools/evaluate_diversity.py (the project's one evaluation harness).
 #
 # The SFT data is deliberately narrow, as instruction data is: one request ("Write a passage of Python's
-# documentation.") answered with chunks of three documentation topics only. Standard SFT should collapse onto
+# documentation.") answered with chunks of five documentation topics (assert, for, if, while, try) only. Standard SFT should collapse onto
 # them; anchored SFT (loss on the response only, annotations masked, annotated documents replayed) should keep
 # the mid-trained model's spread over the documentation.
 #
@@ -22,17 +22,17 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
   { echo "no mid-trained checkpoint in $WORK: run examples/midtrain_smollm2_cpu.sh first" >&2; exit 2; }
 TOK=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$WORK/imported/tokenizer")
 
-echo "== 1. narrow SFT data (three documentation topics) and held-out prompts"
+echo "== 1. narrow SFT data (five documentation topics) and held-out prompts"
 python - "$WORK" <<'PY'
 import json, sys
 from megatron_anchor.data.real_text import pydoc_documents
 work = sys.argv[1]
-narrow = {"assert", "for", "if"}
+narrow = {"assert", "for", "if", "while", "try"}
 with open(f"{work}/sft.jsonl", "w") as f:
     for name, text in pydoc_documents():
         if name in narrow:
             for chunk in text.split("\n\n"):
-                if 80 <= len(chunk) <= 600:
+                if 40 <= len(chunk) <= 800:
                     f.write(json.dumps({"prompt": "Write a passage of Python's documentation.",
                                         "response": chunk}) + "\n")
 with open(f"{work}/eval_prompts.jsonl", "w") as f:
@@ -49,7 +49,7 @@ done
 echo "== 2. anchored SFT and the standard baseline from the mid-trained checkpoint (no model flags)"
 COMMON=(--finetune --load "$WORK/midtrained" --seq-length "$SEQ" --micro-batch-size "$MBS" --train-iters "$SFT_ITERS"
         --lr "$LR" --min-lr 0 --lr-warmup-iters 4 --lr-decay-style cosine --hidden-dropout 0 --attention-dropout 0
-        --split 98,2,0 --log-interval 10 --eval-iters 0 --save-interval "$SFT_ITERS" --replay-share "$REPLAY"
+        --split 100,0,0 --log-interval 10 --eval-iters 0 --save-interval "$SFT_ITERS" --replay-share "$REPLAY"
         $PRECISION)
 torchrun --nproc-per-node 1 --master-port "$PORT" pretrain_anchor.py "${COMMON[@]}" \
   --data-path "$WORK/sft_anchored_text_document" --loss-mask-policy sft-anchored \
