@@ -10,7 +10,8 @@
 #
 # Usage: bash examples/sft_smollm2_cpu.sh [WORKDIR]      (default WORKDIR: runs/midtrain_smollm2)
 # Environment: SFT_ITERS (40), SEQ (256), MBS (2), LR (5e-5), REPLAY (0.3), N (samples per prompt, 8),
-#   MAX_NEW (response tokens, 64), PRECISION (--bf16; empty for fp32)
+#   MAX_NEW (response tokens, 64), PRECISION (--bf16; empty for fp32), SIMILARITY (cosine threshold of the
+#   distinct-class judge, 0.5: not calibrated for this text; see docs/evaluation.md to calibrate it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-runs/midtrain_smollm2}"
@@ -70,4 +71,4 @@ echo "== 4. the quickstart's table: mid-trained base, standard SFT, anchored SFT
 python tools/evaluate_diversity.py --prompts "$WORK/eval_prompts.jsonl" --chat-template chatml \
   --model base="$WORK/midtrained" --model standard-SFT="$WORK/sft_standard" --model anchored-SFT="$WORK/sft_anchored" \
   --mode base=anchored --mode standard-SFT=plain --mode anchored-SFT=anchored --n "$N" --max-new-tokens "$MAX_NEW" \
-  --output-prefix "$WORK/sft_report"
+  --similarity-threshold "${SIMILARITY:-0.5}" --output-prefix "$WORK/sft_report"
