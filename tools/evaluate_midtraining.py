@@ -2,10 +2,11 @@
 imported model's.
 
     python tools/evaluate_midtraining.py --base IMPORTED_CKPT --model MIDTRAINED_CKPT --heldout heldout.jsonl \\
-        --output report.json
+        --annotated annotated.jsonl --output report.json
 
 Both are checkpoint directories (or exported folders); their run_config.yaml supplies the model. The held-out file
-is raw JSONL ({"text": ...}) the mid-training did not see. Definitions: megatron_anchor/eval/midtrain.py.
+is raw JSONL ({"text": ...}) the mid-training did not see. --annotated (the mid-training's annotated JSONL) sizes
+the annotation cap: 1.5x its longest annotation. Definitions and costs: megatron_anchor/eval/midtrain.py.
 """
 
 from __future__ import annotations
@@ -30,22 +31,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-length", type=int, default=256, help="window of the held-out loss (default 256)")
     p.add_argument("--n", type=int, default=4, help="anchored samples per chunk start (default 4)")
     p.add_argument("--chunks-per-document", type=int, default=4, help="chunk starts per held-out document")
+    p.add_argument("--annotated", default=None,
+                   help="annotated JSONL the model was mid-trained on: the annotation cap is 1.5x its longest "
+                        "annotation (tokens)")
+    p.add_argument("--max-annotation-tokens", type=int, default=None,
+                   help="the annotation cap itself (default: from --annotated, else midtrain.DEFAULT_CAP)")
+    p.add_argument("--max-heldout-tokens", type=int, default=None,
+                   help="score only the first N held-out tokens (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="write the report as JSON here too")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Print the report (JSON). Returns 0."""
+    """Print the report (JSON). Returns 0, or 2 on bad input (a message names the file)."""
     import torch
 
-    from megatron_anchor.eval.midtrain import heldout_texts, midtraining_report
+    from megatron_anchor.eval.midtrain import DEFAULT_CAP, annotation_cap, heldout_texts, midtraining_report
+    from megatron_anchor.inference import CheckpointError
     from megatron_anchor.inference.generator import load_any
 
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
-    report = midtraining_report(load_any(args.base), load_any(args.model), heldout_texts(args.heldout),
-                                args.seq_length, args.n, args.chunks_per_document, args.seed)
+    try:
+        heldout = heldout_texts(args.heldout)
+        base, model = load_any(args.base), load_any(args.model)
+        cap = {"cap": args.max_annotation_tokens or DEFAULT_CAP}
+        if args.annotated and not args.max_annotation_tokens:
+            cap = annotation_cap(model.tokenizer, args.annotated)
+        report = midtraining_report(base, model, heldout, args.seq_length, args.n, args.chunks_per_document,
+                                    args.seed, cap["cap"], args.max_heldout_tokens)
+    except (ValueError, OSError, CheckpointError) as exc:
+        print(f"evaluate_midtraining.py: error: {exc}", file=sys.stderr)
+        return 2
+    if "longest" in cap:
+        report["longest_training_annotation_tokens"] = cap["longest"]
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
