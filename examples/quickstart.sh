@@ -87,10 +87,12 @@ python tools/annotate.py --annotator "$ANNOTATOR" --input "$ANNOTATE_INPUT" --ou
   --overwrite --no-progress
 
 stage "3. tokenizer with the annotation delimiters as special tokens"
-# Trained on the text *and* the annotations' text: otherwise tags are spelled out character by character.
+# Trained on the text *and* the annotations' text: otherwise tags are spelled out character by character. 1,500
+# pieces hold every topic word of the corpus whole; at 1,000 the budget ran out before the cooking and sports
+# words (two of the three SFT topics), which were then spelled letter by letter (tests/test_quickstart.py).
 python -m megatron_anchor.eval.quickstart tokenizer-text --annotated "$WORK/annotated.jsonl" \
   --output "$WORK/tokenizer_text.jsonl"
-python tools/train_tokenizer.py --input "$WORK/tokenizer_text.jsonl" --output-prefix "$WORK/tokenizer" --vocab-size 1000
+python tools/train_tokenizer.py --input "$WORK/tokenizer_text.jsonl" --output-prefix "$WORK/tokenizer" --vocab-size 1500
 
 stage "4. tokens + role channel"
 python tools/preprocess_data.py --input "$WORK/annotated.jsonl" --output-prefix "$WORK/pretrain" "${TOK[@]}" \
