@@ -14,7 +14,8 @@
 # Environment (checked before any stage runs: megatron_anchor/eval/quickstart.py, KNOBS):
 #   DOCS (pretraining documents, default 12000), PRE_ITERS (default 500), SFT_SAMPLES (default 600),
 #   SFT_ITERS (default 40), SFT_LR (default 2e-4), ARCH (llama, default: RoPE, RMSNorm, SwiGLU; or gpt2: learned
-#   positions, LayerNorm, GeLU, which binds text to its annotation unreliably), N (samples per held-out prompt, at least 2, default 8), SEED
+#   positions, LayerNorm, GeLU, which binds text to its annotation unreliably), DROPOUT (hidden and attention
+#   dropout, default 0), VOCAB (tokenizer pieces, at least 400, default 1500), N (samples per held-out prompt, at least 2, default 8), SEED
 #   (default 0), SFT_REPLAY (share of pretraining documents replayed in both SFT runs, 0 <= share < 1, default 0.3;
 #   0 turns replay off: anchored SFT replays the annotated documents, standard SFT the same documents without
 #   annotations), SFT_REPLAY_POLICY (the anchored run's replay objective: pretrain, default, or pretrain-text),
@@ -46,6 +47,8 @@ N="${N:-8}"
 SEED="${SEED:-0}"
 TEMPS="${TEMPS:-0.7 1.0 1.3}"
 ARCH="${ARCH:-llama}"
+DROPOUT="${DROPOUT:-0}"
+VOCAB="${VOCAB:-1500}"
 DRY_RUN="${DRY_RUN:-0}"
 PORT="${MASTER_PORT:-29517}"
 SEQ=256
@@ -53,7 +56,8 @@ START=$(date +%s)
 python -m megatron_anchor.eval.quickstart knobs DOCS="$DOCS" PRE_ITERS="$PRE_ITERS" SFT_SAMPLES="$SFT_SAMPLES" \
   SFT_ITERS="$SFT_ITERS" SFT_LR="$SFT_LR" SFT_REPLAY="$SFT_REPLAY" SFT_REPLAY_POLICY="$SFT_REPLAY_POLICY" N="$N" \
   SEED="$SEED" TEMPS="$TEMPS" JUDGE_SAMPLES="${JUDGE_SAMPLES:-}" UPDATE_README="${UPDATE_README:-0}" \
-  ABILITY="${ABILITY:-1}" DRY_RUN="$DRY_RUN" JUDGE="${JUDGE:-}" ARCH="$ARCH"
+  ABILITY="${ABILITY:-1}" DRY_RUN="$DRY_RUN" JUDGE="${JUDGE:-}" ARCH="$ARCH" \
+  DROPOUT="$DROPOUT" VOCAB="$VOCAB"
 mkdir -p "$WORK"
 BASE="${BASE:-$WORK}"   # where the data, tokenizer and base checkpoint live
 SFT_INPUT="${SFT_INPUT:-$BASE/sft.jsonl}"
@@ -68,13 +72,15 @@ train() {
 }
 split_of() { python -m megatron_anchor.eval.quickstart split --data "$1"; }  # e.g. 98,2,0 (log line on stderr)
 TOK=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$BASE/tokenizer.model")
-# ARCH=llama (RoPE, RMSNorm, SwiGLU; exports as LlamaForCausalLM): with gpt2's learned absolute positions the base
-# learned to write text that follows its annotation late and unreliably, on some seeds not at all (docs/sft.md,
-# "What makes the base bind"); relative positions make the nearest annotation easy to find. Packed SFT samples
-# attend only within themselves (--reset-attention-mask); learned positions also restart per sample.
+# What makes the base bind text to its annotation on every seed (docs/sft.md, "What makes the base bind"):
+# ARCH=llama (RoPE, RMSNorm, SwiGLU; exports as LlamaForCausalLM) and no dropout. With gpt2's learned absolute
+# positions, or with dropout 0.1, the base learned to write text on its annotation's topic late and unreliably, on
+# some seeds not at all. Packed SFT samples attend only within themselves (--reset-attention-mask); learned
+# positions also restart per sample.
 if [[ "$ARCH" == llama ]]; then SHAPE=(--position-embedding-type rope --normalization RMSNorm --swiglu) POS_RESET=()
 else SHAPE=() POS_RESET=(--reset-position-ids); fi
-MODEL=(--num-layers 2 --hidden-size 128 --num-attention-heads 4 --seq-length "$SEQ" "${SHAPE[@]}" "${TOK[@]}")
+MODEL=(--num-layers 2 --hidden-size 128 --num-attention-heads 4 --seq-length "$SEQ" "${SHAPE[@]}"
+       --hidden-dropout "$DROPOUT" --attention-dropout "$DROPOUT" "${TOK[@]}")
 BATCH=(--micro-batch-size 16 --global-batch-size 16 --log-interval 50 --eval-iters 2 --seed "$SEED")
 
 if [[ "$BASE" == "$WORK" ]]; then
@@ -88,11 +94,11 @@ python tools/annotate.py --annotator "$ANNOTATOR" --input "$ANNOTATE_INPUT" --ou
 
 stage "3. tokenizer with the annotation delimiters as special tokens"
 # Trained on the text *and* the annotations' text: otherwise tags are spelled out character by character. 1,500
-# pieces hold every topic word of the corpus whole; at 1,000 the budget ran out before the cooking and sports
-# words (two of the three SFT topics), which were then spelled letter by letter (tests/test_quickstart.py).
+# pieces (VOCAB) hold every topic word of the corpus whole; at 1,000 the budget ran out before the cooking and
+# sports words (two of the three SFT topics), which were then spelled letter by letter (tests/test_quickstart.py).
 python -m megatron_anchor.eval.quickstart tokenizer-text --annotated "$WORK/annotated.jsonl" \
   --output "$WORK/tokenizer_text.jsonl"
-python tools/train_tokenizer.py --input "$WORK/tokenizer_text.jsonl" --output-prefix "$WORK/tokenizer" --vocab-size 1500
+python tools/train_tokenizer.py --input "$WORK/tokenizer_text.jsonl" --output-prefix "$WORK/tokenizer" --vocab-size "$VOCAB"
 
 stage "4. tokens + role channel"
 python tools/preprocess_data.py --input "$WORK/annotated.jsonl" --output-prefix "$WORK/pretrain" "${TOK[@]}" \

@@ -141,39 +141,52 @@ def test_dry_run_with_every_knob_small(tmp_path):
     out, configs = _dry_run(tmp_path, small)
     pre, std, anc = configs
     assert pre["training"]["train_iters"] == 3 and pre["training"]["lr_warmup_iters"] == 0
+    assert pre["model"]["position_embedding_type"] == "learned_absolute"  # ARCH=gpt2
+    assert pre["model"]["hidden_dropout"] == pre["model"]["attention_dropout"] == 0.05
+    import sentencepiece as spm
+
+    assert spm.SentencePieceProcessor(model_file=str(tmp_path / "qs" / "tokenizer.model")).get_piece_size() == 400
     assert pre["data"]["split"] == "59,1,0"  # 60 documents: one for validation
     for cfg, policy in ((std, "sft-standard"), (anc, "sft-anchored")):
         assert cfg["training"]["train_iters"] == 1 and cfg["training"]["lr"] == 1e-6
         assert cfg["training"]["loss_mask_policy"] == policy and cfg["data"]["replay_share"] == 0.05
         assert cfg["data"]["split"] == "1,0,0", cfg["data"]  # one packed sequence: no validation
-        assert cfg["training"]["seed"] == 3
+        assert cfg["training"]["seed"] == 3 and cfg["data"]["reset_position_ids"]  # learned positions restart
     assert anc["training"]["replay_loss_mask_policy"] == "pretrain-text"
     assert out.count("validation skipped:") == 2
     assert "report (dry run): 32 held-out prompts x 2 samples x 2 temperatures (0.5, 1)" in out
 
 
 def test_dry_run_of_a_small_run_that_once_stopped_at_sft(tmp_path):
-    """100 SFT samples pack into 15 (standard) and 25 (anchored) sequences: a fixed 98,2,0 split left validation
-    empty and the trainer refused it; the split now holds one sequence out."""
+    """100 SFT samples pack into a dozen or two sequences: a fixed 98,2,0 split left validation empty and the
+    trainer refused it; the split now holds one sequence out."""
+    from megatron_anchor.data.indexed import read_index_header
+
     out, configs = _dry_run(tmp_path, {"DOCS": "2000", "PRE_ITERS": "60", "SFT_ITERS": "5", "SFT_SAMPLES": "100",
                                        "N": "4"})
-    assert [c["data"]["split"] for c in configs] == ["1960,40,0", "14,1,0", "24,1,0"]
+    sizes = [read_index_header(str(tmp_path / "qs" / f"sft_{k}_text_document.idx")).sequence_count
+             for k in ("standard", "anchored")]
+    assert all(8 <= n < 25 for n in sizes), sizes  # 2% of them rounds to no sequence at all
+    assert [c["data"]["split"] for c in configs] == ["1960,40,0"] + [f"{n - 1},1,0" for n in sizes]
     assert configs[0]["training"]["lr_warmup_iters"] == 6
+    for cfg in configs:  # the defaults: Llama-shaped, no dropout; RoPE needs no position reset in SFT
+        assert cfg["model"]["position_embedding_type"] == "rope" and cfg["model"]["swiglu"]
+        assert cfg["model"]["hidden_dropout"] == 0 and not cfg["data"]["reset_position_ids"]
 
 
 def test_the_tokenizer_keeps_every_topic_word_whole(tmp_path):
-    """The quickstart's tokenizer (its vocabulary size, trained on text and annotation text as stage 3 does)
+    """The quickstart's tokenizer (its default vocabulary size, trained on text and annotation text as stage 3 does)
     encodes every topic cue word as one piece: a topic word spelled letter by letter shares its first pieces with
     other topics' words, and responses on those topics follow their annotation less."""
-    import re
-
     import sentencepiece as spm
 
     from megatron_anchor.eval.quickstart import write_tokenizer_text
     from megatron_anchor.tokenizer.train import train_sentencepiece
     from tools import annotate
 
-    vocab = int(re.search(r"train_tokenizer.py .*--vocab-size (\d+)", open(QUICKSTART).read()).group(1))
+    from megatron_anchor.eval.studies import quickstart_default
+
+    vocab = int(quickstart_default("VOCAB"))
     paths = dc.write_demo_corpus(str(tmp_path), documents=12000, sft_samples=10, seed=0, calibration=1)
     assert annotate.main(["--input", paths["raw"], "--output", str(tmp_path / "annotated.jsonl"), "--no-progress"]) == 0
     write_tokenizer_text(str(tmp_path / "annotated.jsonl"), str(tmp_path / "text.jsonl"))

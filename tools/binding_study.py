@@ -1,12 +1,13 @@
 """The binding study: does the quickstart's base model write text that follows its annotation, on every seed?
 
-    python tools/binding_study.py --out runs/binding --seeds 0 1 2 3 4 --arch llama gpt2 --pre-iters 500
+    python tools/binding_study.py --out runs/binding --seeds 0 1 2 3 4 --variants "" "ARCH=gpt2" "DROPOUT=0.1"
     python tools/binding_study.py --out runs/binding --report-only        # rebuild OUT/binding.md
 
-For each architecture x pretraining length x seed, ``examples/quickstart.sh`` pretrains a base checkpoint
-(``SFT_ITERS=0``) and the base's anchored samples on the held-out prompts are measured: annotations closed and
-well formed, responses on the topic their annotation names. Resumable; ``OUT/binding.md`` is rewritten from every
-finished point after each one (megatron_anchor/eval/studies.py).
+A variant is a set of the quickstart's settings on top of its defaults ("": the defaults). For each variant x
+seed, ``examples/quickstart.sh`` pretrains a base checkpoint (``SFT_ITERS=0``) and the base's anchored samples on
+the held-out prompts are measured: annotations closed and well formed, responses on the topic their annotation
+names. Resumable; ``OUT/binding.md`` is rewritten from every finished point after each one
+(megatron_anchor/eval/studies.py).
 """
 
 from __future__ import annotations
@@ -25,23 +26,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/binding", help="output directory (default runs/binding)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default 0-4)")
-    p.add_argument("--arch", nargs="+", default=["llama"], choices=["llama", "gpt2"],
-                   help="the quickstart's ARCH values (default llama)")
-    p.add_argument("--pre-iters", type=int, nargs="+", default=None,
-                   help="pretraining iterations (default: the quickstart's PRE_ITERS)")
+    p.add_argument("--variants", nargs="+", default=[""],
+                   help="quickstart settings per variant, 'NAME=VALUE ...' ('' = the defaults; default: only that)")
     p.add_argument("--n", type=int, default=32, help="samples per held-out prompt (default 32)")
     p.add_argument("--report-only", action="store_true", help="rebuild the table without running anything")
     args = p.parse_args(argv)
-    lengths = args.pre_iters or [int(studies.quickstart_default("PRE_ITERS"))]
-    if min(lengths) < 1 or args.n < 1:
-        p.error("--pre-iters and --n must be at least 1")
+    try:
+        variants = [studies.parse_variant(v) for v in args.variants]
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.n < 1:
+        p.error("--n must be at least 1")
     failed = 0
     if not args.report_only:
-        points = [(a, it, s) for a in args.arch for it in lengths for s in args.seeds]
-        for k, (arch, it, seed) in enumerate(points, 1):
-            print(f"[{k}/{len(points)}] {time.strftime('%H:%M:%S')} {arch}, {it} iterations, seed {seed}", flush=True)
+        points = [(v, s) for v in variants for s in args.seeds]
+        for k, (settings, seed) in enumerate(points, 1):
+            print(f"[{k}/{len(points)}] {time.strftime('%H:%M:%S')} {studies.variant_name(settings)}, seed {seed}",
+                  flush=True)
             try:
-                r = studies.binding_point(args.out, arch, it, seed, args.n)
+                r = studies.binding_point(args.out, settings, seed, args.n)
             except RuntimeError as exc:
                 print(f"   failed: {exc}", file=sys.stderr, flush=True)
                 failed += 1

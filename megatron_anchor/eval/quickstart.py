@@ -441,6 +441,8 @@ KNOBS = (
     Knob("DRY_RUN", _one_of("0", "1"), "1"),
     Knob("JUDGE", _one_of("cpu"), ""),
     Knob("ARCH", _one_of("llama", "gpt2"), "gpt2"),
+    Knob("DROPOUT", _number(float, 0.0, 1.0), "0.05"),
+    Knob("VOCAB", _number(int, 400), "400"),
 )
 """The script's numeric and choice settings, checked before any stage runs (paths and URLs are checked by the
 tools that read them: BASE, SFT_INPUT, ANNOTATOR, ANNOTATE_INPUT, JUDGE_URL)."""

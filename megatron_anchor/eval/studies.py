@@ -1,8 +1,9 @@
 """Studies that run ``examples/quickstart.sh`` from Python: its defaults, one run with a log, and the binding study.
 
 The binding study asks what makes the quickstart's base model bind text to its annotation (respond on the
-topic its sampled annotation names) on every seed: for each architecture (the script's ``ARCH``), pretraining
-length (``PRE_ITERS``) and seed, the script pretrains one base checkpoint (``SFT_ITERS=0``) and
+topic its sampled annotation names) on every seed: for each variant (settings of the script on top of its
+defaults, e.g. ``ARCH=gpt2`` or ``DROPOUT=0.1 PRE_ITERS=700``) and seed, the script pretrains one base checkpoint
+(``SFT_ITERS=0``) and
 :func:`megatron_anchor.eval.quickstart.measure_binding` samples it on the held-out prompts. A point is finished
 when its ``binding.json`` exists; a rerun skips finished points and finished bases, so a stopped study resumes.
 Each point records the base's wall time and the machine's load average, since a shared machine slows it.
@@ -71,22 +72,49 @@ def _load() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def point_dir(out: str, arch: str, pre_iters: int, seed: int) -> str:
-    return os.path.join(out, f"{arch}_it{pre_iters}", f"seed{seed}")
+def parse_variant(text: str) -> Dict[str, str]:
+    """A variant of the quickstart: space-separated ``NAME=VALUE`` settings on top of its defaults (``""``: the
+    defaults). Every setting is checked against the script's knobs; a bad one is a ValueError naming it."""
+    from megatron_anchor.eval.quickstart import check_knobs
+
+    settings = {}
+    for item in text.split():
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"variant {text!r}: {item!r} is not NAME=VALUE")
+        settings[name] = value
+    reserved = sorted(set(settings) & {"SEED", "SFT_ITERS", "DRY_RUN"})
+    if reserved:
+        raise ValueError(f"variant {text!r}: {', '.join(reserved)} are set by the study")
+    errors = check_knobs(settings)
+    if errors:
+        raise ValueError(f"variant {text!r}: " + "; ".join(errors))
+    return settings
 
 
-def binding_point(out: str, arch: str, pre_iters: int, seed: int, n: int) -> Dict:
-    """Pretrain (unless done) and measure one base; returns the point's record (also ``binding.json``)."""
+def variant_name(settings: Dict[str, str]) -> str:
+    """How a variant is labelled (and its folder named): its settings in order, or ``default``."""
+    return " ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "default"
+
+
+def point_dir(out: str, settings: Dict[str, str], seed: int) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant_name(settings))
+    return os.path.join(out, slug, f"seed{seed}")
+
+
+def binding_point(out: str, settings: Dict[str, str], seed: int, n: int) -> Dict:
+    """Pretrain (unless done) and measure one base of a variant; returns the point's record (also
+    ``binding.json``)."""
     from megatron_anchor.eval.quickstart import measure_binding
 
-    work = point_dir(out, arch, pre_iters, seed)
+    work = point_dir(out, settings, seed)
     path = os.path.join(work, "binding.json")
+    pre_iters = int(settings.get("PRE_ITERS") or quickstart_default("PRE_ITERS"))
     if not os.path.exists(path):
         timing = os.path.join(work, "base_timing.json")
         if not base_finished(work, pre_iters):
             load, start = _load(), time.time()
-            run_quickstart(work, {"SEED": str(seed), "ARCH": arch, "PRE_ITERS": str(pre_iters), "SFT_ITERS": "0"},
-                           os.path.join(work, "run.log"))
+            run_quickstart(work, {**settings, "SEED": str(seed), "SFT_ITERS": "0"}, os.path.join(work, "run.log"))
             with open(timing + ".tmp", "w", encoding="utf-8") as f:
                 json.dump({"base_minutes": (time.time() - start) / 60, "load_before": load, "load_after": _load()}, f)
             os.replace(timing + ".tmp", timing)
@@ -96,7 +124,7 @@ def binding_point(out: str, arch: str, pre_iters: int, seed: int, n: int) -> Dic
         if os.path.exists(timing):
             with open(timing, encoding="utf-8") as f:
                 record.update(json.load(f))
-        record.update(seed=seed, arch=arch, pre_iters=pre_iters)
+        record.update(seed=seed, variant=variant_name(settings), settings=settings)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
         os.replace(path + ".tmp", path)
@@ -105,7 +133,7 @@ def binding_point(out: str, arch: str, pre_iters: int, seed: int, n: int) -> Dic
 
 
 def finished_points(out: str) -> List[Dict]:
-    """Every finished point under ``out``, ordered by architecture, length and seed."""
+    """Every finished point under ``out``, ordered by variant (the defaults first) and seed."""
     rows = []
     for variant in sorted(os.listdir(out)) if os.path.isdir(out) else ():
         if not os.path.isdir(os.path.join(out, variant)):
@@ -115,7 +143,7 @@ def finished_points(out: str) -> List[Dict]:
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
                     rows.append(json.load(f))
-    return sorted(rows, key=lambda r: (r["arch"], r["pre_iters"], r["seed"]))
+    return sorted(rows, key=lambda r: (r["variant"] != "default", r["variant"], r["seed"]))
 
 
 def _pct(v: Optional[float]) -> str:
@@ -123,21 +151,20 @@ def _pct(v: Optional[float]) -> str:
 
 
 def binding_table(rows: Sequence[Dict]) -> str:
-    """Markdown: one line per (architecture, pretraining length), each seed's share of responses following their
-    annotation, the lowest, closed and well-formed annotations (lowest over seeds) and the base's minutes."""
-    lines = ["| architecture | pretraining iterations | responses follow, per seed (%) | lowest (%) | "
+    """Markdown: one line per variant, each seed's share of responses following their annotation, the lowest,
+    closed and well-formed annotations (lowest over seeds), the base's minutes and the load average it ran under."""
+    lines = ["| variant (quickstart settings) | responses follow, per seed (%) | lowest (%) | "
              "annotations closed, lowest (%) | well formed, lowest (%) | base minutes (data + pretraining) | "
-             "load average at start |", "|---|---|---|---|---|---|---|---|"]
-    groups: Dict[tuple, List[Dict]] = {}
+             "load average at start |", "|---|---|---|---|---|---|---|"]
+    groups: Dict[str, List[Dict]] = {}
     for r in rows:
-        groups.setdefault((r["arch"], r["pre_iters"]), []).append(r)
-    for (arch, pre), rs in groups.items():
-        follows = [r["follows_annotation"] for r in rs]
+        groups.setdefault(r["variant"], []).append(r)
+    for variant, rs in groups.items():
         minutes = [r["base_minutes"] for r in rs if "base_minutes" in r]
         lines.append(
-            f"| {arch} | {pre} | " + " / ".join(f"s{r['seed']} {_pct(r['follows_annotation'])}" for r in rs)
-            + f" | {_pct(min(follows))} | {_pct(min(r['annotation_closed'] for r in rs))} | "
-            f"{_pct(min(r['annotation_well_formed'] for r in rs))} | "
+            f"| {variant} | " + " / ".join(f"s{r['seed']} {_pct(r['follows_annotation'])}" for r in rs)
+            + f" | {_pct(min(r['follows_annotation'] for r in rs))} | "
+            f"{_pct(min(r['annotation_closed'] for r in rs))} | {_pct(min(r['annotation_well_formed'] for r in rs))} | "
             + (f"{min(minutes):.1f}-{max(minutes):.1f}" if minutes else "n/a") + " | "
             + ", ".join(sorted({r.get("load_before", "n/a").split()[0] for r in rs})) + " |")
     return "\n".join(lines)
