@@ -15,7 +15,8 @@
 #   DOCS (pretraining documents, default 12000), PRE_ITERS (default 500), SFT_SAMPLES (default 600),
 #   SFT_ITERS (default 40), SFT_LR (default 2e-4), ARCH (llama, default: RoPE, RMSNorm, SwiGLU; or gpt2: learned
 #   positions, LayerNorm, GeLU, which binds text to its annotation unreliably), DROPOUT (hidden and attention
-#   dropout, default 0), VOCAB (tokenizer pieces, at least 400, default 1500), N (samples per held-out prompt, at least 2, default 8), SEED
+#   dropout, default 0), VOCAB (tokenizer pieces, at least 400, default 1500), PRE_LR (pretraining peak learning
+#   rate, cosine to a tenth, default 6e-3), N (samples per held-out prompt, at least 2, default 8), SEED
 #   (default 0), SFT_REPLAY (share of pretraining documents replayed in both SFT runs, 0 <= share < 1, default 0.3;
 #   0 turns replay off: anchored SFT replays the annotated documents, standard SFT the same documents without
 #   annotations), SFT_REPLAY_POLICY (the anchored run's replay objective: pretrain, default, or pretrain-text),
@@ -46,6 +47,7 @@ SFT_REPLAY_POLICY="${SFT_REPLAY_POLICY:-pretrain}"
 N="${N:-8}"
 SEED="${SEED:-0}"
 TEMPS="${TEMPS:-0.7 1.0 1.3}"
+PRE_LR="${PRE_LR:-6e-3}"
 ARCH="${ARCH:-llama}"
 DROPOUT="${DROPOUT:-0}"
 VOCAB="${VOCAB:-1500}"
@@ -57,7 +59,7 @@ python -m megatron_anchor.eval.quickstart knobs DOCS="$DOCS" PRE_ITERS="$PRE_ITE
   SFT_ITERS="$SFT_ITERS" SFT_LR="$SFT_LR" SFT_REPLAY="$SFT_REPLAY" SFT_REPLAY_POLICY="$SFT_REPLAY_POLICY" N="$N" \
   SEED="$SEED" TEMPS="$TEMPS" JUDGE_SAMPLES="${JUDGE_SAMPLES:-}" UPDATE_README="${UPDATE_README:-0}" \
   ABILITY="${ABILITY:-1}" DRY_RUN="$DRY_RUN" JUDGE="${JUDGE:-}" ARCH="$ARCH" \
-  DROPOUT="$DROPOUT" VOCAB="$VOCAB"
+  DROPOUT="$DROPOUT" VOCAB="$VOCAB" PRE_LR="$PRE_LR"
 mkdir -p "$WORK"
 BASE="${BASE:-$WORK}"   # where the data, tokenizer and base checkpoint live
 SFT_INPUT="${SFT_INPUT:-$BASE/sft.jsonl}"
@@ -114,7 +116,8 @@ WARMUP=$(( PRE_ITERS / 10 < 20 ? PRE_ITERS / 10 : 20 ))  # 20, or a tenth of a s
 SPLIT=$(split_of "$WORK/pretrain_text_document")
 train "${MODEL[@]}" "${BATCH[@]}" \
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --train-iters "$PRE_ITERS" \
-  --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters "$WARMUP" --weight-decay 0.01 --clip-grad 1.0 \
+  --lr "$PRE_LR" --min-lr "$(awk "BEGIN { print $PRE_LR / 10 }")" --lr-decay-style cosine \
+  --lr-warmup-iters "$WARMUP" --weight-decay 0.01 --clip-grad 1.0 \
   --data-path "$WORK/pretrain_text_document" --split "$SPLIT" --loss-mask-policy pretrain --eval-interval "$PRE_ITERS" --save "$WORK/ck_base" --save-interval "$PRE_ITERS"
 else
   stage "1-5. reusing the data, tokenizer and base checkpoint of $BASE"

@@ -143,6 +143,7 @@ def test_dry_run_with_every_knob_small(tmp_path):
     assert pre["training"]["train_iters"] == 3 and pre["training"]["lr_warmup_iters"] == 0
     assert pre["model"]["position_embedding_type"] == "learned_absolute"  # ARCH=gpt2
     assert pre["model"]["hidden_dropout"] == pre["model"]["attention_dropout"] == 0.05
+    assert pre["training"]["lr"] == 1e-4 and pre["training"]["min_lr"] == pytest.approx(1e-5)
     import sentencepiece as spm
 
     assert spm.SentencePieceProcessor(model_file=str(tmp_path / "qs" / "tokenizer.model")).get_piece_size() == 400

@@ -443,6 +443,7 @@ KNOBS = (
     Knob("ARCH", _one_of("llama", "gpt2"), "gpt2"),
     Knob("DROPOUT", _number(float, 0.0, 1.0), "0.05"),
     Knob("VOCAB", _number(int, 400), "400"),
+    Knob("PRE_LR", _number(float, 0.0, low_open=True), "1e-4"),
 )
 """The script's numeric and choice settings, checked before any stage runs (paths and URLs are checked by the
 tools that read them: BASE, SFT_INPUT, ANNOTATOR, ANNOTATE_INPUT, JUDGE_URL)."""
