@@ -340,4 +340,6 @@ def _evaluation_measures_the_midtraining(base, mid, corpus_dir, ann_prefix, tmp_
     print("evaluation of the tiny mid-training:", {k: report[k] for k in ("base", "midtrained")})
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": 1}\n')
-    assert evaluate_midtraining.main(["--base", base, "--model", mid, "--heldout", str(bad)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_midtraining.main(["--base", base, "--model", mid, "--heldout", str(bad)])
+    assert exit_.value.code == 2

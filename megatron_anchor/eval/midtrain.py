@@ -35,19 +35,23 @@ SmolLM2's tokenizer)."""
 
 
 def heldout_texts(path: str, text_key: str = "text") -> List[str]:
-    """The ``text`` of every line of a raw JSONL file (errors name the file and line)."""
-    out = []
+    """The ``text`` of every line of a raw JSONL file; a ValueError names the file and line of a bad record, or
+    says the file holds none (one pass, the texts held in memory)."""
+    texts = []
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+        for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line)[text_key])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{i}: not a JSON object with a {text_key!r} string ({exc})") from None
-    if not out:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                raise ValueError(f"{path}:{number}: a record needs a text field {text_key!r}")
+            texts.append(record[text_key])
+    if not texts:
         raise ValueError(f"{path}: no held-out documents")
-    return out
+    return texts
 
 
 def annotation_cap(tokenizer, annotated_path: str, margin: float = CAP_MARGIN, max_documents: int = 10_000,
