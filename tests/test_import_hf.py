@@ -306,7 +306,15 @@ def _evaluation_measures_the_midtraining(base, mid, corpus_dir, ann_prefix, tmp_
     import numpy as np
 
     from megatron_anchor.data.indexed import iter_documents
-    from megatron_anchor.eval.midtrain import annotation_cap, heldout_texts, text_loss
+    from megatron_anchor.eval.midtrain import (
+        annotation_cap,
+        chunk_start_prompts,
+        fit_prompt,
+        heldout_texts,
+        prompt_room,
+        text_loss,
+    )
+    from megatron_anchor.inference.prompts import parse_prompt
     from megatron_anchor.inference import load_any
     from megatron_anchor.roles import Role
     from tools import evaluate_midtraining
@@ -325,6 +333,12 @@ def _evaluation_measures_the_midtraining(base, mid, corpus_dir, ann_prefix, tmp_
     whole, one_by_one = text_loss(gen, texts, 32, batch=8), text_loss(gen, texts, 32, batch=1)
     assert whole["tokens"] == one_by_one["tokens"] and abs(whole["loss"] - one_by_one["loss"]) < 1e-5
     assert text_loss(gen, texts, 32, max_tokens=50)["tokens"] == 50
+    # Chunk starts longer than the context leaves beside the annotation cap are cut from their start.
+    long_start = max(chunk_start_prompts(texts), key=len)
+    room = prompt_room(gen, 48)
+    assert len(gen.prompt_ids(parse_prompt({"prompt": long_start}, "c", 0), "anchored")) > room
+    fitted = fit_prompt(gen, long_start, room, "c", 0)
+    assert len(gen.prompt_ids(fitted, "anchored")) <= room and long_start.endswith(fitted.text)
     report_path = tmp_path / "report.json"
     assert evaluate_midtraining.main(["--base", base, "--model", mid, "--heldout", str(heldout), "--annotated",
                                       annotated, "--seq-length", "32", "--n", "3", "--output",

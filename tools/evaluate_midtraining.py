@@ -58,6 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         chunk_start_prompts,
         heldout_texts,
         midtraining_report,
+        prompt_room,
     )
     from megatron_anchor.inference.checkpoint import CheckpointError
     from megatron_anchor.inference.generator import load_any
@@ -88,6 +89,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.annotated and not args.max_annotation_tokens:
             # Tokenized as the mid-trained model was trained (its tokenizer); a bad line names the file and line.
             cap = annotation_cap(models["--model"].tokenizer, args.annotated)
+        for flag, gen in models.items():
+            limit = gen.model.spec.max_positions
+            if args.seq_length > limit:
+                raise ValueError(f"--seq-length {args.seq_length} exceeds the {limit} positions of {flag}'s model")
+            prompt_room(gen, cap["cap"])
     except (OSError, ValueError, CheckpointError, OutputError) as exc:
         parser.error(str(exc))
     base, model = models["--base"], models["--model"]

@@ -5,7 +5,8 @@ its ability on held-out text (its plain-text loss stays near the imported model'
   annotations) followed by end-of-document, in windows of ``seq_length`` tokens; the same tokens for every model
   (the first ``max_tokens`` of them when capped).
 - **well-formed annotations**: at each chunk boundary of the held-out documents (the text up to a blank-line
-  separator, at most ``context_chars`` of it), ``n`` anchored samples; the share whose annotation closed by itself
+  separator, at most ``context_chars`` of it, and cut from its start until it, the annotation cap and one response
+  token fit the model's positions), ``n`` anchored samples; the share whose annotation closed by itself
   and parses to valid tags (:mod:`megatron_anchor.eval.binding`'s definition, as the diversity report uses), with
   its 95% Wilson interval (the samples of one prompt are not independent, so read it as a lower bound on the
   uncertainty).
@@ -152,18 +153,47 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> List[fl
     return [round(float(ci.low), 4), round(float(ci.high), 4)]
 
 
+def prompt_room(gen, max_annotation_tokens: int) -> int:
+    """The most prompt tokens that leave room in ``gen``'s context (``max_positions``) for the annotation opener,
+    ``max_annotation_tokens``, the closer and one response token, so that no sample is cut at the context length
+    (a cut annotation would count as not closed). A ValueError when there is no room."""
+    limit = gen.model.spec.max_positions
+    room = limit - max_annotation_tokens - 3
+    if room < 1:
+        raise ValueError(f"an annotation cap of {max_annotation_tokens} tokens leaves no room for a prompt in the "
+                         f"model's {limit} positions")
+    return room
+
+
+def fit_prompt(gen, text: str, room: int, prompt_id: str, index: int):
+    """``text`` as an anchored prompt of at most ``room`` tokens: characters are dropped from its start (the end,
+    where the chunk starts, is kept). Time: a few encodings of the text (each cut shrinks it in proportion)."""
+    from megatron_anchor.inference.prompts import parse_prompt
+
+    while True:
+        prompt = parse_prompt({"prompt": text}, prompt_id, index)
+        have = len(gen.prompt_ids(prompt, "anchored"))
+        if have <= room:
+            return prompt
+        keep = min(len(text) - 1, int(len(text) * room / have))
+        if keep <= 0:
+            raise ValueError(f"prompt {prompt_id}: even one character does not fit in {room} prompt tokens")
+        text = text[-keep:]
+
+
 def annotation_format(gen, prompts: Sequence[str], n: int, seed: int = 0,
                       max_annotation_tokens: int = DEFAULT_CAP) -> Dict:
     """Anchored samples at each prompt, all prompts batched (prompt i seeded ``seed + i``): the shares of
-    annotations that closed by themselves and that are well formed, the sample count and sampling time."""
+    annotations that closed by themselves and that are well formed, the sample count and sampling time. A prompt
+    longer than :func:`prompt_room` allows is cut from its start (:func:`fit_prompt`)."""
     from megatron_anchor.eval.binding import binding
     from megatron_anchor.inference import SamplingParams
-    from megatron_anchor.inference.prompts import parse_prompt
     from megatron_anchor.inference.sampler import GenerationStats
 
     # One response token is the least the sampler draws after the annotation closes.
     params = SamplingParams(temperature=1.0, max_new_tokens=1, max_annotation_tokens=max_annotation_tokens)
-    parsed = [parse_prompt({"prompt": text}, f"chunk-{i}", i) for i, text in enumerate(prompts)]
+    room = prompt_room(gen, max_annotation_tokens)
+    parsed = [fit_prompt(gen, text, room, f"chunk-{i}", i) for i, text in enumerate(prompts)]
     stats = GenerationStats()
     rows = gen.generate_many(parsed, [n] * len(parsed), "anchored", params, [seed + i for i in range(len(parsed))],
                              stats)
