@@ -10,7 +10,8 @@
    tokens, so the bound is 1 + annotation_tokens / response_tokens + 0.1.
 3. Annotations at many prompts (what tools/evaluate_midtraining.py samples): ``--prompts`` prompts of different
    lengths, ``--batch`` anchored samples each, annotation to its cap and one response token, all prompts in one
-   left-padded batch (``generate_batch``) against prompt by prompt (``generate_ids``). Target: >= 2x.
+   left-padded batch (``generate_batch``) against prompt by prompt (``generate_ids``). Target: >= 2x for a model
+   whose weights outgrow the CPU caches (``--hidden 768 --layers 6 --vocab 8192``); see benchmarks/README.md.
 Prints one JSON object with the figures.
 """
 
