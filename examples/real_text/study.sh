@@ -39,14 +39,14 @@ WORK="${1:-runs/real_text}"
 SMALL="${SMALL:-0}"
 if [[ "$SMALL" == 1 ]]; then
   D_PRE_ITERS=30 D_LAYERS=2 D_HIDDEN=64 D_HEADS=2 D_SEQ=256 D_MBS=8 D_VOCAB=1500 D_SFT_ITERS=6 D_N=4 D_TEMPS="1.0"
-  D_JUDGE_SAMPLES=2 D_RELIABILITY=4 MATERIAL_SIZE=(--small)
+  D_JUDGE_SAMPLES=2 D_RELIABILITY=4 D_SPLIT=90,10,0 MATERIAL_SIZE=(--small)
 else
   D_PRE_ITERS=3000 D_LAYERS=4 D_HIDDEN=256 D_HEADS=4 D_SEQ=512 D_MBS=8 D_VOCAB=4000 D_SFT_ITERS=60 D_N=16
-  D_TEMPS="0.7 1.0 1.3" D_JUDGE_SAMPLES=8 D_RELIABILITY=40 MATERIAL_SIZE=()
+  D_TEMPS="0.7 1.0 1.3" D_JUDGE_SAMPLES=8 D_RELIABILITY=40 D_SPLIT=99,1,0 MATERIAL_SIZE=()
 fi
 PRE_ITERS="${PRE_ITERS:-$D_PRE_ITERS}"; LAYERS="${LAYERS:-$D_LAYERS}"; HIDDEN="${HIDDEN:-$D_HIDDEN}"
 HEADS="${HEADS:-$D_HEADS}"; SEQ="${SEQ:-$D_SEQ}"; MBS="${MBS:-$D_MBS}"; VOCAB="${VOCAB:-$D_VOCAB}"
-PRE_LR="${PRE_LR:-1e-3}"; PRECISION="${PRECISION---bf16}"
+PRE_SPLIT="${PRE_SPLIT:-$D_SPLIT}"; PRE_LR="${PRE_LR:-1e-3}"; PRECISION="${PRECISION---bf16}"
 SFT_ITERS="${SFT_ITERS:-$D_SFT_ITERS}"; SFT_LR="${SFT_LR:-2e-4}"; SFT_MBS="${SFT_MBS:-8}"
 SFT_REPLAY="${SFT_REPLAY:-0.3}"; N="${N:-$D_N}"; TEMPS="${TEMPS:-$D_TEMPS}"
 JUDGE_SAMPLES="${JUDGE_SAMPLES:-$D_JUDGE_SAMPLES}"; SEED="${SEED:-0}"
@@ -109,7 +109,9 @@ fi
 ANN_MODEL=$(cat "$WORK/annotator_model.txt" 2>/dev/null || true)
 stage llm-tags python tools/annotate.py --annotator vllm --url "${ANN_URL:-unused}" \
   --input "$DATA/llm_sample.jsonl" --output "$WORK/llm_sample.annotated.jsonl" --no-progress
-stage distill python tools/distill_annotator.py --teacher "$WORK/llm_sample.annotated.jsonl" \
+# The keys the LLM actually wrote (a sample rarely holds every key of the schema).
+KEYS=$(python -m megatron_anchor.eval.real_study teacher-keys --teacher "$WORK/llm_sample.annotated.jsonl")
+stage distill python tools/distill_annotator.py --teacher "$WORK/llm_sample.annotated.jsonl" --keys "$KEYS" \
   --output "$WORK/distilled.npz" --report "$WORK/distill_report.json" --overwrite --quiet --seed "$SEED"
 stage pretag python -m megatron_anchor.corpora.material --pretag "$DATA/corpus.jsonl" \
   "$WORK/llm_sample.annotated.jsonl" "$WORK/corpus_pretagged.jsonl"
@@ -141,7 +143,7 @@ LAUNCH=(torchrun --nproc-per-node 1 --master-port "$PORT" pretrain_anchor.py)
 stage pretrain "${LAUNCH[@]}" "${MODEL[@]}" "${BATCH[@]}" --train-iters "$PRE_ITERS" --lr "$PRE_LR" \
   --min-lr "$(python -c "print($PRE_LR / 10)")" --lr-decay-style cosine \
   --lr-warmup-iters "$(( PRE_ITERS / 50 + 1 ))" --weight-decay 0.01 --clip-grad 1.0 \
-  --data-path "$WORK/pretrain_text_document" --split 99,1,0 --eval-iters 2 --eval-interval "$PRE_ITERS" \
+  --data-path "$WORK/pretrain_text_document" --split "$PRE_SPLIT" --eval-iters 2 --eval-interval "$PRE_ITERS" \
   --loss-mask-policy pretrain --save "$WORK/ck_base" --load "$WORK/ck_base" \
   --save-interval "$(( PRE_ITERS / 4 > 0 ? PRE_ITERS / 4 : 1 ))"
 

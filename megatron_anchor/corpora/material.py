@@ -70,11 +70,11 @@ class MaterialConfig:
     docs_per_source: int = bounded(0, ge=0)
     """Most documents per source (0: all; the small size takes 6)."""
     llm_chunks: int = bounded(480, ge=1)
-    """Chunks in the LLM annotator's sample (the small size takes 12)."""
+    """Chunks in the LLM annotator's sample (the small size takes 6)."""
     llm_excerpt_chunks: int = bounded(8, ge=1)
     """Consecutive chunks per excerpt of the sample (the small size takes 3)."""
     sft_samples: int = bounded(320, ge=1)
-    """Most SFT samples (the small size takes 8)."""
+    """Most SFT samples (the small size takes 6)."""
     prompt_count: int = bounded(16, ge=1)
     """Held-out prompts (the small size takes 2)."""
     calibration_pairs: int = bounded(300, ge=2)
@@ -89,8 +89,8 @@ class MaterialConfig:
     def __post_init__(self) -> None:
         if self.small:
             self.docs_per_source = self.docs_per_source or 6
-            self.llm_chunks, self.llm_excerpt_chunks = min(self.llm_chunks, 12), min(self.llm_excerpt_chunks, 3)
-            self.sft_samples, self.prompt_count = min(self.sft_samples, 8), min(self.prompt_count, 2)
+            self.llm_chunks, self.llm_excerpt_chunks = min(self.llm_chunks, 6), min(self.llm_excerpt_chunks, 3)
+            self.sft_samples, self.prompt_count = min(self.sft_samples, 6), min(self.prompt_count, 2)
             self.calibration_pairs, self.cloze_questions = min(self.calibration_pairs, 24), \
                 min(self.cloze_questions, 24)
         check(self)

@@ -89,6 +89,13 @@ def tag_distribution(annotated: str) -> Dict:
     return {"file": annotated, "chunks": chunks, "tags_per_chunk": tags / chunks if chunks else 0.0, "keys": keys}
 
 
+def teacher_keys(annotated: str, min_count: int = 2) -> List[str]:
+    """Keys the LLM wrote on at least ``min_count`` chunks of ``annotated``, most frequent first: what a distilled
+    annotator can learn from it (a small sample rarely holds every key of the schema)."""
+    dist = tag_distribution(annotated)
+    return [k for k, v in dist["keys"].items() if v["share"] * dist["chunks"] >= min_count]
+
+
 def annotate_cost(output: str) -> Dict:
     """What an annotate job cost, from its progress file: seconds, chunks, requests, generated tokens, echoes."""
     with open(output + ".progress.json", encoding="utf-8") as f:
@@ -444,6 +451,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tags", help="tag distribution, echo rate and cost of the annotation stages")
     t.add_argument("--work", required=True)
+    k = sub.add_parser("teacher-keys", help="comma-separated keys the teacher file carries (for --keys)")
+    k.add_argument("--teacher", required=True)
+    k.add_argument("--min-count", type=int, default=2)
     m = sub.add_parser("markdown", help="rewrite WORK/report.md (with the stage times so far)")
     m.add_argument("--work", required=True)
     r = sub.add_parser("report", help="sample from three checkpoints, judge, export, measure ability")
@@ -465,6 +475,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "tags":
         print("\n".join(format_tags(tag_report(args.work))))
+        return 0
+    if args.cmd == "teacher-keys":
+        keys = teacher_keys(args.teacher, args.min_count)
+        if not keys:
+            print(f"real_study: {args.teacher}: no key occurs on {args.min_count} chunks", file=sys.stderr)
+            return 1
+        print(",".join(keys))
         return 0
     if args.cmd == "markdown":
         print(write_markdown(args.work))
