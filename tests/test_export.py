@@ -95,3 +95,53 @@ def test_gpt2_layout_round_trips_through_the_decoder(gpt2_exported):
     for name, tensor in model.state_dict().items():
         if name != "lm_head.weight":
             assert torch.equal(back[name], tensor), name
+
+
+def _indented_corpus(path, seed=0):
+    """JSONL of verse- and code-like text: runs of spaces (indentation, alignment), tabs, blank lines."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = "the harbour boat sea wind def return if else for while print value x y".split()
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(150):
+            lines = []
+            for _ in range(20):
+                pad = " " * rng.choice([0, 2, 3, 4, 8, 12]) + "\t" * rng.choice([0, 0, 1, 2])
+                sep = rng.choice([" ", "  ", "   ", "\t"])
+                lines.append(pad + sep.join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+                             + " " * rng.choice([0, 0, 1, 3]))
+            f.write(json.dumps({"text": "\n".join(lines) + rng.choice(["\n", "\n\n", "\n\n\n"])}) + "\n")
+
+
+def test_sentencepiece_with_whitespace_pieces_exports_exactly(tmp_path):
+    """A model tools/train_tokenizer.py trained on indented text holds whitespace-only pieces (``▁▁▁▁``); the
+    exported tokenizer.json gives the training ids on text with runs of spaces, tabs and newlines."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from megatron_anchor.export.tokenizer import WORD, write_tokenizer
+    from megatron_anchor.tokenizer import build_tokenizer
+    from tools import train_tokenizer
+
+    corpus = tmp_path / "indented.jsonl"
+    _indented_corpus(corpus)
+    prefix = str(tmp_path / "sp")
+    assert train_tokenizer.main(["--input", str(corpus), "--output-prefix", prefix, "--vocab-size", "600"]) == 0
+    tok = build_tokenizer("SentencePieceTokenizer", prefix + ".model")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+    assert any(sp.id_to_piece(i).startswith(WORD * 2) for i in range(sp.get_piece_size()))
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()[:60]]
+    texts += ["    verse  line   with\t\truns\n", "a   b\n\n  c\t d    ", "\n\n\n        return  1\n\t\tx = 2   "]
+    out = tmp_path / "folder"
+    out.mkdir()
+    write_tokenizer(tok, "SentencePieceTokenizer", str(out), texts)  # raises on the first disagreement
+    hf = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for text in texts:
+        ids = hf.encode(text, add_special_tokens=False).ids
+        assert ids == tok.encode_text(text)
+        assert hf.decode(ids, skip_special_tokens=False) == text

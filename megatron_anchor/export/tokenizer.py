@@ -3,7 +3,10 @@
 A ``HuggingFaceTokenizer`` run already has a tokenizer.json: it is copied. A SentencePiece BPE model (what
 ``tools/train_tokenizer.py`` writes) is rebuilt as an equivalent ``tokenizers`` BPE: the same pieces and ids,
 merges ordered by the score of the piece they produce (SentencePiece BPE merges the best-scoring piece first),
-whitespace as ``▁`` split before each word, byte fallback. :func:`check_equivalent` verifies that both give the same
+whitespace as ``▁``, byte fallback. SentencePiece's BPE encoder does not split text into words: it merges over the
+whole text, and only the vocabulary keeps pieces inside words. So the conversion must not split either: a
+pre-tokenizer that cuts before every ``▁`` could never produce the whitespace-only pieces (``▁▁▁▁``) that
+``allow_whitespace_only_pieces`` models learn from indented text, verse and code. :func:`check_equivalent` verifies that both give the same
 ids and text on sample texts; export fails rather than ship a tokenizer that disagrees with training.
 """
 
@@ -44,7 +47,7 @@ def sentencepiece_to_tokenizers(model_path: str):
     bpe = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=sp.id_to_piece(sp.unk_id()),
                      fuse_unk=True, byte_fallback=True)
     tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=WORD, prepend_scheme="never", split=True)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=WORD, prepend_scheme="never", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace(WORD, " "), decoders.ByteFallback(), decoders.Fuse()])
     extra = [t for t in (ANN_OPEN, ANN_CLOSE) if t not in vocab]
     tok.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in specials]
