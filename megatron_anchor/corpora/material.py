@@ -246,9 +246,13 @@ def cloze_questions(heldout: Sequence[Dict[str, str]], n: int, seed: int, choice
 
 def build_material(cfg: MaterialConfig) -> Dict:
     """Write the study's files (module docstring) and return the summary written to ``material.json``."""
+    # The user's files are checked before anything is fetched or written: a bad line stops the study here.
+    docs = inputs.read_corpus(cfg.corpus) if cfg.corpus else None
+    given_sft = inputs.read_sft(cfg.sft_input) if cfg.sft_input else None
+    given_prompts = inputs.read_prompt_objects(cfg.prompts) if cfg.prompts else None
     os.makedirs(cfg.out_dir, exist_ok=True)
     path = lambda name: os.path.join(cfg.out_dir, name)  # noqa: E731
-    docs = inputs.read_corpus(cfg.corpus) if cfg.corpus else registry_documents(cfg)
+    docs = docs if docs is not None else registry_documents(cfg)
     train = [d for d in docs if not is_heldout(d["id"], cfg.heldout_percent)]
     heldout = [d for d in docs if is_heldout(d["id"], cfg.heldout_percent)]
     if cfg.docs_per_source:  # the held-out side keeps enough documents for pairs and questions
@@ -269,14 +273,11 @@ def build_material(cfg: MaterialConfig) -> Dict:
                                   sorted(by_source.items())}
     sample = llm_sample(train, cfg.llm_chunks, cfg.llm_excerpt_chunks, cfg.seed)
     summary["files"]["llm_sample.jsonl"] = _write_jsonl(path("llm_sample.jsonl"), sample)
-    if cfg.sft_input and cfg.prompts:
-        sft, prompts, counts = [], [], {}
+    if given_sft is not None and given_prompts is not None:
+        sft, prompts, counts = given_sft, given_prompts, {}
     else:
         sft, prompts, counts = instruction_data(cfg)
-    if cfg.sft_input:
-        sft = inputs.read_sft(cfg.sft_input)
-    if cfg.prompts:
-        prompts = inputs.read_prompt_objects(cfg.prompts)
+        sft, prompts = given_sft or sft, given_prompts or prompts
     if not sft or not prompts:
         raise ValueError(f"no {'SFT samples' if not sft else 'held-out prompts'} were found in the instruction data")
     summary["sharegpt"] = counts

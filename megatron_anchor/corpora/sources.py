@@ -40,7 +40,7 @@ SOTU_SENTENCES = 4
 """Sentences per paragraph of a State of the Union address (the files carry no paragraph breaks)."""
 FORTUNES_PER_DOCUMENT = 20
 """Fortune entries per document."""
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
 _CHAPTER = re.compile(r"^(chapter|CHAPTER)\s+[0-9IVXLC]+\b")
 
 

@@ -141,7 +141,7 @@ def format_tags(tags: Dict) -> List[str]:
     lines = ["| tagged by | chunks | tags per chunk | keys (share of chunks: distinct values, entropy bits) |",
              "|---|---|---|---|"]
     for name, d in tags["distribution"].items():
-        keys = "; ".join(f"{k} ({v['share']:.0%}: {v['distinct']}, {v['entropy_bits']:.1f})"
+        keys = "; ".join(f"{k} ({v['share']:.0%}: {v['distinct']}, {v['entropy_bits'] + 0.0:.1f})"
                          for k, v in list(d["keys"].items())[:8])
         lines.append(f"| {name} | {d['chunks']} | {d['tags_per_chunk']:.1f} | {keys} |")
     lines.append("")
@@ -315,7 +315,10 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 16, seed: int = 
 def check_targets(report: Dict) -> Dict:
     """Each target (:data:`TARGETS`) with the figure it is checked on and whether it is met."""
     independent = {j["id"] for j in report["judges"] if j["independent"]}
-    closed = {k: v for k, v in report["gap_closed"].items() if k.split(":")[0] in independent and v is not None}
+    heads = {m: report["models"][m]["headline"] for m in ("base", "standard-SFT")}
+    # A judge counts only where standard SFT lost diversity by its measure (base above standard).
+    closed = {k: v for k, v in report["gap_closed"].items() if k.split(":")[0] in independent and v is not None
+              and heads["base"].get(k) is not None and heads["base"][k] > heads["standard-SFT"].get(k, math.inf)}
     meeting = sorted(k for k, v in closed.items() if v >= TARGETS["gap_closed"])
     anc, std = report["models"]["anchored-SFT"], report["models"]["standard-SFT"]
     ability_gap = None
@@ -367,7 +370,8 @@ def format_report(report: Dict, tags: Optional[Dict] = None, times: Optional[Lis
     lines += ["", "share of the base -> standard-SFT gap closed by anchored SFT: " + ", ".join(
         f"{k} {_fmt(v, '.0%')}" for k, v in report["gap_closed"].items())]
     t = report["targets"]
-    lines.append(f"targets: >= {TARGETS['gap_closed']:.0%} of the gap by >= {TARGETS['judges']} independent judges: "
+    lines.append(f"targets: >= {TARGETS['gap_closed']:.0%} of the gap by >= {TARGETS['judges']} independent judges "
+                 "that saw standard SFT lose diversity: "
                  f"{'met' if t['gap_closed']['met'] else 'not met'} ({', '.join(t['gap_closed']['judges_meeting']) or 'none'});"
                  f" follows ann. >= {TARGETS['follows']:.0%}: {'met' if t['follows']['met'] else 'not met'} "
                  f"({_fmt(t['follows']['value'], '.0%')}); ability within {TARGETS['ability_points']:g} points of "
