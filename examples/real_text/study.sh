@@ -32,8 +32,11 @@
 #   PRE_ITERS, LAYERS, HIDDEN, HEADS, SEQ, MBS, VOCAB, PRE_LR: pretraining size; PRECISION (--bf16; empty: fp32)
 #   SFT_ITERS, SFT_LR, SFT_MBS, SFT_REPLAY (share of annotated/plain pretraining documents replayed, 0.3)
 #   N (samples per prompt), TEMPS (temperature sweep), JUDGE_SAMPLES (LLM judge on the first K samples per prompt),
-#   ABILITY=0 (skip export and lm-eval), SEED
+#   ABILITY=0 (skip export and lm-eval), SEED, STOP_AFTER=STAGE (stop once that stage is done: e.g. pretrain-data-plain
+#   to pretrain and fine-tune elsewhere, docs/real_text.md's GPU recipe)
 set -euo pipefail
+# The whole script is one block, read before it runs: editing or updating the file during a run changes nothing.
+{
 cd "$(dirname "$0")/../.."
 WORK="${1:-runs/real_text}"
 SMALL="${SMALL:-0}"
@@ -68,11 +71,15 @@ stage() {
   local name="$1"; shift
   echo "== [$(( $(date +%s) - START )) s] $name"
   show "$@"
-  if [[ -f "$WORK/.done/$name" ]]; then echo "   (finished before: kept)"; return 0; fi
-  local t0 l0; t0=$(date +%s); l0=$(load)
-  "$@"
-  printf '%s\t%s\t%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" "$l0" "$(load)" >> "$TIMES"
-  touch "$WORK/.done/$name"
+  if [[ -f "$WORK/.done/$name" ]]; then
+    echo "   (finished before: kept)"
+  else
+    local t0 l0; t0=$(date +%s); l0=$(load)
+    "$@"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" "$l0" "$(load)" >> "$TIMES"
+    touch "$WORK/.done/$name"
+  fi
+  if [[ "$name" == "${STOP_AFTER:-}" ]]; then echo "== stopped after $name (STOP_AFTER)"; exit 0; fi
 }
 done_all() { for s in "$@"; do [[ -f "$WORK/.done/$s" ]] || return 1; done; }
 # start_server NAME PORT ARGS...: tools/annotator_server.py in the background; sets SERVER_URL once it is ready.
@@ -178,3 +185,5 @@ cleanup; SERVER_PIDS=()
 python -m megatron_anchor.eval.real_study markdown --work "$WORK" >/dev/null
 echo "== [$(( $(date +%s) - START )) s] done: $WORK/report.md, report.json, pareto.png, stage_times.tsv"
 cat "$WORK/report.md"
+exit 0
+}

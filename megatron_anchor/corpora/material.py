@@ -72,7 +72,8 @@ class MaterialConfig:
     llm_chunks: int = bounded(480, ge=1)
     """Chunks in the LLM annotator's sample (the small size takes 6)."""
     llm_excerpt_chunks: int = bounded(8, ge=1)
-    """Consecutive chunks per excerpt of the sample (the small size takes 3)."""
+    """Consecutive chunks per excerpt of the sample (the small size takes 2: three excerpts, as distillation holds out
+    one document for testing and one for validation)."""
     sft_samples: int = bounded(320, ge=1)
     """Most SFT samples (the small size takes 6)."""
     prompt_count: int = bounded(16, ge=1)
@@ -89,7 +90,7 @@ class MaterialConfig:
     def __post_init__(self) -> None:
         if self.small:
             self.docs_per_source = self.docs_per_source or 6
-            self.llm_chunks, self.llm_excerpt_chunks = min(self.llm_chunks, 6), min(self.llm_excerpt_chunks, 3)
+            self.llm_chunks, self.llm_excerpt_chunks = min(self.llm_chunks, 6), min(self.llm_excerpt_chunks, 2)
             self.sft_samples, self.prompt_count = min(self.sft_samples, 6), min(self.prompt_count, 2)
             self.calibration_pairs, self.cloze_questions = min(self.calibration_pairs, 24), \
                 min(self.cloze_questions, 24)
