@@ -69,12 +69,12 @@ class MaterialConfig:
     """Share of documents (by a hash of their id) held out of training, in percent."""
     docs_per_source: int = bounded(0, ge=0)
     """Most documents per source (0: all; the small size takes 6)."""
-    llm_chunks: int = bounded(480, ge=1)
+    llm_chunks: int = bounded(240, ge=1)
     """Chunks in the LLM annotator's sample (the small size takes 6)."""
     llm_excerpt_chunks: int = bounded(8, ge=1)
     """Consecutive chunks per excerpt of the sample (the small size takes 2: three excerpts, as distillation holds out
     one document for testing and one for validation)."""
-    sft_samples: int = bounded(320, ge=1)
+    sft_samples: int = bounded(200, ge=1)
     """Most SFT samples (the small size takes 6)."""
     prompt_count: int = bounded(16, ge=1)
     """Held-out prompts (the small size takes 2)."""
