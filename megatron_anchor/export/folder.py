@@ -1,8 +1,8 @@
 """Checkpoint -> Hugging Face folder: config.json, model.safetensors, generation_config.json and the tokenizer
 files, loadable by transformers, lm-evaluation-harness and vLLM.
 
-The layout follows the run's architecture: Llama (:mod:`~megatron_anchor.export.hf_llama`) for RoPE/RMSNorm/
-SwiGLU runs, GPT-2 (:mod:`~megatron_anchor.export.hf_gpt2`) for learned-position/LayerNorm/GeLU runs; anything
+The layout follows the run's architecture: Llama, Qwen2 or Qwen3 (:mod:`~megatron_anchor.export.hf_llama`) for
+RoPE/RMSNorm/SwiGLU runs (Qwen2 with q/k/v biases only, Qwen3 with q/k norms), GPT-2 (:mod:`~megatron_anchor.export.hf_gpt2`) for learned-position/LayerNorm/GeLU runs; anything
 else is refused with the flags each layout would need. The folder is written under a temporary name and renamed
 when complete. Memory: one float32 copy of the weights (plus megatron's while the checkpoint is read).
 
@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 from megatron_anchor.export.hf_gpt2 import gpt2_config, gpt2_problems, gpt2_state_dict
-from megatron_anchor.export.hf_llama import llama_config, llama_problems
+from megatron_anchor.export.hf_llama import (llama_config, llama_problems, qwen2_config, qwen2_problems,
+                                             qwen3_config, qwen3_problems)
 from megatron_anchor.inference.model import DecoderLM, ModelSpec
 
 
@@ -44,6 +45,8 @@ class Layout:
 
 LAYOUTS = (
     Layout("llama", llama_problems, llama_config, lambda m: m.hf_state_dict()),
+    Layout("qwen2", qwen2_problems, qwen2_config, lambda m: m.hf_state_dict()),
+    Layout("qwen3", qwen3_problems, qwen3_config, lambda m: m.hf_state_dict()),
     Layout("gpt2", gpt2_problems, gpt2_config, gpt2_state_dict),
 )
 """Tried in order; the first that fits the run is written."""

@@ -5,7 +5,7 @@ megatron exactly, and how it does:
 
 - **QKV**: GPT-2's ``c_attn`` projects to ``[q | k | v]`` (each ``hidden`` wide, heads contiguous inside each);
   megatron's fused ``linear_qkv`` interleaves per head. The decoder already split megatron's layout into q, k and v
-  (:func:`megatron_anchor.inference.model.megatron_to_hf_names`), so here they are only concatenated.
+  (:func:`megatron_anchor.inference.mapping.megatron_to_hf`), so here they are only concatenated.
 - **Conv1D**: GPT-2 stores its projections as ``[in, out]`` (transposed ``nn.Linear`` weights).
 - **GeLU**: megatron's unfused MLP uses ``F.gelu`` (erf): GPT-2's ``activation_function="gelu"`` in transformers
   and vLLM. Runs trained with megatron's fused bias-GeLU kernel or Transformer Engine compute the tanh

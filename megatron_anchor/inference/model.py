@@ -13,6 +13,7 @@ Memory: the weights plus a KV cache of 2 x layers x batch x kv_heads x length x 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
@@ -20,6 +21,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from megatron_anchor.inference.mapping import megatron_to_hf
 
 
 @dataclass
@@ -48,6 +51,13 @@ class ModelSpec:
     bias: bool = False
     """Biases on every linear layer (megatron's add_bias_linear)."""
     tied_embeddings: bool = True
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections only (megatron's add_qkv_bias; Qwen2)."""
+    qk_norm: bool = False
+    """Each head's queries and keys normalised (``norm``) before RoPE (megatron's qk_layernorm; Qwen3)."""
+    rope_scaling_factor: Optional[float] = None
+    """Llama 3.1's RoPE frequency scaling with this factor (megatron-core's fixed low/high-frequency factors 1
+    and 4 and original context 8192); None: no scaling."""
 
     @classmethod
     def from_anchor_config(cls, cfg, padded_vocab: int) -> "ModelSpec":
@@ -61,7 +71,8 @@ class ModelSpec:
             max_positions=m.max_position_embeddings or m.seq_length, norm=m.normalization,
             norm_eps=m.norm_epsilon, position_embedding=m.position_embedding_type, rope_base=float(m.rotary_base),
             rotary_percent=m.rotary_percent, swiglu=m.swiglu, bias=not m.disable_bias_linear,
-            tied_embeddings=not m.untie_embeddings_and_output_weights,
+            tied_embeddings=not m.untie_embeddings_and_output_weights, qkv_bias=m.add_qkv_bias,
+            qk_norm=m.qk_layernorm, rope_scaling_factor=m.rope_scaling_factor if m.use_rope_scaling else None,
         )
 
 
@@ -86,17 +97,24 @@ class Attention(nn.Module):
     def __init__(self, s: ModelSpec):
         super().__init__()
         self.s = s
-        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=s.bias)
-        self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.bias)
-        self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.bias)
+        qkv_bias = s.bias or s.qkv_bias
+        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=s.bias)
+        if s.qk_norm:
+            self.q_norm = Norm(s.head_dim, s.norm, s.norm_eps)
+            self.k_norm = Norm(s.head_dim, s.norm, s.norm_eps)
 
     def forward(self, x, rope, cache: Optional[Tuple[torch.Tensor, torch.Tensor]], start: int):
         b, t, _ = x.shape
         s = self.s
-        # [b, t, heads * d] -> [b, heads, t, d]
-        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        # [b, t, heads * d] -> [b, t, heads, d] (per-head q/k norms act here) -> [b, heads, t, d]
+        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim)
+        k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = _apply_rope(q, rope), _apply_rope(k, rope)
@@ -123,6 +141,19 @@ def _apply_rope(x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> tor
     rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
     out = x_rot * cos + rotated * sin
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+def llama3_scaled_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float = 1.0,
+                           high_freq_factor: float = 4.0, original_context: int = 8192) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: wavelengths beyond ``original_context / low_freq_factor`` are stretched by
+    ``factor``, those below ``original_context / high_freq_factor`` kept, and the band between blended linearly in
+    ``original_context / wavelength``. The defaults are the values megatron-core fixes."""
+    wavelength = 2 * math.pi / inv_freq
+    blend = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+    out = torch.where(wavelength > original_context / low_freq_factor, inv_freq / factor, inv_freq)
+    middle = (wavelength >= original_context / high_freq_factor) & (wavelength <= original_context / low_freq_factor)
+    return torch.where(middle, blended, out)
 
 
 class MLP(nn.Module):
@@ -198,6 +229,8 @@ class DecoderLM(nn.Module):
         if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
             rot = int(s.head_dim * s.rotary_percent)
             inv_freq = 1.0 / (s.rope_base ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+            if s.rope_scaling_factor is not None:
+                inv_freq = llama3_scaled_inv_freq(inv_freq, s.rope_scaling_factor)
             n = max(need, s.max_positions)
             freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)  # [n, rot]
@@ -228,7 +261,7 @@ class DecoderLM(nn.Module):
     def from_megatron_state(cls, state: Dict[str, torch.Tensor], spec: ModelSpec) -> "DecoderLM":
         """Build from a full megatron GPTModel state dict (TP=1/PP=1 names, local or Transformer Engine spec)."""
         model = cls(spec)
-        model.load_state_dict(megatron_to_hf_names(state, spec), strict=True)
+        model.load_state_dict(megatron_to_hf(state, spec), strict=True)
         return model.eval()
 
     def hf_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -281,52 +314,6 @@ def spec_from_hf_config(config: dict) -> ModelSpec:
 def spec_dict(spec: ModelSpec) -> dict:
     """JSON-ready spec."""
     return asdict(spec)
-
-
-def _pick(state: Dict[str, torch.Tensor], *names: str) -> Optional[torch.Tensor]:
-    for n in names:
-        if n in state:
-            return state[n]
-    return None
-
-
-def megatron_to_hf_names(state: Dict[str, torch.Tensor], spec: ModelSpec) -> Dict[str, torch.Tensor]:
-    """Megatron GPTModel tensors -> this decoder's (transformers Llama) names, splitting fused QKV and SwiGLU."""
-    out: Dict[str, torch.Tensor] = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"]}
-    if spec.position_embedding == "learned_absolute":
-        out["model.embed_positions.weight"] = state["embedding.position_embeddings.weight"]
-    groups, per_group, d = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads, spec.head_dim
-    for i in range(spec.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        # The local spec has separate norm modules; Transformer Engine fuses them into the next linear layer.
-        for ours, names in (("input_layernorm", ("input_layernorm", "self_attention.linear_qkv.layer_norm")),
-                            ("post_attention_layernorm", ("pre_mlp_layernorm", "mlp.linear_fc1.layer_norm"))):
-            for p in ("weight", "bias"):
-                t = _pick(state, *(src + n + "." + p if n.endswith("norm") else src + n + "_" + p for n in names))
-                if t is not None:
-                    out[dst + ours + "." + p] = t
-        for p in ("weight", "bias") if spec.bias else ("weight",):
-            qkv = state[src + f"self_attention.linear_qkv.{p}"]
-            # Megatron interleaves per query group: [groups * (per_group + 2) * d, ...] -> q, k, v
-            qkv = qkv.reshape(groups, per_group + 2, d, *qkv.shape[1:])
-            rest = qkv.shape[3:]
-            out[dst + f"self_attn.q_proj.{p}"] = qkv[:, :per_group].reshape(groups * per_group * d, *rest)
-            out[dst + f"self_attn.k_proj.{p}"] = qkv[:, per_group].reshape(groups * d, *rest)
-            out[dst + f"self_attn.v_proj.{p}"] = qkv[:, per_group + 1].reshape(groups * d, *rest)
-            out[dst + f"self_attn.o_proj.{p}"] = state[src + f"self_attention.linear_proj.{p}"]
-            fc1 = state[src + f"mlp.linear_fc1.{p}"]
-            if spec.swiglu:
-                gate, up = torch.chunk(fc1, 2, dim=0)  # megatron's GLU: act(first half) * second half
-                out[dst + f"mlp.gate_proj.{p}"], out[dst + f"mlp.up_proj.{p}"] = gate, up
-            else:
-                out[dst + f"mlp.up_proj.{p}"] = fc1
-            out[dst + f"mlp.down_proj.{p}"] = state[src + f"mlp.linear_fc2.{p}"]
-    for p in ("weight", "bias"):
-        if f"decoder.final_layernorm.{p}" in state:
-            out[f"model.norm.{p}"] = state[f"decoder.final_layernorm.{p}"]
-    out["lm_head.weight"] = (state["embedding.word_embeddings.weight"] if spec.tied_embeddings
-                             else state["output_layer.weight"])
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -24,6 +24,7 @@ import yaml
 from megatron_anchor import bounds
 from megatron_anchor.tokenizer import TOKENIZER_TYPES
 from megatron_anchor.training.config import (
+    ARCHITECTURE_FIELDS,
     LOSS_MASK_POLICIES,
     SECTIONS,
     REPLAY_POLICIES,
@@ -246,7 +247,13 @@ def dump_yaml(cfg: AnchorConfig, path: str) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> AnchorConfig:
-    """Build the run's config from defaults, an optional YAML file and the command line."""
+    """Build the run's config from defaults, an optional YAML file and the command line.
+
+    A run that loads a checkpoint (``--load``) and names no architecture setting at all takes the architecture
+    from the checkpoint's ``run_config.yaml``, and its tokenizer too when none is named (an imported model needs no
+    model flags). A run that names any architecture setting must name them consistently: ``--load`` then checks
+    them against the checkpoint field by field.
+    """
     parser = build_parser()
     ns = parser.parse_args(argv)
     given = vars(ns)
@@ -255,7 +262,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> AnchorConfig:
     for dest, value in given.items():
         section, name = dest.split(".", 1)
         _apply(cfg, section, name, value)
+    named = {dest.split(".", 1)[1] for dest in given if dest.startswith("model.")}
+    _inherit_from_checkpoint(cfg, named)
     return cfg
+
+
+INHERITED_MODEL_FIELDS = (*ARCHITECTURE_FIELDS, "max_position_embeddings")
+"""What a run that names no architecture takes from the checkpoint it loads."""
+
+
+def _inherit_from_checkpoint(cfg: AnchorConfig, named: set) -> None:
+    from megatron_anchor.training.checkpointing import RUN_CONFIG_FILE
+
+    load = cfg.checkpoint.load
+    path = os.path.join(load, RUN_CONFIG_FILE) if load else None
+    if not path or not os.path.isfile(path):
+        return
+    default = ModelConfig()
+    if any(name in named or getattr(cfg.model, name) != getattr(default, name) for name in INHERITED_MODEL_FIELDS):
+        return
+    saved = load_yaml(path)
+    for name in INHERITED_MODEL_FIELDS:
+        setattr(cfg.model, name, getattr(saved.model, name))
+    if cfg.data.tokenizer_type is None:
+        for name in ("tokenizer_type", "tokenizer_model", "eod_token"):
+            setattr(cfg.data, name, getattr(saved.data, name))
 
 
 def parse_data_path(data_path: List[str]):
@@ -375,6 +406,12 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
             m.ffn_hidden_size = 4 * m.hidden_size
     if m.ffn_hidden_size % tp:
         errors.append(f"--ffn-hidden-size ({m.ffn_hidden_size}) is not divisible by TP ({tp})")
+    if m.padded_vocab_size is not None and (m.padded_vocab_size < 1 or m.padded_vocab_size % tp):
+        errors.append(f"--padded-vocab-size ({m.padded_vocab_size}) is not a positive multiple of TP ({tp})")
+    if m.use_rope_scaling and m.position_embedding_type != "rope":
+        errors.append("--use-rope-scaling needs --position-embedding-type rope")
+    if m.add_qkv_bias and not m.disable_bias_linear:
+        errors.append("--add-qkv-bias only adds to --disable-bias-linear (without it every linear has biases)")
 
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp

@@ -42,6 +42,10 @@ its checkpoint: what a launcher script reads to tell a clean preemption from a f
 RUN_CONFIG_FILE = "run_config.yaml"
 """The training run's configuration, written beside the tracker file at every save."""
 
+WEIGHTS_ONLY_KEY = "weights_only"
+"""Common-state key of a checkpoint that holds model weights only (tools/import_hf.py writes them): it can start a
+--finetune run, never be resumed (there is no optimizer state)."""
+
 
 def checkpoint_dir(root: str, iteration: int) -> str:
     """Directory of the checkpoint at ``iteration`` under ``root``."""
@@ -307,7 +311,9 @@ def _effective_architecture(model_cfg) -> dict:
     if model_cfg.position_embedding_type == "learned_absolute":
         # The position table's size is part of the weights; RoPE settings are unused there.
         arch["max_position_embeddings"] = model_cfg.max_position_embeddings or model_cfg.seq_length
-        del arch["rotary_base"], arch["rotary_percent"]
+        del arch["rotary_base"], arch["rotary_percent"], arch["use_rope_scaling"]
+    if not arch.get("use_rope_scaling"):
+        arch.pop("rope_scaling_factor")
     return arch
 
 
@@ -397,6 +403,13 @@ def check_compatible(cfg, root: str, run_tokenizer_record: Optional[dict]) -> No
     from megatron_anchor.training.arguments import ConfigError, load_yaml
 
     path = os.path.join(root, RUN_CONFIG_FILE)
+    iteration = latest_iteration(root)
+    if not cfg.checkpoint.finetune and iteration is not None:
+        from megatron.core import dist_checkpointing
+
+        if dist_checkpointing.load_common_state_dict(checkpoint_dir(root, iteration)).get(WEIGHTS_ONLY_KEY):
+            raise ConfigError(f"{root} holds model weights only (an imported model, no optimizer state): start "
+                              "from it with --finetune")
     problems = []
     if os.path.isfile(path):
         try:

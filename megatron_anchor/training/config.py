@@ -49,6 +49,11 @@ class ModelConfig:
     """RoPE base period."""
     rotary_percent: float = bounded(1.0, gt=0, le=1)
     """Fraction of each head's dimensions that RoPE rotates."""
+    use_rope_scaling: bool = False
+    """Scale RoPE's low frequencies as Llama 3.1 does (megatron-core's rule: low-frequency factor 1,
+    high-frequency factor 4, original context 8192; --rope-scaling-factor sets the factor)."""
+    rope_scaling_factor: float = bounded(8.0, gt=0)
+    """The factor of --use-rope-scaling (Llama 3.1: 8, Llama 3.2: 32)."""
     swiglu: bool = False
     """Use SwiGLU in the MLP (gated linear unit with SiLU)."""
     normalization: str = "LayerNorm"
@@ -59,6 +64,14 @@ class ModelConfig:
     """Use a separate output layer instead of the transposed input embedding."""
     disable_bias_linear: bool = False
     """Drop the biases of all linear layers."""
+    add_qkv_bias: bool = False
+    """Keep biases on the query, key and value projections even with --disable-bias-linear (Qwen2)."""
+    qk_layernorm: bool = False
+    """Normalise each head's queries and keys (with --normalization) before RoPE (Qwen3)."""
+    padded_vocab_size: Optional[int] = bounded(None, ge=1)
+    """Rows of the embedding and output layer, the same under every TP size (tools/import_hf.py sets the
+    imported model's rows, so one checkpoint loads under any TP that divides them); default: the vocabulary
+    padded to a multiple of --make-vocab-size-divisible-by x TP, Megatron-LM's rule."""
     hidden_dropout: float = bounded(0.1, ge=0, lt=1)
     """Dropout after attention and MLP."""
     attention_dropout: float = bounded(0.1, ge=0, lt=1)
@@ -367,7 +380,8 @@ ARCHITECTURE_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
     "num_query_groups", "kv_channels", "position_embedding_type", "rotary_base", "rotary_percent", "swiglu",
     "normalization", "norm_epsilon", "untie_embeddings_and_output_weights", "disable_bias_linear",
-    "make_vocab_size_divisible_by",
+    "make_vocab_size_divisible_by", "use_rope_scaling", "rope_scaling_factor", "add_qkv_bias", "qk_layernorm",
+    "padded_vocab_size",
 )
 """``ModelConfig`` fields that give saved weights their meaning: a run that loads a checkpoint (``--load``,
 ``--finetune``) must have the same values, or it would load without error and compute something else (another

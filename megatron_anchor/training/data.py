@@ -191,7 +191,8 @@ def scan_role_channels(cfg: AnchorConfig, device) -> None:
 
 
 def _check_split_nonempty(cfg: AnchorConfig, prefix: str) -> None:
-    """A split with a positive weight but no documents makes megatron's index builder loop forever."""
+    """A split with a positive weight but no documents makes megatron's index builder loop forever, whether or not
+    the run reads from it (it is built even for zero samples, e.g. validation with --eval-iters 0)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megatron.core.datasets.utils import Split
 
@@ -201,10 +202,9 @@ def _check_split_nonempty(cfg: AnchorConfig, prefix: str) -> None:
     bounds = [0.0]
     for w in weights:
         bounds.append(bounds[-1] + w / total)
-    sizes = dataset_sizes(cfg)
     for i, split in enumerate(Split):
         begin, end = int(round(bounds[i] * num_docs)), int(round(bounds[i + 1] * num_docs))
-        if weights[i] > 0 and sizes[i] > 0 and end <= begin:
+        if weights[i] > 0 and end <= begin:
             zeroed = ",".join("0" if j == i else f"{w:g}" for j, w in enumerate(weights))
             raise ConfigError(
                 f"--split {cfg.data.split} leaves the {split.name} split of {prefix} ({num_docs} documents) "

@@ -26,7 +26,7 @@ from megatron_anchor.training.config import AnchorConfig
 from megatron_anchor.training.flops import ModelShape, device_peak_tflops, step_flops
 from megatron_anchor.training.loss import REPORT_KEYS, boundary_mode
 from megatron_anchor.training.model import (build_model_chunks, build_transformer_config, has_transformer_engine,
-                                            log_fusions, num_parameters, padded_vocab_size, resolve_fusions)
+                                            log_fusions, num_parameters, resolve_fusions, vocab_rows)
 from megatron_anchor.training.monitor import Monitor, StepProfiler, format_train_line, peak_memory_bytes
 from megatron_anchor.training.packing import rank_token_multiple
 
@@ -263,8 +263,7 @@ def setup(cfg: AnchorConfig, model_provider: Callable, datasets_provider: Callab
     def make_valid_iter():
         return distribute(make_valid_loader(), plan, device)[0]
 
-    padded = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
-                               cfg.parallel.tensor_model_parallel_size)
+    padded = vocab_rows(cfg, tokenizer.vocab_size)
     monitor.print(
         f"megatron-anchor: world {dist.get_world_size()} = TP {ps.get_tensor_model_parallel_world_size()} x "
         f"PP {ps.get_pipeline_model_parallel_world_size()} x CP {ps.get_context_parallel_world_size()} x "

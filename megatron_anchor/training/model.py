@@ -103,6 +103,18 @@ def padded_vocab_size(vocab_size: int, make_divisible_by: int, tensor_model_para
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+def vocab_rows(cfg: AnchorConfig, vocab_size: int) -> int:
+    """Rows of the embedding and output layer: --padded-vocab-size when set (imported models), else the
+    tokenizer's ``vocab_size`` padded by Megatron-LM's rule."""
+    m = cfg.model
+    if m.padded_vocab_size:
+        if m.padded_vocab_size < vocab_size:
+            raise ValueError(f"--padded-vocab-size {m.padded_vocab_size} is smaller than the tokenizer's "
+                             f"vocabulary ({vocab_size})")
+        return m.padded_vocab_size
+    return padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
+
+
 def params_dtype(cfg: AnchorConfig) -> torch.dtype:
     """The dtype the model's weights are held in (the optimizer keeps fp32 main weights beside bf16/fp16)."""
     t = cfg.training
@@ -220,6 +232,8 @@ def build_transformer_config(cfg: AnchorConfig, pipeline_dtype: Optional[torch.d
         gated_linear_unit=m.swiglu,
         activation_func=F.silu if m.swiglu else F.gelu,
         add_bias_linear=not m.disable_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=chunks if chunks > 1 else None,
@@ -268,9 +282,10 @@ def layer_spec(cfg: AnchorConfig):
     """The transformer layer spec: Transformer Engine's on GPU when installed, megatron's local one otherwise."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    qk = cfg.model.qk_layernorm
     if cfg.model.transformer_impl == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=cfg.model.normalization, qk_layernorm=qk)
 
 
 def model_provider(cfg: AnchorConfig, vocab_size: int, pre_process: bool = True, post_process: bool = True,
@@ -285,8 +300,7 @@ def model_provider(cfg: AnchorConfig, vocab_size: int, pre_process: bool = True,
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(cfg),
-        vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
-                                     cfg.parallel.tensor_model_parallel_size),
+        vocab_size=vocab_rows(cfg, vocab_size),
         max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=pre_process,
         post_process=post_process,
@@ -294,6 +308,8 @@ def model_provider(cfg: AnchorConfig, vocab_size: int, pre_process: bool = True,
         position_embedding_type=m.position_embedding_type,
         rotary_percent=m.rotary_percent,
         rotary_base=m.rotary_base,
+        rope_scaling=m.use_rope_scaling,
+        rope_scaling_factor=m.rope_scaling_factor,
         **kwargs,
     )
 
