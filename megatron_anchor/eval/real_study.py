@@ -195,12 +195,12 @@ def llm_reliability(judge, pairs: Sequence[Dict], k: int) -> Dict:
             "unparsed_share": (len(judge.failures) - before) / len(texts) if texts else None}
 
 
-def build_judges(work: str, quality, embedders):
+def build_judges(shared: str, quality, embedders):
     """The embedding judges of the report (module docstring), each with its threshold calibrated on the labelled
     pairs; returns (judges, calibrations, pairs)."""
     from megatron_anchor.eval import judges as jg
 
-    with open(os.path.join(work, "data", "calibration.jsonl"), encoding="utf-8") as f:
+    with open(os.path.join(shared, "data", "calibration.jsonl"), encoding="utf-8") as f:
         pairs = [json.loads(line) for line in f if line.strip()]
     same = [(p["a"], p["b"]) for p in pairs if p["same"]]
     diff = [(p["a"], p["b"]) for p in pairs if not p["same"]]
@@ -221,8 +221,10 @@ def build_judges(work: str, quality, embedders):
 def run_report(work: str, checkpoints: Dict[str, str], n: int = 16, seed: int = 0, max_new_tokens: int = 64,
                temperatures: Sequence[float] = (1.0,), headline: float = 1.0, judge_url: Optional[str] = None,
                judge_samples: Optional[int] = None, reliability_pairs: int = 40, ability: bool = True,
-               annotator_model: Optional[str] = None, threads: int = 1) -> Dict:
-    """Sample, judge, export, measure ability; write ``WORK/report.json``, ``report.md``, ``pareto.png``."""
+               annotator_model: Optional[str] = None, threads: int = 1, shared: Optional[str] = None) -> Dict:
+    """Sample, judge, export, measure ability; write ``WORK/report.json``, ``report.md``, ``pareto.png``.
+    ``shared``: the folder holding the material (``data/``), the distilled annotator and the tag report, when the
+    models' folder ``work`` is another (a run from an imported base beside the run from scratch)."""
     import torch
 
     from megatron_anchor.corpora.models import mpnet_folder
@@ -237,8 +239,9 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 16, seed: int = 
     from megatron_anchor.inference.generator import load_from_checkpoint
 
     torch.set_num_threads(threads)
+    shared = shared or work
     temperatures = sorted({*temperatures, headline})
-    prompts = read_prompts(os.path.join(work, "data", "prompts.jsonl"))
+    prompts = read_prompts(os.path.join(shared, "data", "prompts.jsonl"))
     gens = {name: load_from_checkpoint([], checkpoints[key]) for name, key, _ in MODELS}
     embedders = {"minilm": load_embedder(), "mpnet": load_embedder(mpnet_folder(), batch_size=16)}
     notes = []
@@ -248,8 +251,8 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 16, seed: int = 
     else:
         quality = jg.ReferenceLikelihood(jg.decoder_reference(gens["base"]), "reference likelihood (base checkpoint)")
         notes.append("no judge server: quality is the base checkpoint's likelihood, which favours base-like text")
-    judges, calibrations, pairs = build_judges(work, quality, embedders)
-    tagger, extract = distilled_extractor(os.path.join(work, "distilled.npz"))
+    judges, calibrations, pairs = build_judges(shared, quality, embedders)
+    tagger, extract = distilled_extractor(os.path.join(shared, "distilled.npz"))
     judges["annotator"] = jg.AttributeJudge(extract, tuple(tagger.keys), "training annotator (distilled from the "
                                             "LLM annotator's tags)", independent=False)
     llm, reliability = None, None
@@ -291,7 +294,7 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 16, seed: int = 
               "judges": judge_records(all_judges, quality), "calibration": calibrations,
               "llm_reliability": reliability, "models": models, "sweep": sweep, "notes": notes}
     if ability:
-        with open(os.path.join(work, "data", "cloze.jsonl"), encoding="utf-8") as f:
+        with open(os.path.join(shared, "data", "cloze.jsonl"), encoding="utf-8") as f:
             questions = [json.loads(line) for line in f if line.strip()]
         task_dir = ab.write_mc_task(os.path.join(work, "ability_task"), CLOZE_TASK, questions)
         from megatron_anchor.export import export_checkpoint
@@ -308,6 +311,7 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 16, seed: int = 
                                                                  "attribute_entropy")]
     report["gap_closed"] = {k: gap_closed(*(models[m]["headline"].get(k) for m, _, _ in MODELS)) for k in keys}
     report["targets"] = check_targets(report)
+    report["shared"] = shared
     _finish(work, report)
     return report
 
@@ -435,16 +439,19 @@ def _finish(work: str, report: Dict) -> None:
 
 
 def write_markdown(work: str) -> str:
-    """``WORK/report.md`` from ``report.json``, ``tags.json`` and the stage times (rerun after the last stage)."""
+    """``WORK/report.md`` from ``report.json``, the tag report and the stage times, the shared stages' first
+    (rerun after the last stage)."""
     from megatron_anchor.outputs import write_text
 
     with open(os.path.join(work, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
+    shared = report.get("shared") or work
     tags = None
-    if os.path.exists(os.path.join(work, "tags.json")):
-        with open(os.path.join(work, "tags.json"), encoding="utf-8") as f:
+    if os.path.exists(os.path.join(shared, "tags.json")):
+        with open(os.path.join(shared, "tags.json"), encoding="utf-8") as f:
             tags = json.load(f)
-    text = format_report(report, tags, read_times(work)) + "\n"
+    times = read_times(shared) + (read_times(work) if os.path.realpath(shared) != os.path.realpath(work) else [])
+    text = format_report(report, tags, times) + "\n"
     write_text(os.path.join(work, "report.md"), text)
     return text
 
@@ -461,7 +468,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     m = sub.add_parser("markdown", help="rewrite WORK/report.md (with the stage times so far)")
     m.add_argument("--work", required=True)
     r = sub.add_parser("report", help="sample from three checkpoints, judge, export, measure ability")
-    r.add_argument("--work", required=True)
+    r.add_argument("--work", required=True, help="where the report goes (and its exports, samples, caches)")
+    r.add_argument("--shared", default=None, help="the folder with data/, distilled.npz and tags.json (default: "
+                                                  "--work)")
     r.add_argument("--base", required=True)
     r.add_argument("--standard", required=True)
     r.add_argument("--anchored", required=True)
@@ -492,7 +501,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     run_report(args.work, {"base": args.base, "standard": args.standard, "anchored": args.anchored}, args.n,
                args.seed, args.max_new_tokens, args.temperatures, 1.0, args.judge_url, args.judge_samples,
-               args.reliability_pairs, not args.no_ability, args.annotator_model, args.threads)
+               args.reliability_pairs, not args.no_ability, args.annotator_model, args.threads, args.shared)
     print(write_markdown(args.work))
     return 0
 
