@@ -212,16 +212,13 @@ def test_qwen3_midtraining_recipe_passes_the_trainer_checks(corpus_dir, tmp_path
     from tests.test_sft_preprocess import write_sft_jsonl
 
     sft = write_sft_jsonl(str(tmp_path / "sft.jsonl"), 400, seed=3)
-    import shutil
-
     from tools import import_hf
 
     work = tmp_path / "work"
     assert import_hf.main(["--input", hf, "--output", str(work / "imported"), "--add-annotation-tokens"]) == 0
-    # A dry run trains nothing: the imported checkpoint stands in for the mid-trained one the SFT stage loads.
-    shutil.copytree(work / "imported", work / "midtrained")
+    # A dry run trains nothing, so the SFT stage starts from the import (SFT_FROM, the no-mid-training ablation).
     env = {"DRY_RUN_TARGET": "gpu", "HF_MODEL": hf, "ANNOTATED_JSONL": str(corpus_dir / "annotated.jsonl"),
-           "SFT_JSONL": sft, "NPROC": "8", "GBS": "32", "SEQ_LENGTH": "256", "WORKERS": "1",
+           "SFT_FROM": str(work / "imported"), "SFT_JSONL": sft, "NPROC": "8", "GBS": "32", "SEQ_LENGTH": "256", "WORKERS": "1",
            "TOKENS": "40000", "CHAT_TEMPLATE": "plain"}
     out = _run("gpu/midtrain_qwen3.sh", tmp_path, env, str(work))
     mid, anchored, standard = _configs(out)
@@ -232,7 +229,8 @@ def test_qwen3_midtraining_recipe_passes_the_trainer_checks(corpus_dir, tmp_path
     arch = ("qk_layernorm", "padded_vocab_size", "kv_channels", "num_query_groups")
     for cfg in (anchored, standard):
         assert {k: cfg["model"][k] for k in arch} == {k: mid["model"][k] for k in arch}
-        assert cfg["checkpoint"]["load"].endswith("midtrained") and cfg["data"]["replay_share"] == 0.3
+        assert cfg["checkpoint"]["load"] == str(work / "imported") and cfg["data"]["replay_share"] == 0.3
+    assert not (work / "midtrained").exists()  # a dry run saves nothing, so a rerun would start from the import
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ def test_real_embeddings_with_the_calibrated_threshold_are_not_saturated():
 
     from megatron_anchor.data import demo_corpus as dc
     from megatron_anchor.eval.embed import load_embedder
-    from megatron_anchor.eval.quickstart import calibration_pairs
+    from megatron_anchor.data.demo_corpus import calibration_pairs
 
     embed = load_embedder()
     cal = calibrate_threshold(embed, *calibration_pairs(300))

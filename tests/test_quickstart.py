@@ -29,6 +29,7 @@ from megatron_anchor.data import demo_corpus as dc
 from megatron_anchor.eval.quickstart import format_table, gap_closed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "examples", "quickstart.sh")
 # Thresholds sit a few noise widths (~0.1 bit) below what the runs measured with the default replay (full size,
 # seed 0: tag entropy collapse 0.63 bit, anchored advantage 0.58 bit, 93% of the gap closed, 98% of annotations
 # well formed, 98% of responses following them; without replay the collapse was 0.95 bit).
@@ -65,6 +66,136 @@ def test_corpus_shape(tmp_path):
         sft = [json.loads(line) for line in f]
     assert {dict(annotate_text(s["response"]))["topic"] for s in sft} == set(dc.SFT_TOPICS)
     assert {s["prompt"] for s in sft} <= set(dc.SFT_PROMPTS)
+
+
+def test_calibration_pairs_are_held_out(tmp_path):
+    """The distinct-class threshold is calibrated on chunks that no model trained on or is scored against."""
+    from megatron_anchor.eval.judges import read_calibration_pairs
+
+    paths = dc.write_demo_corpus(str(tmp_path), documents=200, sft_samples=50, seed=1, calibration=300)
+    seen = dc.corpus_chunks(str(tmp_path))
+    same, different = read_calibration_pairs(paths["calibration"])
+    assert len(same) == len(different) == 300
+    assert not {c for pair in same + different for c in pair} & seen
+    # A chunk the corpus holds is never drawn: exclude every chunk of the first draws and they change.
+    first, _ = dc.calibration_pairs(5)
+    again, _ = dc.calibration_pairs(5, exclude={c for pair in first for c in pair})
+    assert not {c for pair in first for c in pair} & {c for pair in again for c in pair}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": "x", "b": "y", "same": true}\n{"a": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        read_calibration_pairs(str(bad))
+
+
+def test_the_split_adapts_to_the_number_of_sequences():
+    from megatron_anchor.eval.quickstart import adaptive_split
+
+    assert adaptive_split(12000) == "11760,240,0"  # 2%, as the old fixed 98,2,0
+    assert adaptive_split(15) == "14,1,0"  # the packed SFT set of 100 samples: at least one sequence
+    assert adaptive_split(7) is None  # too few to hold any out: validation skipped
+    with pytest.raises(ValueError, match="no sequences"):
+        adaptive_split(0)
+    for n in (8, 9, 49, 50, 51, 99, 1000, 10 ** 7):  # megatron-core's rounding gives each split what was asked
+        train, valid, _ = map(int, adaptive_split(n).split(","))
+        assert valid >= 1 and train + valid == n and int(round(valid / n * n)) == valid
+
+
+def test_knobs_refuse_bad_values_by_name():
+    from megatron_anchor.eval.quickstart import KNOBS, check_knobs
+
+    assert check_knobs({k.name: k.small for k in KNOBS}) == []
+    errors = check_knobs({"N": "1", "TEMPS": "0.7 x", "SFT_REPLAY": "1", "DOCS": "0", "PRE_ITERS": "2.5",
+                          "SFT_REPLAY_POLICY": "text", "NO_SUCH": "1", "SEED": ""})
+    assert [e.split(":")[0] for e in errors] == ["N=1", "TEMPS=0.7 x", "SFT_REPLAY=1", "DOCS=0", "PRE_ITERS=2.5",
+                                                 "SFT_REPLAY_POLICY=text", "NO_SUCH"]
+
+
+def test_every_knob_is_documented_and_checked_by_the_script():
+    from megatron_anchor.eval.quickstart import KNOBS
+
+    script = open(QUICKSTART).read()
+    header = script.split("set -euo pipefail")[0]
+    check = script[script.index("quickstart knobs"):].split("\nmkdir")[0]
+    for knob in KNOBS:
+        assert knob.name in header, f"{knob.name} is not documented in the script's header"
+        assert f'{knob.name}="$' in check, f"the script does not check {knob.name}"
+
+
+def _dry_run(tmp_path, env):
+    from tests.test_examples import _configs
+
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "DRY_RUN": "1", **env}
+    r = subprocess.run(["bash", QUICKSTART, str(tmp_path / "qs")], env=full, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r.stdout + r.stderr, _configs(r.stdout)
+
+
+def test_dry_run_with_every_knob_small(tmp_path):
+    """Every knob at a small value at once: the data stages run for real, the trainer checks each launch (flags,
+    data, splits) and the report its inputs; validation adapts to tiny datasets or is skipped with a line."""
+    from megatron_anchor.eval.quickstart import KNOBS
+
+    small = {k.name: k.small for k in KNOBS}
+    out, configs = _dry_run(tmp_path, small)
+    pre, std, anc = configs
+    assert pre["training"]["train_iters"] == 3 and pre["training"]["lr_warmup_iters"] == 0
+    assert pre["model"]["position_embedding_type"] == "learned_absolute"  # ARCH=gpt2
+    assert pre["model"]["hidden_dropout"] == pre["model"]["attention_dropout"] == 0.05
+    assert pre["training"]["lr"] == 1e-4 and pre["training"]["min_lr"] == pytest.approx(1e-5)
+    import sentencepiece as spm
+
+    assert spm.SentencePieceProcessor(model_file=str(tmp_path / "qs" / "tokenizer.model")).get_piece_size() == 400
+    assert pre["data"]["split"] == "59,1,0"  # 60 documents: one for validation
+    for cfg, policy in ((std, "sft-standard"), (anc, "sft-anchored")):
+        assert cfg["training"]["train_iters"] == 1 and cfg["training"]["lr"] == 1e-6
+        assert cfg["training"]["loss_mask_policy"] == policy and cfg["data"]["replay_share"] == 0.05
+        assert cfg["data"]["split"] == "1,0,0", cfg["data"]  # one packed sequence: no validation
+        assert cfg["training"]["seed"] == 3 and cfg["data"]["reset_position_ids"]  # learned positions restart
+    assert anc["training"]["replay_loss_mask_policy"] == "pretrain-text"
+    assert out.count("validation skipped:") == 2
+    assert "report (dry run): 32 held-out prompts x 2 samples x 2 temperatures (0.5, 1)" in out
+
+
+def test_dry_run_of_a_small_run_that_once_stopped_at_sft(tmp_path):
+    """100 SFT samples pack into a dozen or two sequences: a fixed 98,2,0 split left validation empty and the
+    trainer refused it; the split now holds one sequence out."""
+    from megatron_anchor.data.indexed import read_index_header
+
+    out, configs = _dry_run(tmp_path, {"DOCS": "2000", "PRE_ITERS": "60", "SFT_ITERS": "5", "SFT_SAMPLES": "100",
+                                       "N": "4"})
+    sizes = [read_index_header(str(tmp_path / "qs" / f"sft_{k}_text_document.idx")).sequence_count
+             for k in ("standard", "anchored")]
+    assert all(8 <= n < 25 for n in sizes), sizes  # 2% of them rounds to no sequence at all
+    assert [c["data"]["split"] for c in configs] == ["1960,40,0"] + [f"{n - 1},1,0" for n in sizes]
+    assert configs[0]["training"]["lr_warmup_iters"] == 6
+    for cfg in configs:  # the defaults: Llama-shaped, no dropout; RoPE needs no position reset in SFT
+        assert cfg["model"]["position_embedding_type"] == "rope" and cfg["model"]["swiglu"]
+        assert cfg["model"]["hidden_dropout"] == 0 and not cfg["data"]["reset_position_ids"]
+
+
+def test_the_tokenizer_keeps_every_topic_word_whole(tmp_path):
+    """The quickstart's tokenizer (its default vocabulary size, trained on text and annotation text as stage 3 does)
+    encodes every topic cue word as one piece: a topic word spelled letter by letter shares its first pieces with
+    other topics' words, and responses on those topics follow their annotation less."""
+    import sentencepiece as spm
+
+    from megatron_anchor.eval.quickstart import write_tokenizer_text
+    from megatron_anchor.tokenizer.train import train_sentencepiece
+    from tools import annotate
+
+    from megatron_anchor.eval.studies import quickstart_default
+
+    vocab = int(quickstart_default("VOCAB"))
+    paths = dc.write_demo_corpus(str(tmp_path), documents=12000, sft_samples=10, seed=0, calibration=1)
+    assert annotate.main(["--input", paths["raw"], "--output", str(tmp_path / "annotated.jsonl"), "--no-progress"]) == 0
+    write_tokenizer_text(str(tmp_path / "annotated.jsonl"), str(tmp_path / "text.jsonl"))
+    with open(tmp_path / "text.jsonl") as f:
+        model = train_sentencepiece((json.loads(line)["text"] for line in f), str(tmp_path / "tok"), vocab)
+    sp = spm.SentencePieceProcessor(model_file=model)
+    split = [w for words in dc.TOPICS.values() for w in words if len(sp.encode_as_pieces(" " + w)) > 1]
+    assert split in ([], ["journey"]), split  # 'j' is too rare a letter to get a piece of its own
 
 
 def test_gap_closed():

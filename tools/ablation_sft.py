@@ -29,8 +29,6 @@ import json
 import os
 import random
 import re
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -40,10 +38,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_anchor.bounds import ranged  # noqa: E402
+from megatron_anchor.eval.studies import QUICKSTART, quickstart_default, run_quickstart  # noqa: E402,F401
 from megatron_anchor.outputs import atomic_path, atomic_write, write_json, write_text  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(REPO, "examples", "quickstart.sh")
 
 
 @dataclass(frozen=True)
@@ -90,44 +86,9 @@ TAG, TOPIC, EMB, DISTINCT = ("annotator:attribute_entropy", "annotator:entropy_t
                              "distinct:distinct")
 
 
-def quickstart_default(name: str) -> str:
-    """The default the quickstart script gives its setting ``name`` (``NAME="${NAME:-VALUE}"``): the script is the
-    one place that holds it. Raises when the script no longer spells it that way."""
-    with open(QUICKSTART, encoding="utf-8") as f:
-        m = re.search(rf'^{name}="\$\{{{name}:-([^}}]*)\}}"', f.read(), re.M)
-    if m is None:
-        raise RuntimeError(f"{QUICKSTART} no longer sets {name} as {name}=\"${{{name}:-DEFAULT}}\"; update "
-                           "tools/ablation_sft.py")
-    return m.group(1)
-
-
 def default_pre_iters() -> int:
     """The base pretraining length the quickstart would use here ($PRE_ITERS, else its script's default)."""
     return int(os.environ.get("PRE_ITERS") or quickstart_default("PRE_ITERS"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_quickstart(work: str, env: Dict[str, str], log_path: str) -> None:
-    """Run the quickstart into ``work`` with ``env`` on top of ours; raise with the log's tail on failure."""
-    os.makedirs(work, exist_ok=True)
-    # One thread per process: on a shared machine a multi-threaded torch spends its time spinning (the report's
-    # sampling ran 8x faster with one thread on a loaded 2-core machine); torchrun sets it for training anyway.
-    full = {"OMP_NUM_THREADS": "1", **os.environ, "MASTER_PORT": str(_free_port()), "PYTHONUNBUFFERED": "1", **env}
-    full["PYTHONPATH"] = REPO + os.pathsep + full.get("PYTHONPATH", "")
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(f'{k}={v}' for k, v in env.items())}\n")
-        log.flush()
-        r = subprocess.run(["bash", QUICKSTART, os.path.abspath(work)], env=full, stdout=log,
-                           stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"quickstart failed in {work} (exit {r.returncode}); log {log_path}:\n{tail}")
 
 
 def _base_ready(base: str) -> bool:
@@ -139,7 +100,7 @@ def ensure_base(out: str, seed: int, pre_iters: int) -> str:
     """The seed's data and base checkpoint, pretrained for ``pre_iters`` iterations (built once)."""
     base = os.path.join(out, f"seed{seed}", "base")
     if not _base_ready(base):
-        _run_quickstart(base, {"SEED": str(seed), "SFT_ITERS": "0", "PRE_ITERS": str(pre_iters)},
+        run_quickstart(base, {"SEED": str(seed), "SFT_ITERS": "0", "PRE_ITERS": str(pre_iters)},
                         os.path.join(out, f"seed{seed}", "base.log"))
     return base
 
@@ -212,7 +173,7 @@ def run_point(out: str, seed: int, setting: Setting, length: int, n: int, pre_it
                "SFT_INPUT": os.path.abspath(sft_input(base, setting.sft_factor, seed)),
                # One temperature, no export or lm-eval per point: the ablation measures diversity and binding.
                "TEMPS": "1.0", "ABILITY": "0"}
-        _run_quickstart(work, env, os.path.join(work, "run.log"))
+        run_quickstart(work, env, os.path.join(work, "run.log"))
     with open(report_path, encoding="utf-8") as f:
         report = json.load(f)
     return result_row(report, seed, setting, length)
@@ -381,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", nargs="+", default=None,
                    help="names of the settings to run (default all: " + "; ".join(s.name for s in DEFAULT_SETTINGS)
                         + ")")
-    p.add_argument("--n", default=32, **ranged(int, "samples per held-out prompt (default 32)", ge=2))
+    p.add_argument("--n", default=None, **ranged(int, "samples per held-out prompt (default: the quickstart's N)",
+                                                  ge=2))
     p.add_argument("--pre-iters", default=None, **ranged(
         int, "pretraining iterations of each seed's base checkpoint (default: the quickstart's, $PRE_ITERS or its "
              "script's default); one value per --out, recorded in OUT/ablation.json", ge=1))
@@ -408,6 +370,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for seed, s, length in points:
             print(f"seed {seed} | {s.name} | {length} iterations -> {point_dir(args.out, seed, s, length)}")
         return 0
+    if args.n is None:
+        args.n = int(quickstart_default("N"))
     if args.pre_iters is None:  # what the quickstart itself would pretrain for
         args.pre_iters = default_pre_iters()
     if args.pre_iters < 1:

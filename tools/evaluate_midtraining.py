@@ -19,6 +19,8 @@ from typing import List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_anchor.bounds import Bounds, flag_type  # noqa: E402  (standard library only)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The tool's flags."""
@@ -27,31 +29,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="the imported checkpoint (or exported folder)")
     p.add_argument("--model", required=True, help="the mid-trained checkpoint (or exported folder)")
     p.add_argument("--heldout", required=True, help="raw JSONL of held-out documents")
-    p.add_argument("--seq-length", type=int, default=256, help="window of the held-out loss (default 256)")
-    p.add_argument("--n", type=int, default=4, help="anchored samples per chunk start (default 4)")
-    p.add_argument("--chunks-per-document", type=int, default=4, help="chunk starts per held-out document")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq-length", type=flag_type(int, Bounds(ge=2)), default=256,
+                   help="window of the held-out loss (default 256) [>= 2]")
+    p.add_argument("--n", type=flag_type(int, Bounds(ge=1)), default=4,
+                   help="anchored samples per chunk start (default 4) [>= 1]")
+    p.add_argument("--chunks-per-document", type=flag_type(int, Bounds(ge=1)), default=4,
+                   help="chunk starts per held-out document (default 4) [>= 1]")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--output", default=None, help="write the report as JSON here too")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Print the report (JSON). Returns 0."""
+    """Print the report (JSON). Returns 0, or 2 on bad input (the message names the flag and file)."""
     import torch
 
     from megatron_anchor.eval.midtrain import heldout_texts, midtraining_report
+    from megatron_anchor.inference.checkpoint import CheckpointError
     from megatron_anchor.inference.generator import load_any
+    from megatron_anchor.outputs import OutputError, atomic_write, check_outputs, require_input
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    report = midtraining_report(load_any(args.base), load_any(args.model), heldout_texts(args.heldout),
-                                args.seq_length, args.n, args.chunks_per_document, args.seed)
+    try:
+        # Every input and the output are checked before either model is loaded (minutes for a real model).
+        check_outputs([("--output", args.output)], [("--heldout", args.heldout)])
+        require_input(args.heldout, "--heldout")
+        texts = heldout_texts(args.heldout)
+        models = {}
+        for flag, path in (("--base", args.base), ("--model", args.model)):
+            try:
+                models[flag] = load_any(path)
+            except (OSError, ValueError, CheckpointError) as exc:
+                raise CheckpointError(f"{flag} {path}: {exc}") from None
+    except (OSError, ValueError, CheckpointError, OutputError) as exc:
+        parser.error(str(exc))
+    base, model = models["--base"], models["--model"]
+    report = midtraining_report(base, model, texts, args.seq_length, args.n, args.chunks_per_document, args.seed)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        with open(args.output + ".tmp", "w", encoding="utf-8") as f:
+        with atomic_write(args.output) as f:
             f.write(text + "\n")
-        os.replace(args.output + ".tmp", args.output)
     return 0
 
 

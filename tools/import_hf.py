@@ -23,6 +23,8 @@ from typing import List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_anchor.bounds import Bounds, flag_type  # noqa: E402  (standard library only)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The tool's flags."""
@@ -35,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-annotation-tokens", action="store_true",
                    help="add the annotation delimiters to the tokenizer as special tokens, with embedding and "
                         "output rows initialised to the mean of the existing rows")
-    p.add_argument("--seq-length", type=int, default=None,
-                   help="sequence length recorded in run_config.yaml (default: the model's context, at most 4096)")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="pad grown vocabularies to a multiple of this (default 128, Megatron-LM's)")
+    p.add_argument("--seq-length", type=flag_type(int, Bounds(ge=1)), default=None,
+                   help="sequence length recorded in run_config.yaml (default: the model's context, at most 4096) "
+                        "[>= 1]")
+    p.add_argument("--make-vocab-size-divisible-by", type=flag_type(int, Bounds(ge=1)), default=128,
+                   help="pad grown vocabularies to a multiple of this (default 128, Megatron-LM's) [>= 1]")
     p.add_argument("--eod-token", default=None,
                    help="end-of-document token text (default: the tokenizer's eos_token)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
@@ -49,11 +52,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Import; prints a JSON summary. Returns 0, or 2 when the folder is refused."""
     from megatron_anchor.hf_import import ImportRefused, import_hf
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     src = args.input
     if src.endswith(".gguf"):
         from megatron_anchor.hf_import.gguf import gguf_to_hf_folder
+        from megatron_anchor.outputs import require_input
 
+        try:
+            require_input(src, "--input")
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
         src = gguf_to_hf_folder(src, args.output.rstrip("/") + "_hf")
     try:
         summary = import_hf(src, args.output, add_annotation_tokens=args.add_annotation_tokens,

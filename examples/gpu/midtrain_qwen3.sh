@@ -14,6 +14,8 @@
 #   HF_MODEL (required), PARAMS (parameters, default 0.6e9; 1.7e9 for Qwen3-1.7B-Base)
 #   ANNOTATED_JSONL (required): the corpus annotated by tools/annotate.py (the vLLM annotator on a cluster)
 #   SFT_JSONL: SFT data for the SFT stage (skipped when unset); CHAT_TEMPLATE (chatml), ANNOTATOR_URLS as there
+#   SFT_FROM: the checkpoint both SFT runs start from (default WORKDIR/midtrained; WORKDIR/imported is the
+#     no-mid-training ablation)
 #   PLAIN_SHARE (0.25): share of the blend that is the same documents without annotations (keeps the base's text
 #     ability while the annotations are learned; docs/import.md)
 #   NPROC (8), GBS (256), SEQ_LENGTH (4096), LR (3e-5, cosine to LR/10 after 2% warm-up), WORKERS (16),
@@ -64,8 +66,9 @@ run_training "$WORK/midtrained" torchrun --nproc-per-node "$NPROC" pretrain_anch
   --save "$WORK/midtrained" --save-interval 500 --tensorboard-dir "$WORK/tb_midtrain"
 
 if [[ -n "${SFT_JSONL:-}" ]]; then
-  echo "== 4. anchored SFT and the standard baseline from the mid-trained model (same architecture record)"
+  SFT_FROM="${SFT_FROM:-$WORK/midtrained}"
+  echo "== 4. anchored SFT and the standard baseline from $SFT_FROM (same architecture record)"
   MODEL_SIZE=checkpoint TOKENIZER_TYPE=HuggingFaceTokenizer TOKENIZER_MODEL="$WORK/imported/tokenizer" \
     REPLAY_DATA="$WORK/ann_text_document" REPLAY_DATA_PLAIN="$WORK/plain_text_document" \
-    SEQ_LENGTH="$SEQ_LENGTH" NPROC="$NPROC" bash examples/gpu/sft_anchored.sh "$WORK/midtrained" "$SFT_JSONL" "$WORK/sft"
+    SEQ_LENGTH="$SEQ_LENGTH" NPROC="$NPROC" bash examples/gpu/sft_anchored.sh "$SFT_FROM" "$SFT_JSONL" "$WORK/sft"
 fi

@@ -19,8 +19,9 @@ the topic the response is about; template words are chosen to be no cue word at 
 from __future__ import annotations
 
 import json
+import os
 import random
-from typing import Dict, Iterator, List, Sequence
+from typing import AbstractSet, Dict, Iterable, Iterator, List, Sequence, Set, Tuple
 
 # Cue words of each annotator topic (a chunk uses three of its topic's words and none of another's).
 TOPICS: Dict[str, List[str]] = {
@@ -63,8 +64,17 @@ SFT_PROMPTS = [
 HELDOUT_PROMPTS = [
     "Please write a paragraph.", "Could you tell me something?", "Write me a brief piece.",
     "Offer a few sentences.", "Jot down a short note.", "Say a few words.", "Share something with me.",
-    "Now write some lines.",
+    "Now write some lines.", "Put together a short text.", "Write two or three sentences.",
+    "Give me one short passage.", "Tell me anything at all.", "Draft a small paragraph.", "Pen a few lines for me.",
+    "Write whatever comes to mind.", "Let me read something short.", "Come up with a brief passage.",
+    "Produce a couple of sentences.", "Type out a short paragraph.", "Make up a few lines.",
+    "Could you write a little?", "Show me a short piece.", "Write a small note for me.",
+    "Give me some words to read.", "Please share a short passage.", "Tell me something short.",
+    "Write a handful of sentences.", "Jot something down for me.", "Could you compose a few lines?",
+    "Offer me a brief paragraph.", "Put a few sentences together.", "Write a line or two.",
 ]
+"""32 phrasings: the distinct-class judge counts classes per prompt, so the mean over prompts moves in steps of
+1/32 of a class (with 8 prompts one class on one prompt moved it by 1/8)."""
 
 # The narrow slice SFT responses are drawn from.
 SFT_TOPICS = ("cooking", "travel", "music")
@@ -109,25 +119,88 @@ def pretraining_documents(n: int, seed: int = 0, instruction_share: float = 0.1)
         yield pretraining_document(rng, instruction_share)
 
 
+CALIBRATION_SEED = 99
+"""One stream of calibration pairs for every corpus seed, so thresholds are comparable across seeds."""
+
+
+def calibration_pairs(n: int = 1000, seed: int = CALIBRATION_SEED,
+                      exclude: AbstractSet[str] = frozenset()) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
+    """Labelled pairs of designed chunks for the distinct-class threshold: ``n`` ``same`` pairs (one topic and
+    genre; names, places and words differ) and ``n`` ``different`` ones (another topic). The labels are the corpus
+    design, not any model's or annotator's output. No chunk of a pair is in ``exclude`` (the corpus's own chunks:
+    :func:`write_demo_corpus` passes every chunk it wrote), so the judge is calibrated on held-out text only.
+    Time O(n); raises ValueError if ``exclude`` leaves a topic and genre almost no fresh chunk."""
+    rng = random.Random(seed)
+    topics, genres = list(TOPICS), list(TEMPLATES)
+
+    def fresh(topic: str, genre: str) -> str:
+        for _ in range(1000):
+            text = chunk(rng, topic, genre)
+            if text not in exclude:
+                return text
+        raise ValueError(f"no held-out chunk of topic {topic!r} and genre {genre!r} in 1000 draws: the corpus "
+                         "holds nearly every chunk the design can make")
+
+    same, different = [], []
+    for _ in range(n):
+        t, g = rng.choice(topics), rng.choice(genres)
+        same.append((fresh(t, g), fresh(t, g)))
+        other = rng.choice([x for x in topics if x != t])
+        different.append((fresh(t, g), fresh(other, rng.choice(genres))))
+    return same, different
+
+
+def _write_jsonl(path: str, rows: Iterable[Dict]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 def write_demo_corpus(out_dir: str, documents: int, sft_samples: int, seed: int = 0,
-                      instruction_share: float = 0.1) -> Dict[str, str]:
-    """Write ``raw.jsonl`` (pretraining), ``sft.jsonl`` (train), ``sft_heldout.jsonl`` (held-out prompts with
-    one in-distribution reference response each, for the loss column) and ``prompts.jsonl`` (held-out
-    prompts for sampling) under ``out_dir``; returns their paths by name."""
-    paths = {k: f"{out_dir}/{k}.jsonl" for k in ("raw", "sft", "sft_heldout", "prompts")}
-    with open(paths["raw"], "w", encoding="utf-8") as f:
-        for i, text in enumerate(pretraining_documents(documents, seed, instruction_share)):
-            f.write(json.dumps({"id": f"doc-{i}", "text": text}) + "\n")
+                      instruction_share: float = 0.1, calibration: int = 1000) -> Dict[str, str]:
+    """Write under ``out_dir`` (each file under a temporary name first) and return their paths by name:
+    ``raw.jsonl`` (pretraining), ``sft.jsonl`` (train), ``sft_heldout.jsonl`` (held-out prompts with
+    in-distribution reference responses, for the loss column), ``prompts.jsonl`` (held-out prompts for sampling)
+    and ``calibration.jsonl`` (``calibration`` same-class and as many different-class pairs ``{"a", "b", "same"}``
+    of chunks that are in none of the other files, for the distinct-class threshold; the format
+    ``tools/evaluate_diversity.py --calibration-pairs`` reads). Memory: the set of the corpus's distinct chunks."""
+    paths = {k: f"{out_dir}/{k}.jsonl" for k in ("raw", "sft", "sft_heldout", "prompts", "calibration")}
+    seen = set()
+    raw = []
+    for i, text in enumerate(pretraining_documents(documents, seed, instruction_share)):
+        seen.update(text.split("\n\n"))
+        raw.append({"id": f"doc-{i}", "text": text})
+    _write_jsonl(paths["raw"], raw)
     rng = random.Random(seed + 1)
-    with open(paths["sft"], "w", encoding="utf-8") as f:
-        for _ in range(sft_samples):
-            f.write(json.dumps(sft_sample(rng)) + "\n")
-    with open(paths["sft_heldout"], "w", encoding="utf-8") as f:
-        for i in range(4 * len(HELDOUT_PROMPTS)):
-            s = sft_sample(rng)
-            s["prompt"] = HELDOUT_PROMPTS[i % len(HELDOUT_PROMPTS)]
-            f.write(json.dumps(s) + "\n")
-    with open(paths["prompts"], "w", encoding="utf-8") as f:
-        for i, p in enumerate(HELDOUT_PROMPTS):
-            f.write(json.dumps({"id": f"heldout-{i}", "prompt": p}) + "\n")
+    sft = [sft_sample(rng) for _ in range(sft_samples)]
+    heldout = [{**sft_sample(rng), "prompt": HELDOUT_PROMPTS[i % len(HELDOUT_PROMPTS)]}
+               for i in range(4 * len(HELDOUT_PROMPTS))]
+    seen.update(s["response"] for s in sft + heldout)
+    _write_jsonl(paths["sft"], sft)
+    _write_jsonl(paths["sft_heldout"], heldout)
+    _write_jsonl(paths["prompts"], ({"id": f"heldout-{i}", "prompt": p} for i, p in enumerate(HELDOUT_PROMPTS)))
+    write_calibration(paths["calibration"], seen, calibration)
     return paths
+
+
+def write_calibration(path: str, exclude: AbstractSet[str], n: int = 1000) -> str:
+    """:func:`calibration_pairs` with no chunk of ``exclude``, as JSONL ``{"a", "b", "same"}`` (written under a
+    temporary name first); returns ``path``."""
+    same, different = calibration_pairs(n, exclude=exclude)
+    _write_jsonl(path, [{"a": a, "b": b, "same": True} for a, b in same]
+                 + [{"a": a, "b": b, "same": False} for a, b in different])
+    return path
+
+
+def corpus_chunks(out_dir: str) -> Set[str]:
+    """Every chunk of a corpus :func:`write_demo_corpus` wrote under ``out_dir`` (pretraining chunks, SFT and
+    held-out reference responses): what calibration pairs must avoid. Memory: the distinct chunks."""
+    seen: Set[str] = set()
+    for name, key in (("raw", "text"), ("sft", "response"), ("sft_heldout", "response")):
+        with open(f"{out_dir}/{name}.jsonl", encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    seen.update(json.loads(line)[key].split("\n\n"))
+    return seen
+

@@ -24,6 +24,7 @@ Cost: embedding judges O(N) embeddings + O(N^2) similarities per prompt; LLM jud
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -351,3 +352,26 @@ def calibrate_threshold(embed: Callable[[Sequence[str]], np.ndarray], same: Sequ
             best, best_j = float(th), j
     return {"threshold": round(best, 3), "balanced_accuracy": round(best_j, 3),
             "same_pairs": len(same), "different_pairs": len(different)}
+
+
+def read_calibration_pairs(path: str) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
+    """``(same, different)`` pairs of a JSONL of labelled pairs ``{"a": text, "b": text, "same": true|false}`` (what
+    :func:`calibrate_threshold` takes); a bad line is a ValueError naming file and line. Memory: the pairs."""
+    same, different = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pair = (str(row["a"]), str(row["b"]))
+                is_same = row["same"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{n}: not a calibration pair {{\"a\", \"b\", \"same\"}} ({exc})") from None
+            if not isinstance(is_same, bool):
+                raise ValueError(f"{path}:{n}: \"same\" must be true or false, got {is_same!r}")
+            (same if is_same else different).append(pair)
+    if not same or not different:
+        raise ValueError(f"{path}: needs both same (true) and different (false) pairs; has {len(same)} and "
+                         f"{len(different)}")
+    return same, different

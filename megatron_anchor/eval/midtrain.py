@@ -19,9 +19,23 @@ import numpy as np
 
 
 def heldout_texts(path: str, text_key: str = "text") -> List[str]:
-    """The ``text`` of every line of a raw JSONL file."""
+    """The ``text`` of every line of a raw JSONL file; a ValueError names the file and line of a bad record, or
+    says the file holds none (one pass, the texts held in memory)."""
+    texts = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line)[text_key] for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                raise ValueError(f"{path}:{number}: a record needs a text field {text_key!r}")
+            texts.append(record[text_key])
+    if not texts:
+        raise ValueError(f"{path}: no held-out documents")
+    return texts
 
 
 def text_loss(gen, texts: Sequence[str], seq_length: int) -> float:

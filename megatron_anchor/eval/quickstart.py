@@ -11,7 +11,8 @@ and its ability?
 independent ones first (:mod:`megatron_anchor.eval.judges`):
 
 - ``distinct``: NoveltyBench's equivalence classes under all-MiniLM-L6-v2 with a cosine threshold calibrated on
-  labelled pairs of designed chunks (one class = same topic and genre; :func:`calibration_pairs`), and its
+  labelled pairs of designed chunks that no model trained on or is scored against (one class = same topic
+  and genre; :func:`megatron_anchor.data.demo_corpus.calibration_pairs`), and its
   utility with the quality judge;
 - ``embedding``: mean pairwise cosine distance (all-MiniLM-L6-v2);
 - ``llm`` (with ``--judge-url``): an LLM judge's attribute entropy (the Stories protocol), at the headline
@@ -36,10 +37,10 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -62,6 +63,9 @@ prompts keep different numbers of well-formed samples)."""
 FORMAT_KEYS = ("annotation_closed", "annotation_well_formed", "follows_annotation")
 """Format and binding shares copied onto each anchored model's row
 (:func:`megatron_anchor.eval.harness.format_columns`)."""
+MAX_ANNOTATION_TOKENS = 128
+"""Cap on a sampled annotation's tokens (the closing delimiter is forced there and the annotation counts as not
+closed)."""
 README_BEGIN = "<!-- quickstart-table:begin -->"
 README_END = "<!-- quickstart-table:end -->"
 PLOT_IN_REPO = os.path.join("docs", "images", "quickstart_pareto.png")
@@ -92,21 +96,18 @@ def response_loss(gen, samples: Sequence[dict], annotated: bool) -> float:
     return total / max(count, 1)
 
 
-def calibration_pairs(n: int = 1000, seed: int = 99) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
-    """Labelled pairs of designed chunks for the distinct-count threshold: ``same`` shares topic and genre (names,
-    places and words differ), ``different`` has another topic. The labels are the corpus design, not any
-    model's or annotator's output."""
+def held_out_calibration(work: str) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
+    """The labelled chunk pairs of the corpus's ``calibration.jsonl`` (written by the ``corpus`` stage from chunks
+    that are in no training or reference file). The corpus is where ``WORK/prompts.jsonl`` lives (a run reusing
+    a base links it); a corpus written before that file existed gets it now, from its own files."""
     from megatron_anchor.data import demo_corpus as dc
+    from megatron_anchor.eval.judges import read_calibration_pairs
 
-    rng = random.Random(seed)
-    topics, genres = list(dc.TOPICS), list(dc.TEMPLATES)
-    same, different = [], []
-    for _ in range(n):
-        t, g = rng.choice(topics), rng.choice(genres)
-        same.append((dc.chunk(rng, t, g), dc.chunk(rng, t, g)))
-        other = rng.choice([x for x in topics if x != t])
-        different.append((dc.chunk(rng, t, g), dc.chunk(rng, other, rng.choice(genres))))
-    return same, different
+    corpus = os.path.dirname(os.path.realpath(os.path.join(work, "prompts.jsonl")))
+    path = os.path.join(corpus, "calibration.jsonl")
+    if not os.path.exists(path):
+        dc.write_calibration(path, dc.corpus_chunks(corpus))
+    return read_calibration_pairs(path)
 
 
 def gap_closed(base: Optional[float], standard: Optional[float], anchored: Optional[float]) -> Optional[float]:
@@ -212,7 +213,7 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 32, seed: int = 
         heldout = [json.loads(line) for line in f if line.strip()]
     gens = {name: load_from_checkpoint([], checkpoints[key]) for name, key, _ in MODELS}
     embed = load_embedder()
-    calibration = jg.calibrate_threshold(embed, *calibration_pairs())
+    calibration = jg.calibrate_threshold(embed, *held_out_calibration(work))
     notes = []
     if judge_url:
         fn, ref_name = jg.server_reference(judge_url)
@@ -225,7 +226,7 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 32, seed: int = 
               "embedding": jg.EmbeddingDistanceJudge(embed), "annotator": jg.training_annotator_judge()}
     llm = jg.llm_attribute_judge([judge_url], jg.DEFAULT_ATTRIBUTES, cache_path=os.path.join(work, "judge.sqlite")) \
         if judge_url else None
-    params = SamplingParams(max_new_tokens=max_new_tokens, max_annotation_tokens=128)
+    params = SamplingParams(max_new_tokens=max_new_tokens, max_annotation_tokens=MAX_ANNOTATION_TOKENS)
     under_test = [ModelUnderTest(name, gens[name], mode) for name, _, mode in MODELS]
     samples = sample_sweep(under_test, prompts, n, temperatures, params, seed, _clean(gens["base"].template
                                                                                       .assistant_suffix),
@@ -267,6 +268,29 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 32, seed: int = 
     _write(os.path.join(work, "report.json"), json.dumps(report, indent=2))
     _write(os.path.join(work, "report.md"), format_table(report) + "\n")
     return report
+
+
+def measure_binding(work: str, checkpoint: str, n: int = 32, seed: int = 0, temperature: float = 1.0,
+                    max_new_tokens: int = 32, threads: int = 1) -> Dict:
+    """How well a checkpoint binds text to its annotation: N anchored samples per held-out prompt (the report's
+    sampling), and the shares of annotations closed and well formed and of responses following them
+    (:mod:`megatron_anchor.eval.binding`); written to ``WORK/binding.json``. Time: prompts x N samples."""
+    import torch
+
+    from megatron_anchor.eval.harness import FORMAT, ModelUnderTest, format_columns, sample_sweep
+    from megatron_anchor.inference import SamplingParams, read_prompts
+    from megatron_anchor.inference.generator import load_from_checkpoint
+
+    torch.set_num_threads(threads)
+    prompts = read_prompts(os.path.join(work, "prompts.jsonl"))
+    gen = load_from_checkpoint([], checkpoint)
+    params = SamplingParams(max_new_tokens=max_new_tokens, max_annotation_tokens=MAX_ANNOTATION_TOKENS)
+    rows = sample_sweep([ModelUnderTest("base", gen, "anchored")], prompts, n, [temperature], params, seed,
+                        _clean(gen.template.assistant_suffix))[("base", temperature)]
+    shares = {k[len(FORMAT) + 1:]: v for k, v in format_columns(rows).items()}
+    result = {"checkpoint": checkpoint, "prompts": len(prompts), "n": n, "temperature": temperature, **shares}
+    _write(os.path.join(work, "binding.json"), json.dumps(result, indent=2))
+    return result
 
 
 def plot_report(report: Dict, path: str) -> str:
@@ -327,38 +351,203 @@ def write_tokenizer_text(annotated: str, out: str) -> int:
     return n
 
 
+VALID_SHARE = 0.02
+"""Share of a dataset's sequences held out for validation (the script's old fixed ``--split 98,2,0``)."""
+MIN_SEQUENCES_FOR_VALIDATION = 8
+"""Below this many sequences validation is skipped: one held-out sequence would be an eighth of the data."""
+
+
+def adaptive_split(sequences: int, valid_share: float = VALID_SHARE,
+                   min_sequences: int = MIN_SEQUENCES_FOR_VALIDATION) -> Optional[str]:
+    """Trainer ``--split`` weights ``TRAIN,VALID,0`` that hold out ``valid_share`` of ``sequences`` for validation,
+    rounded, and at least one sequence, so no split is ever empty (megatron-core assigns ``round(weight share x
+    sequences)`` sequences to each); None when there are fewer than ``min_sequences`` (validation is then skipped:
+    ``--split 1,0,0``). A dataset without sequences is a ValueError."""
+    if sequences < 1:
+        raise ValueError("the dataset has no sequences")
+    if sequences < min_sequences:
+        return None
+    valid = max(1, round(sequences * valid_share))
+    return f"{sequences - valid},{valid},0"
+
+
+def split_flag(prefix: str, valid_share: float = VALID_SHARE) -> Tuple[str, str]:
+    """``(--split value, what it does)`` for the dataset ``PREFIX`` (its ``.idx`` header is read, O(1))."""
+    from megatron_anchor.data.indexed import read_index_header
+
+    n = read_index_header(prefix + ".idx").sequence_count
+    split = adaptive_split(n, valid_share)
+    if split is None:
+        return "1,0,0", (f"validation skipped: {prefix} holds {n} sequences (fewer than "
+                         f"{MIN_SEQUENCES_FOR_VALIDATION})")
+    return split, f"validation on {split.split(',')[1]} of {n} sequences of {prefix}"
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting ``examples/quickstart.sh`` reads from the environment (the script's header documents each)."""
+
+    name: str
+    """The environment variable."""
+    parse: Callable[[str], object]
+    """Checks a value: returns it parsed, raises ValueError saying what is wrong."""
+    small: str
+    """A small valid value: the knob test runs the script's dry run with every knob at it."""
+
+
+def _number(kind, low: float, high: Optional[float] = None, low_open: bool = False, high_open: bool = True):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if value < low or (low_open and value == low):
+            raise ValueError(f"must be {'above' if low_open else 'at least'} {low:g}, got {text}")
+        if high is not None and (value > high or (high_open and value == high)):
+            raise ValueError(f"must be {'below' if high_open else 'at most'} {high:g}, got {text}")
+        return value
+    return parse
+
+
+def _one_of(*choices: str):
+    def parse(text: str):
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+    return parse
+
+
+def _temperatures(text: str):
+    values = [_number(float, 0.0, low_open=True)(x) for x in text.split()]
+    if not values:
+        raise ValueError("needs at least one temperature")
+    return values
+
+
+KNOBS = (
+    Knob("DOCS", _number(int, 1), "60"),
+    Knob("PRE_ITERS", _number(int, 1), "3"),
+    Knob("SFT_SAMPLES", _number(int, 1), "4"),
+    Knob("SFT_ITERS", _number(int, 0), "1"),
+    Knob("SFT_LR", _number(float, 0.0, low_open=True), "1e-6"),
+    Knob("SFT_REPLAY", _number(float, 0.0, 1.0), "0.05"),
+    Knob("SFT_REPLAY_POLICY", _one_of("pretrain", "pretrain-text"), "pretrain-text"),
+    Knob("N", _number(int, 2), "2"),
+    Knob("SEED", _number(int, 0), "3"),
+    Knob("TEMPS", _temperatures, "0.5"),
+    Knob("JUDGE_SAMPLES", _number(int, 1), "1"),
+    Knob("UPDATE_README", _one_of("0", "1"), "0"),
+    Knob("ABILITY", _one_of("0", "1"), "0"),
+    Knob("DRY_RUN", _one_of("0", "1"), "1"),
+    Knob("JUDGE", _one_of("cpu"), ""),
+    Knob("ARCH", _one_of("llama", "gpt2"), "gpt2"),
+    Knob("DROPOUT", _number(float, 0.0, 1.0), "0.05"),
+    Knob("VOCAB", _number(int, 400), "400"),
+    Knob("PRE_LR", _number(float, 0.0, low_open=True), "1e-4"),
+)
+"""The script's numeric and choice settings, checked before any stage runs (paths and URLs are checked by the
+tools that read them: BASE, SFT_INPUT, ANNOTATOR, ANNOTATE_INPUT, JUDGE_URL)."""
+
+
+def check_knobs(values: Dict[str, str]) -> List[str]:
+    """``NAME=reason`` for every knob in ``values`` whose value :data:`KNOBS` refuses (empty when all are valid);
+    an unknown name is refused too. Empty values mean unset."""
+    by_name = {k.name: k for k in KNOBS}
+    errors = []
+    for name, value in values.items():
+        if name not in by_name:
+            errors.append(f"{name}: not a setting of the quickstart (known: {', '.join(by_name)})")
+        elif value != "":
+            try:
+                by_name[name].parse(value)
+            except ValueError as exc:
+                errors.append(f"{name}={value}: {exc}")
+    return errors
+
+
+def _arg(parse: Callable[[str], object]):
+    """An argparse type from a knob parser (argparse shows an ArgumentTypeError's own words)."""
+    def arg(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return arg
+
+
+def _at_least(low: int):
+    return _arg(_number(int, low))
+
+
+_positive_float = _arg(_number(float, 0.0, low_open=True))
+
+
+def check_report_inputs(work: str, n: int, temperatures: Sequence[float]) -> List[str]:
+    """What a ``report`` run would do, after checking the corpus files it reads (prompts, held-out references,
+    calibration pairs); raises ValueError naming a missing or bad file. The ``--dry-run`` of ``report``."""
+    from megatron_anchor.inference import read_prompts
+
+    prompts = read_prompts(os.path.join(work, "prompts.jsonl"))
+    path = os.path.join(work, "sft_heldout.jsonl")
+    with open(path, encoding="utf-8") as f:
+        for k, line in enumerate(f, 1):
+            if line.strip() and not {"prompt", "response"} <= set(json.loads(line)):
+                raise ValueError(f"{path}:{k}: needs 'prompt' and 'response'")
+    same, different = held_out_calibration(work)
+    return [f"{len(prompts)} held-out prompts x {n} samples x {len(temperatures)} temperatures "
+            f"({', '.join(f'{x:g}' for x in temperatures)}) from each of {', '.join(m for m, _, _ in MODELS)}",
+            f"distinct-class threshold from {len(same)} + {len(different)} held-out chunk pairs"]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """``corpus`` writes the designed corpus; ``report`` measures three checkpoints; ``readme`` updates README."""
+    """``corpus`` writes the designed corpus; ``split`` gives a dataset's ``--split``; ``report`` measures three
+    checkpoints (``--dry-run``: checks its inputs); ``readme`` updates README."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("corpus", help="write raw.jsonl, sft.jsonl, sft_heldout.jsonl, prompts.jsonl")
+    c = sub.add_parser("corpus", help="write raw.jsonl, sft.jsonl, sft_heldout.jsonl, prompts.jsonl, "
+                                      "calibration.jsonl")
     c.add_argument("--out-dir", required=True)
-    c.add_argument("--documents", type=int, default=6000)
-    c.add_argument("--sft-samples", type=int, default=600)
+    c.add_argument("--documents", type=_at_least(1), default=6000)
+    c.add_argument("--sft-samples", type=_at_least(1), default=600)
     c.add_argument("--instruction-share", type=float, default=0.1)
     c.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("tokenizer-text", help="tokenizer training text with the annotations' text included")
     t.add_argument("--annotated", required=True)
     t.add_argument("--output", required=True)
+    k = sub.add_parser("knobs", help="check the script's settings (NAME=VALUE ...); exit 2 naming each bad one")
+    k.add_argument("settings", nargs="*", metavar="NAME=VALUE")
+    s = sub.add_parser("split", help="print the trainer's --split for a dataset: about 2%% of its sequences (at "
+                                     "least one) for validation, none when it has too few (said on stderr)")
+    s.add_argument("--data", required=True, help="dataset prefix (PREFIX_text_document)")
     r = sub.add_parser("report", help="sample from three checkpoints, judge, export, measure ability")
     r.add_argument("--work", required=True, help="the corpus directory (prompts.jsonl, sft_heldout.jsonl)")
     r.add_argument("--base", required=True, help="base (pretraining) checkpoint directory")
     r.add_argument("--standard", required=True, help="standard-SFT checkpoint directory")
     r.add_argument("--anchored", required=True, help="anchored-SFT checkpoint directory")
-    r.add_argument("--n", type=int, default=32, help="samples per held-out prompt (default 32)")
+    r.add_argument("--n", type=_at_least(2), default=32,
+                   help="samples per held-out prompt (default 32; at least 2: diversity compares samples)")
     r.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i (default 0)")
     r.add_argument("--max-new-tokens", type=int, default=32, help="cap on response tokens (default 32)")
-    r.add_argument("--temperatures", type=float, nargs="+", default=[1.0],
+    r.add_argument("--temperatures", type=_positive_float, nargs="+", default=[1.0],
                    help="temperature sweep for the Pareto plot (default 1.0)")
-    r.add_argument("--headline-temperature", type=float, default=1.0,
+    r.add_argument("--headline-temperature", type=_positive_float, default=1.0,
                    help="the temperature of the table and the gap closed (default 1.0)")
     r.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible server (vLLM) of the LLM judge, also the quality reference model")
-    r.add_argument("--judge-samples", type=int, default=None,
+    r.add_argument("--judge-samples", type=_at_least(1), default=None,
                    help="LLM judge on the first K samples of each prompt only (default: all)")
     r.add_argument("--no-ability", action="store_true", help="skip the export and the lm-eval ability task")
-    r.add_argument("--ability-questions", type=int, default=200, help="questions of the ability task (200)")
-    r.add_argument("--threads", type=int, default=1, help="torch threads for sampling (default 1)")
+    r.add_argument("--ability-questions", type=_at_least(1), default=200,
+                   help="questions of the ability task (200)")
+    r.add_argument("--threads", type=_at_least(1), default=1, help="torch threads for sampling (default 1)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="check the corpus files and flags, print what would run, and exit (no checkpoint read)")
+    b = sub.add_parser("binding", help="anchored samples from one checkpoint on the held-out prompts: shares of "
+                                       "annotations closed and well formed and of responses following them")
+    b.add_argument("--work", required=True, help="the corpus directory (prompts.jsonl)")
+    b.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    b.add_argument("--n", type=_at_least(1), default=32, help="samples per held-out prompt (default 32)")
+    b.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i (default 0)")
     d = sub.add_parser("readme", help="put WORK/report.md into README.md and WORK/pareto.png into docs/images")
     d.add_argument("--work", required=True)
     d.add_argument("--readme", default="README.md")
@@ -375,6 +564,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.cmd == "readme":
         print(f"updated {update_readme(args.work, args.readme, os.path.dirname(os.path.abspath(args.readme)))}")
+        return 0
+    if args.cmd == "knobs":
+        values = dict(s.partition("=")[::2] for s in args.settings)
+        errors = check_knobs(values)
+        for e in errors:
+            print(f"quickstart: error: {e}", file=sys.stderr)
+        return 2 if errors else 0
+    if args.cmd == "binding":
+        print(json.dumps(measure_binding(args.work, args.checkpoint, args.n, args.seed)))
+        return 0
+    if args.cmd == "split":
+        split, what = split_flag(args.data)
+        print(what, file=sys.stderr)
+        print(split)
+        return 0
+    if args.dry_run:
+        temperatures = sorted({*args.temperatures, args.headline_temperature})
+        for line in check_report_inputs(args.work, args.n, temperatures):
+            print(f"report (dry run): {line}")
         return 0
     report = run_report(args.work, {"base": args.base, "standard": args.standard, "anchored": args.anchored},
                         args.n, args.seed, args.max_new_tokens, args.temperatures, args.headline_temperature,

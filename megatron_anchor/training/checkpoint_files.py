@@ -5,8 +5,9 @@ Loading a dist_checkpointing directory unpickles its ``.metadata`` and ``common.
 docs/trainer.md, "Trusted inputs"). What can be checked without unpickling is checked first, so a damaged or
 half-copied checkpoint gets an error that names the file instead of a deep exception from torch:
 
-- the files every checkpoint has (``metadata.json``, ``.metadata``, ``common.pt``, at least one ``.distcp``) exist
-  and are not empty, and ``metadata.json`` is JSON;
+- the files every checkpoint has (``metadata.json``, ``.metadata``, at least one ``.distcp``) exist and are not
+  empty, and ``metadata.json`` is JSON (``common.pt`` is not among them: megatron-core up to 0.16 writes the
+  common state there, 0.19 keeps it inside the ``torch_dist`` files; the manifest checks it where it was written);
 - every file listed in the manifest (:data:`MANIFEST`, written by the trainer at each save with every file's size)
   exists with exactly that size: a truncated or partly copied ``.distcp`` is caught here.
 
@@ -21,8 +22,9 @@ from typing import List
 
 MANIFEST = "checkpoint_files.json"
 """Written into every ``iter_XXXXXXX`` folder after its files: ``{"version": 1, "files": {name: size}}``."""
-REQUIRED = ("metadata.json", ".metadata", "common.pt")
-"""Files a megatron-core ``torch_dist`` checkpoint always has (besides its ``.distcp`` shards)."""
+REQUIRED = ("metadata.json", ".metadata")
+"""Files a megatron-core ``torch_dist`` checkpoint always has (besides its ``.distcp`` shards), in every
+megatron-core release setup.py admits (0.16.1 to 0.19)."""
 
 
 def read_errors() -> tuple:
