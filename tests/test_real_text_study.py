@@ -119,7 +119,7 @@ def test_small_study_runs_every_stage_with_real_components(tmp_path, vllm_server
     times = [line.split("\t")[0] for line in (work / "stage_times.tsv").read_text().splitlines()]
     for name in ("material", "llm-tags", "distill", "corpus-tags", "tokenizer", "sft-data", "tags", "pretrain",
                  "sft-standard", "sft-anchored", "report"):
-        assert name in times and f"== " in r.stdout and f"] {name}\n" in r.stdout, name
+        assert name in times and "== " in r.stdout and f"] {name}\n" in r.stdout, name
     assert "   $ python tools/annotate.py --annotator vllm" in r.stdout
     # The LLM really annotated: requests went to the server, and the rest was tagged by the distilled annotator.
     tags = json.loads((work / "tags.json").read_text())
