@@ -22,6 +22,8 @@ import subprocess
 import time
 from typing import Dict, List, Optional, Sequence
 
+from megatron_anchor.outputs import write_json, write_text
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(REPO, "examples", "quickstart.sh")
 
@@ -115,9 +117,8 @@ def binding_point(out: str, settings: Dict[str, str], seed: int, n: int) -> Dict
         if not base_finished(work, pre_iters):
             load, start = _load(), time.time()
             run_quickstart(work, {**settings, "SEED": str(seed), "SFT_ITERS": "0"}, os.path.join(work, "run.log"))
-            with open(timing + ".tmp", "w", encoding="utf-8") as f:
-                json.dump({"base_minutes": (time.time() - start) / 60, "load_before": load, "load_after": _load()}, f)
-            os.replace(timing + ".tmp", timing)
+            write_json(timing, {"base_minutes": (time.time() - start) / 60, "load_before": load,
+                                "load_after": _load()})
         measure_binding(work, os.path.join(work, "ck_base"), n, seed)
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
@@ -125,9 +126,7 @@ def binding_point(out: str, settings: Dict[str, str], seed: int, n: int) -> Dict
             with open(timing, encoding="utf-8") as f:
                 record.update(json.load(f))
         record.update(seed=seed, variant=variant_name(settings), settings=settings)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json(path, record, indent=2)
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -173,8 +172,5 @@ def binding_table(rows: Sequence[Dict]) -> str:
 def write_table(out: str) -> str:
     """``OUT/binding.md`` from every finished point (written under a temporary name first); returns the table."""
     table = binding_table(finished_points(out))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "binding.md.tmp"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    os.replace(os.path.join(out, "binding.md.tmp"), os.path.join(out, "binding.md"))
+    write_text(os.path.join(out, "binding.md"), table + "\n")
     return table
