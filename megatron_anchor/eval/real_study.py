@@ -232,9 +232,8 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 16, seed: int = 
     from megatron_anchor.eval import judges as jg
     from megatron_anchor.eval.binding import embedding_follows
     from megatron_anchor.eval.embed import load_embedder
-    from megatron_anchor.eval.harness import FORMAT, ModelUnderTest, judge_records, judge_responses, judge_rows, \
-        sample_sweep
-    from megatron_anchor.eval.quickstart import _clean
+    from megatron_anchor.eval.harness import FORMAT, ModelUnderTest, judge_records, study_sweep
+    from megatron_anchor.eval.quickstart import _clean, quality_judge
     from megatron_anchor.inference import SamplingParams, read_prompts
     from megatron_anchor.inference.generator import load_from_checkpoint
 
@@ -245,12 +244,7 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 16, seed: int = 
     gens = {name: load_from_checkpoint([], checkpoints[key]) for name, key, _ in MODELS}
     embedders = {"minilm": load_embedder(), "mpnet": load_embedder(mpnet_folder(), batch_size=16)}
     notes = []
-    if judge_url:
-        fn, ref_name = jg.server_reference(judge_url)
-        quality = jg.ReferenceLikelihood(fn, f"reference likelihood ({ref_name})")
-    else:
-        quality = jg.ReferenceLikelihood(jg.decoder_reference(gens["base"]), "reference likelihood (base checkpoint)")
-        notes.append("no judge server: quality is the base checkpoint's likelihood, which favours base-like text")
+    quality = quality_judge(judge_url, gens["base"], notes)
     judges, calibrations, pairs = build_judges(shared, quality, embedders)
     tagger, extract = distilled_extractor(os.path.join(shared, "distilled.npz"))
     judges["annotator"] = jg.AttributeJudge(extract, tuple(tagger.keys), "training annotator (distilled from the "
@@ -265,20 +259,12 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 16, seed: int = 
         reliability = llm_reliability(llm, pairs, reliability_pairs)
     params = SamplingParams(max_new_tokens=max_new_tokens, max_annotation_tokens=MAX_ANNOTATION_TOKENS)
     under_test = [ModelUnderTest(name, gens[name], mode) for name, _, mode in MODELS]
-    samples = sample_sweep(under_test, prompts, n, temperatures, params, seed,
-                           _clean(gens["base"].template.assistant_suffix),
-                           samples_out=os.path.join(work, "samples.jsonl"))
-    texts = [p.text for p in prompts]
-    sweep, models = [], {}
+    measured = study_sweep(under_test, prompts, n, temperatures, headline, params, judges, quality, llm,
+                           judge_samples, seed, _clean(gens["base"].template.assistant_suffix),
+                           samples_out=os.path.join(work, "samples.jsonl"), extract_tags=lambda r: extract([r])[0])
+    sweep, models = measured.rows, {}
     for name, key, mode in MODELS:
-        for t in temperatures:
-            sweep.append({"model": name, "mode": mode, "temperature": t,
-                          **judge_rows(texts, samples[(name, t)], judges, quality, extract_tags=lambda r: extract([r])[0])})
-        rows = samples[(name, headline)]
-        head = dict(next(r for r in sweep if r["model"] == name and r["temperature"] == headline))
-        if llm is not None:  # at the headline temperature only: one request per response
-            subset = [[r["response_judged"] for r in rs][:judge_samples] for rs in rows]
-            head.update(judge_responses(texts, subset, {"llm": llm}))
+        rows, head = measured.samples[(name, headline)], measured.headline[name]
         entry = {"mode": mode, "checkpoint": checkpoints[key], "headline": head}
         if mode == "anchored":
             entry.update({k: head.get(f"{FORMAT}:{k}") for k in ("annotation_closed", "annotation_well_formed",
@@ -418,16 +404,10 @@ def read_times(work: str) -> List[List[str]]:
 
 def plot_report(report: Dict, path: str) -> str:
     """Distinct classes under all-mpnet-base-v2 against quality over the temperature sweep, per model."""
-    from megatron_anchor.eval.harness import QUALITY, plot_pareto
+    from megatron_anchor.eval import quickstart
 
-    names = {j["id"]: j["name"] for j in report["judges"]}
-    cal = report["calibration"]["mpnet"]
-    return plot_pareto(report["sweep"], path, "distinct-mpnet:distinct",
-                       diversity_label=f"distinct classes of {report['n']} (all-mpnet-base-v2, cos >= "
-                                       f"{cal['threshold']:.2f})",
-                       quality_label=f"quality: {names[QUALITY]}, per-token probability",
-                       title="Real text: diversity against quality, temperatures " +
-                             ", ".join(f"{t:g}" for t in report["temperatures"]))
+    return quickstart.plot_report(report, path, "distinct-mpnet:distinct", "all-mpnet-base-v2",
+                                  report["calibration"]["mpnet"]["threshold"], "Real text")
 
 
 def _finish(work: str, report: Dict) -> None:
