@@ -188,7 +188,7 @@ def quality_judge(judge_url: Optional[str], base, notes: List[str]):
     if judge_url:
         fn, ref_name = jg.server_reference(judge_url)
         return jg.ReferenceLikelihood(fn, f"reference likelihood ({ref_name})")
-    notes.append("no judge server: quality is the base checkpoint's likelihood, which favours base-like text; "
+    notes.append("no --judge-url: quality is the base checkpoint's likelihood, which favours base-like text; "
                  "with a judge server it is an independent model's")
     return jg.ReferenceLikelihood(jg.decoder_reference(base), "reference likelihood (base checkpoint)")
 
