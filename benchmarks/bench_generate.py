@@ -8,6 +8,10 @@
    generates them all). Target: >= 5x.
 2. Latency of anchored generation against plain generation at the same response length. The annotation adds its
    tokens, so the bound is 1 + annotation_tokens / response_tokens + 0.1.
+3. Annotations at many prompts (what tools/evaluate_midtraining.py samples): ``--prompts`` prompts of different
+   lengths, ``--batch`` anchored samples each, annotation to its cap and one response token, all prompts in one
+   left-padded batch (``generate_batch``) against prompt by prompt (``generate_ids``). Target: >= 2x for a model
+   whose weights outgrow the CPU caches (``--hidden 768 --layers 6 --vocab 8192``); see benchmarks/README.md.
 Prints one JSON object with the figures.
 """
 
@@ -26,7 +30,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_anchor.inference.model import DecoderLM, ModelSpec, num_parameters  # noqa: E402
-from megatron_anchor.inference.sampler import GenerationStats, SamplingParams, generate_ids  # noqa: E402
+from megatron_anchor.inference.sampler import (  # noqa: E402
+    GenerationStats,
+    SamplingParams,
+    generate_batch,
+    generate_ids,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotation-tokens", type=int, default=24,
                    help="annotation length in the anchored run (its cap; default 24)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, best taken (default 3)")
+    p.add_argument("--prompts", type=int, default=16,
+                   help="prompts of the batched-prompts measure (default 16; 0 skips it)")
     p.add_argument("--skip-recompute", action="store_true", help="only the anchored-against-plain latency")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine two OpenMP threads contending with "
@@ -60,7 +71,7 @@ def _time(fn, repeats: int) -> float:
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    """Run both benchmarks; prints and returns the figures."""
+    """Run the benchmarks; prints and returns the figures."""
     a = build_parser().parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -70,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     else:
         spec = ModelSpec(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
                          num_kv_heads=a.heads, head_dim=a.hidden // a.heads, ffn_hidden_size=4 * a.hidden,
-                         max_positions=a.prompt_tokens + a.annotation_tokens + a.new_tokens + 8)
+                         max_positions=2 * a.prompt_tokens + a.annotation_tokens + a.new_tokens + 8)
         model = DecoderLM(spec).eval()
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.02)
@@ -109,6 +120,30 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "annotation_tokens": ann_tokens, "anchored_over_plain": round(t_anch / t_plain, 3),
         "anchored_bound": round(bound, 3),
     }
+    if a.prompts:
+        # Prompt lengths spread over [prompt_tokens / 2, 3 * prompt_tokens / 2): the batch is left-padded.
+        g = torch.Generator().manual_seed(1)
+        many = [torch.randint(0, v - 3, (a.prompt_tokens // 2 + (k * a.prompt_tokens) // a.prompts,),
+                              generator=g).tolist() for k in range(a.prompts)]
+        params = SamplingParams(max_new_tokens=1, max_annotation_tokens=a.annotation_tokens)
+        seeds = list(range(a.prompts))
+
+        def together():
+            generate_batch(model, many, [a.batch] * a.prompts, "anchored", params, eod, ann_open, ann_close,
+                           vocab_size=cap, seeds=seeds)
+
+        def one_by_one():
+            for ids, seed in zip(many, seeds):
+                generate_ids(model, ids, a.batch, "anchored", params, eod, ann_open, ann_close, vocab_size=cap,
+                             seed=seed)
+
+        t_one = t_together = float("inf")
+        for _ in range(a.repeats):  # alternating, best of each
+            t_one = min(t_one, _time(one_by_one, 1))
+            t_together = min(t_together, _time(together, 1))
+        result.update({"prompts": a.prompts, "prompts_one_by_one_seconds": round(t_one, 3),
+                       "prompts_batched_seconds": round(t_together, 3),
+                       "prompts_batched_speedup": round(t_one / t_together, 2)})
     print(json.dumps(result, indent=2))
     return result
 

@@ -10,8 +10,8 @@
 #
 # Usage: bash examples/sft_smollm2_cpu.sh [WORKDIR]      (default WORKDIR: runs/midtrain_smollm2)
 # Environment: SFT_ITERS (40), SEQ (256), MBS (2), LR (5e-5), REPLAY (0.3), N (samples per prompt, 8),
-#   MAX_NEW (response tokens, 64), PRECISION (--bf16; empty for fp32), SIMILARITY (cosine threshold of the
-#   distinct-class judge, 0.5: not calibrated for this text; see docs/evaluation.md to calibrate it)
+#   MAX_NEW (response tokens, 64), PRECISION (--bf16; empty for fp32), SIMILARITY (a fixed cosine threshold for
+#   the distinct-class judge; default: calibrated on pairs of passages of one / two documentation topics)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-runs/midtrain_smollm2}"
@@ -23,23 +23,20 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
   { echo "no mid-trained checkpoint in $WORK: run examples/midtrain_smollm2_cpu.sh first" >&2; exit 2; }
 TOK=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$WORK/imported/tokenizer")
 
-echo "== 1. narrow SFT data (five documentation topics) and held-out prompts"
+echo "== 1. narrow SFT data (five documentation topics), held-out prompts, calibration pairs for the judge"
 python - "$WORK" <<'PY'
 import json, sys
-from megatron_anchor.data.real_text import pydoc_documents
+from megatron_anchor.data.real_text import pydoc_passages, write_pydoc_calibration_pairs
 work = sys.argv[1]
-narrow = {"assert", "for", "if", "while", "try"}
 with open(f"{work}/sft.jsonl", "w") as f:
-    for name, text in pydoc_documents():
-        if name in narrow:
-            for chunk in text.split("\n\n"):
-                if 40 <= len(chunk) <= 800:
-                    f.write(json.dumps({"prompt": "Write a passage of Python's documentation.",
-                                        "response": chunk}) + "\n")
+    for _, chunk in pydoc_passages({"assert", "for", "if", "while", "try"}):
+        f.write(json.dumps({"prompt": "Write a passage of Python's documentation.", "response": chunk}) + "\n")
 with open(f"{work}/eval_prompts.jsonl", "w") as f:
     for p in ("Write a passage of Python's documentation.", "Write a short passage of Python's documentation.",
               "Write a paragraph from Python's reference manual.", "Write a passage of documentation."):
         f.write(json.dumps({"prompt": p}) + "\n")
+# One distinct class = one documentation topic: pairs of passages of one topic and of two topics.
+write_pydoc_calibration_pairs(f"{work}/calibration_pairs.jsonl")
 PY
 for kind in anchored standard; do
   extra=(); [[ $kind == standard ]] && extra=(--no-annotations)
@@ -68,7 +65,10 @@ python tools/generate.py --load "$WORK/sft_anchored" --prompts "$WORK/eval_promp
   --max-new-tokens "$MAX_NEW" --chat-template chatml --output "$WORK/anchored_samples.jsonl" --seed 0
 
 echo "== 4. the quickstart's table: mid-trained base, standard SFT, anchored SFT"
+# The distinct-class threshold is calibrated on the pairs above (as the quickstart calibrates on its corpus).
+JUDGE=(--calibration-pairs "$WORK/calibration_pairs.jsonl")
+[[ -n "${SIMILARITY:-}" ]] && JUDGE=(--similarity-threshold "$SIMILARITY")
 python tools/evaluate_diversity.py --prompts "$WORK/eval_prompts.jsonl" --chat-template chatml \
   --model base="$WORK/midtrained" --model standard-SFT="$WORK/sft_standard" --model anchored-SFT="$WORK/sft_anchored" \
   --mode base=anchored --mode standard-SFT=plain --mode anchored-SFT=anchored --n "$N" --max-new-tokens "$MAX_NEW" \
-  --similarity-threshold "${SIMILARITY:-0.5}" --output-prefix "$WORK/sft_report"
+  "${JUDGE[@]}" --output-prefix "$WORK/sft_report"

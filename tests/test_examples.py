@@ -256,3 +256,6 @@ def test_smollm2_cpu_midtraining_example_passes_the_trainer_checks(tmp_path):
     anchored, standard = _configs(_run("sft_smollm2_cpu.sh", tmp_path, {}, str(work)))
     assert anchored["training"]["loss_mask_policy"] == "sft-anchored" and anchored["model"]["num_layers"] == 30
     assert os.path.basename(standard["data"]["replay_data_path"][0]) == "plain_text_document"
+    # The diversity judge's threshold is calibrated on pairs of passages of one and of two documentation topics.
+    pairs = [json.loads(line) for line in open(work / "calibration_pairs.jsonl")]
+    assert sum(p["same"] for p in pairs) == sum(not p["same"] for p in pairs) == 1000

@@ -79,6 +79,42 @@ def test_kv_cache_matches_full_recompute(tiny_generator):
     assert [(s.annotation_ids, s.response_ids) for s in cached] == [(s.annotation_ids, s.response_ids) for s in full]
 
 
+@pytest.mark.parametrize("position_embedding", ["rope", "learned_absolute"])
+def test_prompts_batched_together_sample_what_each_samples_alone(position_embedding):
+    """Prompts of different lengths in one left-padded batch: every row's draws equal those of its prompt sampled
+    alone with its seed (greedy and at temperature 1, cached and recomputed), rows cut at the context length
+    included, and the padded forward pass gives each row its unpadded logits."""
+    from megatron_anchor.inference import DecoderLM, ModelSpec, generate_batch
+
+    torch.manual_seed(0)
+    spec = ModelSpec(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                     ffn_hidden_size=64, max_positions=40, position_embedding=position_embedding)
+    model = DecoderLM(spec).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    long, short = [1, 2, 3, 4, 5, 6, 7], [9, 8, 7]
+    with torch.no_grad():
+        padded = model(torch.tensor([long, [0] * 4 + short]), 0, None, pad=torch.tensor([0, 4]))
+        assert torch.isfinite(padded).all()  # padding slots attend to themselves only: no fully masked row
+        assert torch.allclose(padded[0], model(torch.tensor([long]))[0], atol=1e-5)
+        assert torch.allclose(padded[1, 4:], model(torch.tensor([short]))[0], atol=1e-5)
+    kw = dict(eod=0, ann_open=48, ann_close=49)
+
+    def key(samples):
+        return [(s.annotation_ids, s.response_ids, s.annotation_closed, s.finished) for s in samples]
+
+    for temperature in (0.0, 1.0):
+        for use_cache in (True, False):
+            params = SamplingParams(temperature=temperature, max_new_tokens=30, max_annotation_tokens=5,
+                                    use_cache=use_cache)
+            together = generate_batch(model, [long, short], [2, 3], "anchored", params, seeds=[1, 2], **kw)
+            alone = [generate_ids(model, long, 2, "anchored", params, seed=1, **kw),
+                     generate_ids(model, short, 3, "anchored", params, seed=2, **kw)]
+            assert [key(t) for t in together] == [key(a) for a in alone]
+    # 7 + 1 prompt tokens, up to 5 + 1 annotation tokens and 30 response tokens overrun 40 positions: some cut.
+    assert any(not s.finished and len(s.response_ids) < 30 for s in together[0])
+
+
 def test_decoder_matches_megatron_logits(tiny_checkpoint, tiny_generator):
     from megatron_anchor.inference.checkpoint import config_from_args, load_megatron_model, megatron_session
 

@@ -294,3 +294,66 @@ def test_midtraining_from_the_import_needs_no_model_flags(imported, corpus_dir, 
     assert len(out.read_text().splitlines()) == 2
     proc = run_torchrun([a for a in train if a != "--finetune"] + ["--save", str(tmp_path / "resume")], nproc=1)
     assert proc.returncode != 0 and "holds model weights only" in proc.stdout + proc.stderr
+    _evaluation_measures_the_midtraining(e["ckpt"], save, corpus_dir, data["ann"], tmp_path)
+
+
+def _evaluation_measures_the_midtraining(base, mid, corpus_dir, ann_prefix, tmp_path):
+    """tools/evaluate_midtraining.py on the import and its mid-trained checkpoint: the annotation cap is sized
+    from the training annotations (the longest one in the role channel), the held-out loss is the same batched
+    or window by window and honours its token cap, and every chunk start is sampled n times."""
+    import math
+
+    import numpy as np
+
+    from megatron_anchor.data.indexed import iter_documents
+    from megatron_anchor.eval.midtrain import (
+        annotation_cap,
+        chunk_start_prompts,
+        fit_prompt,
+        heldout_texts,
+        prompt_room,
+        text_loss,
+    )
+    from megatron_anchor.inference.prompts import parse_prompt
+    from megatron_anchor.inference import load_any
+    from megatron_anchor.roles import Role
+    from tools import evaluate_midtraining
+
+    longest = 0  # the longest run of annotation roles in the training data, delimiters excluded
+    for roles in iter_documents(ann_prefix + "_roles"):
+        ann = np.isin(roles, [int(Role.ANNOTATION_KEY), int(Role.ANNOTATION_VALUE)]).astype(np.int8)
+        edges = np.diff(np.concatenate([[0], ann, [0]]))
+        longest = max([longest, *(np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1) - 2)])
+    gen = load_any(mid)
+    annotated = str(corpus_dir / "annotated.jsonl")
+    assert annotation_cap(gen.tokenizer, annotated) == {"longest": longest, "cap": math.ceil(1.5 * longest)}
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(open(corpus_dir / "raw.jsonl").readlines()[-6:]))
+    texts = heldout_texts(str(heldout))
+    whole, one_by_one = text_loss(gen, texts, 32, batch=8), text_loss(gen, texts, 32, batch=1)
+    assert whole["tokens"] == one_by_one["tokens"] and abs(whole["loss"] - one_by_one["loss"]) < 1e-5
+    assert text_loss(gen, texts, 32, max_tokens=50)["tokens"] == 50
+    # Chunk starts longer than the context leaves beside the annotation cap are cut from their start.
+    long_start = max(chunk_start_prompts(texts), key=len)
+    room = prompt_room(gen, 48)
+    assert len(gen.prompt_ids(parse_prompt({"prompt": long_start}, "c", 0), "anchored")) > room
+    fitted = fit_prompt(gen, long_start, room, "c", 0)
+    assert len(gen.prompt_ids(fitted, "anchored")) <= room and long_start.endswith(fitted.text)
+    report_path = tmp_path / "report.json"
+    assert evaluate_midtraining.main(["--base", base, "--model", mid, "--heldout", str(heldout), "--annotated",
+                                      annotated, "--seq-length", "32", "--n", "3", "--output",
+                                      str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["max_annotation_tokens"] == math.ceil(1.5 * longest) and report["prompts"] > 0
+    for name in ("base", "midtrained"):
+        r = report[name]
+        assert r["samples"] == 3 * report["prompts"] and r["heldout_tokens"] == whole["tokens"]
+        assert r["mean_annotation_tokens"] <= report["max_annotation_tokens"]
+        assert r["annotation_well_formed_ci95"][0] <= r["annotation_well_formed"] <= r["annotation_well_formed_ci95"][1]
+    assert report["midtrained"]["heldout_text_loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    print("evaluation of the tiny mid-training:", {k: report[k] for k in ("base", "midtrained")})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": 1}\n')
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_midtraining.main(["--base", base, "--model", mid, "--heldout", str(bad)])
+    assert exit_.value.code == 2

