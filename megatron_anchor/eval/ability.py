@@ -84,17 +84,23 @@ def demo_questions(n: int = 200, seed: int = 12345, choices: int = 4) -> List[Di
     return out
 
 
+def write_mc_task(out_dir: str, task: str, questions: Sequence[Dict]) -> str:
+    """Write a local multiple-choice task (``TASK.yaml`` + its JSONL of ``{"context", "choices", "label"}``) into
+    ``out_dir``; returns the folder (an ``include_path`` for lm-eval)."""
+    from megatron_anchor.outputs import atomic_write, write_text
+
+    data = os.path.abspath(os.path.join(out_dir, task + ".jsonl"))
+    with atomic_write(data) as f:
+        for q in questions:
+            f.write(json.dumps(q) + "\n")
+    write_text(os.path.join(out_dir, task + ".yaml"), _YAML.format(task=task, data=json.dumps(data)))
+    return out_dir
+
+
 def write_demo_task(out_dir: str, n: int = 200, seed: int = 12345) -> str:
     """Write the demo task (``DEMO_TASK.yaml`` + its JSONL) into ``out_dir``; returns the folder (an
     ``include_path`` for lm-eval)."""
-    from megatron_anchor.outputs import atomic_write, write_text
-
-    data = os.path.abspath(os.path.join(out_dir, DEMO_TASK + ".jsonl"))
-    with atomic_write(data) as f:
-        for q in demo_questions(n, seed):
-            f.write(json.dumps(q) + "\n")
-    write_text(os.path.join(out_dir, DEMO_TASK + ".yaml"), _YAML.format(task=DEMO_TASK, data=json.dumps(data)))
-    return out_dir
+    return write_mc_task(out_dir, DEMO_TASK, demo_questions(n, seed))
 
 
 def _model_args(backend: str, folder: str, url: Optional[str], batch_size: int) -> tuple:

@@ -80,3 +80,26 @@ def binding(annotations: Sequence[Optional[dict]], response_tags: Sequence[Tags]
 def well_formed_mask(annotations: Sequence[Optional[dict]]) -> List[bool]:
     """True for each sample that is well formed (see the module docstring)."""
     return [annotation_problem(a) is None for a in annotations]
+
+
+def embedding_follows(annotations: Sequence[Optional[dict]], responses: Sequence[str], embed) -> Optional[float]:
+    """Binding judged by a sentence-embedding model instead of an annotator (one prompt's samples): for each sample
+    with a well-formed annotation, the share of the prompt's *other* well-formed annotations that its response is
+    less similar to (cosine of embeddings) than to its own annotation's tag values; ties count half. 0.5 is chance
+    (the response carries nothing of its annotation), 1.0 means every response is closest to the annotation it was
+    written after. None when fewer than two samples are well formed. Time: O(N) embeddings, O(N^2) similarities."""
+    import numpy as np
+
+    kept = [(a, r) for a, r in zip(annotations, responses) if a is not None and annotation_problem(a) is None]
+    if len(kept) < 2:
+        return None
+    values = [" ".join(v for _, v in (tuple(t) for t in a.get("tags", []))) for a, _ in kept]
+    ann = np.asarray(embed(values), dtype=np.float64)
+    res = np.asarray(embed([r for _, r in kept]), dtype=np.float64)
+    ann /= np.maximum(np.linalg.norm(ann, axis=1, keepdims=True), 1e-12)
+    res /= np.maximum(np.linalg.norm(res, axis=1, keepdims=True), 1e-12)
+    sim = res @ ann.T  # [N responses, N annotations]
+    own = np.diag(sim)[:, None]
+    n = len(kept)
+    wins = (own > sim).sum(1) + 0.5 * ((own == sim).sum(1) - 1)  # the diagonal ties with itself: not counted
+    return float(np.mean(wins / (n - 1)))

@@ -171,6 +171,10 @@ def run_sweep(models: Sequence[ModelUnderTest], prompts: Sequence[Prompt], n: in
     """One row per (model, temperature): :func:`judge_rows` (every judge's metrics averaged over prompts, over
     all and over well-formed samples; quality; format and binding)."""
     samples = sample_sweep(models, prompts, n, temperatures, params, seed, clean, samples_out)
+    return _judge_sweep(models, prompts, temperatures, samples, judges, quality, extract_tags, follow_keys)
+
+
+def _judge_sweep(models, prompts, temperatures, samples, judges, quality, extract_tags, follow_keys):
     texts = [p.text for p in prompts]
     rows = []
     for m in models:
@@ -180,6 +184,39 @@ def run_sweep(models: Sequence[ModelUnderTest], prompts: Sequence[Prompt], n: in
                          "samples": sum(len(r) for r in cell),
                          **judge_rows(texts, cell, judges, quality, extract_tags, follow_keys)})
     return rows
+
+
+@dataclass
+class StudySweep:
+    """What :func:`study_sweep` measured: the samples, one row per (model, temperature) and, per model, its row
+    at the headline temperature with the LLM judge's columns added."""
+
+    samples: Dict[Tuple[str, float], List[List[Dict]]]
+    rows: List[Dict[str, object]]
+    headline: Dict[str, Dict[str, object]]
+
+
+def study_sweep(models: Sequence[ModelUnderTest], prompts: Sequence[Prompt], n: int, temperatures: Sequence[float],
+                headline: float, params: SamplingParams, judges: Dict[str, DiversityJudge],
+                quality: Optional[QualityJudge] = None, llm: Optional[DiversityJudge] = None,
+                llm_samples: Optional[int] = None, seed: int = 0, clean: Callable[[str], str] = str,
+                samples_out: Optional[str] = None, extract_tags: Optional[Callable[[str], list]] = None,
+                follow_keys: Sequence[str] = binding.FOLLOW_KEYS) -> StudySweep:
+    """:func:`run_sweep` over ``temperatures`` (which must hold ``headline``), then the LLM judge ``llm`` (when
+    given) on the first ``llm_samples`` responses per prompt (all when None) of each model at the headline
+    temperature only: it costs one request per response. Time and memory as :func:`run_sweep`, plus models x
+    prompts x ``llm_samples`` judge requests."""
+    samples = sample_sweep(models, prompts, n, temperatures, params, seed, clean, samples_out)
+    rows = _judge_sweep(models, prompts, temperatures, samples, judges, quality, extract_tags, follow_keys)
+    texts = [p.text for p in prompts]
+    heads: Dict[str, Dict[str, object]] = {}
+    for m in models:
+        head = dict(next(r for r in rows if r["model"] == m.name and r["temperature"] == headline))
+        if llm is not None:
+            subset = [[r["response_judged"] for r in rs][:llm_samples] for rs in samples[(m.name, headline)]]
+            head.update(judge_responses(texts, subset, {"llm": llm}))
+        heads[m.name] = head
+    return StudySweep(samples, rows, heads)
 
 
 def write_table(rows: Sequence[Dict[str, object]], out_prefix: str, judges: Sequence[Dict]) -> List[str]:

@@ -180,6 +180,19 @@ def _clean(template_suffix: str):
     return lambda text: text.split(end)[0].strip()
 
 
+def quality_judge(judge_url: Optional[str], base, notes: List[str]):
+    """The quality judge: the per-token likelihood under the judge server's model, or without a server under the
+    base checkpoint's generator ``base`` (then a line saying so goes to ``notes``)."""
+    from megatron_anchor.eval import judges as jg
+
+    if judge_url:
+        fn, ref_name = jg.server_reference(judge_url)
+        return jg.ReferenceLikelihood(fn, f"reference likelihood ({ref_name})")
+    notes.append("no --judge-url: quality is the base checkpoint's likelihood, which favours base-like text; "
+                 "with a judge server it is an independent model's")
+    return jg.ReferenceLikelihood(jg.decoder_reference(base), "reference likelihood (base checkpoint)")
+
+
 def run_report(work: str, checkpoints: Dict[str, str], n: int = 32, seed: int = 0, max_new_tokens: int = 32,
                temperatures: Sequence[float] = (1.0,), headline: float = 1.0, judge_url: Optional[str] = None,
                judge_samples: Optional[int] = None, ability: bool = True, ability_n: int = 200,
@@ -190,15 +203,7 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 32, seed: int = 
     from megatron_anchor.eval import ability as ab
     from megatron_anchor.eval import judges as jg
     from megatron_anchor.eval.embed import load_embedder
-    from megatron_anchor.eval.harness import (
-        FORMAT,
-        WELL_FORMED,
-        ModelUnderTest,
-        judge_records,
-        judge_responses,
-        judge_rows,
-        sample_sweep,
-    )
+    from megatron_anchor.eval.harness import FORMAT, WELL_FORMED, ModelUnderTest, judge_records, study_sweep
     from megatron_anchor.export import export_checkpoint
     from megatron_anchor.inference import SamplingParams, read_prompts
     from megatron_anchor.inference.generator import load_from_checkpoint
@@ -215,33 +220,19 @@ def run_report(work: str, checkpoints: Dict[str, str], n: int = 32, seed: int = 
     embed = load_embedder()
     calibration = jg.calibrate_threshold(embed, *held_out_calibration(work))
     notes = []
-    if judge_url:
-        fn, ref_name = jg.server_reference(judge_url)
-        quality = jg.ReferenceLikelihood(fn, f"reference likelihood ({ref_name})")
-    else:
-        quality = jg.ReferenceLikelihood(jg.decoder_reference(gens["base"]), "reference likelihood (base checkpoint)")
-        notes.append("no --judge-url: quality is the base checkpoint's likelihood, which favours base-like text; "
-                     "with a judge server it is an independent model's")
+    quality = quality_judge(judge_url, gens["base"], notes)
     judges = {"distinct": jg.PartitionJudge(embed, calibration["threshold"], quality=quality),
               "embedding": jg.EmbeddingDistanceJudge(embed), "annotator": jg.training_annotator_judge()}
     llm = jg.llm_attribute_judge([judge_url], jg.DEFAULT_ATTRIBUTES, cache_path=os.path.join(work, "judge.sqlite")) \
         if judge_url else None
     params = SamplingParams(max_new_tokens=max_new_tokens, max_annotation_tokens=MAX_ANNOTATION_TOKENS)
     under_test = [ModelUnderTest(name, gens[name], mode) for name, _, mode in MODELS]
-    samples = sample_sweep(under_test, prompts, n, temperatures, params, seed, _clean(gens["base"].template
-                                                                                      .assistant_suffix),
+    measured = study_sweep(under_test, prompts, n, temperatures, headline, params, judges, quality, llm,
+                           judge_samples, seed, _clean(gens["base"].template.assistant_suffix),
                            samples_out=os.path.join(work, "samples.jsonl"))
-    texts = [p.text for p in prompts]
-    sweep, models = [], {}
+    sweep, models = measured.rows, {}
     for name, key, mode in MODELS:
-        for t in temperatures:
-            sweep.append({"model": name, "mode": mode, "temperature": t,
-                          **judge_rows(texts, samples[(name, t)], judges, quality)})
-        rows = samples[(name, headline)]
-        head = dict(next(r for r in sweep if r["model"] == name and r["temperature"] == headline))
-        if llm is not None:  # at the headline temperature only: one request per response
-            subset = [[r["response_judged"] for r in rs][:judge_samples] for rs in rows]
-            head.update(judge_responses(texts, subset, {"llm": llm}))
+        head = measured.headline[name]
         models[name] = {"mode": mode, "checkpoint": checkpoints[key], "headline": head,
                         "loss": response_loss(gens[name], heldout, annotated=mode == "anchored"),
                         **{k: head[f"{FORMAT}:{k}"] for k in FORMAT_KEYS if f"{FORMAT}:{k}" in head}}
@@ -293,16 +284,18 @@ def measure_binding(work: str, checkpoint: str, n: int = 32, seed: int = 0, temp
     return result
 
 
-def plot_report(report: Dict, path: str) -> str:
-    """The Pareto plot of a report's sweep: distinct classes (the calibrated embedding judge) against quality."""
+def plot_report(report: Dict, path: str, diversity: str = "distinct:distinct", embedder: str = "MiniLM",
+                threshold: Optional[float] = None, study: str = "Quickstart") -> str:
+    """The Pareto plot of a report's sweep: distinct classes (the ``diversity`` column of the calibrated embedding
+    judge; ``threshold`` defaults to the report's calibration) against quality."""
     from megatron_anchor.eval.harness import QUALITY, plot_pareto
 
     names = {j["id"]: j["name"] for j in report["judges"]}
-    return plot_pareto(report["sweep"], path, "distinct:distinct",
-                       diversity_label=f"distinct classes of {report['n']} (MiniLM, cosine >= "
-                                       f"{report['calibration']['threshold']:.2f})",
+    threshold = report["calibration"]["threshold"] if threshold is None else threshold
+    return plot_pareto(report["sweep"], path, diversity,
+                       diversity_label=f"distinct classes of {report['n']} ({embedder}, cosine >= {threshold:.2f})",
                        quality_label=f"quality: {names[QUALITY]}, per-token probability",
-                       title="Quickstart: diversity against quality, temperatures " +
+                       title=f"{study}: diversity against quality, temperatures " +
                              ", ".join(f"{t:g}" for t in report["temperatures"]))
 
 
