@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole method on one CPU machine, no server, no GPU (minutes TBD):
+# The whole method on one CPU machine, no server, no GPU (about 5 minutes on 2 cores, README.md):
 #   designed corpus -> embedded annotator -> tokenizer -> tokens + role channel -> tiny GPT pretraining (TP=2)
 #   -> SFT data (anchored and standard, from one input) -> standard SFT and anchored SFT
 #   -> N samples per held-out prompt from base, standard-SFT and anchored-SFT models over a temperature sweep
