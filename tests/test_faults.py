@@ -572,9 +572,9 @@ def test_ctrl_c_stops_annotation_cleanly_and_a_rerun_finishes_it(annotator, tmp_
     out = str(tmp_path / "out.jsonl")
     proc = subprocess.Popen(tool + ["--output", out], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not os.path.exists(out + ".progress.json") and time.monotonic() < deadline:
-        time.sleep(0.05)  # the job has started writing
-    time.sleep(0.1)
+    # The signal lands once the job is writing annotated documents (past its set-up and first checkpoint).
+    while not (os.path.exists(out) and os.path.getsize(out) > 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be interrupted: make the corpus larger"
     proc.send_signal(signal.SIGINT)
     sent = time.monotonic()
