@@ -570,7 +570,10 @@ def test_ctrl_c_stops_annotation_cleanly_and_a_rerun_finishes_it(annotator, tmp_
     ref = str(tmp_path / "ref.jsonl")
     assert subprocess.run(tool + ["--output", ref], env=env, capture_output=True, timeout=300).returncode == 0
     out = str(tmp_path / "out.jsonl")
-    proc = subprocess.Popen(tool + ["--output", out], env=env, stderr=subprocess.PIPE, text=True)
+    # A shell running this suite in the background (`cmd &`) starts it with SIGINT ignored, which children inherit
+    # and Python then leaves ignored: the tool starts with the default disposition, as from a terminal.
+    proc = subprocess.Popen(tool + ["--output", out], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     # The signal lands once the job is writing annotated documents (past its set-up and first checkpoint).
     while not (os.path.exists(out) and os.path.getsize(out) > 0) and time.monotonic() < deadline:
