@@ -19,57 +19,29 @@ import textwrap
 import typing
 from typing import Dict, List, Optional, Sequence
 
-import yaml
-
 from megatron_anchor import bounds
-from megatron_anchor.tokenizer import TOKENIZER_TYPES
 from megatron_anchor.training.config import (
     ARCHITECTURE_FIELDS,
     LOSS_MASK_POLICIES,
     SECTIONS,
     REPLAY_POLICIES,
     SFT_POLICIES,
-    AnchorConfig,
-    CheckpointConfig,
-    DataConfig,
-    LoggingConfig,
     RECOMPUTE_MODULES,
+    AnchorConfig,
     ModelConfig,
-    ParallelConfig,
-    PerformanceConfig,
-    TrainingConfig,
 )
-
-_SECTION_CLASSES = {
-    "model": ModelConfig,
-    "parallel": ParallelConfig,
-    "performance": PerformanceConfig,
-    "training": TrainingConfig,
-    "data": DataConfig,
-    "checkpoint": CheckpointConfig,
-    "logging": LoggingConfig,
-}
-
-_CHOICES = {
-    "position_embedding_type": ("learned_absolute", "rope"),
-    "normalization": ("LayerNorm", "RMSNorm"),
-    "transformer_impl": ("auto", "local", "transformer_engine"),
-    "distributed_backend": ("auto", "nccl", "gloo"),
-    "lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
-    "loss_mask_policy": LOSS_MASK_POLICIES,
-    "replay_loss_mask_policy": REPLAY_POLICIES,
-    "dry_run_target": ("here", "gpu"),
-    "recompute_granularity": ("full", "selective"),
-    "recompute_method": ("uniform", "block"),
-    "fp8_format": ("hybrid", "e4m3"),
-    "fp8_amax_compute_algo": ("max", "most_recent"),
-    # The data tools' list (one source of truth) plus the trainer-only NullTokenizer.
-    "tokenizer_type": (*TOKENIZER_TYPES, "NullTokenizer"),
-}
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before any model is built or step taken."""
+from megatron_anchor.training.checkpoint_files import RUN_CONFIG_FILE
+from megatron_anchor.training.config_io import (  # noqa: F401 - re-exported: callers import them from here
+    CHOICES,
+    SECTION_CLASSES,
+    ConfigError,
+    apply_setting,
+    base_type,
+    config_dict,
+    dump_yaml,
+    element_type,
+    load_yaml,
+)
 
 
 def field_docs(cls) -> Dict[str, str]:
@@ -89,25 +61,6 @@ def field_docs(cls) -> Dict[str, str]:
     return docs
 
 
-def _base_type(annotation):
-    """int for Optional[int], list for List[str], and so on."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _base_type(args[0])
-    if origin in (list, List):
-        return list
-    return annotation
-
-
-def _element_type(annotation):
-    """str for List[str], int for Optional[List[int]]."""
-    if typing.get_origin(annotation) is typing.Union:
-        annotation = [a for a in typing.get_args(annotation) if a is not type(None)][0]
-    args = typing.get_args(annotation)
-    return args[0] if args else str
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser for every config field plus ``--config``. Defaults are suppressed so that only
     flags actually given on the command line override the YAML file."""
@@ -119,12 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file of settings (sectioned or flat, flag or field names).")
     for section in SECTIONS:
-        cls = _SECTION_CLASSES[section]
+        cls = SECTION_CLASSES[section]
         group = parser.add_argument_group(section, cls.__doc__)
         docs = field_docs(cls)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            kind = _base_type(hints[f.name])
+            kind = base_type(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
             dest = f"{section}.{f.name}"
@@ -136,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                 else:
                     group.add_argument(flag, dest=dest, action="store_true", help=help_text)
             elif kind is list:
-                element = _element_type(hints[f.name])
+                element = element_type(hints[f.name])
                 if element in (int, float):
                     element = bounds.flag_type(element, bounds.bounds_of(cls, f.name))
                 group.add_argument(flag, dest=dest, nargs="+", type=element,
@@ -144,106 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 if kind in (int, float):
                     kind = bounds.flag_type(kind, bounds.bounds_of(cls, f.name))
-                group.add_argument(flag, dest=dest, type=kind, choices=_CHOICES.get(f.name),
+                group.add_argument(flag, dest=dest, type=kind, choices=CHOICES.get(f.name),
                                    help=f"{help_text} (default: {default}){bounds.describe(cls, f.name)}")
     return parser
-
-
-def _flat_field_index() -> Dict[str, str]:
-    """field name -> section, for flat YAML files."""
-    index = {}
-    for section, cls in _SECTION_CLASSES.items():
-        for f in dataclasses.fields(cls):
-            index[f.name] = section
-    return index
-
-
-def _numeric_from_text(value, annotation):
-    """YAML 1.1 reads ``3e-4`` (no dot) as a string: numbers written as text become the field's number type,
-    anything else is left for :func:`validate`'s range check to name."""
-    kind = _base_type(annotation)
-    if kind is list:
-        element = _element_type(annotation)
-        if isinstance(value, list) and element in (int, float):
-            return [_numeric_from_text(v, element) for v in value]
-        return value
-    if kind in (int, float) and isinstance(value, str):
-        try:
-            return kind(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _apply(cfg: AnchorConfig, section: str, name: str, value) -> None:
-    obj = getattr(cfg, section)
-    if not hasattr(obj, name):
-        raise ConfigError(f"unknown setting {section}.{name}")
-    if name in ("data_path", "replay_data_path") and isinstance(value, str):
-        value = value.split()
-    setattr(obj, name, _numeric_from_text(value, typing.get_type_hints(type(obj))[name]))
-
-
-def load_yaml(path: str, cfg: Optional[AnchorConfig] = None) -> AnchorConfig:
-    """Apply a YAML file to ``cfg`` (a fresh default config when None). Keys may be section mappings
-    (``model: {num_layers: 2}``) or flat names in field or flag spelling (``num-layers: 2``).
-
-    An unreadable, unparsable or misshapen file is a :class:`ConfigError` naming it (and the key)."""
-    cfg = cfg or AnchorConfig()
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the configuration file ({exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    flat = _flat_field_index()
-    for key, value in raw.items():
-        if not isinstance(key, str):
-            raise ConfigError(f"{path}: setting names must be text, got {key!r}")
-        key = key.replace("-", "_")
-        if key in _SECTION_CLASSES and isinstance(value, dict):
-            for name, v in value.items():
-                if not isinstance(name, str):
-                    raise ConfigError(f"{path}: setting names must be text, got {name!r} under {key}")
-                _apply(cfg, key, name.replace("-", "_"), v)
-        elif key in flat:
-            _apply(cfg, flat[key], key, value)
-        else:
-            raise ConfigError(f"{path}: unknown setting '{key}'")
-    for name in _CHOICES:
-        section = flat[name]
-        value = getattr(getattr(cfg, section), name)
-        if value is not None and value not in _CHOICES[name]:
-            raise ConfigError(f"{path}: {name} must be one of {_CHOICES[name]}, got {value!r}")
-    return cfg
-
-
-def config_dict(cfg: AnchorConfig) -> Dict[str, dict]:
-    """``cfg`` as sections of plain values, with the tokenizer and data paths made absolute."""
-    out = {}
-    for section in _SECTION_CLASSES:
-        out[section] = dataclasses.asdict(getattr(cfg, section))
-    data = out["data"]
-    if data.get("tokenizer_model") and os.path.exists(data["tokenizer_model"]):
-        data["tokenizer_model"] = os.path.abspath(data["tokenizer_model"])
-    for key in ("data_path", "replay_data_path"):
-        if data.get(key):
-            data[key] = [os.path.abspath(p) if os.path.exists(p + ".idx") else p for p in data[key]]
-    return out
-
-
-def dump_yaml(cfg: AnchorConfig, path: str) -> None:
-    """Write ``cfg`` as a sectioned YAML file that :func:`load_yaml` (and ``--config``) reads back.
-
-    Paths to the tokenizer and the data are made absolute, so the file works from any working directory.
-    """
-    from megatron_anchor.outputs import atomic_write
-
-    with atomic_write(path) as fh:
-        yaml.safe_dump(config_dict(cfg), fh, sort_keys=False)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> AnchorConfig:
@@ -261,7 +117,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> AnchorConfig:
     given.pop("config", None)
     for dest, value in given.items():
         section, name = dest.split(".", 1)
-        _apply(cfg, section, name, value)
+        apply_setting(cfg, section, name, value)
     named = {dest.split(".", 1)[1] for dest in given if dest.startswith("model.")}
     _inherit_from_checkpoint(cfg, named)
     return cfg
@@ -272,8 +128,6 @@ INHERITED_MODEL_FIELDS = (*ARCHITECTURE_FIELDS, "max_position_embeddings")
 
 
 def _inherit_from_checkpoint(cfg: AnchorConfig, named: set) -> None:
-    from megatron_anchor.training.checkpointing import RUN_CONFIG_FILE
-
     load = cfg.checkpoint.load
     path = os.path.join(load, RUN_CONFIG_FILE) if load else None
     if not path or not os.path.isfile(path):

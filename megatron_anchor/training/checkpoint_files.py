@@ -20,6 +20,20 @@ import json
 import os
 from typing import List
 
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+"""Names the latest finished checkpoint under a --save folder; written last, atomically, once every rank finished."""
+
+RUN_CONFIG_FILE = "run_config.yaml"
+"""The training run's configuration, written beside the tracker file at every save."""
+
+EXIT_RECORD_FILE = "last_exit.json"
+"""Written beside the tracker when a run stops early and cleanly (a signal, the time budget, --exit-interval) after
+its checkpoint: what a launcher script reads to tell a clean preemption from a failure (examples/gpu/preemption.sh)."""
+
+WEIGHTS_ONLY_KEY = "weights_only"
+"""Common-state key of a checkpoint that holds model weights only (tools/import_hf.py writes them): it can start a
+--finetune run, never be resumed (there is no optimizer state)."""
+
 MANIFEST = "checkpoint_files.json"
 """Written into every ``iter_XXXXXXX`` folder after its files: ``{"version": 1, "files": {name: size}}``."""
 REQUIRED = ("metadata.json", ".metadata")

@@ -21,10 +21,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_anchor.training import optimizer_state
+from megatron_anchor.training.checkpoint_files import (  # noqa: F401 - the save folder's file names, public here too
+    EXIT_RECORD_FILE,
+    RUN_CONFIG_FILE,
+    TRACKER_FILE,
+    WEIGHTS_ONLY_KEY,
+)
+from megatron_anchor.training.config_io import ConfigError, dump_yaml, load_yaml
 
 logger = logging.getLogger(__name__)
-
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 
 @dataclass
@@ -33,18 +38,6 @@ class TrainState:
 
     iteration: int = 0
     consumed_train_samples: int = 0
-
-
-EXIT_RECORD_FILE = "last_exit.json"
-"""Written beside the tracker when a run stops early and cleanly (a signal, the time budget, --exit-interval) after
-its checkpoint: what a launcher script reads to tell a clean preemption from a failure (examples/gpu/preemption.sh)."""
-
-RUN_CONFIG_FILE = "run_config.yaml"
-"""The training run's configuration, written beside the tracker file at every save."""
-
-WEIGHTS_ONLY_KEY = "weights_only"
-"""Common-state key of a checkpoint that holds model weights only (tools/import_hf.py writes them): it can start a
---finetune run, never be resumed (there is no optimizer state)."""
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -191,8 +184,6 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: List, optimizer,
     dist.barrier()
     if dist.get_rank() == 0:
         if run_config is not None:
-            from megatron_anchor.training.arguments import dump_yaml
-
             dump_yaml(run_config, os.path.join(root, RUN_CONFIG_FILE))
         if tokenizer_record is not None:
             from megatron_anchor.tokenizer.record import checkpoint_record_path, write_record
@@ -269,8 +260,6 @@ def load_checkpoint(root: str, model_chunks: List, optimizer, scheduler, finetun
     try:
         state = dist_checkpointing.load(sharded, ckpt, sharded_strategy=strategy)
     except read_errors() as exc:
-        from megatron_anchor.training.arguments import ConfigError
-
         raise ConfigError(f"{ckpt}: the checkpoint cannot be read ({describe_read_error(exc)})") from None
 
     from megatron_anchor.training.model import unwrap
@@ -397,10 +386,9 @@ def check_compatible(cfg, root: str, run_tokenizer_record: Optional[dict]) -> No
 
     Reads ``run_config.yaml`` and ``tokenizer_record.json`` from ``root`` (written at every save); a directory
     without them (no checkpoint yet, or one written by other tools) is not checked here. Raises
-    :class:`~megatron_anchor.training.arguments.ConfigError` naming every field that differs.
+    :class:`~megatron_anchor.training.config_io.ConfigError` naming every field that differs.
     """
     from megatron_anchor.tokenizer.record import checkpoint_record_path, read_record, record_mismatches
-    from megatron_anchor.training.arguments import ConfigError, load_yaml
 
     path = os.path.join(root, RUN_CONFIG_FILE)
     iteration = latest_iteration(root)

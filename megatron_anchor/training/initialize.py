@@ -60,12 +60,12 @@ def check_distributed_optimizer_backend(cfg: AnchorConfig) -> None:
     megatron-core's distributed optimizer reduce-scatters gradients into, and all-gathers parameters from, one
     flat buffer per bucket (``reduce_scatter_tensor`` / ``all_gather_into_tensor``). NCCL has both; gloo has them
     only in recent torch releases, so on gloo one tiny exchange over the data-parallel group tells, before any
-    model is built. Raises :class:`~megatron_anchor.training.arguments.ConfigError`."""
+    model is built. Raises :class:`~megatron_anchor.training.config_io.ConfigError`."""
     if not cfg.parallel.use_distributed_optimizer or dist.get_backend() != "gloo":
         return
     from megatron.core import parallel_state
 
-    from megatron_anchor.training.arguments import ConfigError
+    from megatron_anchor.training.config_io import ConfigError
 
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     n = dist.get_world_size(group)

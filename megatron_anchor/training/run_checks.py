@@ -2,15 +2,15 @@
 
 Run by :func:`megatron_anchor.training.loop.preflight` identically on every rank, so a run that would fail only
 at its first save (an unwritable ``--save``) or deep inside torch (a truncated checkpoint) fails in seconds, with
-a :class:`~megatron_anchor.training.arguments.ConfigError` naming the flag and the file.
+a :class:`~megatron_anchor.training.config_io.ConfigError` naming the flag and the file.
 """
 
 from __future__ import annotations
 
 import os
 
-from megatron_anchor.training.arguments import ConfigError
-from megatron_anchor.training.checkpointing import TRACKER_FILE
+from megatron_anchor.training.checkpoint_files import TRACKER_FILE
+from megatron_anchor.training.config_io import ConfigError
 from megatron_anchor.training.config import AnchorConfig
 
 
