@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import math
 import os
 import inspect
 import textwrap
@@ -30,6 +29,7 @@ from megatron_anchor.training.config import (
     AnchorConfig,
     ModelConfig,
 )
+from megatron_anchor.training.blend import Blend, data_blend, parse_data_path  # noqa: F401 - re-exported
 from megatron_anchor.training.checkpoint_files import RUN_CONFIG_FILE
 from megatron_anchor.training.config_io import (  # noqa: F401 - re-exported: callers import them from here
     CHOICES,
@@ -143,77 +143,13 @@ def _inherit_from_checkpoint(cfg: AnchorConfig, named: set) -> None:
             setattr(cfg.data, name, getattr(saved.data, name))
 
 
-def parse_data_path(data_path: List[str]):
-    """Split Megatron's ``--data-path`` form into (prefixes, weights or None).
-
-    'A' or 'A B' -> equal weights (None); 'W1 A W2 B' -> weights [W1, W2]."""
-    if not data_path:
-        return [], None
-    if len(data_path) == 1:
-        return list(data_path), None
-    try:
-        float(data_path[0])
-        weighted = True
-    except ValueError:
-        weighted = False
-    if not weighted:
-        return list(data_path), None
-    if len(data_path) % 2:
-        raise ConfigError(f"--data-path with weights needs 'W1 PREFIX1 W2 PREFIX2 ...', got {data_path}")
-    try:
-        weights = [float(w) for w in data_path[0::2]]
-    except ValueError:
-        raise ConfigError(f"--data-path with weights needs 'W1 PREFIX1 W2 PREFIX2 ...', got {data_path}") from None
-    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"--data-path weights must be finite, >= 0 and not all 0, got {data_path[0::2]}")
-    return list(data_path[1::2]), weights
-
-
-@dataclasses.dataclass(frozen=True)
-class Blend:
-    """The datasets a run reads, in blend order (the order megatron-core's ``BlendedDataset`` numbers them
-    with ``dataset_id``): the --data-path entries, then the --replay-data-path entries."""
-
-    prefixes: List[str]
-    weights: Optional[List[float]]
-    """Blend weights (None: megatron's own rule for unweighted prefixes, sizes as they are)."""
-    policies: List[str]
-    """Loss-mask policy of each dataset."""
-    sources: List[str]
-    """'sft' or 'replay' for each dataset (what the per-source loss reports group by)."""
-
-
-def data_blend(cfg: AnchorConfig) -> Blend:
-    """The run's blend: --data-path under --loss-mask-policy and, with a replay share, --replay-data-path
-    under --replay-loss-mask-policy, weighted so replay gets exactly --replay-share of the samples."""
-    d, t = cfg.data, cfg.training
-    prefixes, weights = parse_data_path(d.data_path)
-    policies = [t.loss_mask_policy] * len(prefixes)
-    sources = ["sft"] * len(prefixes)
-    if not d.replay_data_path:
-        return Blend(prefixes, weights, policies, sources)
-    replay, replay_weights = parse_data_path(d.replay_data_path)
-    for name, p, w in (("--data-path", prefixes, weights), ("--replay-data-path", replay, replay_weights)):
-        if w is None and len(p) > 1:
-            # Unweighted multi-prefix blends follow dataset sizes, unknown until megatron builds the indices.
-            raise ConfigError(f"with --replay-data-path, give {name} blend weights for its {len(p)} prefixes "
-                              "('W1 PREFIX1 W2 PREFIX2 ...')")
-    share = d.replay_share
-
-    def scaled(w, n, total):
-        w = w or [1.0] * n
-        return [total * x / sum(w) for x in w]
-
-    return Blend(prefixes + replay, scaled(weights, len(prefixes), 1.0 - share) + scaled(replay_weights,
-                 len(replay), share), policies + [t.replay_loss_mask_policy] * len(replay),
-                 sources + ["replay"] * len(replay))
-
-
-def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -> None:
+def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -> Optional[Blend]:
     """Raise :class:`ConfigError` for any setting that cannot run on ``world_size`` processes.
 
     Fills in derived defaults (global batch size, ffn size, ...) in place. Called before distributed
-    initialisation, so every rank fails the same way before any model is built or step is taken.
+    initialisation, so every rank fails the same way before any model is built or step is taken. Returns the run's
+    data blend, parsed here once (None with --mock-data): :func:`~megatron_anchor.training.resolved.resolve_run`
+    keeps it for the rest of the run.
     """
     m, p, t, d, c, lg = cfg.model, cfg.parallel, cfg.training, cfg.data, cfg.checkpoint, cfg.logging
     # Ranges and number types first (a YAML file can hold anything): the checks below compute with the values.
@@ -327,7 +263,15 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
     if (d.mock_data or d.no_role_channel) and t.loss_mask_policy != "pretrain":
         errors.append(f"--loss-mask-policy {t.loss_mask_policy} needs the role channel "
                       "(not available with --mock-data / --no-role-channel)")
-    errors.extend(_replay_errors(cfg))
+    replay_errors = _replay_errors(cfg)
+    errors.extend(replay_errors)
+    blend = None
+    if not d.mock_data and not replay_errors and (d.data_path or d.replay_data_path):
+        try:
+            blend = data_blend(cfg)
+        except ConfigError as exc:
+            if d.replay_data_path:  # without replay the --data-path error is already listed above
+                errors.append(str(exc))
     if d.tokenizer_type in (None, "NullTokenizer"):
         if not d.vocab_size:
             errors.append("set --tokenizer-type and --tokenizer-model (or --vocab-size with NullTokenizer)")
@@ -354,6 +298,7 @@ def validate(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool) -
                       f"--profile-step-end ({lg.profile_step_end})")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return blend
 
 
 def signal_name(name: str) -> str:
@@ -565,7 +510,8 @@ def _packing_errors(cfg: AnchorConfig, has_te: bool) -> List[str]:
 
 
 def _replay_errors(cfg: AnchorConfig) -> List[str]:
-    """Why the replay settings cannot run (empty when they can, or when there is no replay)."""
+    """Why the replay settings cannot run (empty when they can, or when there is no replay); the blend's own
+    parse errors are :func:`validate`'s, which parses it once."""
     d, t = cfg.data, cfg.training
     share = d.replay_share
     if not d.replay_data_path:
@@ -581,9 +527,4 @@ def _replay_errors(cfg: AnchorConfig) -> List[str]:
     if d.mock_data or d.no_role_channel:
         errors.append("--replay-data-path needs the role channel (not available with --mock-data / "
                       "--no-role-channel)")
-    if not errors:
-        try:
-            data_blend(cfg)
-        except ConfigError as exc:
-            errors.append(str(exc))
     return errors

@@ -15,7 +15,8 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from megatron_anchor.training.arguments import ConfigError, data_blend
+from megatron_anchor.training.blend import Blend, data_blend
+from megatron_anchor.training.config_io import ConfigError
 from megatron_anchor.training.config import AnchorConfig
 
 
@@ -54,22 +55,32 @@ def run_tokenizer_record(cfg: AnchorConfig, tokenizer) -> Optional[dict]:
     return tokenizer_record(tokenizer, cfg.data.tokenizer_type)
 
 
-def check_data_paths(cfg: AnchorConfig, tokenizer=None) -> None:
+def _blend(cfg: AnchorConfig, run) -> Blend:
+    """The run's blend: the one its :class:`~megatron_anchor.training.resolved.ResolvedRun` holds, else parsed from
+    ``cfg`` (callers that build data outside a training run)."""
+    return run.blend if run is not None else data_blend(cfg)
+
+
+def check_data_paths(cfg: AnchorConfig, tokenizer=None, run=None) -> None:
     """Fail before any step when a data file, its role channel or its tokenizer record does not fit the run.
 
     Per prefix: both files exist; the role channel's headers, sizes, sequence lengths and document indices match
     the tokens' (time linear in the number of documents, memory bounded by
     :data:`megatron_anchor.data.indexed.SCAN_BLOCK`); the dataset's tokenizer record (written by the data tools)
     has this run's ids; packed SFT data is trained with ``--reset-attention-mask``. The role *codes* are scanned
-    after the process groups exist, split over all ranks (:func:`scan_role_channels`).
+    after the process groups exist, split over all ranks (:func:`scan_role_channels`). ``run``: the
+    :class:`~megatron_anchor.training.resolved.ResolvedRun` (its tokenizer record and blend), if there is one.
     """
     d = cfg.data
     if d.mock_data:
         return
     from megatron_anchor.data.indexed import DatasetFormatError, check_role_channel, read_index_header
 
-    run_record = run_tokenizer_record(cfg, tokenizer) if tokenizer is not None else None
-    blend = data_blend(cfg)
+    if run is not None:
+        run_record = run.tokenizer_record
+    else:
+        run_record = run_tokenizer_record(cfg, tokenizer) if tokenizer is not None else None
+    blend = _blend(cfg, run)
     for prefix, policy in zip(blend.prefixes, blend.policies):
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):
@@ -156,7 +167,7 @@ def _check_dataset_record(cfg: AnchorConfig, prefix: str, run_record: Optional[d
                               f"({dataset_record_path(prefix)}):\n    " + "\n    ".join(problems))
 
 
-def scan_role_channels(cfg: AnchorConfig, device) -> None:
+def scan_role_channels(cfg: AnchorConfig, device, run=None) -> None:
     """Check every role code of every role channel once per job: each rank scans an equal byte range of each
     file in bounded blocks, and the first bad offset is agreed with one all-reduce, so every rank fails alike.
 
@@ -170,7 +181,7 @@ def scan_role_channels(cfg: AnchorConfig, device) -> None:
     from megatron_anchor.data.indexed import bin_path, first_unknown_role, roles_prefix
     from megatron_anchor.roles import role_name
 
-    prefixes = data_blend(cfg).prefixes
+    prefixes = _blend(cfg, run).prefixes
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sizes = [os.path.getsize(bin_path(roles_prefix(p))) for p in prefixes]
     first_bad = torch.tensor([size + 1 for size in sizes], dtype=torch.int64, device=device)
@@ -225,8 +236,9 @@ def dataset_sizes(cfg: AnchorConfig) -> List[int]:
     return [t.train_iters * gbs, evals * lg.eval_iters * gbs, lg.eval_iters * gbs]
 
 
-def build_datasets(cfg: AnchorConfig, tokenizer, is_built_on_rank=lambda: True):
-    """train/valid/test datasets (any may be None when its split is empty)."""
+def build_datasets(cfg: AnchorConfig, tokenizer, is_built_on_rank=lambda: True, run=None):
+    """train/valid/test datasets (any may be None when its split is empty); ``run``: the run's
+    :class:`~megatron_anchor.training.resolved.ResolvedRun`, whose blend is read (parsed from ``cfg`` without one)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
@@ -250,7 +262,7 @@ def build_datasets(cfg: AnchorConfig, tokenizer, is_built_on_rank=lambda: True):
     else:
         # With replay, megatron-core's BlendedDataset tags each sample with its dataset's index in this blend
         # (``dataset_id``); the forward step reads each sample's loss-mask policy from it.
-        blend = data_blend(cfg)
+        blend = _blend(cfg, run)
         config = GPTDatasetConfig(blend=(blend.prefixes, blend.weights), split=_split_string(d.split), **common)
         if d.no_role_channel:
             dataset_cls = GPTDataset
@@ -355,15 +367,16 @@ def validation_enabled(cfg: AnchorConfig) -> bool:
 
 
 def build_data(cfg: AnchorConfig, tokenizer, consumed_train_samples: int, dp_rank: int, dp_size: int,
-               reads: bool = True):
+               reads: bool = True, run=None):
     """The datasets provider: (train iterator from the data position, factory of validation iterators).
 
     Each call of the factory starts at the first validation sample, so every evaluation scores the same
     batches and validation curves are comparable across steps and resumed runs. With ``reads=False`` (a rank
     that receives its batches from its tensor-parallel group's reader, or uses none) nothing is read: the
-    iterator is None and the factory returns None.
+    iterator is None and the factory returns None. ``run``: the run's
+    :class:`~megatron_anchor.training.resolved.ResolvedRun` (its blend), when set-up passes one.
     """
-    train_ds, valid_ds, _test_ds = build_datasets(cfg, tokenizer, is_built_on_rank=lambda: reads)
+    train_ds, valid_ds, _test_ds = build_datasets(cfg, tokenizer, is_built_on_rank=lambda: reads, run=run)
     if not reads:
         return None, lambda: None
     eod = tokenizer.eod

@@ -204,9 +204,9 @@ def num_model_chunks(cfg: AnchorConfig) -> int:
 
 
 def build_transformer_config(cfg: AnchorConfig, pipeline_dtype: Optional[torch.dtype] = None,
-                             fusions: Optional[Dict[str, Tuple[bool, str]]] = None):
+                             fusions: Optional[Dict[str, Tuple[bool, str]]] = None, run=None):
     """megatron-core TransformerConfig for this run (architecture, parallel layout, precision, recompute,
-    fusions)."""
+    fusions); ``run``: the run's :class:`~megatron_anchor.training.resolved.ResolvedRun` (its boundary mode)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_anchor.training.loss import boundary_mode
@@ -216,7 +216,8 @@ def build_transformer_config(cfg: AnchorConfig, pipeline_dtype: Optional[torch.d
     dtype = params_dtype(cfg)
     fusions = fusions if fusions is not None else resolve_fusions(cfg, on_gpu)
     chunks = num_model_chunks(cfg)
-    thd = boundary_mode(cfg.data.reset_attention_mask, m.transformer_impl) == "thd"
+    mode = run.boundary_mode if run is not None else boundary_mode(cfg.data.reset_attention_mask, m.transformer_impl)
+    thd = mode == "thd"
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -289,9 +290,10 @@ def layer_spec(cfg: AnchorConfig):
 
 
 def model_provider(cfg: AnchorConfig, vocab_size: int, pre_process: bool = True, post_process: bool = True,
-                   vp_stage: Optional[int] = None, config=None):
+                   vp_stage: Optional[int] = None, config=None, run=None):
     """Build this rank's GPTModel stage (pre_process: holds the embedding; post_process: holds the output;
-    ``vp_stage``: which virtual pipeline chunk, None without virtual pipeline)."""
+    ``vp_stage``: which virtual pipeline chunk, None without virtual pipeline; ``run``: the run's
+    :class:`~megatron_anchor.training.resolved.ResolvedRun`, whose padded vocabulary it uses)."""
     from megatron.core.models.gpt import GPTModel
 
     m = cfg.model
@@ -300,7 +302,7 @@ def model_provider(cfg: AnchorConfig, vocab_size: int, pre_process: bool = True,
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(cfg),
-        vocab_size=vocab_rows(cfg, vocab_size),
+        vocab_size=run.padded_vocab_size if run is not None else vocab_rows(cfg, vocab_size),
         max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=pre_process,
         post_process=post_process,
@@ -315,18 +317,21 @@ def model_provider(cfg: AnchorConfig, vocab_size: int, pre_process: bool = True,
 
 
 def build_model_chunks(cfg: AnchorConfig, vocab_size: int, provider: Callable, device: torch.device,
-                       config=None) -> List[torch.nn.Module]:
+                       config=None, run=None) -> List[torch.nn.Module]:
     """This rank's model chunks, on ``device``, in training precision, as Megatron-LM's ``get_model`` builds them.
 
     One chunk per rank, or one per virtual pipeline stage: chunk ``i`` of pipeline rank ``r`` holds virtual stage
     ``i * PP + r`` (megatron-core's interleaving). Only the first chunk of the first rank holds the embedding, only
     the last chunk of the last rank the output layer. With bf16/fp16 each chunk is wrapped in megatron-core's
     ``Float16Module``: weights in half precision, inputs cast on the first stage, outputs back to fp32 on the last.
-    ``provider(cfg, vocab_size, pre_process, post_process, vp_stage=..., config=...)`` builds one GPTModel.
+    ``provider(cfg, vocab_size, pre_process, post_process, vp_stage=..., config=...)`` builds one GPTModel; with
+    ``run`` (the :class:`~megatron_anchor.training.resolved.ResolvedRun`) a provider that takes ``run=`` gets it.
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.transformer.module import Float16Module
+
+    from megatron_anchor.training.resolved import call_with_run
 
     chunks = num_model_chunks(cfg)
     config = config if config is not None else build_transformer_config(cfg)
@@ -341,7 +346,8 @@ def build_model_chunks(cfg: AnchorConfig, vocab_size: int, provider: Callable, d
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp) if chunks > 1 else \
             ps.is_pipeline_last_stage()
         kwargs = {"vp_stage": vp} if chunks > 1 else {}
-        model = provider(cfg, vocab_size, pre_process=pre, post_process=post, config=config, **kwargs)
+        model = call_with_run(provider, cfg, vocab_size, pre_process=pre, post_process=post, config=config, run=run,
+                              **kwargs)
         for param in model.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
         models.append(model.to(device))
