@@ -36,7 +36,7 @@ from megatron_anchor.training.model import (build_model_chunks, build_transforme
                                             log_fusions, num_parameters, resolve_fusions)
 from megatron_anchor.training.monitor import Monitor, StepProfiler
 from megatron_anchor.training.packing import rank_token_multiple
-from megatron_anchor.training.resolved import ResolvedRun, call_with_run, resolve_run
+from megatron_anchor.training.resolved import ResolvedRun, bind_run, resolve_run
 from megatron_anchor.training.step import (  # noqa: F401 - evaluate, StepReduction, REDUCED_KEYS: public here too
     REDUCED_KEYS,
     RunResult,
@@ -211,7 +211,7 @@ def setup(cfg: AnchorConfig, model_provider: Callable, datasets_provider: Callab
     fusions = resolve_fusions(cfg)
     log_fusions(fusions, monitor.print)
     config = build_transformer_config(cfg, fusions=fusions, run=run)
-    chunks = build_model_chunks(cfg, run.vocab_size, model_provider, device, config, run=run)
+    chunks = build_model_chunks(cfg, run.vocab_size, bind_run(model_provider, run), device, config)
     model = [_wrap_ddp(cfg, chunk, config, disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
     param_sync = _install_schedule_hooks(cfg, model)
     optimizer, scheduler = _build_optimizer(cfg, model)
@@ -227,9 +227,9 @@ def setup(cfg: AnchorConfig, model_provider: Callable, datasets_provider: Callab
     plan = current_plan(len(model), run.boundary_mode, rank_token_multiple(cfg.parallel.tensor_model_parallel_size,
                                                               cfg.parallel.sequence_parallel,
                                                               bool(cfg.performance.fp8_format)))
-    train_loader, make_valid_loader = call_with_run(
-        datasets_provider, cfg, tokenizer, state.consumed_train_samples, ps.get_data_parallel_rank(),
-        ps.get_data_parallel_world_size(), reads=plan.reads, run=run)
+    train_loader, make_valid_loader = bind_run(datasets_provider, run)(
+        cfg, tokenizer, state.consumed_train_samples, ps.get_data_parallel_rank(),
+        ps.get_data_parallel_world_size(), reads=plan.reads)
     train_iter, source = distribute(train_loader, plan, device)
 
     def make_valid_iter():
@@ -247,7 +247,7 @@ def setup(cfg: AnchorConfig, model_provider: Callable, datasets_provider: Callab
     if cfg.training.exit_signal_handler:
         for problem in guards.launcher_signal_problems(cfg.training.exit_signal, bool(ck.save)):
             monitor.print(f"warning: {problem}")
-    forward_step = call_with_run(forward_step_factory, cfg, device, run=run)
+    forward_step = bind_run(forward_step_factory, run)(cfg, device)
     return Trainer(cfg, model, optimizer, scheduler, state, train_iter, make_valid_iter, forward_step,
                    monitor, device, run, source=source,
                    valid_enabled=validation_enabled(cfg), shape=ModelShape.from_config(cfg.model, padded),

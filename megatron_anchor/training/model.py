@@ -317,21 +317,18 @@ def model_provider(cfg: AnchorConfig, vocab_size: int, pre_process: bool = True,
 
 
 def build_model_chunks(cfg: AnchorConfig, vocab_size: int, provider: Callable, device: torch.device,
-                       config=None, run=None) -> List[torch.nn.Module]:
+                       config=None) -> List[torch.nn.Module]:
     """This rank's model chunks, on ``device``, in training precision, as Megatron-LM's ``get_model`` builds them.
 
     One chunk per rank, or one per virtual pipeline stage: chunk ``i`` of pipeline rank ``r`` holds virtual stage
     ``i * PP + r`` (megatron-core's interleaving). Only the first chunk of the first rank holds the embedding, only
     the last chunk of the last rank the output layer. With bf16/fp16 each chunk is wrapped in megatron-core's
     ``Float16Module``: weights in half precision, inputs cast on the first stage, outputs back to fp32 on the last.
-    ``provider(cfg, vocab_size, pre_process, post_process, vp_stage=..., config=...)`` builds one GPTModel; with
-    ``run`` (the :class:`~megatron_anchor.training.resolved.ResolvedRun`) a provider that takes ``run=`` gets it.
+    ``provider(cfg, vocab_size, pre_process, post_process, vp_stage=..., config=...)`` builds one GPTModel.
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.transformer.module import Float16Module
-
-    from megatron_anchor.training.resolved import call_with_run
 
     chunks = num_model_chunks(cfg)
     config = config if config is not None else build_transformer_config(cfg)
@@ -346,8 +343,7 @@ def build_model_chunks(cfg: AnchorConfig, vocab_size: int, provider: Callable, d
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp) if chunks > 1 else \
             ps.is_pipeline_last_stage()
         kwargs = {"vp_stage": vp} if chunks > 1 else {}
-        model = call_with_run(provider, cfg, vocab_size, pre_process=pre, post_process=post, config=config, run=run,
-                              **kwargs)
+        model = provider(cfg, vocab_size, pre_process=pre, post_process=post, config=config, **kwargs)
         for param in model.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
         models.append(model.to(device))

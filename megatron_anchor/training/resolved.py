@@ -7,12 +7,13 @@ the flags (the boundary mode used to be recomputed every step). Cost: one valida
 object itself holds a few small lists.
 
 The Megatron-style seams keep their shape: a provider receives the run as a ``run=`` keyword only when its
-signature names a ``run`` parameter (:func:`call_with_run`, the way Megatron-LM's ``get_model`` passes
+signature names a ``run`` parameter (:func:`bind_run`, the way Megatron-LM's ``get_model`` passes
 ``vp_stage``), so providers written for the plain signatures keep working.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -68,15 +69,13 @@ def resolve_run(cfg: AnchorConfig, world_size: int, has_cuda: bool, has_te: bool
                        vocab_size=tokenizer.vocab_size, padded_vocab_size=vocab_rows(cfg, tokenizer.vocab_size))
 
 
-def call_with_run(fn: Callable, *args, run: Optional[ResolvedRun], **kwargs):
-    """``fn(*args, **kwargs)``, plus ``run=run`` when there is a run and ``fn``'s signature names a ``run`` parameter
-    (a ``**kwargs`` catch-all does not count: it may hand its keywords to something that takes no ``run``)."""
+def bind_run(fn: Callable, run: Optional[ResolvedRun]) -> Callable:
+    """``fn`` with ``run=run`` bound when there is a run and ``fn``'s signature names a ``run`` parameter, else ``fn``
+    itself (a ``**kwargs`` catch-all does not count: it may hand its keywords to something that takes no ``run``)."""
     if run is None:
-        return fn(*args, **kwargs)
+        return fn
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # builtins and some C callables have no signature
-        params = {}
-    if "run" in params:
-        kwargs["run"] = run
-    return fn(*args, **kwargs)
+        return fn
+    return functools.partial(fn, run=run) if "run" in params else fn

@@ -26,7 +26,6 @@ from megatron_anchor.training.resolved import ResolvedRun
 REDUCED_KEYS = REPORT_KEYS
 
 
-
 @dataclass
 class RunResult:
     """What a run did; identical on every rank (losses are reduced over all ranks)."""

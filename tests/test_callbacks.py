@@ -1,0 +1,155 @@
+"""The training loop's callback seam and the run's one derivation of its flags.
+
+One 2-process gloo session (DP=2) trains with a recording callback: the hooks arrive in the documented order, the
+callback sees each step's metrics (with the log line's throughput on logging steps, and the evaluation of the step)
+and each checkpoint's path once it is complete; SIGTERM delivered to rank 0 alone reaches both ranks through the
+step's all-reduce and calls ``pre_exit`` exactly once on each, after the checkpoint. A third run counts how often the
+blend is parsed and the boundary mode derived: once per run, not per step or per consumer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.distributed import run_distributed
+from tests.test_trainer_parallel import _argv
+
+
+def _recorder(events, rank, signal_at=None):
+    from megatron_anchor.training.callbacks import Callback
+    from megatron_anchor.training.checkpointing import latest_iteration
+
+    class Recorder(Callback):
+        def pre_train(self, tr, result):
+            events.append(("pre_train",))
+
+        def post_step(self, tr, result, step):
+            m = step.metrics
+            events.append(("post_step", step.iteration, m["lm loss"] is not None, "tokens/s" in m,
+                           [v["iteration"] for v in result.valid], tr.state.iteration))
+            if signal_at == step.iteration and rank == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def post_checkpoint_saved(self, tr, result, iteration, path):
+            events.append(("saved", iteration, os.path.isdir(path), latest_iteration(tr.cfg.checkpoint.save)))
+
+        def pre_exit(self, tr, result, step, reason):
+            events.append(("pre_exit", step.iteration, reason))
+
+        def post_train(self, tr, result):
+            events.append(("post_train", [v["iteration"] for v in result.valid]))
+
+    return Recorder()
+
+
+def _pretrain(argv, on_step=None, callbacks=()):
+    import pretrain_anchor as pa
+    from megatron_anchor.training.arguments import parse_args
+    from megatron_anchor.training.loop import pretrain
+
+    return pretrain(parse_args(argv), pa.model_provider, pa.train_valid_test_datasets_provider,
+                    pa.forward_step_factory, on_step=on_step, callbacks=callbacks)
+
+
+def _counting(module, name, counts):
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return real(*args, **kwargs)
+
+    setattr(module, name, counted)
+
+
+def _session(rank, world, data, tmp):
+    out = {}
+    events = []
+    res = _pretrain(_argv(data, tmp, "--save", os.path.join(tmp, "ck"), "--save-interval", "2", "--eval-interval", "2",
+                          "--log-interval", "2", iters=4),
+                    on_step=lambda it, m: events.append(("on_step", it)), callbacks=[_recorder(events, rank)])
+    out["schedule"] = (events, res.exit_reason)
+
+    events = []
+    res = _pretrain(_argv(data, tmp, "--save", os.path.join(tmp, "ck_exit"), "--save-interval", "100", iters=6),
+                    callbacks=[_recorder(events, rank, signal_at=2)])
+    from megatron_anchor.training.checkpointing import EXIT_RECORD_FILE
+
+    out["exit"] = (events, res.exit_reason, len(res.train),
+                   os.path.isfile(os.path.join(tmp, "ck_exit", EXIT_RECORD_FILE)))
+
+    # What the flags imply is derived once per run, whatever the number of steps and consumers.
+    from megatron_anchor.training import arguments, blend, loop, loss
+    from megatron_anchor.training import data as data_module
+
+    counts = {}
+    for module in (arguments, blend, data_module):
+        _counting(module, "data_blend", counts)
+    _counting(loss, "boundary_mode", counts)
+    _counting(loop, "resolve_run", counts)
+    _pretrain(_argv(data, tmp, iters=4))
+    out["counts"] = counts
+    return out
+
+
+@pytest.fixture(scope="module")
+def session(tiny_dataset, tmp_path_factory):
+    return run_distributed(_session, world_size=2, args=(tiny_dataset, str(tmp_path_factory.mktemp("callbacks"))))
+
+
+def test_hooks_run_in_order_and_see_metrics_evaluations_and_checkpoints(session):
+    for rank_out in session:
+        events, reason = rank_out["schedule"]
+        assert reason is None
+        # Per step: on_step first, then (after logging, evaluation and the checkpoint) the caller's callback, which
+        # has already heard of this step's checkpoint; logging steps (2, 4) carry the throughput keys.
+        assert events == [
+            ("pre_train",),
+            ("on_step", 1), ("post_step", 1, True, False, [], 1),
+            ("on_step", 2), ("saved", 2, True, 2), ("post_step", 2, True, True, [2], 2),
+            ("on_step", 3), ("post_step", 3, True, False, [2], 3),
+            ("on_step", 4), ("saved", 4, True, 4), ("post_step", 4, True, True, [2], 4),
+            # The final evaluation runs before post_train; the last step's checkpoint is not saved twice.
+            ("post_train", [2, 4]),
+        ]
+
+
+def test_an_exit_signalled_on_one_rank_reaches_every_ranks_callbacks_once(session):
+    for rank_out in session:
+        events, reason, steps, recorded = rank_out["exit"]
+        assert "exit signal" in reason and steps == 3 and recorded
+        exits = [e for e in events if e[0] == "pre_exit"]
+        assert exits == [("pre_exit", 3, reason)]
+        # The checkpoint before the exit is complete (and announced) before pre_exit; no post_train after an exit.
+        assert events[-2:] == [("saved", 3, True, 3), ("pre_exit", 3, reason)]
+        assert not any(e[0] == "post_train" for e in events)
+
+
+def test_the_run_is_resolved_once(session):
+    for rank_out in session:
+        counts = rank_out["counts"]
+        assert counts.get("resolve_run") == 1
+        assert counts.get("data_blend") == 1  # validate parses it; checks, datasets and forward step read the run
+        # One check in validation, one derivation into the run: none per step, none in the model or forward step.
+        assert counts.get("boundary_mode") == 2
+
+
+def test_providers_get_the_run_only_when_they_ask_for_it():
+    from megatron_anchor.training.resolved import bind_run
+
+    def plain(a, b=0):
+        return (a, b)
+
+    def wants(a, run=None):
+        return (a, run)
+
+    def catch_all(a, **kwargs):
+        return (a, kwargs)
+
+    token = object()
+    assert bind_run(plain, token)(1, b=2) == (1, 2)
+    assert bind_run(wants, token)(1) == (1, token)
+    assert bind_run(catch_all, token)(1) == (1, {})
+    assert bind_run(wants, None) is wants
