@@ -34,12 +34,9 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.bounds import ranged  # noqa: E402
+from megatron_anchor.bounds import ranged
 from megatron_anchor.eval.studies import QUICKSTART, quickstart_default, run_quickstart  # noqa: E402,F401
-from megatron_anchor.outputs import atomic_path, atomic_write, write_json, write_text  # noqa: E402
+from megatron_anchor.outputs import atomic_path, atomic_write, write_json, write_text
 
 
 @dataclass(frozen=True)

@@ -27,19 +27,16 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-# Runnable as a script from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megatron_anchor.annotation.budget import add_budget_arguments, budget_from_args  # noqa: E402
-from megatron_anchor.annotation.annotate import AnnotateConfig, AnnotateError, annotate_file, format_summary  # noqa: E402
-from megatron_anchor.annotation.llm.client import API_KEY_ENV, ClientConfig, load_api_key  # noqa: E402
-from megatron_anchor.annotation.llm.examples import ECHO_POLICIES  # noqa: E402
-from megatron_anchor.annotation.llm.prompt import REQUEST_MODES  # noqa: E402
-from megatron_anchor.annotation.llm.structured import STRUCTURED_MODES  # noqa: E402
-from megatron_anchor.annotation.local import DISTILLED_PREFIX  # noqa: E402
-from megatron_anchor.annotation.llm.tagschema import SchemaError  # noqa: E402
-from megatron_anchor.bounds import argument  # noqa: E402
-from megatron_anchor.sharding import shard_path  # noqa: E402
+from megatron_anchor.annotation.budget import add_budget_arguments, budget_from_args
+from megatron_anchor.annotation.annotate import AnnotateConfig, AnnotateError, annotate_file, format_summary
+from megatron_anchor.annotation.llm.client import API_KEY_ENV, ClientConfig, load_api_key
+from megatron_anchor.annotation.llm.examples import ECHO_POLICIES
+from megatron_anchor.annotation.llm.prompt import REQUEST_MODES
+from megatron_anchor.annotation.llm.structured import STRUCTURED_MODES
+from megatron_anchor.annotation.local import DISTILLED_PREFIX
+from megatron_anchor.annotation.llm.tagschema import SchemaError
+from megatron_anchor.bounds import argument
+from megatron_anchor.sharding import shard_path
 
 
 def build_parser() -> argparse.ArgumentParser:

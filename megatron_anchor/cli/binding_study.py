@@ -13,16 +13,12 @@ names. Resumable; ``OUT/binding.md`` is rewritten from every finished point afte
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.bounds import ranged  # noqa: E402
-from megatron_anchor.eval import studies  # noqa: E402
+from megatron_anchor.bounds import ranged
+from megatron_anchor.eval import studies
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -23,14 +23,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megatron_anchor.annotation.distilled.features import FeatureConfig  # noqa: E402
-from megatron_anchor.annotation.distilled.model import DECODES  # noqa: E402
-from megatron_anchor.annotation.distilled.train import DistillConfig  # noqa: E402
-from megatron_anchor.annotation.llm.tagschema import SchemaError, TagKey, TagSchema, load_schema  # noqa: E402
-from megatron_anchor.bounds import argument  # noqa: E402
-from megatron_anchor.outputs import check_outputs, write_json  # noqa: E402
+from megatron_anchor.annotation.distilled.features import FeatureConfig
+from megatron_anchor.annotation.distilled.model import DECODES
+from megatron_anchor.annotation.distilled.train import DistillConfig
+from megatron_anchor.annotation.llm.tagschema import SchemaError, TagKey, TagSchema, load_schema
+from megatron_anchor.bounds import argument
+from megatron_anchor.outputs import check_outputs, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:

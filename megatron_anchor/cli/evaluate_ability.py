@@ -23,12 +23,9 @@ import os
 import sys
 from typing import List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.bounds import ranged  # noqa: E402
-from megatron_anchor.eval.harness import named_values  # noqa: E402
-from megatron_anchor.outputs import check_outputs, write_json  # noqa: E402
+from megatron_anchor.bounds import ranged
+from megatron_anchor.eval.harness import named_values
+from megatron_anchor.outputs import check_outputs, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,12 +33,9 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.bounds import argument, ranged  # noqa: E402
-from megatron_anchor.eval.harness import named_values  # noqa: E402
-from megatron_anchor.inference.sampler import SamplingParams  # noqa: E402
+from megatron_anchor.bounds import argument, ranged
+from megatron_anchor.eval.harness import named_values
+from megatron_anchor.inference.sampler import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.bounds import ranged  # noqa: E402
-from megatron_anchor.outputs import OutputError, require_input  # noqa: E402
+from megatron_anchor.bounds import ranged
+from megatron_anchor.outputs import OutputError, require_input
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,11 +29,8 @@ import os
 import sys
 from typing import List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.bounds import argument, ranged  # noqa: E402
-from megatron_anchor.inference.sampler import SamplingParams  # noqa: E402
+from megatron_anchor.bounds import argument, ranged
+from megatron_anchor.inference.sampler import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:

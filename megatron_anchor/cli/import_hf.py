@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.bounds import Bounds, flag_type  # noqa: E402  (standard library only)
+from megatron_anchor.bounds import Bounds, flag_type  # standard library only
 
 
 def build_parser() -> argparse.ArgumentParser:

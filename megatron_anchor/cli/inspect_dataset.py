@@ -9,15 +9,12 @@ document indices, known role codes) and exits 1 with the reason when anything is
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.data.indexed import DatasetFormatError  # noqa: E402
-from megatron_anchor.data.inspect import dataset_stats, render_document  # noqa: E402
-from megatron_anchor.bounds import ranged  # noqa: E402
-from megatron_anchor.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
+from megatron_anchor.data.indexed import DatasetFormatError
+from megatron_anchor.data.inspect import dataset_stats, render_document
+from megatron_anchor.bounds import ranged
+from megatron_anchor.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer
 
 
 def get_parser() -> argparse.ArgumentParser:

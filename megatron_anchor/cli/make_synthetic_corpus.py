@@ -7,14 +7,11 @@ Documents have 2-7 paragraphs across many topics and genres, separated by blank 
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.bounds import ranged  # noqa: E402
-from megatron_anchor.data.synthetic import write_raw_jsonl  # noqa: E402
-from megatron_anchor.outputs import OutputError, atomic_path, check_outputs  # noqa: E402
+from megatron_anchor.bounds import ranged
+from megatron_anchor.data.synthetic import write_raw_jsonl
+from megatron_anchor.outputs import OutputError, atomic_path, check_outputs
 
 
 def main(argv=None) -> int:

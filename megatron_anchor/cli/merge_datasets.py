@@ -12,9 +12,7 @@ import glob
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.data.indexed import ROLES_SUFFIX, merge_token_role_datasets  # noqa: E402
+from megatron_anchor.data.indexed import ROLES_SUFFIX, merge_token_role_datasets
 
 
 def get_parser() -> argparse.ArgumentParser:

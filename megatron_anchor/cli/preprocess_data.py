@@ -10,18 +10,15 @@ Writes ``PREFIX_text_document.{bin,idx}`` (readable by stock megatron-core ``Ind
 
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.annotation.budget import add_budget_arguments, budget_from_args  # noqa: E402
-from megatron_anchor.annotation.schema import DocumentError  # noqa: E402
-from megatron_anchor.bounds import argument  # noqa: E402
-from megatron_anchor.data.cli import add_output_arguments, add_runtime_arguments, add_tokenizer_arguments  # noqa: E402
-from megatron_anchor.data.preprocess import PreprocessConfig, run  # noqa: E402
-from megatron_anchor.tokenizer import TokenizerError  # noqa: E402
-from megatron_anchor.tokenizer.fast import FastBackendError  # noqa: E402
+from megatron_anchor.annotation.budget import add_budget_arguments, budget_from_args
+from megatron_anchor.annotation.schema import DocumentError
+from megatron_anchor.bounds import argument
+from megatron_anchor.data.cli import add_output_arguments, add_runtime_arguments, add_tokenizer_arguments
+from megatron_anchor.data.preprocess import PreprocessConfig, run
+from megatron_anchor.tokenizer import TokenizerError
+from megatron_anchor.tokenizer.fast import FastBackendError
 
 
 def get_parser() -> argparse.ArgumentParser:

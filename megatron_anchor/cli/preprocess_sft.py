@@ -25,18 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.annotation.annotate import AnnotateError  # noqa: E402
-from megatron_anchor.annotation.schema import DocumentError  # noqa: E402
-from megatron_anchor.bounds import ranged  # noqa: E402
-from megatron_anchor.outputs import atomic_write, require_input, write_json  # noqa: E402
-from megatron_anchor.data.cli import add_output_arguments, add_runtime_arguments, add_tokenizer_arguments  # noqa: E402
-from megatron_anchor.data.preprocess import PreprocessConfig, run  # noqa: E402
-from megatron_anchor.data.sft import (  # noqa: E402
+from megatron_anchor.annotation.annotate import AnnotateError
+from megatron_anchor.annotation.schema import DocumentError
+from megatron_anchor.bounds import ranged
+from megatron_anchor.outputs import atomic_write, require_input, write_json
+from megatron_anchor.data.cli import add_output_arguments, add_runtime_arguments, add_tokenizer_arguments
+from megatron_anchor.data.preprocess import PreprocessConfig, run
+from megatron_anchor.data.sft import (
     DEFAULT_FORMAT_STABILITY_FRACTION,
     OVERLONG_MODES,
     TEMPLATE_PRESETS,
@@ -45,8 +42,8 @@ from megatron_anchor.data.sft import (  # noqa: E402
     parse_sample_line,
     with_annotations,
 )
-from megatron_anchor.tokenizer import TokenizerError, build_tokenizer  # noqa: E402
-from megatron_anchor.tokenizer.fast import FastBackendError  # noqa: E402
+from megatron_anchor.tokenizer import TokenizerError, build_tokenizer
+from megatron_anchor.tokenizer.fast import FastBackendError
 
 logger = logging.getLogger("preprocess_sft")
 

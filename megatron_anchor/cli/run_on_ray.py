@@ -17,13 +17,10 @@ and resumes; a rerun skips finished shards. The result equals a single-process r
 
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.bounds import ranged  # noqa: E402
-from megatron_anchor.scaleout.ray_runner import STAGES, run_on_ray  # noqa: E402
+from megatron_anchor.bounds import ranged
+from megatron_anchor.scaleout.ray_runner import STAGES, run_on_ray
 
 
 def main(argv=None) -> int:

@@ -12,14 +12,11 @@ Exit status: 0, 1 for bad input (an empty corpus, a bad line, a vocabulary the c
 
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.bounds import argument  # noqa: E402
-from megatron_anchor.outputs import OutputError, check_outputs, require_input  # noqa: E402
-from megatron_anchor.tokenizer.train import (  # noqa: E402
+from megatron_anchor.bounds import argument
+from megatron_anchor.outputs import OutputError, check_outputs, require_input
+from megatron_anchor.tokenizer.train import (
     TokenizerTrainConfig,
     TokenizerTrainingError,
     train_tokenizer,
