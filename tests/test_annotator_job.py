@@ -13,7 +13,7 @@ import pytest
 from megatron_anchor.annotation.default_annotator import annotate_text
 from megatron_anchor.annotation.schema import parse_line
 from tests.annotator_fixtures import FakeOpenAIServer, FakeReply, fake_tags_for, read_jsonl, write_jsonl
-from tools import annotate as annotate_tool
+from megatron_anchor.cli import annotate as annotate_tool
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.annotator_fixtures import FakeOpenAIServer, free_port
-from tools import annotator_server
+from megatron_anchor.annotation import server
+from megatron_anchor.cli import annotator_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,14 +48,14 @@ def test_cpu_command_never_installs_on_dry_run(tmp_path, monkeypatch, capsys):
 def test_readiness_check(capsys):
     srv = FakeOpenAIServer(model="m1").start()
     try:
-        assert annotator_server.is_ready(srv.url + "/v1") == "m1"
+        assert server.is_ready(srv.url + "/v1") == "m1"
         assert annotator_server.main(["--check", srv.url]) == 0
         dead = f"http://127.0.0.1:{free_port()}"
         assert annotator_server.main(["--check", srv.url, dead]) == 1
         out = capsys.readouterr().out
         assert "ready, serving m1" in out and "NOT ready" in out
         with pytest.raises(TimeoutError):
-            annotator_server.wait_ready(dead, timeout_s=1.5)
+            server.wait_ready(dead, timeout_s=1.5)
     finally:
         srv.stop()
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-ablation-sft``: the tool lives in :mod:`megatron_anchor.cli.ablation_sft` (``--help`` describes it)."""
+"""``anchor-ablation-sft`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.ablation_sft`."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-annotate``: the tool lives in :mod:`megatron_anchor.cli.annotate` (``--help`` describes it)."""
+"""``anchor-annotate`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.annotate`."""
 
 import sys
 

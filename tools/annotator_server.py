@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-annotator-server``: the tool lives in :mod:`megatron_anchor.cli.annotator_server` (``--help`` describes it)."""
+"""``anchor-annotator-server`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.annotator_server`."""
 
 import sys
 

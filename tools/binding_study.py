@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-binding-study``: the tool lives in :mod:`megatron_anchor.cli.binding_study` (``--help`` describes it)."""
+"""``anchor-binding-study`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.binding_study`."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-distill-annotator``: the tool lives in :mod:`megatron_anchor.cli.distill_annotator` (``--help`` describes it)."""
+"""``anchor-distill-annotator`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.distill_annotator`."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-evaluate-ability``: the tool lives in :mod:`megatron_anchor.cli.evaluate_ability` (``--help`` describes it)."""
+"""``anchor-evaluate-ability`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.evaluate_ability`."""
 
 import sys
 

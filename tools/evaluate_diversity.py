@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-evaluate-diversity``: the tool lives in :mod:`megatron_anchor.cli.evaluate_diversity` (``--help`` describes it)."""
+"""``anchor-evaluate-diversity`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.evaluate_diversity`."""
 
 import sys
 

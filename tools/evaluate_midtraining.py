@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-evaluate-midtraining``: the tool lives in :mod:`megatron_anchor.cli.evaluate_midtraining` (``--help`` describes it)."""
+"""``anchor-evaluate-midtraining`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.evaluate_midtraining`."""
 
 import sys
 

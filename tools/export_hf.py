@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-export-hf``: the tool lives in :mod:`megatron_anchor.cli.export_hf` (``--help`` describes it)."""
+"""``anchor-export-hf`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.export_hf`."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-generate``: the tool lives in :mod:`megatron_anchor.cli.generate` (``--help`` describes it)."""
+"""``anchor-generate`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.generate`."""
 
 import sys
 

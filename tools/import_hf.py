@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-import-hf``: the tool lives in :mod:`megatron_anchor.cli.import_hf` (``--help`` describes it)."""
+"""``anchor-import-hf`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.import_hf`."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-inspect-dataset``: the tool lives in :mod:`megatron_anchor.cli.inspect_dataset` (``--help`` describes it)."""
+"""``anchor-inspect-dataset`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.inspect_dataset`."""
 
 import sys
 

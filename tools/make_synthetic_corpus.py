@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-make-synthetic-corpus``: the tool lives in :mod:`megatron_anchor.cli.make_synthetic_corpus` (``--help`` describes it)."""
+"""``anchor-make-synthetic-corpus`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.make_synthetic_corpus`."""
 
 import sys
 

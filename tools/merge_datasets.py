@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-merge-datasets``: the tool lives in :mod:`megatron_anchor.cli.merge_datasets` (``--help`` describes it)."""
+"""``anchor-merge-datasets`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.merge_datasets`."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-preprocess-data``: the tool lives in :mod:`megatron_anchor.cli.preprocess_data` (``--help`` describes it)."""
+"""``anchor-preprocess-data`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.preprocess_data`."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-preprocess-sft``: the tool lives in :mod:`megatron_anchor.cli.preprocess_sft` (``--help`` describes it)."""
+"""``anchor-preprocess-sft`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.preprocess_sft`."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-run-on-ray``: the tool lives in :mod:`megatron_anchor.cli.run_on_ray` (``--help`` describes it)."""
+"""``anchor-run-on-ray`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.run_on_ray`."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""``anchor-train-tokenizer``: the tool lives in :mod:`megatron_anchor.cli.train_tokenizer` (``--help`` describes it)."""
+"""``anchor-train-tokenizer`` as a script, for Megatron-LM habits: the tool is
+:mod:`megatron_anchor.cli.train_tokenizer`."""
 
 import sys
 
