@@ -14,7 +14,7 @@ import sys
 
 from megatron_anchor.annotation.budget import add_budget_arguments, budget_from_args
 from megatron_anchor.annotation.schema import DocumentError
-from megatron_anchor.bounds import argument
+from megatron_anchor.bounds import argument, fields_from_args
 from megatron_anchor.data.cli import add_output_arguments, add_runtime_arguments, add_tokenizer_arguments
 from megatron_anchor.data.preprocess import PreprocessConfig, run
 from megatron_anchor.tokenizer import TokenizerError
@@ -73,27 +73,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = PreprocessConfig(
-        input=args.input,
-        output_prefix=args.output_prefix,
-        tokenizer_type=args.tokenizer_type,
-        tokenizer_model=args.tokenizer_model,
-        json_key=args.json_keys[0],
-        workers=args.workers,
-        append_eod=args.append_eod,
-        annotations=not args.no_annotations,
-        annotator=args.annotator,
-        skip_bad_documents=args.skip_bad_documents,
-        max_chunk_tokens=args.max_chunk_tokens,
-        docs_per_part=args.docs_per_part,
-        eod_token=args.eod_token,
-        overwrite=args.overwrite,
-        num_shards=args.num_shards,
-        shard_index=args.shard_index,
-        show_progress=not args.no_progress,
-        tokenizer_backend=args.tokenizer_backend,
-        budget=budget,
-    )
+    # The flags that set a PreprocessConfig field carry its name (their dest); the rest are mapped here.
+    cfg = PreprocessConfig(**{**fields_from_args(PreprocessConfig, args), "json_key": args.json_keys[0],
+                              "annotations": not args.no_annotations, "show_progress": not args.no_progress,
+                              "budget": budget})
     try:
         run(cfg)
     except (DocumentError, TokenizerError, FastBackendError) as e:
