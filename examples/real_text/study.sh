@@ -128,7 +128,7 @@ if [[ -n "$ANN_URL" ]] && ! done_all llm-tags sft-data; then  # the LLM judge mu
   python tools/annotator_server.py --check "$ANN_URL" | sed -n 's/.*serving //p' > "$WORK/annotator_model.txt"
 fi
 ANN_MODEL=$(cat "$WORK/annotator_model.txt" 2>/dev/null || true)
-# A CPU server answers a few requests at a time: 8 in flight keeps it busy (FINDINGS: ~67 tok/s with 8), and a
+# A CPU server answers a few requests at a time: 8 in flight keep it busy (SmolLM2-135M: ~67 tok/s on 2 cores), and a
 # 10-minute request timeout rides out a busy machine instead of failing chunks.
 ANN_CONCURRENCY="${ANN_CONCURRENCY:-8}"
 stage llm-tags python tools/annotate.py --annotator vllm --url "${ANN_URL:-unused}" --concurrency "$ANN_CONCURRENCY" \
