@@ -14,8 +14,7 @@ from megatron_anchor.annotation.default_annotator import annotate_text
 from megatron_anchor.annotation.schema import parse_line
 from tests.annotator_fixtures import FakeOpenAIServer, FakeReply, fake_tags_for, read_jsonl, write_jsonl
 from megatron_anchor.cli import annotate as annotate_tool
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.paths import REPO_DIR as REPO
 
 
 def make_raw(path, n_docs=40, seed=0):

@@ -9,8 +9,7 @@ import pytest
 from tests.annotator_fixtures import FakeOpenAIServer, free_port
 from megatron_anchor.annotation import server
 from megatron_anchor.cli import annotator_server
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.paths import REPO_DIR as REPO
 
 
 def test_gpu_command_has_the_papers_model_and_sensible_flags(capsys):

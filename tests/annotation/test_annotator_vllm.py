@@ -20,10 +20,10 @@ from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file
 from megatron_anchor.annotation.llm.client import ClientConfig
 from megatron_anchor.annotation.schema import parse_line
 from tests.annotator_fixtures import FaultProxy, read_jsonl, write_jsonl
+from tests.paths import REPO_DIR as REPO
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_TOKENS = "64"  # a full tag set is ~50 tokens; the cap keeps a CPU test quick
 
 

@@ -13,7 +13,8 @@ import textwrap
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import REPO
+
 
 # Runs in the installed copy: every console script's entry point answers --help (exit 0, its usage line), and the
 # Ray runner's stages name tool modules that import and have main().

@@ -10,8 +10,7 @@ import pytest
 from megatron_anchor.data.indexed import check_role_channel
 from tests.conftest import file_bytes
 from megatron_anchor.cli import inspect_dataset, merge_datasets, preprocess_data, train_tokenizer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import REPO
 
 
 def test_inspect_reports_and_renders(tiny_dataset, capsys):

@@ -19,8 +19,7 @@ from megatron_anchor.roles import Role
 from megatron_anchor.tokenizer import build_tokenizer
 from tests.conftest import file_bytes
 from megatron_anchor.cli import preprocess_data
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import REPO
 
 
 def _run(inp, out, model, *extra):

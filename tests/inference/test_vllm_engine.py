@@ -20,7 +20,7 @@ from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN
 from megatron_anchor.inference import SamplingParams, load_from_hf_folder
 from megatron_anchor.inference.prompts import parse_prompt
 from megatron_anchor.inference.vllm_engine import TokenRequest, VllmGenerator, load_vllm_generator
-from tests.test_generate_fixtures import REPO
+from tests.paths import REPO
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]
 

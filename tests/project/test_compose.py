@@ -13,7 +13,8 @@ import subprocess
 import pytest
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import REPO
+
 COMPOSE = os.path.join(REPO, "docker", "compose.yaml")
 VALIDATOR = shutil.which("docker-compose")
 

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import REPO
+
 DOCKERFILES = sorted(glob.glob(os.path.join(REPO, "docker", "*Dockerfile*")))
 
 

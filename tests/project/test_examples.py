@@ -5,8 +5,8 @@ small stand-ins on PATH: the stand-in starts ``pretrain_anchor.py --dry-run`` wi
 for, so the trainer checks every flag, data file, role channel, tokenizer record and checkpoint architecture it
 would check on the cluster, without training. The data steps of the scripts run for real on tiny inputs. The GPU
 recipes are checked as for a GPU machine (``--dry-run-target gpu``). The quickstart runs for real in
-tests/test_quickstart.py and the real-text study in tests/test_real_text_study.py; the annotator fleet needs GPUs
-and vLLM, so only its shell syntax is checked here.
+tests/project/test_quickstart.py and the real-text study in tests/corpora/test_real_text_study.py; the annotator
+fleet needs GPUs and vLLM, so only its shell syntax is checked here.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ DRY_RUN_HERE = ["pretrain_tiny_cpu.sh", "sft_tiny_cpu.sh"]
 DRY_RUN_GPU = ["gpu/pretrain_0.6b.sh", "gpu/pretrain_1b.sh", "gpu/pretrain_2.5b.sh", "gpu/sft_anchored.sh",
                "slurm/pretrain_multinode.sbatch"]
 RUN_FOR_REAL = ["slurm/preprocess_array.sbatch", "slurm/merge_shards.sbatch"]
-ELSEWHERE = {"quickstart.sh": "tests/test_quickstart.py runs it end to end",
-             "real_text/study.sh": "tests/test_real_text_study.py runs it end to end (SMALL=1) and on bad inputs",
+ELSEWHERE = {"quickstart.sh": "tests/project/test_quickstart.py runs it end to end",
+             "real_text/study.sh": "tests/corpora/test_real_text_study.py runs it end to end (SMALL=1) and on bad "
+                                   "inputs",
              "slurm/annotator_fleet.sbatch": "starts vLLM servers on GPUs; syntax only here"}
 SOURCED = ["gpu/pretrain_common.sh", "gpu/model_sizes.sh", "gpu/preemption.sh"]  # libraries of the recipes above
 MIDTRAIN = ["midtrain_smollm2_cpu.sh", "sft_smollm2_cpu.sh", "gpu/midtrain_qwen3.sh"]  # import a real model first: tests below
@@ -103,7 +104,7 @@ def _configs(stdout):
 def test_every_example_is_covered():
     scripts = sorted(str(p.relative_to(EXAMPLES)) for p in EXAMPLES.rglob("*") if p.suffix in (".sh", ".sbatch"))
     covered = set(DRY_RUN_HERE) | set(DRY_RUN_GPU) | set(RUN_FOR_REAL) | set(ELSEWHERE) | set(SOURCED) | set(MIDTRAIN)
-    assert not set(scripts) - covered, f"add these examples to tests/test_examples.py: {set(scripts) - covered}"
+    assert not set(scripts) - covered, f"add these examples to tests/project/test_examples.py: {set(scripts) - covered}"
     for script in scripts:
         r = subprocess.run(["bash", "-n", str(EXAMPLES / script)], capture_output=True, text=True)
         assert r.returncode == 0, f"{script}: {r.stderr}"
@@ -206,12 +207,12 @@ def test_qwen3_midtraining_recipe_passes_the_trainer_checks(corpus_dir, tmp_path
     """The GPU recipe on a tiny random Qwen3 folder: the import runs for real, mid-training and both SFT runs are
     checked as for a GPU machine, all with the imported architecture and tokenizer and no model flags."""
     pytest.importorskip("transformers")
-    from tests.test_import_hf import _hf_folder, _tokenizer_folder
+    from tests.hf_import.test_import_hf import _hf_folder, _tokenizer_folder
 
     hf = str(tmp_path / "qwen3")
     texts = [json.loads(line)["text"] for line in open(corpus_dir / "raw.jsonl")][:200]
     _hf_folder(hf, "qwen3", _tokenizer_folder(hf, texts), seed=0)
-    from tests.test_sft_preprocess import write_sft_jsonl
+    from tests.data.test_sft_preprocess import write_sft_jsonl
 
     sft = write_sft_jsonl(str(tmp_path / "sft.jsonl"), 400, seed=3)
     from megatron_anchor.cli import import_hf

@@ -310,22 +310,22 @@ def test_train_log_pattern_reads_the_trainers_log_line():
 
 def test_test_log_outcomes_and_the_test_running_when_stopped():
     log = "\n".join([
-        "tests/test_fast_path_gpu.py::test_a PASSED                                    [ 20%]",
-        "tests/test_fast_path_gpu.py::test_b[x] FAILED                                 [ 40%]",
-        "tests/test_fast_path_gpu.py::test_c SKIPPED (needs Transformer Engine)       [ 60%]",
-        "tests/test_packing.py::test_d ",
+        "tests/training/test_fast_path_gpu.py::test_a PASSED                                    [ 20%]",
+        "tests/training/test_fast_path_gpu.py::test_b[x] FAILED                                 [ 40%]",
+        "tests/training/test_fast_path_gpu.py::test_c SKIPPED (needs Transformer Engine)       [ 60%]",
+        "tests/training/test_packing.py::test_d ",
     ])
-    parsed = gpu_acceptance.parse_test_log(log + "\nSKIPPED [1] tests/test_fast_path_gpu.py:210: needs TE\n")
+    parsed = gpu_acceptance.parse_test_log(log + "\nSKIPPED [1] tests/training/test_fast_path_gpu.py:210: needs TE\n")
     assert parsed["counts"] == {"passed": 1, "failed": 1, "skipped": 1}
-    assert parsed["failed"] == ["tests/test_fast_path_gpu.py::test_b[x]"]
-    assert parsed["running_when_stopped"] == "tests/test_packing.py::test_d"
-    assert parsed["skipped"] == ["tests/test_fast_path_gpu.py: needs TE"]
+    assert parsed["failed"] == ["tests/training/test_fast_path_gpu.py::test_b[x]"]
+    assert parsed["running_when_stopped"] == "tests/training/test_packing.py::test_d"
+    assert parsed["skipped"] == ["tests/training/test_fast_path_gpu.py: needs TE"]
 
 
 def test_gpu_test_files_are_found():
     files = gpu_acceptance.gpu_test_files()
-    assert "tests/test_fast_path_gpu.py" in files and "tests/test_packing.py" in files
-    assert "tests/test_gpu_acceptance.py" not in files
+    assert "tests/training/test_fast_path_gpu.py" in files and "tests/training/test_packing.py" in files
+    assert "tests/project/test_gpu_acceptance.py" not in files
 
 
 # --- the wheelhouse --------------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ import pytest
 from megatron_anchor.wheelhouse import MEGATRON_CORE_PY312
 from tests.distributed import REPO_ROOT
 
-INNER_TESTS = ["tests/test_anchor_dataset.py", "tests/test_packing.py", "tests/test_trainer_parallel.py",
-               "tests/test_mixed_precision.py", "tests/test_generate.py"]
+INNER_TESTS = ["tests/data/test_anchor_dataset.py", "tests/training/test_packing.py",
+               "tests/training/test_trainer_parallel.py", "tests/training/test_mixed_precision.py",
+               "tests/inference/test_generate.py"]
 VERSION = MEGATRON_CORE_PY312  # the release the GPU acceptance run's wheelhouse carries for Python 3.12
 
 

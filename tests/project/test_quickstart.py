@@ -27,8 +27,8 @@ import pytest
 from megatron_anchor.annotation.default_annotator import annotate_text
 from megatron_anchor.data import demo_corpus as dc
 from megatron_anchor.eval.quickstart import format_table, gap_closed
+from tests.paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "examples", "quickstart.sh")
 # Thresholds sit a few noise widths (~0.1 bit) below what the runs measured with the default replay (full size,
 # seed 0: tag entropy collapse 0.63 bit, anchored advantage 0.58 bit, 93% of the gap closed, 98% of annotations
@@ -122,7 +122,7 @@ def test_every_knob_is_documented_and_checked_by_the_script():
 
 
 def _dry_run(tmp_path, env):
-    from tests.test_examples import _configs
+    from tests.project.test_examples import _configs
 
     full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "DRY_RUN": "1", **env}

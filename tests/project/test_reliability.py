@@ -1,7 +1,7 @@
 """The pieces behind "nothing lost, nothing hung, no traceback": declared ranges, the atomic-write helper and
 output checks, export's overwrite rule, checkpoint file checks, the loss-policy check, the one-process store,
 the annotator server's API key, and tripwires that keep the inputs the tools parse free of code execution.
-The table of bad inputs through every tool is tests/test_faults.py."""
+The table of bad inputs through every tool is tests/cli/test_faults.py."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import pytest
 
 from megatron_anchor import bounds
 from megatron_anchor.outputs import OutputError, atomic_write, check_outputs, check_writable, refuse_aliases
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import REPO
 
 
 # -- ranges ---------------------------------------------------------------------------------------------------

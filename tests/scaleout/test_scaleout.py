@@ -146,7 +146,7 @@ def test_ray_annotate_against_the_real_vllm_server(local_ray, vllm_server, corpu
 
 def test_ray_preprocess_sft_equals_single_process(local_ray, sp_model, tmp_path):
     from megatron_anchor.scaleout.ray_runner import run_on_ray
-    from tests.test_sft_preprocess import sft_argv, write_sft_jsonl
+    from tests.data.test_sft_preprocess import sft_argv, write_sft_jsonl
     from megatron_anchor.cli import preprocess_sft
 
     inp = write_sft_jsonl(str(tmp_path / "sft.jsonl"), 120)

@@ -16,7 +16,7 @@ import os
 import pytest
 
 from tests.distributed import run_distributed
-from tests.test_trainer_parallel import _argv, _train
+from tests.training.test_trainer_parallel import _argv, _train
 
 BASE_ITERS = 30
 # fp16 loss scale whose first steps overflow (the per-token loss sum is large) and then settle: steps 1-3 are

@@ -1,7 +1,7 @@
 """Anchored SFT with the trainer: exact zero gradient from prompt and annotation tokens, and an end-to-end run
 (pretrain tiny -> preprocess SFT -> anchored SFT from the checkpoint) through torchrun on CPU.
 
-The trainer runs in child processes (``python tests/test_sft_training.py grad ...`` and ``torchrun
+The trainer runs in child processes (``python tests/training/test_sft_training.py grad ...`` and ``torchrun
 pretrain_anchor.py``) so its process group and megatron's global state never touch the pytest process.
 """
 
@@ -11,9 +11,7 @@ import re
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from tests.paths import REPO
 
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
          "--micro-batch-size", "4", "--global-batch-size", "8", "--seed", "7"]

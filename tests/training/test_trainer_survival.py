@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.distributed import REPO_ROOT, free_port, run_distributed, run_torchrun
-from tests.test_trainer_parallel import ITERS, _argv, _train
+from tests.training.test_trainer_parallel import ITERS, _argv, _train
 
 
 def _setup(argv):
