@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 
 from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file  # noqa: E402
-from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash  # noqa: E402
+from megatron_anchor.annotation.llm.response_cache import AnnotationCache, chunk_hash  # noqa: E402
 from megatron_anchor.annotation.llm.client import AnnotatorClient, ClientConfig  # noqa: E402
 from megatron_anchor.annotation.llm.prompt import prompt_id  # noqa: E402
 from megatron_anchor.annotation.llm.tagschema import load_schema  # noqa: E402

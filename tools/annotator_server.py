@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from megatron_anchor.apikey import API_KEY_ENV, Secret, load_api_key  # noqa: E402 - standard library only
 from megatron_anchor.bounds import ranged  # noqa: E402 - standard library only
-from megatron_anchor.cache import cache_root  # noqa: E402 - standard library only, like this file
+from megatron_anchor.cache_dir import cache_root  # noqa: E402 - standard library only, like this file
 
 SETUP_SCRIPT = REPO / "tools" / "setup_vllm_cpu.sh"
 

@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_anchor.data.indexed import DatasetFormatError  # noqa: E402
-from megatron_anchor.data.inspect import dataset_stats, render_document  # noqa: E402
+from megatron_anchor.data.dataset_report import dataset_stats, render_document  # noqa: E402
 from megatron_anchor.bounds import ranged  # noqa: E402
 from megatron_anchor.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
 
