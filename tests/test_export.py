@@ -70,7 +70,7 @@ def test_exported_folder_loads_back_for_generation(exported):
 
 def test_runs_no_layout_expresses_are_refused(tiny_checkpoint, tmp_path, capsys):
     """RoPE with LayerNorm is neither Llama (RMSNorm) nor GPT-2 (learned positions): refused, naming the flags."""
-    from tools import export_hf
+    from megatron_anchor.cli import export_hf
 
     config = tmp_path / "rope_layernorm.yaml"
     config.write_text("model:\n  normalization: LayerNorm\n")
@@ -124,7 +124,7 @@ def test_sentencepiece_with_whitespace_pieces_exports_exactly(tmp_path):
 
     from megatron_anchor.export.tokenizer import WORD, write_tokenizer
     from megatron_anchor.tokenizer import build_tokenizer
-    from tools import train_tokenizer
+    from megatron_anchor.cli import train_tokenizer
 
     corpus = tmp_path / "indented.jsonl"
     _indented_corpus(corpus)
