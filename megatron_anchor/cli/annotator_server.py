@@ -14,7 +14,7 @@ Readiness check of running replicas (exit 0 when every URL answers ``/health`` a
     python tools/annotator_server.py --check http://127.0.0.1:8000 http://127.0.0.1:8001
 
 ``--dry-run`` prints the command and environment without starting anything (the API key as ``***``). Only the
-standard library is used (:mod:`megatron_anchor.cache`, ``bounds`` and ``apikey`` included), so this file runs
+standard library is used (:mod:`megatron_anchor.cache_dir`, ``bounds`` and ``apikey`` included), so this file runs
 under any Python, including the vllm venv's. Importable: tests use :func:`start_server`.
 
 API key: ``--api-key-file FILE`` (or ``$ANNOTATOR_API_KEY``, the variable the clients read too) makes vLLM refuse

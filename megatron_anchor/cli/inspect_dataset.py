@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from megatron_anchor.data.indexed import DatasetFormatError
-from megatron_anchor.data.inspect import dataset_stats, render_document
+from megatron_anchor.data.dataset_report import dataset_stats, render_document
 from megatron_anchor.bounds import ranged
 from megatron_anchor.tokenizer import TOKENIZER_TYPES, TokenizerError, build_tokenizer
 

@@ -86,7 +86,7 @@ def test_runs_no_layout_expresses_are_refused(tiny_checkpoint, tmp_path, capsys)
 
 def test_gpt2_layout_round_trips_through_the_decoder(gpt2_exported):
     """The GPT-2 folder loads back into the in-house decoder with the megatron spec it was written from."""
-    from megatron_anchor.export.hf_gpt2 import decoder_state_from_gpt2, gpt2_state_dict
+    from megatron_anchor.inference.gpt2_adapter import decoder_state_from_gpt2, gpt2_state_dict
     from megatron_anchor.inference.model import DecoderLM
 
     model = DecoderLM.from_hf_folder(gpt2_exported)
