@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import REPO_DIR as ROOT
+
 PACKAGE = "megatron_anchor"
 
 OPTIONAL_EXTRAS = ("transformer_engine", "apex", "vllm", "ray")
