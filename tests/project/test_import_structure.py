@@ -29,13 +29,7 @@ OPTIONAL_EXTRAS = ("transformer_engine", "apex", "vllm", "ray")
 """Top-level modules of optional extras: a module whose import fails because one of these is missing is skipped,
 not failed (the ImportError's ``name`` says which module was missing)."""
 
-ALLOWED_LOOPS: List[FrozenSet[str]] = [
-    # training/: arguments -> checkpointing (RUN_CONFIG_FILE), checkpointing -> arguments (ConfigError, dump_yaml,
-    # load_yaml) and -> initialize (world_size_from_env), initialize -> arguments (ConfigError). Delete this entry
-    # when the loop is gone (the test fails while an entry matches no loop, so that it cannot linger).
-    frozenset({"megatron_anchor.training.arguments", "megatron_anchor.training.checkpointing",
-               "megatron_anchor.training.initialize"}),
-]
+ALLOWED_LOOPS: List[FrozenSet[str]] = []
 """Import loops that are known and tolerated for now; any other loop fails the test."""
 
 
