@@ -306,11 +306,15 @@ def _run_steps(tr: Trainer, result: RunResult, callbacks: CallbackList, handler,
     t = tr.cfg.training
     check_nan = t.check_for_nan_in_loss_and_grad
     callbacks.fire("pre_train", tr, result)
+
+    def exit_flags():
+        return handler is not None and handler.received is not None, clock.exceeded()
+
     while tr.state.iteration < t.train_iters:
         it = tr.state.iteration + 1
         profiler.before_step(it)
         start = time.perf_counter()
-        metrics, red = train_step(tr, handler is not None and handler.received is not None, clock.exceeded())
+        metrics, red = train_step(tr, exit_flags=exit_flags)
         elapsed = time.perf_counter() - start
         profiler.after_step(it)
         # The NaN check and the switch to the overlapped parameter gather stay in the loop, not in callbacks: both

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -163,16 +163,23 @@ def reduce_step(tr: Trainer, outputs: List[Dict[str, torch.Tensor]], signal_rece
                          local_loss)
 
 
-def train_step(tr: Trainer, signal_received: bool = False, duration_exceeded: bool = False):
+def train_step(tr: Trainer, signal_received: bool = False, duration_exceeded: bool = False,
+               exit_flags: Optional[Callable[[], Tuple[bool, bool]]] = None):
     """One optimizer step over a global batch: ``(metrics, reduction)``.
 
     ``metrics`` holds the reduced losses, lr, grad norm, whether the update was skipped (fp16 overflow) and the
-    loss scale; ``reduction`` (:class:`StepReduction`) also the agreed exit and NaN flags."""
+    loss scale; ``reduction`` (:class:`StepReduction`) also the agreed exit and NaN flags. ``exit_flags``: this
+    rank's ``(signal received, time budget spent)``, read after the optimizer step, right before the all-reduce
+    (replaces ``signal_received`` and ``duration_exceeded``, which are read before the step)."""
     for chunk in tr.model:
         chunk.zero_grad_buffer()
     tr.optimizer.zero_grad()
     outputs = forward_backward(tr, tr.train_iter, forward_only=False)
     update_ok, grad_norm, _ = tr.optimizer.step()
+    if exit_flags is not None:
+        # Read once the step is done (Megatron-LM checks after train_step): a signal or the end of the time budget
+        # during this step's forward and backward stops the run after this step, not after one more.
+        signal_received, duration_exceeded = exit_flags()
     if update_ok and not tr.step_returns_norm:
         # Without clipping a bare megatron optimizer computes no norm (None, or 0.0 from the mixed-precision
         # ones); the gradients are still in place after the step.

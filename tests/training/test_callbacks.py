@@ -45,23 +45,56 @@ def _recorder(events, rank, signal_at=None):
     return Recorder()
 
 
-def _pretrain(argv, on_step=None, callbacks=()):
+def _pretrain(argv, on_step=None, callbacks=(), forward_step_factory=None):
     import pretrain_anchor as pa
     from megatron_anchor.training.arguments import parse_args
     from megatron_anchor.training.loop import pretrain
 
     return pretrain(parse_args(argv), pa.model_provider, pa.train_valid_test_datasets_provider,
-                    pa.forward_step_factory, on_step=on_step, callbacks=callbacks)
+                    forward_step_factory or pa.forward_step_factory, on_step=on_step, callbacks=callbacks)
 
 
-def _counting(module, name, counts):
-    real = getattr(module, name)
+def _signal_during_step(rank, step):
+    """A forward step factory whose forward step sends SIGTERM to rank 0 in its first micro-batch of ``step``
+    (mid-step, as a scheduler's signal mostly arrives), and a callback that counts the steps for it."""
+    import pretrain_anchor as pa
+
+    from megatron_anchor.training.callbacks import Callback
+
+    done = {"steps": 0, "sent": False}
+
+    class Counter(Callback):
+        def post_step(self, tr, result, info):
+            done["steps"] = info.iteration
+
+    def factory(cfg, device, run=None):
+        inner = pa.forward_step_factory(cfg, device, run=run)
+
+        def forward_step(data_iterator, model):
+            if rank == 0 and done["steps"] == step - 1 and not done["sent"]:
+                done["sent"] = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            return inner(data_iterator, model)
+
+        return forward_step
+
+    return factory, Counter()
+
+
+def _counting(source, name, counts):
+    """Count the calls of ``source.name`` through every loaded module that holds that function (a
+    ``from ... import`` at the top of a module is a reference of its own, which patching ``source`` misses)."""
+    import sys
+
+    real = getattr(source, name)
 
     def counted(*args, **kwargs):
         counts[name] = counts.get(name, 0) + 1
         return real(*args, **kwargs)
 
-    setattr(module, name, counted)
+    for module in list(sys.modules.values()):
+        if getattr(module, name, None) is real:
+            setattr(module, name, counted)
 
 
 def _session(rank, world, data, tmp):
@@ -81,15 +114,21 @@ def _session(rank, world, data, tmp):
     out["exit"] = (events, res.exit_reason, len(res.train),
                    os.path.isfile(os.path.join(tmp, "ck_exit", EXIT_RECORD_FILE)) if rank == 0 else None)
 
+    # A signal that arrives during step 2 stops the run after step 2 (read after the step, as Megatron-LM does),
+    # and step 2's own checkpoint (--save-interval 2) is not saved again before the exit.
+    events = []
+    factory, counter = _signal_during_step(rank, 2)
+    res = _pretrain(_argv(data, tmp, "--save", os.path.join(tmp, "ck_mid"), "--save-interval", "2", iters=6),
+                    callbacks=[counter, _recorder(events, rank)], forward_step_factory=factory)
+    out["mid_step_exit"] = (events, res.exit_reason, len(res.train))
+
     # What the flags imply is derived once per run, whatever the number of steps and consumers.
-    from megatron_anchor.training import arguments, blend, loop, loss
-    from megatron_anchor.training import data as data_module
+    from megatron_anchor.training import blend, loss, resolved
 
     counts = {}
-    for module in (arguments, blend, data_module):
-        _counting(module, "data_blend", counts)
+    _counting(blend, "data_blend", counts)
     _counting(loss, "boundary_mode", counts)
-    _counting(loop, "resolve_run", counts)
+    _counting(resolved, "resolve_run", counts)
     _pretrain(_argv(data, tmp, iters=4))
     out["counts"] = counts
     return out
@@ -128,6 +167,15 @@ def test_an_exit_signalled_on_one_rank_reaches_every_ranks_callbacks_once(sessio
         assert not any(e[0] == "post_train" for e in events)
 
 
+def test_a_signal_during_a_step_stops_the_run_after_that_step_without_a_second_save(session):
+    for rank_out in session:
+        events, reason, steps = rank_out["mid_step_exit"]
+        assert "exit signal" in reason and steps == 2, (reason, steps)
+        saves = [e for e in events if e[0] == "saved"]
+        assert saves == [("saved", 2, True, 2)]
+        assert events[-1] == ("pre_exit", 2, reason)
+
+
 def test_the_run_is_resolved_once(session):
     for rank_out in session:
         counts = rank_out["counts"]
@@ -154,3 +202,4 @@ def test_providers_get_the_run_only_when_they_ask_for_it():
     assert bind_run(wants, token)(1) == (1, token)
     assert bind_run(catch_all, token)(1) == (1, {})
     assert bind_run(wants, None) is wants
+
