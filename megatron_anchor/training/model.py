@@ -109,7 +109,10 @@ def vocab_rows(cfg: AnchorConfig, vocab_size: int) -> int:
     m = cfg.model
     if m.padded_vocab_size:
         if m.padded_vocab_size < vocab_size:
-            raise ValueError(f"--padded-vocab-size {m.padded_vocab_size} is smaller than the tokenizer's "
+            from megatron_anchor.training.config_io import ConfigError
+
+            # A ConfigError: preflight derives the padded vocabulary, so this is the entry point's "error:" line.
+            raise ConfigError(f"--padded-vocab-size {m.padded_vocab_size} is smaller than the tokenizer's "
                              f"vocabulary ({vocab_size})")
         return m.padded_vocab_size
     return padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)

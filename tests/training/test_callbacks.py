@@ -203,3 +203,14 @@ def test_providers_get_the_run_only_when_they_ask_for_it():
     assert bind_run(catch_all, token)(1) == (1, {})
     assert bind_run(wants, None) is wants
 
+
+def test_a_padded_vocabulary_smaller_than_the_tokenizer_fails_preflight_as_a_configuration_error(capsys):
+    import pretrain_anchor as pa
+
+    argv = ["--dry-run", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000",
+            "--padded-vocab-size", "512", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "32", "--micro-batch-size", "1", "--train-iters", "2", "--lr", "1e-3"]
+    with pytest.raises(SystemExit) as exit_info:
+        pa.main(argv)
+    assert exit_info.value.code == 2
+    assert "--padded-vocab-size 512 is smaller than the tokenizer's vocabulary (1000)" in capsys.readouterr().err
