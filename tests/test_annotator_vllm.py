@@ -21,7 +21,7 @@ from megatron_anchor.annotation.llm.client import ClientConfig
 from megatron_anchor.annotation.schema import parse_line
 from tests.annotator_fixtures import FaultProxy, read_jsonl, write_jsonl
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_TOKENS = "64"  # a full tag set is ~50 tokens; the cap keeps a CPU test quick

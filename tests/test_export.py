@@ -58,6 +58,7 @@ def test_delimiter_text_never_becomes_the_delimiter_id_in_transformers(which, re
         assert ids == ours.encode_text(text)
 
 
+@pytest.mark.integration
 def test_exported_folder_loads_back_for_generation(exported):
     from megatron_anchor.inference import SamplingParams, load_from_hf_folder
     from megatron_anchor.inference.prompts import parse_prompt
@@ -68,6 +69,7 @@ def test_exported_folder_loads_back_for_generation(exported):
     assert len(rows) == 2 and all("<|ann|>" not in r["response"] for r in rows)
 
 
+@pytest.mark.integration
 def test_runs_no_layout_expresses_are_refused(tiny_checkpoint, tmp_path, capsys):
     """RoPE with LayerNorm is neither Llama (RMSNorm) nor GPT-2 (learned positions): refused, naming the flags."""
     from tools import export_hf
@@ -84,6 +86,7 @@ def test_runs_no_layout_expresses_are_refused(tiny_checkpoint, tmp_path, capsys)
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.integration
 def test_gpt2_layout_round_trips_through_the_decoder(gpt2_exported):
     """The GPT-2 folder loads back into the in-house decoder with the megatron spec it was written from."""
     from megatron_anchor.export.hf_gpt2 import decoder_state_from_gpt2, gpt2_state_dict

@@ -542,6 +542,7 @@ def test_every_tool_has_cases():
 # -- process boundaries: Ctrl-C -------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("annotator", ["default", "distilled"])
 def test_ctrl_c_stops_annotation_cleanly_and_a_rerun_finishes_it(annotator, tmp_path, corpus_dir):
     """SIGINT reaches an in-process annotator (which never awaits anything itself): the tool exits 130 within

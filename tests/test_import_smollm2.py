@@ -70,6 +70,7 @@ def _layout_logits(rank, world_size, ckpt, ids, tp, pp):
     return megatron_logits(ckpt, ids, tp=tp, pp=pp)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_smollm2_logits_equal_transformers_at_tp1_and_pp2(smollm2):
     from megatron_anchor.hf_import.parity import megatron_logits
