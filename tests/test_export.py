@@ -8,6 +8,7 @@ import pytest
 import torch
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
 def test_transformers_logits_match_megatron(which, request, monkeypatch):
     transformers = pytest.importorskip("transformers")
@@ -40,6 +41,7 @@ def test_transformers_logits_match_megatron(which, request, monkeypatch):
     assert (got - ref).abs().max().item() <= 1e-4
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("which", ["exported", "gpt2_exported"])
 def test_delimiter_text_never_becomes_the_delimiter_id_in_transformers(which, request):
     """Text that spells a delimiter or end-of-document, typed by a user, gets ordinary tokens (as in training);

@@ -487,7 +487,9 @@ def base_env(corpus_dir, sp_model, hf_tokenizer_dir):
     return {"raw": str(corpus_dir / "raw.jsonl"), "sp_model": sp_model, "hf_tokenizer": hf_tokenizer_dir}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# Cases on a checkpoint need the session's trained one (torchrun): integration tests.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.integration) if "checkpoint" in c.needs else c
+                                  for c in CASES], ids=[c.id for c in CASES])
 def test_fault(case: Case, base_env, request, tmp_path, capsys, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
