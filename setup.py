@@ -8,7 +8,24 @@ them (docker/train.Dockerfile does exactly this):
     pip install -c image-constraints.txt -e ".[gpu,logging]"
 """
 
+import ast
+import os
+
 from setuptools import find_packages, setup
+
+
+def console_scripts():
+    """``name = megatron_anchor.cli.module:main`` for each entry of ``CONSOLE_SCRIPTS`` in
+    megatron_anchor/cli/__init__.py, read as a literal: building the package never imports it (nor torch)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "megatron_anchor", "cli", "__init__.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CONSOLE_SCRIPTS" for t in node.targets):
+            return [f"{name} = megatron_anchor.cli.{module}:main"
+                    for name, module in ast.literal_eval(node.value).items()]
+    raise RuntimeError(f"{path} defines no CONSOLE_SCRIPTS")
+
 
 setup(
     name="megatron-anchor",
@@ -61,5 +78,5 @@ setup(
         # (apex is not on PyPI: the PyPI package of that name is unrelated; build it from NVIDIA/apex otherwise).
         "gpu": ["transformer-engine[pytorch]"],
     },
-    scripts=[],
+    entry_points={"console_scripts": console_scripts()},
 )

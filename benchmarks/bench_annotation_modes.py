@@ -32,12 +32,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megatron_anchor.annotation.annotate import AnnotateConfig, Stats, annotate_file  # noqa: E402
-from megatron_anchor.annotation.llm.client import ClientConfig  # noqa: E402
-from megatron_anchor.annotation.llm.tagschema import load_schema  # noqa: E402
-from megatron_anchor.eval.metrics import semantic_entropy  # noqa: E402
+from megatron_anchor.annotation.annotate import AnnotateConfig, Stats, annotate_file
+from megatron_anchor.annotation.llm.client import ClientConfig
+from megatron_anchor.annotation.llm.tagschema import load_schema
+from megatron_anchor.eval.metrics import semantic_entropy
 
 ARMS = {"chunk": ("chunk", "on"), "document": ("document", "on"), "free-text": ("document", "off")}
 
@@ -138,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if url is None:
         import socket
 
-        from tools import annotator_server as srv
+        from megatron_anchor.annotation import server as srv
 
         with socket.socket() as sock:  # a free loopback port
             sock.bind(("127.0.0.1", 0))
@@ -151,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = bench(url, args.rounds, args.documents, args.chunks_per_doc, args.concurrency, args.max_tokens, arms)
     finally:
         if server is not None:
-            from tools import annotator_server as srv
+            from megatron_anchor.annotation import server as srv
 
             srv.stop_server(server)
     print(json.dumps({k: v for k, v in result.items()}, indent=2, default=float))

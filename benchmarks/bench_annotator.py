@@ -32,16 +32,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import aiohttp
 
-import aiohttp  # noqa: E402
-
-from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file  # noqa: E402
-from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash  # noqa: E402
-from megatron_anchor.annotation.llm.client import AnnotatorClient, ClientConfig  # noqa: E402
-from megatron_anchor.annotation.llm.prompt import prompt_id  # noqa: E402
-from megatron_anchor.annotation.llm.tagschema import load_schema  # noqa: E402
-from megatron_anchor.annotation.schema import parse_line  # noqa: E402
+from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file
+from megatron_anchor.annotation.llm.response_cache import AnnotationCache, chunk_hash
+from megatron_anchor.annotation.llm.client import AnnotatorClient, ClientConfig
+from megatron_anchor.annotation.llm.prompt import prompt_id
+from megatron_anchor.annotation.llm.tagschema import load_schema
+from megatron_anchor.annotation.schema import parse_line
 
 _WORDS = ("the chef river team market planet song court garden engine storm village letter museum doctor "
           "harbour Lyon Kyoto Alice Bruno baked measured found watched built described chose over near in").split()
@@ -271,7 +269,7 @@ def _run_client_bench(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
             url, label = f"http://127.0.0.1:{port}", "stub"
             _wait_port(port)
         else:
-            from tools import annotator_server
+            from megatron_anchor.annotation import server as annotator_server
 
             spec = annotator_server.cpu_spec(port=_free_port())
             server = annotator_server.start_server(spec, work / "server.log")
@@ -285,7 +283,7 @@ def _run_client_bench(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
             proc.terminate()
             proc.join(10)
         if server is not None:
-            from tools import annotator_server
+            from megatron_anchor.annotation import server as annotator_server
 
             annotator_server.stop_server(server)
 

@@ -29,15 +29,13 @@ from typing import Any, Dict, List, Optional, Sequence
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one core: before numpy loads
     os.environ.setdefault(_var, "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file  # noqa: E402
-from megatron_anchor.annotation.distilled.features import FeatureConfig  # noqa: E402
-from megatron_anchor.annotation.distilled.train import DistillConfig, distill, load_teacher  # noqa: E402
-from megatron_anchor.annotation.llm.client import ClientConfig  # noqa: E402
-from megatron_anchor.annotation.llm.tagschema import load_schema  # noqa: E402
-from megatron_anchor.annotation.local import EmbeddedAnnotator  # noqa: E402
-from megatron_anchor.annotation.schema import parse_line  # noqa: E402
+from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file
+from megatron_anchor.annotation.distilled.features import FeatureConfig
+from megatron_anchor.annotation.distilled.train import DistillConfig, distill, load_teacher
+from megatron_anchor.annotation.llm.client import ClientConfig
+from megatron_anchor.annotation.llm.tagschema import load_schema
+from megatron_anchor.annotation.local import EmbeddedAnnotator
+from megatron_anchor.annotation.schema import parse_line
 
 EMBEDDED_KEYS = ("topic", "genre", "entities", "tone", "length")
 
@@ -106,7 +104,6 @@ def speed(model, raw: Path, n_chunks: int) -> Dict[str, Any]:  # noqa: ANN001
 
 def llm_teacher(work: Path, url: str, documents: int, chunks_per_doc: int) -> Dict[str, Any]:
     """Real text tagged by the LLM server, distilled, reported on held-out documents."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_annotation_modes import real_documents
 
     docs = real_documents(documents, chunks_per_doc)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 EMBEDDED_KEYS = "topic,genre,entities,tone,length"
 QUICKSTART = REPO / "examples" / "quickstart.sh"

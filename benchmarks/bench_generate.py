@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from typing import List, Optional
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.inference.model import DecoderLM, ModelSpec, num_parameters  # noqa: E402
-from megatron_anchor.inference.sampler import (  # noqa: E402
+from megatron_anchor.inference.model import DecoderLM, ModelSpec, num_parameters
+from megatron_anchor.inference.sampler import (
     GenerationStats,
     SamplingParams,
     generate_batch,

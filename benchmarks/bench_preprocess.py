@@ -41,12 +41,11 @@ from multiprocessing import get_context
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from megatron_anchor.annotation.default_annotator import annotate_document
+from megatron_anchor.annotation.schema import parse_line
+from megatron_anchor.data.synthetic import generate_documents
 
-from megatron_anchor.annotation.default_annotator import annotate_document  # noqa: E402
-from megatron_anchor.annotation.schema import parse_line  # noqa: E402
-from megatron_anchor.data.synthetic import generate_documents  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_corpus(path: str, mb: float, seed: int = 0) -> int:

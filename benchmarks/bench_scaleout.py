@@ -33,11 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from bench_preprocess import make_corpus, preprocess_cmd
 
-from bench_preprocess import make_corpus, preprocess_cmd  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def timed(cmd, env=None) -> float:
@@ -75,7 +73,7 @@ def bench_replicas(tmp, requests, concurrency, max_tokens, rounds):
 
     from megatron_anchor.annotation.llm.client import AnnotatorClient, ClientConfig
     from megatron_anchor.annotation.llm.tagschema import load_schema
-    from tools import annotator_server
+    from megatron_anchor.annotation import server as annotator_server
 
     raw = Path(tmp) / "raw.jsonl"
     make_raw_corpus(raw, requests, seed=5)

@@ -27,14 +27,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 from functools import partial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore")
 
 DATA_REPEATS = 30
@@ -43,7 +41,7 @@ DATA_REPEATS = 30
 def build_dataset(work: str) -> tuple:
     """Synthetic annotated corpus -> tokenizer -> token + role dataset (the project's own tools)."""
     from megatron_anchor.data.synthetic import write_raw_jsonl
-    from tools import preprocess_data, train_tokenizer
+    from megatron_anchor.cli import preprocess_data, train_tokenizer
 
     write_raw_jsonl(os.path.join(work, "corpus.jsonl"), 600, seed=3)
     train_tokenizer.main(["--input", os.path.join(work, "corpus.jsonl"), "--output-prefix",

@@ -18,13 +18,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     from megatron_anchor.inference import SamplingParams, load_from_hf_folder
     from megatron_anchor.inference.prompts import parse_prompt
     from megatron_anchor.inference.vllm_engine import load_vllm_generator, no_split_prefill_args
-    from tools import annotator_server
+    from megatron_anchor.annotation import server as annotator_server
 
     a = build_parser().parse_args(argv)
     torch.set_num_threads(a.threads)

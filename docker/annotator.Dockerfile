@@ -26,15 +26,21 @@ ENV ANNOTATOR_MODEL=Qwen/Qwen3-30B-A3B-Instruct-2507 \
     VLLM_NO_USAGE_STATS=1 \
     DO_NOT_TRACK=1
 
-# Only the launcher (standard library only): it builds the vLLM command, waits for readiness and forwards
-# SIGTERM from `docker stop` to the whole server process group.
-COPY tools/annotator_server.py /opt/megatron-anchor/tools/annotator_server.py
+# Only the launcher and the standard-library modules it imports (tests/test_annotator_tools.py runs it from exactly
+# these files): it builds the vLLM command, waits for readiness and forwards SIGTERM from `docker stop` to the
+# whole server process group.
+COPY megatron_anchor/__init__.py megatron_anchor/apikey.py megatron_anchor/bounds.py megatron_anchor/cache_dir.py \
+     /opt/megatron-anchor/megatron_anchor/
+COPY megatron_anchor/annotation/__init__.py megatron_anchor/annotation/server.py \
+     /opt/megatron-anchor/megatron_anchor/annotation/
+COPY megatron_anchor/cli/__init__.py megatron_anchor/cli/annotator_server.py /opt/megatron-anchor/megatron_anchor/cli/
+ENV PYTHONPATH=/opt/megatron-anchor
 
 EXPOSE 8000
 
 # Loading a 30B mixture of experts and capturing CUDA graphs takes minutes: a long start period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=15m --retries=3 \
-  CMD ["/bin/sh", "-c", "python3 /opt/megatron-anchor/tools/annotator_server.py --check http://127.0.0.1:${PORT}"]
+  CMD ["/bin/sh", "-c", "python3 -m megatron_anchor.cli.annotator_server --check http://127.0.0.1:${PORT}"]
 
-ENTRYPOINT ["/bin/sh", "-c", "exec python3 /opt/megatron-anchor/tools/annotator_server.py --backend gpu --host 0.0.0.0 --port \"$PORT\" --model \"$ANNOTATOR_MODEL\" --served-model-name \"$ANNOTATOR_SERVED_NAME\" --tensor-parallel-size \"$TENSOR_PARALLEL_SIZE\" --max-model-len \"$MAX_MODEL_LEN\" --gpu-memory-utilization \"$GPU_MEMORY_UTILIZATION\" --max-num-seqs \"$MAX_NUM_SEQS\" -- \"$@\"", "annotator"]
+ENTRYPOINT ["/bin/sh", "-c", "exec python3 -m megatron_anchor.cli.annotator_server --backend gpu --host 0.0.0.0 --port \"$PORT\" --model \"$ANNOTATOR_MODEL\" --served-model-name \"$ANNOTATOR_SERVED_NAME\" --tensor-parallel-size \"$TENSOR_PARALLEL_SIZE\" --max-model-len \"$MAX_MODEL_LEN\" --gpu-memory-utilization \"$GPU_MEMORY_UTILIZATION\" --max-num-seqs \"$MAX_NUM_SEQS\" -- \"$@\"", "annotator"]
 CMD []

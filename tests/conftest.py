@@ -47,7 +47,7 @@ def corpus_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sp_model(corpus_dir):
     """A SentencePiece model (vocab 512) trained by tools/train_tokenizer.py on the corpus."""
-    from tools import train_tokenizer
+    from megatron_anchor.cli import train_tokenizer
 
     prefix = str(corpus_dir / "sp")
     assert train_tokenizer.main(["--input", str(corpus_dir / "raw.jsonl"), "--output-prefix", prefix,
@@ -58,7 +58,7 @@ def sp_model(corpus_dir):
 @pytest.fixture(scope="session")
 def hf_tokenizer_dir(corpus_dir):
     """A byte-level BPE tokenizer folder (vocab 600) trained by tools/train_tokenizer.py --type hf."""
-    from tools import train_tokenizer
+    from megatron_anchor.cli import train_tokenizer
 
     out = str(corpus_dir / "hf")
     assert train_tokenizer.main(["--input", str(corpus_dir / "raw.jsonl"), "--output-prefix", out,
@@ -69,7 +69,7 @@ def hf_tokenizer_dir(corpus_dir):
 @pytest.fixture(scope="session")
 def tiny_dataset(corpus_dir, sp_model):
     """A preprocessed token + role dataset; returns a dict with ``prefix``, ``tokenizer_model``, ``input``."""
-    from tools import preprocess_data
+    from megatron_anchor.cli import preprocess_data
 
     out = str(corpus_dir / "data" / "tiny")
     assert preprocess_data.main([
@@ -85,7 +85,7 @@ def tiny_dataset(corpus_dir, sp_model):
 def tiny_plain_dataset(corpus_dir, sp_model, tiny_dataset):
     """The same documents as ``tiny_dataset`` without annotations (``--no-annotations``): what standard SFT
     replays. Returns its prefix."""
-    from tools import preprocess_data
+    from megatron_anchor.cli import preprocess_data
 
     out = str(corpus_dir / "data" / "tiny_plain")
     assert preprocess_data.main([
@@ -100,7 +100,7 @@ def sft_data(sp_model, tmp_path_factory):
     """SFT datasets written by tools/preprocess_sft.py from 400 synthetic samples: ``anchored`` (annotation
     before each response) and ``standard`` (``--no-annotations``); values are the dataset prefixes."""
     from tests.test_sft_preprocess import write_sft_jsonl
-    from tools import preprocess_sft
+    from megatron_anchor.cli import preprocess_sft
 
     d = tmp_path_factory.mktemp("sft_train")
     inp = write_sft_jsonl(str(d / "sft.jsonl"), 400, seed=3)

@@ -31,7 +31,7 @@ def test_demo_questions_have_one_right_continuation():
 @pytest.mark.slow
 def test_lm_eval_runs_the_local_task_offline(gpt2_exported, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
-    from tools import evaluate_ability
+    from megatron_anchor.cli import evaluate_ability
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tools import ablation_sft as ab
+from megatron_anchor.cli import ablation_sft as ab
 
 
 def test_plan_runs_what_the_targets_need_first(capsys):
@@ -51,7 +51,7 @@ def test_points_share_one_standard_run_per_length_share_and_data(tmp_path):
 
 def test_reports_of_either_age_fill_the_table():
     """Points written before the judges were named (bare metric names) are read like today's."""
-    from tools.ablation_sft import COLUMNS, EMB, TAG, TOPIC
+    from megatron_anchor.cli.ablation_sft import COLUMNS, EMB, TAG, TOPIC
 
     new = {"gap_closed": {TAG: 0.9, TOPIC: 0.8, EMB: 0.7}, "gap_closed_well_formed": {TAG: 0.6}}
     old = {"gap_closed": {"semantic_entropy": 0.9, "topic_entropy": 0.8, "pairwise_distance": 0.7},

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from megatron_anchor.annotation.format import tag_problem
-from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash
+from megatron_anchor.annotation.llm.response_cache import AnnotationCache, chunk_hash
 from megatron_anchor.annotation.llm.client import (
     AnnotatorClient,
     ClientConfig,

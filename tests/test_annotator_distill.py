@@ -15,8 +15,8 @@ from megatron_anchor.annotation.llm.tagschema import DEFAULT_SCHEMA_PATH
 from megatron_anchor.annotation.schema import parse_line
 from megatron_anchor.sharding import shard_path
 from tests.annotator_fixtures import read_jsonl, write_jsonl
-from tools import annotate as annotate_tool
-from tools import distill_annotator
+from megatron_anchor.cli import annotate as annotate_tool
+from megatron_anchor.cli import distill_annotator
 
 EMBEDDED_KEYS = "topic,genre,entities,tone,length"
 SMALL = ["--hash-bits", "14", "--quiet"]  # a 16k x 64 table: seconds to train

@@ -13,7 +13,7 @@ import pytest
 from megatron_anchor.annotation.default_annotator import annotate_text
 from megatron_anchor.annotation.schema import parse_line
 from tests.annotator_fixtures import FakeOpenAIServer, FakeReply, fake_tags_for, read_jsonl, write_jsonl
-from tools import annotate as annotate_tool
+from megatron_anchor.cli import annotate as annotate_tool
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -178,3 +178,44 @@ def test_help_documents_every_flag(capsys):
         assert action.help, action.option_strings
         for opt in action.option_strings:
             assert opt in text
+
+
+def test_flags_reach_their_config_fields(monkeypatch):
+    """Every flag declared against a field of AnnotateConfig or ClientConfig lands in that field (a flag whose dest
+    no field holds would be dropped silently): each is given a value other than its default."""
+    import dataclasses
+
+    from megatron_anchor.annotation.llm.client import ClientConfig
+
+    seen = []
+
+    def capture(cfg):  # stands in for the job: keep the config, stop as Ctrl-C would
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(annotate_tool, "annotate_file", capture)
+    monkeypatch.delenv("ANNOTATOR_API_KEY", raising=False)
+    argv = ["-i", "in.jsonl", "-o", "out.jsonl", "--text-key", "body", "--overwrite", "--limit", "5",
+            "--checkpoint-every", "3", "--no-progress", "--num-shards", "4", "--shard-index", "2",
+            "--annotator", "vllm", "--schema", "s.yaml", "--cache", "c.sqlite", "--no-cache",
+            "--url", "http://a:1,http://b:2", "--url", "http://c:3", "--model", "m", "--concurrency", "5",
+            "--window", "7", "--timeout", "9", "--connect-timeout", "2", "--max-attempts", "3", "--retry-budget", "50",
+            "--backoff-base", "0.1", "--backoff-max", "4", "--parse-retries", "1", "--max-tokens", "64",
+            "--max-tokens-growth", "2", "--temperature", "0.3", "--max-chunk-chars", "999", "--request-mode", "chunk",
+            "--window-chunks", "3", "--window-chars", "500", "--structured-output", "off", "--echo-policy", "drop"]
+    assert annotate_tool.main(argv) == 130
+    (cfg,) = seen
+    assert (cfg.input, cfg.output, cfg.text_key, cfg.overwrite, cfg.limit, cfg.checkpoint_every_s, cfg.progress,
+            cfg.num_shards, cfg.shard_index, cfg.annotator, cfg.schema_path, cfg.cache_path, cfg.use_cache,
+            cfg.window) == (Path("in.jsonl"), Path("out.shard00002-of-00004.jsonl"), "body", True, 5, 3.0, False,
+                            4, 2, "vllm", Path("s.yaml"), Path("c.sqlite"), False, 7)
+    want = dict(urls=["http://a:1", "http://b:2", "http://c:3"], model="m", concurrency=5, request_timeout_s=9.0,
+                connect_timeout_s=2.0, max_attempts=3, retry_budget_s=50.0, backoff_base_s=0.1, backoff_max_s=4.0,
+                parse_retries=1, max_tokens=64, max_tokens_growth=2, temperature=0.3, max_chunk_chars=999,
+                request_mode="chunk", window_chunks=3, window_chars=500, structured="off", echo_policy="drop")
+    defaults = ClientConfig(urls=[])
+    for name, value in want.items():
+        assert getattr(cfg.client, name) == value, name
+        assert getattr(defaults, name) != value, f"{name}: pick a value other than the default"
+    untouched = {f.name for f in dataclasses.fields(ClientConfig)} - set(want) - {"api_key"}
+    assert all(getattr(cfg.client, n) == getattr(defaults, n) for n in untouched)

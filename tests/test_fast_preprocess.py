@@ -26,7 +26,7 @@ from megatron_anchor.roles import Role
 from megatron_anchor.tokenizer import build_tokenizer
 from megatron_anchor.tokenizer.fast import FastBackendError, GigatokenEncoder, first_difference, select_backend
 from tests.conftest import file_bytes
-from tools import annotate, preprocess_data
+from megatron_anchor.cli import annotate, preprocess_data
 
 TYPES = {"sp": "SentencePieceTokenizer", "hf": "HuggingFaceTokenizer"}
 HOSTILE_DOC = {"text": "Line one.\n\nA second <|ann|>x<|/ann|> paragraph <|endoftext|></s>\n\n\n  \nlast\n\n"}

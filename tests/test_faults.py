@@ -1,4 +1,4 @@
-"""Fault injection: a table of bad inputs and faults run through every tool (tools/*.py and pretrain_anchor.py).
+"""Fault injection: a table of bad inputs and faults run through every tool (megatron_anchor.cli, pretrain_anchor.py).
 
 Each case asserts the reliability contract: the tool exits 1 or 2 (the status its docstring gives for bad input
 or bad flags) with a message that names the flag or the file, prints no traceback, finishes within its time
@@ -68,7 +68,7 @@ class Env:
 class Case:
     id: str
     tool: str
-    """Module whose ``main(argv)`` runs: ``tools.<name>`` or ``pretrain_anchor``."""
+    """The tool: a module of ``megatron_anchor.cli`` (``annotate``), or ``pretrain_anchor``."""
     argv: Callable[[Env], List[str]]
     code: int
     """Expected exit status: 2 for a bad flag value (argparse and the tools' usage errors), 1 or 2 for bad input
@@ -188,213 +188,213 @@ def _gen(env: Env, *extra: str) -> List[str]:
 
 CASES = [
     # ---- tools/train_tokenizer.py
-    Case("tokenizer-vocab-0", "tools.train_tokenizer",
+    Case("tokenizer-vocab-0", "train_tokenizer",
          lambda e: ["--input", e.raw, "--output-prefix", e("tok"), "--vocab-size", "0"], 2, ("--vocab-size",)),
-    Case("tokenizer-vocab-1e9", "tools.train_tokenizer",
+    Case("tokenizer-vocab-1e9", "train_tokenizer",
          lambda e: ["--input", e.raw, "--output-prefix", e("tok"), "--vocab-size", "1000000000", "--type", "hf"],
          2, ("--vocab-size",)),
-    Case("tokenizer-empty-corpus-hf", "tools.train_tokenizer",
+    Case("tokenizer-empty-corpus-hf", "train_tokenizer",
          lambda e: ["--input", e("empty.jsonl"), "--output-prefix", e("tok"), "--type", "hf"], 1,
          ("empty.jsonl", "no text"), setup=_file("empty.jsonl", "")),
-    Case("tokenizer-empty-corpus-sp", "tools.train_tokenizer",
+    Case("tokenizer-empty-corpus-sp", "train_tokenizer",
          lambda e: ["--input", e("empty.jsonl"), "--output-prefix", e("tok")], 1, ("no text",),
          setup=_file("empty.jsonl", "\n")),
-    Case("tokenizer-input-is-folder", "tools.train_tokenizer",
+    Case("tokenizer-input-is-folder", "train_tokenizer",
          lambda e: ["--input", e.work, "--output-prefix", e("tok")], 1, ("is a folder",)),
-    Case("tokenizer-bad-line", "tools.train_tokenizer",
+    Case("tokenizer-bad-line", "train_tokenizer",
          lambda e: ["--input", e("bad.jsonl"), "--output-prefix", e("tok")], 1, ("bad.jsonl:4",), setup=_bad_line),
-    Case("tokenizer-output-is-input", "tools.train_tokenizer",
+    Case("tokenizer-output-is-input", "train_tokenizer",
          lambda e: ["--input", e("c.model"), "--output-prefix", e("c")], 1, ("same file", "--input"),
          setup=lambda e: shutil.copy(e.raw, e("c.model"))),
-    Case("tokenizer-vocab-below-corpus", "tools.train_tokenizer",
+    Case("tokenizer-vocab-below-corpus", "train_tokenizer",
          lambda e: ["--input", e.raw, "--output-prefix", e("tok"), "--vocab-size", "260"], 1, ("--vocab-size 260",)),
     # ---- tools/inspect_dataset.py
-    Case("inspect-missing", "tools.inspect_dataset", lambda e: ["--input", e("nothing_text_document")], 1,
+    Case("inspect-missing", "inspect_dataset", lambda e: ["--input", e("nothing_text_document")], 1,
          ("nothing_text_document",)),
-    Case("inspect-negative-document", "tools.inspect_dataset",
+    Case("inspect-negative-document", "inspect_dataset",
          lambda e: ["--input", e.dataset, "--document", "-1"], 2, ("--document",), needs=("dataset",)),
-    Case("inspect-document-out-of-range", "tools.inspect_dataset",
+    Case("inspect-document-out-of-range", "inspect_dataset",
          lambda e: ["--input", e.dataset, "--document", "99999"], 1, ("99999",), needs=("dataset",)),
-    Case("inspect-other-tokenizer", "tools.inspect_dataset",
+    Case("inspect-other-tokenizer", "inspect_dataset",
          lambda e: ["--input", e.dataset, "--document", "0", "--tokenizer-type", "HuggingFaceTokenizer",
                     "--tokenizer-model", e.hf_tokenizer], 1, ("another tokenizer",), needs=("dataset",)),
     # ---- tools/merge_datasets.py
-    Case("merge-output-is-input", "tools.merge_datasets",
+    Case("merge-output-is-input", "merge_datasets",
          lambda e: ["--input", e("d_text_document"), "--output-prefix", e("d_text_document"), "--overwrite"], 1,
          ("same file",), needs=("dataset",), setup=lambda e: _copy_dataset(e, "d_text_document")),
-    Case("merge-missing-input", "tools.merge_datasets",
+    Case("merge-missing-input", "merge_datasets",
          lambda e: ["--input", e("none_text_document"), "--output-prefix", e("m")], 1, ("none_text_document",)),
-    Case("merge-truncated-bin", "tools.merge_datasets",
+    Case("merge-truncated-bin", "merge_datasets",
          lambda e: ["--input", e("d_text_document"), "--output-prefix", e("m")], 1, ("d_text_document.bin",),
          needs=("dataset",), setup=lambda e: _copy_dataset(e, "d_text_document", truncate=True)),
     # ---- tools/preprocess_data.py
-    Case("preprocess-input-is-folder", "tools.preprocess_data",
+    Case("preprocess-input-is-folder", "preprocess_data",
          lambda e: ["--input", e.work, "--output-prefix", e("o"), *_pre(e)], 1, ("is a folder",)),
-    Case("preprocess-workers-0", "tools.preprocess_data",
+    Case("preprocess-workers-0", "preprocess_data",
          lambda e: ["--input", e.raw, "--output-prefix", e("o"), "--workers", "0", *_pre(e)], 2, ("--workers",)),
-    Case("preprocess-bad-line", "tools.preprocess_data",
+    Case("preprocess-bad-line", "preprocess_data",
          lambda e: ["--input", e("bad.jsonl"), "--output-prefix", e("o"), *_pre(e)], 1, ("bad.jsonl:4",),
          setup=_bad_line, may_leave=("o_text_document.parts/*",)),
-    Case("preprocess-truncated-gz", "tools.preprocess_data",
+    Case("preprocess-truncated-gz", "preprocess_data",
          lambda e: ["--input", e("corpus.jsonl.gz"), "--output-prefix", e("o"), "--docs-per-part", "100000", *_pre(e)],
          1, ("corpus.jsonl.gz:", "truncated"), setup=_truncated_gz, may_leave=("o_text_document.parts/*",)),
-    Case("preprocess-output-under-a-file", "tools.preprocess_data",
+    Case("preprocess-output-under-a-file", "preprocess_data",
          lambda e: ["--input", e.raw, "--output-prefix", e("afile/o"), *_pre(e)], 1, ("afile",),
          setup=_file("afile")),
-    Case("preprocess-budget-negative", "tools.preprocess_data",
+    Case("preprocess-budget-negative", "preprocess_data",
          lambda e: ["--input", e.raw, "--output-prefix", e("o"), "--max-tags-per-chunk", "-1", *_pre(e)], 2,
          ("--max-tags-per-chunk",)),
     # ---- tools/preprocess_sft.py
-    Case("sft-every-sample-overlong", "tools.preprocess_sft",
+    Case("sft-every-sample-overlong", "preprocess_sft",
          lambda e: ["--input", e("sft.jsonl"), "--output-prefix", e("s"), "--seq-length", "16", *_sft_flags(e)], 1,
          ("5 dropped", "--seq-length"), setup=_sft_overlong, may_leave=("s_text_document.parts/*",)),
-    Case("sft-seq-length-negative", "tools.preprocess_sft",
+    Case("sft-seq-length-negative", "preprocess_sft",
          lambda e: ["--input", e("sft.jsonl"), "--output-prefix", e("s"), "--seq-length", "-1", *_sft_flags(e)], 2,
          ("--seq-length",), setup=_sft_overlong),
-    Case("sft-format-fraction-2", "tools.preprocess_sft",
+    Case("sft-format-fraction-2", "preprocess_sft",
          lambda e: ["--input", e("sft.jsonl"), "--output-prefix", e("s"), "--format-stability-fraction", "2",
                     *_sft_flags(e)], 2, ("--format-stability-fraction",), setup=_sft_overlong),
-    Case("sft-bad-yaml-template", "tools.preprocess_sft",
+    Case("sft-bad-yaml-template", "preprocess_sft",
          lambda e: ["--input", e("sft.jsonl"), "--output-prefix", e("s"), "--chat-template", e("t.yaml"),
                     *_sft_flags(e)], 2, ("t.yaml",), setup=lambda e: (_sft_overlong(e), _file("t.yaml", "a: [1,\n")(e))),
-    Case("sft-missing-input", "tools.preprocess_sft",
+    Case("sft-missing-input", "preprocess_sft",
          lambda e: ["--input", e("none.jsonl"), "--output-prefix", e("s"), *_sft_flags(e)], 1, ("none.jsonl",)),
     # ---- tools/annotate.py
-    Case("annotate-output-is-input", "tools.annotate",
+    Case("annotate-output-is-input", "annotate",
          lambda e: ["--input", e("in.jsonl"), "--output", e("in.jsonl"), "--overwrite", "--no-progress"], 1,
          ("same file",), setup=lambda e: shutil.copy(e.raw, e("in.jsonl"))),
-    Case("annotate-concurrency-0", "tools.annotate",
+    Case("annotate-concurrency-0", "annotate",
          lambda e: ["--input", e.raw, "--output", e("o.jsonl"), "--annotator", "vllm", "--url", "http://127.0.0.1:9",
                     "--concurrency", "0"], 2, ("--concurrency",)),
-    Case("annotate-window-negative", "tools.annotate",
+    Case("annotate-window-negative", "annotate",
          lambda e: ["--input", e.raw, "--output", e("o.jsonl"), "--window", "-1"], 2, ("--window",)),
-    Case("annotate-corrupt-progress", "tools.annotate",
+    Case("annotate-corrupt-progress", "annotate",
          lambda e: ["--input", e.raw, "--output", e("out.jsonl"), "--no-progress"], 1, ("out.jsonl.progress.json",),
          setup=_progress_garbage),
-    Case("annotate-input-is-folder", "tools.annotate",
+    Case("annotate-input-is-folder", "annotate",
          lambda e: ["--input", e.work, "--output", e("o.jsonl")], 1, ("is a folder",)),
     # ---- tools/distill_annotator.py
-    Case("distill-max-classes-0", "tools.distill_annotator",
+    Case("distill-max-classes-0", "distill_annotator",
          lambda e: ["--teacher", e.raw, "--output", e("t.npz"), "--max-classes", "0"], 2, ("--max-classes",)),
-    Case("distill-test-fraction-1", "tools.distill_annotator",
+    Case("distill-test-fraction-1", "distill_annotator",
          lambda e: ["--teacher", e.raw, "--output", e("t.npz"), "--test-fraction", "1"], 2, ("--test-fraction",)),
-    Case("distill-fractions-leave-nothing", "tools.distill_annotator",
+    Case("distill-fractions-leave-nothing", "distill_annotator",
          lambda e: ["--teacher", e("teacher.jsonl"), "--output", e("t.npz"), "--test-fraction", "0.5",
                     "--validation-fraction", "0.5", "--skip-bad-documents", "--quiet"], 1,
          ("--test-fraction 0.5",), setup=_teacher),
-    Case("distill-bad-teacher-line", "tools.distill_annotator",
+    Case("distill-bad-teacher-line", "distill_annotator",
          lambda e: ["--teacher", e("teacher.jsonl"), "--output", e("t.npz"), "--quiet"], 1,
          ("teacher.jsonl:61", "--skip-bad-documents"), setup=_teacher),
-    Case("distill-output-is-teacher", "tools.distill_annotator",
+    Case("distill-output-is-teacher", "distill_annotator",
          lambda e: ["--teacher", e("teacher.jsonl"), "--output", e("teacher.jsonl"), "--overwrite"], 1,
          ("same file",), setup=_teacher),
-    Case("distill-report-is-teacher", "tools.distill_annotator",
+    Case("distill-report-is-teacher", "distill_annotator",
          lambda e: ["--teacher", e("teacher.jsonl"), "--output", e("t.npz"), "--report", e("teacher.jsonl")], 1,
          ("--report",), setup=_teacher),
     # ---- tools/generate.py
-    Case("generate-temperature-nan", "tools.generate", lambda e: _gen(e, "--load", e.work, "--temperature", "nan"),
+    Case("generate-temperature-nan", "generate", lambda e: _gen(e, "--load", e.work, "--temperature", "nan"),
          2, ("--temperature",), setup=_prompts),
-    Case("generate-n-0", "tools.generate", lambda e: _gen(e, "--load", e.work, "--n", "0"), 2, ("--n",),
+    Case("generate-n-0", "generate", lambda e: _gen(e, "--load", e.work, "--n", "0"), 2, ("--n",),
          setup=_prompts),
-    Case("generate-top-p-0", "tools.generate", lambda e: _gen(e, "--load", e.work, "--top-p", "0"), 2,
+    Case("generate-top-p-0", "generate", lambda e: _gen(e, "--load", e.work, "--top-p", "0"), 2,
          ("--top-p",), setup=_prompts),
-    Case("generate-missing-load", "tools.generate", lambda e: _gen(e, "--load", e("nope")), 2,
+    Case("generate-missing-load", "generate", lambda e: _gen(e, "--load", e("nope")), 2,
          ("nope", "does not exist"), setup=_prompts),
-    Case("generate-output-is-prompts", "tools.generate",
+    Case("generate-output-is-prompts", "generate",
          lambda e: ["--prompts", e("prompts.jsonl"), "--output", e("prompts.jsonl"), "--load", e.work], 2,
          ("same file",), setup=_prompts),
-    Case("generate-prompts-is-folder", "tools.generate",
+    Case("generate-prompts-is-folder", "generate",
          lambda e: ["--prompts", e.work, "--output", e("s.jsonl"), "--load", e.work], 2, ("is a folder",)),
-    Case("generate-bad-yaml-template", "tools.generate",
+    Case("generate-bad-yaml-template", "generate",
          lambda e: _gen(e, "--load", e.work, "--chat-template", e("t.yaml")), 2, ("t.yaml",),
          setup=lambda e: (_prompts(e), _file("t.yaml", "user_prefix: [\n")(e))),
-    Case("generate-no-tokenizer-record", "tools.generate", lambda e: _gen(e, "--load", e.checkpoint), 2,
+    Case("generate-no-tokenizer-record", "generate", lambda e: _gen(e, "--load", e.checkpoint), 2,
          ("tokenizer_record.json", "--allow-missing-tokenizer-record"),
          setup=lambda e: (_prompts(e), _drop_record(e)), needs=("checkpoint",)),
-    Case("generate-truncated-distcp", "tools.generate", lambda e: _gen(e, "--load", e.checkpoint), 2,
+    Case("generate-truncated-distcp", "generate", lambda e: _gen(e, "--load", e.checkpoint), 2,
          (".distcp", "truncated"), setup=lambda e: (_prompts(e), _truncate_distcp(e)), needs=("checkpoint",)),
-    Case("generate-corrupt-run-config", "tools.generate", lambda e: _gen(e, "--load", e.checkpoint), 2,
+    Case("generate-corrupt-run-config", "generate", lambda e: _gen(e, "--load", e.checkpoint), 2,
          ("run_config.yaml", "not valid YAML"), setup=lambda e: (_prompts(e), _corrupt_run_config("model: [\n")(e)),
          needs=("checkpoint",)),
-    Case("generate-run-config-integer-key", "tools.generate", lambda e: _gen(e, "--load", e.checkpoint), 2,
+    Case("generate-run-config-integer-key", "generate", lambda e: _gen(e, "--load", e.checkpoint), 2,
          ("run_config.yaml", "setting names must be text"),
          setup=lambda e: (_prompts(e), _corrupt_run_config("1: 2\n")(e)), needs=("checkpoint",)),
     # ---- tools/import_hf.py
-    Case("import-not-a-model-folder", "tools.import_hf", lambda e: ["--input", e.work, "--output", e("ck")], 2,
+    Case("import-not-a-model-folder", "import_hf", lambda e: ["--input", e.work, "--output", e("ck")], 2,
          ("config.json",), setup=_file("notes.txt")),
-    Case("import-unknown-family", "tools.import_hf", lambda e: ["--input", e.work, "--output", e("ck")], 2,
+    Case("import-unknown-family", "import_hf", lambda e: ["--input", e.work, "--output", e("ck")], 2,
          ("config.json", "family"), setup=_file("config.json", '{"model_type": "bert"}\n')),
-    Case("import-seq-length-0", "tools.import_hf",
+    Case("import-seq-length-0", "import_hf",
          lambda e: ["--input", e.work, "--output", e("ck"), "--seq-length", "0"], 2, ("--seq-length",)),
-    Case("import-missing-gguf", "tools.import_hf", lambda e: ["--input", e("model.gguf"), "--output", e("ck")], 2,
+    Case("import-missing-gguf", "import_hf", lambda e: ["--input", e("model.gguf"), "--output", e("ck")], 2,
          ("model.gguf", "not found")),
     # ---- tools/evaluate_midtraining.py
-    Case("midtrain-eval-missing-heldout", "tools.evaluate_midtraining",
+    Case("midtrain-eval-missing-heldout", "evaluate_midtraining",
          lambda e: ["--base", e.work, "--model", e.work, "--heldout", e("nope.jsonl")], 2, ("--heldout", "nope.jsonl")),
-    Case("midtrain-eval-bad-heldout-line", "tools.evaluate_midtraining",
+    Case("midtrain-eval-bad-heldout-line", "evaluate_midtraining",
          lambda e: ["--base", e.work, "--model", e.work, "--heldout", e("h.jsonl")], 2, ("h.jsonl:2",),
          setup=_file("h.jsonl", '{"text": "a"}\n{"text": \n')),
-    Case("midtrain-eval-n-0", "tools.evaluate_midtraining",
+    Case("midtrain-eval-n-0", "evaluate_midtraining",
          lambda e: ["--base", e.work, "--model", e.work, "--heldout", e("h.jsonl"), "--n", "0"], 2, ("--n",),
          setup=_file("h.jsonl", '{"text": "a"}\n')),
-    Case("midtrain-eval-output-is-heldout", "tools.evaluate_midtraining",
+    Case("midtrain-eval-output-is-heldout", "evaluate_midtraining",
          lambda e: ["--base", e.work, "--model", e.work, "--heldout", e("h.jsonl"), "--output", e("h.jsonl")], 2,
          ("same file",), setup=_file("h.jsonl", '{"text": "a"}\n')),
-    Case("midtrain-eval-missing-base", "tools.evaluate_midtraining",
+    Case("midtrain-eval-missing-base", "evaluate_midtraining",
          lambda e: ["--base", e("nope"), "--model", e.work, "--heldout", e("h.jsonl")], 2, ("--base", "nope"),
          setup=_file("h.jsonl", '{"text": "a"}\n')),
-    Case("midtrain-eval-missing-annotated", "tools.evaluate_midtraining",
+    Case("midtrain-eval-missing-annotated", "evaluate_midtraining",
          lambda e: ["--base", e.work, "--model", e.work, "--heldout", e("h.jsonl"), "--annotated", e("nope.jsonl")],
          2, ("--annotated", "nope.jsonl"), setup=_file("h.jsonl", '{"text": "a\\n\\nb"}\n')),
-    Case("midtrain-eval-annotation-cap-0", "tools.evaluate_midtraining",
+    Case("midtrain-eval-annotation-cap-0", "evaluate_midtraining",
          lambda e: ["--base", e.work, "--model", e.work, "--heldout", e("h.jsonl"), "--max-annotation-tokens", "0"],
          2, ("--max-annotation-tokens",), setup=_file("h.jsonl", '{"text": "a"}\n')),
-    Case("midtrain-eval-no-chunk-boundary", "tools.evaluate_midtraining",
+    Case("midtrain-eval-no-chunk-boundary", "evaluate_midtraining",
          lambda e: ["--base", e.work, "--model", e.work, "--heldout", e("h.jsonl")], 2,
          ("--heldout", "chunk boundary"), setup=_file("h.jsonl", '{"text": "one paragraph"}\n')),
     # ---- tools/export_hf.py
-    Case("export-over-current-folder", "tools.export_hf",
+    Case("export-over-current-folder", "export_hf",
          lambda e: ["--load", e("ck"), "--output", ".", "--overwrite"], 2, ("current folder",),
          setup=_file("keep.txt"), chdir=True),
-    Case("export-over-foreign-folder", "tools.export_hf",
+    Case("export-over-foreign-folder", "export_hf",
          lambda e: ["--load", e("ck"), "--output", e("mine"), "--overwrite"], 2, ("notes.txt",),
          setup=_folder_with_files),
-    Case("export-into-checkpoint", "tools.export_hf",
+    Case("export-into-checkpoint", "export_hf",
          lambda e: ["--load", e("ck"), "--output", e("ck/hf")], 2, ("overlap",),
          setup=lambda e: os.makedirs(e("ck"))),
-    Case("export-iteration-negative", "tools.export_hf", lambda e: ["--load", e.work, "--output", e("hf"),
+    Case("export-iteration-negative", "export_hf", lambda e: ["--load", e.work, "--output", e("hf"),
                                                                     "--iteration", "-1"], 2, ("--iteration",)),
-    Case("export-missing-checkpoint", "tools.export_hf", lambda e: ["--load", e("nope"), "--output", e("hf")], 2,
+    Case("export-missing-checkpoint", "export_hf", lambda e: ["--load", e("nope"), "--output", e("hf")], 2,
          ("nope",)),
-    Case("export-bad-check-texts", "tools.export_hf",
+    Case("export-bad-check-texts", "export_hf",
          lambda e: ["--load", e("ck"), "--output", e("hf"), "--check-texts", e("bad.jsonl")], 2,
          ("bad.jsonl:4",), setup=_bad_line),
     # ---- tools/evaluate_diversity.py
-    Case("diversity-n-0", "tools.evaluate_diversity",
+    Case("diversity-n-0", "evaluate_diversity",
          lambda e: ["--prompts", e.raw, "--model", "a=x", "--output-prefix", e("d"), "--n", "0"], 2, ("--n",)),
-    Case("diversity-duplicate-model", "tools.evaluate_diversity",
+    Case("diversity-duplicate-model", "evaluate_diversity",
          lambda e: ["--prompts", e.raw, "--model", "a=x", "--model", "a=y", "--output-prefix", e("d"),
                     "--similarity-threshold", "0.4"], 2, ("--model a is given twice",)),
-    Case("diversity-threshold-and-calibration", "tools.evaluate_diversity",
+    Case("diversity-threshold-and-calibration", "evaluate_diversity",
          lambda e: ["--prompts", e.raw, "--model", "a=x", "--output-prefix", e("d"), "--similarity-threshold", "0.4",
                     "--calibration-pairs", e.raw], 2, ("--calibration-pairs", "not both")),
-    Case("diversity-temperature-negative", "tools.evaluate_diversity",
+    Case("diversity-temperature-negative", "evaluate_diversity",
          lambda e: ["--prompts", e.raw, "--model", "a=x", "--output-prefix", e("d"), "--temperatures", "1", "-1"], 2,
          ("--temperatures",)),
-    Case("diversity-threshold-out-of-range", "tools.evaluate_diversity",
+    Case("diversity-threshold-out-of-range", "evaluate_diversity",
          lambda e: ["--prompts", e.raw, "--model", "a=x", "--output-prefix", e("d"), "--similarity-threshold", "2"],
          2, ("--similarity-threshold",)),
-    Case("diversity-output-is-prompts", "tools.evaluate_diversity",
+    Case("diversity-output-is-prompts", "evaluate_diversity",
          lambda e: ["--prompts", e("d.json"), "--model", "a=x", "--output-prefix", e("d"),
                     "--similarity-threshold", "0.4"], 2, ("same file",), setup=_file("d.json", '{"prompt": "x"}\n')),
     # ---- tools/evaluate_ability.py
-    Case("ability-demo-questions-0", "tools.evaluate_ability",
+    Case("ability-demo-questions-0", "evaluate_ability",
          lambda e: ["--model", "a=x", "--demo-task", e("tasks"), "--demo-questions", "0", "--output", e("a.json")], 2,
          ("--demo-questions",)),
-    Case("ability-output-under-a-file", "tools.evaluate_ability",
+    Case("ability-output-under-a-file", "evaluate_ability",
          lambda e: ["--model", "a=x", "--demo-task", e("tasks"), "--output", e("afile/a.json")], 2, ("afile",),
          setup=_file("afile")),
-    Case("ability-model-not-exported", "tools.evaluate_ability",
+    Case("ability-model-not-exported", "evaluate_ability",
          lambda e: ["--model", "a=" + e.work, "--demo-task", e("tasks"), "--output", e("a.json")], 2,
          ("config.json",)),
     # ---- pretrain_anchor.py
@@ -427,24 +427,24 @@ CASES = [
          lambda e: [*_mock(), "--finetune", "--load", e("empty")], 2, ("--finetune", "no checkpoint"),
          setup=lambda e: os.makedirs(e("empty"))),
     # ---- tools/annotator_server.py, make_synthetic_corpus.py, run_on_ray.py, ablation_sft.py
-    Case("server-port-0", "tools.annotator_server", lambda e: ["--port", "0", "--dry-run"], 2, ("--port",)),
-    Case("server-gpu-memory-1.5", "tools.annotator_server",
+    Case("server-port-0", "annotator_server", lambda e: ["--port", "0", "--dry-run"], 2, ("--port",)),
+    Case("server-gpu-memory-1.5", "annotator_server",
          lambda e: ["--backend", "gpu", "--gpu-memory-utilization", "1.5", "--dry-run"], 2,
          ("--gpu-memory-utilization",)),
-    Case("server-missing-key-file", "tools.annotator_server",
+    Case("server-missing-key-file", "annotator_server",
          lambda e: ["--backend", "gpu", "--dry-run", "--api-key-file", e("none.key")], 1, ("none.key",)),
-    Case("synthetic-documents-0", "tools.make_synthetic_corpus",
+    Case("synthetic-documents-0", "make_synthetic_corpus",
          lambda e: ["--output", e("c.jsonl"), "--documents", "0"], 2, ("--documents",)),
-    Case("synthetic-output-is-folder", "tools.make_synthetic_corpus", lambda e: ["--output", e.work], 1,
+    Case("synthetic-output-is-folder", "make_synthetic_corpus", lambda e: ["--output", e.work], 1,
          ("is a folder",)),
-    Case("ray-shards-0", "tools.run_on_ray", lambda e: ["--stage", "annotate", "--num-shards", "0", "--", "x"], 2,
+    Case("ray-shards-0", "run_on_ray", lambda e: ["--stage", "annotate", "--num-shards", "0", "--", "x"], 2,
          ("--num-shards",)),
-    Case("binding-n-0", "tools.binding_study", lambda e: ["--out", e("b"), "--n", "0", "--report-only"], 2,
+    Case("binding-n-0", "binding_study", lambda e: ["--out", e("b"), "--n", "0", "--report-only"], 2,
          ("--n",)),
-    Case("binding-unknown-knob", "tools.binding_study",
+    Case("binding-unknown-knob", "binding_study",
          lambda e: ["--out", e("b"), "--variants", "NO_SUCH_KNOB=1", "--report-only"], 2, ("NO_SUCH_KNOB",)),
-    Case("ablation-n-1", "tools.ablation_sft", lambda e: ["--out", e("abl"), "--n", "1", "--dry-run"], 2, ("--n",)),
-    Case("ablation-pre-iters-0", "tools.ablation_sft", lambda e: ["--out", e("abl"), "--pre-iters", "0"], 2,
+    Case("ablation-n-1", "ablation_sft", lambda e: ["--out", e("abl"), "--n", "1", "--dry-run"], 2, ("--n",)),
+    Case("ablation-pre-iters-0", "ablation_sft", lambda e: ["--out", e("abl"), "--pre-iters", "0"], 2,
          ("--pre-iters",)),
 ]
 
@@ -470,8 +470,10 @@ def snapshot(folder: str) -> Dict[str, str]:
     return out
 
 
-def call_main(module: str, argv: List[str]) -> Tuple[int, str]:
-    """``(exit status, message of a SystemExit(str))`` of ``module.main(argv)``."""
+def call_main(tool: str, argv: List[str]) -> Tuple[int, str]:
+    """``(exit status, message of a SystemExit(str))`` of the tool's ``main(argv)`` (``megatron_anchor.cli.TOOL``;
+    ``pretrain_anchor`` is the training entry point at the checkout's root)."""
+    module = tool if tool == "pretrain_anchor" else f"megatron_anchor.cli.{tool}"
     main = importlib.import_module(module).main
     try:
         rc = main(argv)
@@ -533,11 +535,16 @@ def test_fault(case: Case, base_env, request, tmp_path, capsys, monkeypatch):
 
 
 def test_every_tool_has_cases():
-    """The table covers every tool under tools/ (a new tool needs its bad-input cases here)."""
-    tools = {f"tools.{n[:-3]}" for n in os.listdir(os.path.join(REPO, "tools"))
-             if n.endswith(".py") and n != "__init__.py"}
+    """The table covers every tool (megatron_anchor.cli.CONSOLE_SCRIPTS; a new tool needs its bad-input cases here)
+    and every tool module under megatron_anchor/cli/ is in that list."""
+    from megatron_anchor.cli import CONSOLE_SCRIPTS
+
+    listed = set(CONSOLE_SCRIPTS.values())
+    modules = {n[:-3] for n in os.listdir(os.path.join(REPO, "megatron_anchor", "cli"))
+               if n.endswith(".py") and n != "__init__.py"}
+    assert modules == listed, sorted(modules ^ listed)
     covered = {c.tool for c in CASES}
-    assert tools | {"pretrain_anchor"} <= covered, sorted(tools - covered)
+    assert listed | {"pretrain_anchor"} <= covered, sorted(listed - covered)
     assert len({c.id for c in CASES}) == len(CASES)
 
 
@@ -563,7 +570,7 @@ def test_ctrl_c_stops_annotation_cleanly_and_a_rerun_finishes_it(annotator, tmp_
         _teacher(Env(str(tmp_path), str(corpus_dir / "raw.jsonl"), "", ""))
         lines = [ln for ln in teacher.read_text().splitlines() if ln.startswith("{")]
         teacher.write_text("\n".join(lines) + "\n")
-        from tools import distill_annotator
+        from megatron_anchor.cli import distill_annotator
 
         assert distill_annotator.main(["--teacher", str(teacher), "--output", str(tmp_path / "t.npz"), "--keys",
                                        "entities", "--quiet"]) == 0

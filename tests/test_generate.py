@@ -140,7 +140,7 @@ def test_decoder_matches_megatron_logits(tiny_checkpoint, tiny_generator):
 
 @pytest.mark.integration
 def test_generate_tool_end_to_end(tiny_checkpoint, tmp_path):
-    from tools import generate
+    from megatron_anchor.cli import generate
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"id": "x", "prompt": "A story about the sea", "annotation": TAGS}) + "\n" +
@@ -176,7 +176,7 @@ def test_prompt_file_errors(tmp_path, content, message):
 @pytest.mark.integration
 def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path, capsys):
     from megatron_anchor.inference import load_from_checkpoint
-    from tools import generate
+    from megatron_anchor.cli import generate
 
     (tmp_path / "junk").mkdir()
     with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
@@ -203,7 +203,7 @@ def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path, capsys):
     assert generate.main(["--prompts", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                           "--load", tiny_checkpoint["load"], *tiny_checkpoint["args"]]) == 2
     assert "not found" in capsys.readouterr().err
-    from tools import export_hf
+    from megatron_anchor.cli import export_hf
 
     assert export_hf.main(["--load", tiny_checkpoint["load"], "--output", str(tmp_path / "hf"),
                            *tiny_checkpoint["args"], "--eod-token", piece]) == 2

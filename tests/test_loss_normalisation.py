@@ -64,7 +64,7 @@ def _session(rank, world, prefix, sp_model, cache):
 @pytest.fixture(scope="module")
 def sft_data(corpus_dir, sp_model, tmp_path_factory):
     """Packed SFT data: packs holding one long response, and packs of several one-word responses."""
-    from tools import preprocess_sft
+    from megatron_anchor.cli import preprocess_sft
 
     d = tmp_path_factory.mktemp("normalisation")
     rng = random.Random(3)

@@ -18,7 +18,7 @@ from megatron_anchor.data.indexed import check_role_channel, iter_documents, rol
 from megatron_anchor.roles import Role
 from megatron_anchor.tokenizer import build_tokenizer
 from tests.conftest import file_bytes
-from tools import preprocess_data
+from megatron_anchor.cli import preprocess_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -235,7 +235,7 @@ def test_help_explains_every_flag(capsys):
 
 @pytest.mark.parametrize("num_shards", [1, 3, 7])
 def test_sharded_runs_merge_to_the_unsharded_output(corpus_dir, sp_model, tmp_path, num_shards):
-    from tools import merge_datasets
+    from megatron_anchor.cli import merge_datasets
 
     inp = tmp_path / "in.jsonl"
     data = open(corpus_dir / "annotated.jsonl", "rb").read().splitlines(keepends=True)[:60]
@@ -256,7 +256,7 @@ def test_sharded_runs_merge_to_the_unsharded_output(corpus_dir, sp_model, tmp_pa
 
 
 def test_shards_without_a_line_start_write_empty_datasets(corpus_dir, sp_model, tmp_path):
-    from tools import merge_datasets
+    from megatron_anchor.cli import merge_datasets
 
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(b"".join(open(corpus_dir / "annotated.jsonl", "rb").read().splitlines(keepends=True)[:2]))

@@ -185,7 +185,7 @@ def test_the_tokenizer_keeps_every_topic_word_whole(tmp_path):
 
     from megatron_anchor.eval.quickstart import write_tokenizer_text
     from megatron_anchor.tokenizer.train import train_sentencepiece
-    from tools import annotate
+    from megatron_anchor.cli import annotate
 
     from megatron_anchor.eval.studies import quickstart_default
 

@@ -62,7 +62,7 @@ def test_config_ranges_are_checked_on_nested_configs_and_lists():
 
 def test_flags_refuse_out_of_range_values_and_help_shows_the_range(capsys):
     from megatron_anchor.training.arguments import parse_args
-    from tools import generate, train_tokenizer
+    from megatron_anchor.cli import generate, train_tokenizer
 
     for argv, flag in ((["--seq-length", "0"], "--seq-length: must be >= 1, got 0"),
                        (["--lr", "nan"], "--lr: must be a finite number, got nan"),
@@ -212,7 +212,7 @@ def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
 def test_an_export_is_marked_and_replaced_in_place(tiny_checkpoint, exported, tmp_path):
     """The exported folder carries the marker; exporting again with --overwrite replaces it whole."""
     from megatron_anchor.export.folder import MARKER
-    from tools import export_hf
+    from megatron_anchor.cli import export_hf
 
     assert os.path.isfile(os.path.join(exported, MARKER))
     out = tmp_path / "hf"
@@ -225,7 +225,7 @@ def test_an_export_is_marked_and_replaced_in_place(tiny_checkpoint, exported, tm
 
 
 def test_merge_creates_its_output_folder(tiny_dataset, tmp_path):
-    from tools import merge_datasets
+    from megatron_anchor.cli import merge_datasets
 
     out = tmp_path / "not" / "yet" / "merged_text_document"
     assert merge_datasets.main(["--input", tiny_dataset["prefix"], "--output-prefix", str(out)]) == 0
@@ -233,7 +233,7 @@ def test_merge_creates_its_output_folder(tiny_dataset, tmp_path):
 
 
 def test_a_smaller_vocabulary_than_asked_is_reported(corpus_dir, tmp_path, caplog):
-    from tools import train_tokenizer
+    from megatron_anchor.cli import train_tokenizer
 
     caplog.set_level("WARNING")
     assert train_tokenizer.main(["--input", str(corpus_dir / "raw.jsonl"), "--output-prefix", str(tmp_path / "t"),
@@ -267,7 +267,7 @@ def test_checkpoint_file_checks(tmp_path):
 
 @pytest.mark.integration
 def test_a_checkpoint_without_its_tokenizer_record_needs_the_users_word(tiny_checkpoint, tmp_path, capsys):
-    from tools import generate
+    from megatron_anchor.cli import generate
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint["load"], ckpt)
@@ -350,7 +350,8 @@ _FAKE_VLLM = textwrap.dedent("""
 def test_the_api_key_reaches_vllm_only_through_its_environment(tmp_path, capsys, monkeypatch):
     from megatron_anchor.apikey import Secret
     from tests.annotator_fixtures import free_port
-    from tools import annotator_server as srv
+    from megatron_anchor.annotation import server as srv
+    from megatron_anchor.cli import annotator_server
 
     port, seen = free_port(), tmp_path / "seen.json"
     script = tmp_path / "fake_vllm.py"
@@ -372,13 +373,13 @@ def test_the_api_key_reaches_vllm_only_through_its_environment(tmp_path, capsys,
 
     key_file = tmp_path / "key"
     key_file.write_text("sk-file-777\n")
-    assert srv.main(["--backend", "gpu", "--dry-run", "--api-key-file", str(key_file)]) == 0
+    assert annotator_server.main(["--backend", "gpu", "--dry-run", "--api-key-file", str(key_file)]) == 0
     out = capsys.readouterr()
     assert "VLLM_API_KEY=***" in out.out and "sk-file" not in out.out + out.err and "warning" not in out.err
     monkeypatch.delenv("ANNOTATOR_API_KEY")
-    assert srv.main(["--backend", "gpu", "--dry-run"]) == 0
+    assert annotator_server.main(["--backend", "gpu", "--dry-run"]) == 0
     assert "without an API key" in capsys.readouterr().err  # 0.0.0.0 and no key: said
-    assert srv.main(["--backend", "gpu", "--dry-run", "--host", "127.0.0.1"]) == 0
+    assert annotator_server.main(["--backend", "gpu", "--dry-run", "--host", "127.0.0.1"]) == 0
     assert "without an API key" not in capsys.readouterr().err
 
 
@@ -450,7 +451,7 @@ def test_no_parser_of_user_files_can_execute_code():
 def test_an_unknown_ability_task_is_named_before_any_model_loads(tmp_path, capsys):
     """Tasks are looked up in lm-eval's index before anything runs, so the error names the task; the model folder
     here is only a config.json, so reaching the model would fail differently."""
-    from tools import evaluate_ability
+    from megatron_anchor.cli import evaluate_ability
 
     model = tmp_path / "model"
     model.mkdir()

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from tests.conftest import file_bytes
-from tools import preprocess_data
+from megatron_anchor.cli import preprocess_data
 
 ray = pytest.importorskip("ray")
 
@@ -94,7 +94,7 @@ def _raw_with_a_bad_line(corpus_dir, tmp_path):
 @pytest.mark.parametrize("num_shards", [1, 3, 7])
 def test_annotate_shards_concatenate_to_the_unsharded_output(corpus_dir, tmp_path, num_shards):
     from megatron_anchor.sharding import shard_path
-    from tools import annotate
+    from megatron_anchor.cli import annotate
 
     inp = _raw_with_a_bad_line(corpus_dir, tmp_path)
     assert annotate.main(["--input", str(inp), "--output", str(tmp_path / "single.jsonl"), "--no-progress"]) == 0
@@ -113,7 +113,7 @@ def test_annotate_shards_concatenate_to_the_unsharded_output(corpus_dir, tmp_pat
 @pytest.mark.integration
 def test_ray_annotate_equals_single_process(local_ray, corpus_dir, tmp_path):
     from megatron_anchor.scaleout.ray_runner import run_on_ray
-    from tools import annotate
+    from megatron_anchor.cli import annotate
 
     inp = _raw_with_a_bad_line(corpus_dir, tmp_path)
     assert annotate.main(["--input", str(inp), "--output", str(tmp_path / "single.jsonl"), "--no-progress"]) == 0
@@ -133,7 +133,7 @@ def test_ray_annotate_against_the_real_vllm_server(local_ray, vllm_server, corpu
     """Two Ray shard tasks annotate through the real server; the single-process tool, reading the same cache,
     writes the same file, so the sharded run produced exactly the single-process dataset."""
     from megatron_anchor.scaleout.ray_runner import run_on_ray
-    from tools import annotate
+    from megatron_anchor.cli import annotate
 
     inp = tmp_path / "raw.jsonl"
     # Four documents, two per shard: each is one document-level request of several chunks to the real server.
@@ -152,7 +152,7 @@ def test_ray_annotate_against_the_real_vllm_server(local_ray, vllm_server, corpu
 def test_ray_preprocess_sft_equals_single_process(local_ray, sp_model, tmp_path):
     from megatron_anchor.scaleout.ray_runner import run_on_ray
     from tests.test_sft_preprocess import sft_argv, write_sft_jsonl
-    from tools import preprocess_sft
+    from megatron_anchor.cli import preprocess_sft
 
     inp = write_sft_jsonl(str(tmp_path / "sft.jsonl"), 120)
     assert preprocess_sft.main(sft_argv(sp_model, inp, tmp_path / "single")) == 0

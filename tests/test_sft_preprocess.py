@@ -10,7 +10,7 @@ import pytest
 from megatron_anchor.data.indexed import check_role_channel
 from megatron_anchor.roles import Role
 from tests.conftest import file_bytes
-from tools import preprocess_sft
+from megatron_anchor.cli import preprocess_sft
 
 TOPIC_WORDS = {"cooking": "oven flour butter garlic sauce soup", "music": "song band album guitar piano",
                "space": "planet star moon orbit rocket galaxy", "sports": "team player match score goal"}
@@ -243,7 +243,7 @@ def test_pack_aligns_every_training_sample_with_whole_samples(sp_model, sft_inpu
 
 @pytest.mark.parametrize("num_shards", [1, 3, 7])
 def test_sharded_sft_runs_merge_to_the_unsharded_output(sp_model, sft_input, tmp_path, num_shards):
-    from tools import merge_datasets
+    from megatron_anchor.cli import merge_datasets
 
     extra = ("--seq-length", "128", "--overlong", "truncate")
     assert preprocess_sft.main(sft_argv(sp_model, sft_input, tmp_path / "single", *extra)) == 0

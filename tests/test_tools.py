@@ -9,7 +9,7 @@ import pytest
 
 from megatron_anchor.data.indexed import check_role_channel
 from tests.conftest import file_bytes
-from tools import inspect_dataset, merge_datasets, preprocess_data, train_tokenizer
+from megatron_anchor.cli import inspect_dataset, merge_datasets, preprocess_data, train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

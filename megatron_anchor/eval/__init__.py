@@ -1,6 +1,7 @@
 """Evaluation: diversity judges (NoveltyBench partitions, LLM attribute entropy, embedding distance), quality
 judges, ability through lm-evaluation-harness, the sweep harness and the quickstart report."""
 
+from megatron_anchor.annotation.tag_entropy import shannon_entropy
 from megatron_anchor.eval.judges import (
     AttributeJudge,
     CallableQuality,
@@ -18,7 +19,6 @@ from megatron_anchor.eval.metrics import (
     mean_pairwise_cosine_distance,
     pareto_front,
     semantic_entropy,
-    shannon_entropy,
 )
 
 __all__ = ["AttributeJudge", "CallableQuality", "DiversityJudge", "EmbeddingDistanceJudge", "PartitionJudge",

@@ -275,7 +275,7 @@ class _LLMExtractor:
         return tags
 
     async def _annotate(self, texts: List[str]) -> List[Tuple[Optional[List], Optional[str]]]:
-        from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash
+        from megatron_anchor.annotation.llm.response_cache import AnnotationCache, chunk_hash
         from megatron_anchor.annotation.llm.client import AnnotatorClient
         from megatron_anchor.annotation.llm.prompt import prompt_id
 

@@ -21,23 +21,13 @@ Quality judges, NoveltyBench's utility and the judges that wrap these metrics ar
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-NONE_VALUE = "<none>"
+from megatron_anchor.annotation.tag_entropy import key_entropy
 
 Tags = Sequence[Tuple[str, str]]
-
-
-def shannon_entropy(values: Sequence[str]) -> float:
-    """Plug-in Shannon entropy in bits of the empirical distribution of ``values``."""
-    if not values:
-        return 0.0
-    n = len(values)
-    h = -sum((c / n) * math.log2(c / n) for c in Counter(values).values())
-    return max(h, 0.0)  # (-0.0 for a single value)
 
 
 def semantic_entropy(tag_sets: Sequence[Tags], keys: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -50,11 +40,11 @@ def semantic_entropy(tag_sets: Sequence[Tags], keys: Optional[Sequence[str]] = N
     for tags in tag_sets:
         d: Dict[str, str] = {}
         for k, v in tags:
-            d.setdefault(k, v.strip().lower())
+            d.setdefault(k, v)
         dicts.append(d)
     if keys is None:
         keys = sorted({k for d in dicts for k in d})
-    per_key = {k: shannon_entropy([d.get(k, NONE_VALUE) for d in dicts]) for k in keys}
+    per_key = {k: key_entropy([d.get(k) for d in dicts]) for k in keys}
     score = float(np.mean(list(per_key.values()))) if per_key else 0.0
     return {"score": score, "per_attribute": per_key, "max": math.log2(len(tag_sets)) if tag_sets else 0.0}
 

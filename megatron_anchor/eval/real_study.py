@@ -67,7 +67,7 @@ def tag_distribution(annotated: str) -> Dict:
     """Keys (share of chunks carrying each), distinct values and entropy (bits, over the chunks that carry the
     key) per key, and tags per chunk, of an annotated JSONL file (the annotate job's schema, or annotated SFT JSONL
     with an ``annotation`` per sample)."""
-    from megatron_anchor.eval.metrics import shannon_entropy
+    from megatron_anchor.annotation.tag_entropy import shannon_entropy
 
     values: Dict[str, List[str]] = {}
     chunks = tags = 0

@@ -18,9 +18,10 @@ import os
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
-from megatron_anchor.export.hf_gpt2 import gpt2_config, gpt2_problems, gpt2_state_dict
+from megatron_anchor.export.hf_gpt2 import gpt2_config, gpt2_problems
 from megatron_anchor.export.hf_llama import (llama_config, llama_problems, qwen2_config, qwen2_problems,
                                              qwen3_config, qwen3_problems)
+from megatron_anchor.inference.gpt2_adapter import gpt2_state_dict
 from megatron_anchor.inference.model import DecoderLM, ModelSpec
 from megatron_anchor.outputs import atomic_folder
 

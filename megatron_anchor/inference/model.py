@@ -6,7 +6,7 @@ is simple to check against the megatron forward (tests compare logits) and runs 
 Llama names of ``transformers`` (``model.layers.N.self_attn.q_proj`` ...), so for a Llama-shaped run
 (RoPE, RMSNorm, SwiGLU) its ``state_dict()`` *is* the exported checkpoint, and an exported folder loads back into
 it unchanged. GPT-2-shaped runs (LayerNorm, learned positions, GeLU MLP, biases) run here too; their exported
-folders use GPT-2's names and layout, converted back on load (:mod:`megatron_anchor.export.hf_gpt2`).
+folders use GPT-2's names and layout, converted back on load (:mod:`megatron_anchor.inference.gpt2_adapter`).
 Memory: the weights plus a KV cache of 2 x layers x batch x kv_heads x length x head_dim floats.
 """
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_anchor.inference.gpt2_adapter import decoder_state_from_gpt2
 from megatron_anchor.inference.mapping import megatron_to_hf
 
 
@@ -305,8 +306,6 @@ class DecoderLM(nn.Module):
         model = cls(spec)
         state = load_file(os.path.join(folder, "model.safetensors"))
         if config.get("model_type") == "gpt2":
-            from megatron_anchor.export.hf_gpt2 import decoder_state_from_gpt2
-
             state = decoder_state_from_gpt2(state, spec)
         if spec.tied_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]

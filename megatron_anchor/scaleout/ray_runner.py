@@ -82,12 +82,12 @@ def _merge_jsonl(shards: List[str], out: str) -> None:
 
 
 STAGES: Dict[str, Stage] = {
-    "preprocess": Stage("tools.preprocess_data", "--output-prefix", _preprocess_shard, _merge_datasets,
-                        _preprocess_final, _preprocess_stats),
-    "preprocess_sft": Stage("tools.preprocess_sft", "--output-prefix", _preprocess_shard, _merge_datasets,
-                            _preprocess_final, _preprocess_stats),
-    "annotate": Stage("tools.annotate", "--output", _annotate_shard, _merge_jsonl, lambda out, opts: out,
-                      _annotate_stats),
+    "preprocess": Stage("megatron_anchor.cli.preprocess_data", "--output-prefix", _preprocess_shard,
+                        _merge_datasets, _preprocess_final, _preprocess_stats),
+    "preprocess_sft": Stage("megatron_anchor.cli.preprocess_sft", "--output-prefix", _preprocess_shard,
+                            _merge_datasets, _preprocess_final, _preprocess_stats),
+    "annotate": Stage("megatron_anchor.cli.annotate", "--output", _annotate_shard, _merge_jsonl,
+                      lambda out, opts: out, _annotate_stats),
 }
 """Stages the runner knows, by name."""
 
@@ -141,7 +141,7 @@ def _option_values(argv: Sequence[str]) -> Dict[str, str]:
 
 
 def init_ray(address: Optional[str] = None, **kwargs) -> None:
-    """Connect to (or start) Ray so that workers import this checkout's ``tools`` and ``megatron_anchor``."""
+    """Connect to (or start) Ray so that workers import this copy of ``megatron_anchor`` (checkout or install)."""
     import ray
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -9,7 +9,8 @@ gets ordinary tokens for it, and only :meth:`AnchorTokenizer.encode_segments` em
 import importlib
 from typing import Optional, Type
 
-from megatron_anchor.tokenizer.base import AnchorTokenizer, TokenizerError
+from megatron_anchor.tokenizer.base import AnchorTokenizer
+from megatron_anchor.tokenizer.errors import TokenizerError
 
 _SP = "megatron_anchor.tokenizer.sentencepiece:SentencePieceAnchorTokenizer"
 _HF = "megatron_anchor.tokenizer.hf:HuggingFaceAnchorTokenizer"

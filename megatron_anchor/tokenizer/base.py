@@ -16,10 +16,6 @@ from megatron_anchor.tokenizer.pieces import PieceBatch, PieceEncoder
 _ROUNDTRIP_PROBE = "Tokens  round-trip:\n\n\tcafé, 42 <|ann|> ☃ \n"
 
 
-class TokenizerError(ValueError):
-    """A tokenizer that cannot be loaded or used as asked."""
-
-
 class AnchorTokenizer(ABC):
     """Text <-> ids with ``<|ann|>``/``<|/ann|>`` and an end-of-document token as special tokens.
 

@@ -123,7 +123,7 @@ def sentencepiece_json(model_path: str, refresh: bool = False) -> str:
     still compares the loaded tokenizer with sentencepiece. An unreadable or unwritable cache is skipped;
     ``refresh`` converts again and replaces the entry.
     """
-    from megatron_anchor.cache import cache_root
+    from megatron_anchor.cache_dir import cache_root
 
     with open(model_path, "rb") as f:
         model = f.read()

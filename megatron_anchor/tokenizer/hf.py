@@ -10,7 +10,8 @@ import tokenizers
 from tokenizers import AddedToken, Tokenizer
 
 from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN
-from megatron_anchor.tokenizer.base import AnchorTokenizer, TokenizerError
+from megatron_anchor.tokenizer.base import AnchorTokenizer
+from megatron_anchor.tokenizer.errors import TokenizerError
 
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, KV_SEP, TAG_SEP, Segment, Tag
 from megatron_anchor.roles import ROLE_DTYPE, Role
+from megatron_anchor.tokenizer.errors import TokenizerError
 
 POOL_LIMIT = 200_000
 """Pool pieces kept between parts; past this the pool starts afresh (the output never depends on it)."""
@@ -148,8 +149,6 @@ class PieceEncoder:
         if idx is None:
             tid = self.tok.special_ids.get(text)
             if tid is None:
-                from megatron_anchor.tokenizer.base import TokenizerError
-
                 raise TokenizerError(f"{text!r} is not a special token of this tokenizer")
             idx = self._index[key] = self._add(np.array([tid], np.int64), int(role))
         return idx

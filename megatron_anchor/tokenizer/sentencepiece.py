@@ -8,7 +8,8 @@ from typing import List, Optional, Sequence, Tuple
 import sentencepiece as spm
 
 from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN
-from megatron_anchor.tokenizer.base import AnchorTokenizer, TokenizerError
+from megatron_anchor.tokenizer.base import AnchorTokenizer
+from megatron_anchor.tokenizer.errors import TokenizerError
 
 
 class SentencePieceAnchorTokenizer(AnchorTokenizer):

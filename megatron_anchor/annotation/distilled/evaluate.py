@@ -5,10 +5,11 @@ Per key:
 - ``agreement``: share of the chunks where the teacher wrote the key on which the student wrote the same value
   (case-insensitive); ``argmax_agreement`` the same for the most likely value (what ``decode=argmax`` writes);
 - ``presence_agreement``: share of all chunks where both wrote the key or both left it out;
-- ``teacher_entropy`` / ``student_entropy``: the key's tag entropy over the chunks in bits, as
-  :func:`megatron_anchor.eval.metrics.semantic_entropy` defines it (values lower-cased, an absent key counts as
-  the value ``<none>``), and their ratio ``entropy_ratio`` (the method wants >= 0.9: broad tags matter more
-  than exact ones); ``teacher_distinct`` / ``student_distinct``: distinct values;
+- ``teacher_entropy`` / ``student_entropy``: the key's tag entropy over the chunks in bits
+  (:func:`megatron_anchor.annotation.tag_entropy.key_entropy`: values lower-cased, an absent key counts as the
+  value ``<none>``; the diversity metrics count it the same way), and their ratio ``entropy_ratio`` (the
+  method wants >= 0.9: broad tags matter more than exact ones); ``teacher_distinct`` / ``student_distinct``:
+  distinct values;
 - for extractive keys, ``item_f1``: F1 of the comma-separated items.
 """
 
@@ -17,16 +18,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from megatron_anchor.annotation.distilled.extract import item_f1
-from megatron_anchor.eval.metrics import NONE_VALUE, shannon_entropy
+from megatron_anchor.annotation.tag_entropy import key_entropy
 
 if TYPE_CHECKING:
     from megatron_anchor.annotation.distilled.model import DistilledAnnotator
-
-
-def key_entropy(values: Sequence[Optional[str]]) -> float:
-    """Tag entropy (bits) of one key's values over chunks (None: absent), as ``semantic_entropy`` counts it."""
-    h = shannon_entropy([NONE_VALUE if v is None else v.strip().lower() for v in values])
-    return h if h > 0 else 0.0
 
 
 def _same(a: Optional[str], b: Optional[str]) -> bool:

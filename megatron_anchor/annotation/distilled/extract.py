@@ -19,6 +19,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_anchor.annotation.tag_entropy import key_entropy
+
 # Runs of capitalised words (joined by the small words names contain), or identifiers such as __init__ or f().
 _CANDIDATE_RE = re.compile(
     r"\b[A-Z][\w'\u2019-]*(?:\s+(?:(?:of|the|de|la|le|van|von|du|da|del|and)\s+)?[A-Z][\w'\u2019-]*){0,3}"
@@ -166,8 +168,6 @@ def fit_extractor(texts: Sequence[str], values: Sequence[Optional[str]], val_tex
     if len(set(y.tolist())) < 2:  # nothing (or everything) to learn: a head that never writes a value
         return Extractor(np.zeros(N_FEATURES), -10.0, 0.5, max_items, prior)
     lr = LogisticRegression(C=1.0, max_iter=500, random_state=seed).fit(x, y)
-    from megatron_anchor.annotation.distilled.evaluate import key_entropy  # (evaluate imports this module)
-
     ex = Extractor(lr.coef_[0].astype(np.float64), float(lr.intercept_[0]), 0.5, max_items, prior)
     target = key_entropy(val_values)
     best = (False, -1.0, 0.0, 0.5)  # (entropy kept, F1 or entropy, -threshold)

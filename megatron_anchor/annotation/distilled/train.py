@@ -23,12 +23,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from megatron_anchor.annotation.distilled.evaluate import evaluate, key_entropy
+from megatron_anchor.annotation.distilled.evaluate import evaluate
 from megatron_anchor.annotation.distilled.extract import extractive_share, fit_extractor
 from megatron_anchor.annotation.distilled.features import FeatureConfig, Featurizer
 from megatron_anchor.annotation.distilled.model import DECODES, DistilledAnnotator, KeyHead
 from megatron_anchor.annotation.llm.tagschema import TagSchema
 from megatron_anchor.annotation.schema import DocumentError, parse_line
+from megatron_anchor.annotation.tag_entropy import key_entropy
 from megatron_anchor import bounds
 from megatron_anchor.bounds import bounded
 

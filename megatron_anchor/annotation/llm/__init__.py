@@ -4,7 +4,7 @@ The annotate job that drives them is :mod:`megatron_anchor.annotation.annotate`;
 whole stack, from the schema file to scaling out over many vLLM replicas.
 """
 
-from megatron_anchor.annotation.llm.cache import AnnotationCache, chunk_hash
+from megatron_anchor.annotation.llm.response_cache import AnnotationCache, chunk_hash
 from megatron_anchor.annotation.llm.client import Annotation, AnnotatorClient, ClientConfig, Secret, load_api_key
 from megatron_anchor.annotation.llm.parser import ParseResult, parse_output
 from megatron_anchor.annotation.llm.prompt import PROMPT_VERSION, build_messages, prompt_id
