@@ -1,17 +1,22 @@
 """What an input line means to the preprocessing engine: documents -> pieces, and checks on encoded parts.
 
-:class:`DocumentConverter` is the pretraining converter (annotated or raw documents); SFT preprocessing
-(:mod:`megatron_anchor.data.sft`) supplies its own. The engine that runs converters over parts, in workers, with
-resume, is :mod:`megatron_anchor.data.preprocess`. Work and memory per document grow with its length; nothing here
-holds more than the part being encoded.
+A run's options (:class:`PreprocessConfig`) and per-part counts (:class:`PartStats`) live here, beside the
+converters that read and fill them. :class:`DocumentConverter` is the pretraining converter (annotated or raw
+documents); SFT preprocessing (:mod:`megatron_anchor.data.sft`) supplies its own. The engine that runs converters
+over parts, in workers, with resume, is :mod:`megatron_anchor.data.preprocess`. Work and memory per document grow
+with its length; nothing here holds more than the part being encoded.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from megatron_anchor.annotation.budget import NO_BUDGET, AnnotationBudget
 from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotate_document
 from megatron_anchor.annotation.format import Segment, annotation_segments
 from megatron_anchor.annotation.schema import (
@@ -23,12 +28,124 @@ from megatron_anchor.annotation.schema import (
     parse_document,
     parse_tags,
 )
+from megatron_anchor.bounds import bounded
 from megatron_anchor.roles import Role
 from megatron_anchor.tokenizer import AnchorTokenizer
 from megatron_anchor.tokenizer.pieces import EncodedPart, PieceBatch, PieceEncoder
 
-if TYPE_CHECKING:  # only annotations: the engine imports this module
-    from megatron_anchor.data.preprocess import PartStats, PreprocessConfig
+MAX_REASONS = 20
+"""Reasons for skipped documents kept for the closing summary (the counts are exact)."""
+
+
+@dataclass
+class PreprocessConfig:
+    """Options of a preprocessing run. Fields marked *output-affecting* are checked on resume."""
+
+    input: str
+    """JSONL (optionally .gz) with annotated (``chunks``) or raw (``json_key``) documents."""
+    output_prefix: str
+    """Outputs are ``<output_prefix>_<json_key>_document.{bin,idx}`` and the ``_roles`` channel beside them."""
+    tokenizer_type: str
+    """Megatron-LM tokenizer type name (output-affecting)."""
+    tokenizer_model: str
+    """SentencePiece model file or Hugging Face tokenizer.json / folder (output-affecting)."""
+    json_key: str = "text"
+    """Key holding a raw document's text (output-affecting)."""
+    workers: int = bounded(1, ge=1)
+    """Tokenizing processes."""
+    append_eod: bool = False
+    """Append the end-of-document token to each document (output-affecting)."""
+    annotations: bool = True
+    """Interleave annotations; False writes the same text without them (output-affecting)."""
+    annotator: str = "default"
+    """How to annotate raw documents: ``default`` (embedded) or ``none`` (raw documents are an error)."""
+    skip_bad_documents: bool = False
+    """Skip and count bad documents instead of stopping at the first (output-affecting)."""
+    max_chunk_tokens: int = bounded(0, ge=0)
+    """Reject chunks with more text tokens than this (e.g. the training sequence length); 0: no limit."""
+    docs_per_part: int = bounded(2000, ge=1)
+    """Input lines per part: the unit of parallel work and of resumption (output-affecting)."""
+    eod_token: Optional[str] = None
+    """End-of-document token text (default: the tokenizer's own; output-affecting)."""
+    overwrite: bool = False
+    """Replace existing outputs and discard parts left by a run with other arguments."""
+    show_progress: bool = True
+    """Show a tqdm progress bar."""
+    num_shards: int = bounded(1, ge=1)
+    """Split the input into this many shards by byte range (:mod:`megatron_anchor.sharding`); one run per shard."""
+    shard_index: int = bounded(0, ge=0)
+    """Which shard this run processes (0-based)."""
+    converter: "DocumentConverter" = field(default_factory=lambda: DocumentConverter())
+    """What an input line means (pretraining documents by default; SFT preprocessing passes its own)."""
+    tokenizer_backend: str = "auto"
+    """``auto`` (gigatoken when installed and identical for the model), ``gigatoken`` (required) or
+    ``reference``. Never output-affecting: gigatoken is used only where it gives the reference's ids."""
+    budget: AnnotationBudget = NO_BUDGET
+    """Merge short chunks before the embedded annotator, cap tags per chunk (output-affecting)."""
+    sample_bytes: int = bounded(64 << 10, ge=1)
+    """Input read at start to check the fast backend's identity on the run's own texts."""
+
+    @property
+    def output_path_prefix(self) -> str:
+        base = f"{self.output_prefix}_{self.json_key}_document"
+        if self.num_shards > 1:
+            return f"{base}.shard{self.shard_index:05d}-of-{self.num_shards:05d}"
+        return base
+
+    @property
+    def done_marker(self) -> str:
+        """Written beside a shard's outputs once they are complete; a rerun then skips the shard."""
+        return self.output_path_prefix + ".done"
+
+    @property
+    def parts_dir(self) -> str:
+        return self.output_path_prefix + ".parts"
+
+    def fingerprint(self) -> Dict[str, object]:
+        """What must match for a resumed run to reuse finished parts."""
+        st = os.stat(self.input)
+        with open(self.tokenizer_model if os.path.isfile(self.tokenizer_model)
+                  else os.path.join(self.tokenizer_model, "tokenizer.json"), "rb") as f:
+            tok_hash = hashlib.sha256(f.read()).hexdigest()
+        return {
+            "input": os.path.abspath(self.input), "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns,
+            "tokenizer_type": self.tokenizer_type, "tokenizer_sha256": tok_hash, "json_key": self.json_key,
+            "append_eod": self.append_eod, "annotations": self.annotations, "annotator": self.annotator,
+            "converter": self.converter.name, "converter_options": self.converter.fingerprint(),
+            "skip_bad_documents": self.skip_bad_documents,
+            "max_chunk_tokens": self.max_chunk_tokens, "docs_per_part": self.docs_per_part,
+            "eod_token": self.eod_token, "num_shards": self.num_shards, "shard_index": self.shard_index,
+            "budget": self.budget.fingerprint(),
+        }
+
+
+@dataclass
+class PartStats:
+    """Counts for one part (summed for the closing summary)."""
+
+    documents: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    annotation_tokens: int = 0
+    input_bytes: int = 0
+    annotated_here: int = 0
+    skipped: int = 0
+    dropped: int = 0
+    reasons: List[str] = field(default_factory=list)
+    extra: Dict[str, int] = field(default_factory=dict)
+    """Converter-specific counts (e.g. SFT: truncated, format-stability samples), summed like the rest."""
+
+    def add(self, other: "PartStats") -> None:
+        for name in ("documents", "chunks", "tokens", "annotation_tokens", "input_bytes", "annotated_here",
+                     "skipped", "dropped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.reasons.extend(other.reasons[: max(0, MAX_REASONS - len(self.reasons))])
+        for k, v in other.extra.items():
+            self.extra[k] = self.extra.get(k, 0) + v
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add to a converter-specific count."""
+        self.extra[key] = self.extra.get(key, 0) + n
 
 
 class DocumentDropped(DocumentError):

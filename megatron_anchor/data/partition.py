@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Iterator, List, Tuple, Union
 from megatron_anchor.annotation.schema import DocumentError
 from megatron_anchor.sharding import seek_to_shard, shard_byte_range
 
-if TYPE_CHECKING:  # only annotations: the engine imports this module
-    from megatron_anchor.data.preprocess import PreprocessConfig
+if TYPE_CHECKING:  # only annotations
+    from megatron_anchor.data.convert import PreprocessConfig
 
 
 @dataclass(frozen=True)

@@ -22,80 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from megatron_anchor.annotation.format import Tag
-from megatron_anchor.annotation.llm.examples import (
-    DEFAULT_ECHO_POLICY, ECHO_POLICIES, EXAMPLE_SETS, find_echoes, pick_example,
-)
+from megatron_anchor.annotation.llm.examples import ECHO_POLICIES, EXAMPLE_SETS, find_echoes, pick_example
 from megatron_anchor.annotation.llm.parser import ParseResult, parse_document_output, parse_output
-from megatron_anchor.annotation.llm.prompt import (
-    DEFAULT_MAX_CHUNK_CHARS, DEFAULT_WINDOW_CHARS, DEFAULT_WINDOW_CHUNKS, REQUEST_MODES, build_document_messages,
-    build_messages,
-)
-from megatron_anchor.annotation.llm.structured import (
-    DEFAULT_STRUCTURED, STRUCTURED_MODES, chunk_schema, document_schema, structured_field,
-)
+from megatron_anchor.annotation.llm.prompt import REQUEST_MODES, build_document_messages, build_messages
+from megatron_anchor.annotation.llm.structured import STRUCTURED_MODES, chunk_schema, document_schema, structured_field
 from megatron_anchor.annotation.llm.tagschema import TagSchema
-from megatron_anchor.annotation.llm.transport import ChatTransport, RequestFailed
+from megatron_anchor.annotation.llm.transport import ChatTransport, ClientConfig, RequestFailed
 from megatron_anchor.apikey import API_KEY_ENV, Secret, load_api_key  # noqa: F401 - re-exported for the tools
-from megatron_anchor.bounds import bounded
-
-
-@dataclass
-class ClientConfig:
-    """How the client talks to the annotator servers. Defaults suit a vLLM deployment."""
-
-    urls: Sequence[str]
-    """Replica base URLs (``http://host:port``, with or without ``/v1``); used round-robin."""
-    model: Optional[str] = None
-    """Served model name; None asks the first reachable replica's ``/v1/models``."""
-    concurrency: int = bounded(32, ge=1)
-    """Requests in flight at once, over all replicas (vLLM batches them; too few leaves it idle)."""
-    request_timeout_s: float = bounded(120.0, gt=0)
-    """Total time allowed for one request; a stalled replica is abandoned after it."""
-    connect_timeout_s: float = bounded(10.0, gt=0)
-    """Time allowed to open a connection."""
-    max_attempts: int = bounded(8, ge=1)
-    """Failed transport attempts (connection errors, timeouts, 429, 5xx) before a chunk fails."""
-    retry_budget_s: float = bounded(600.0, gt=0)
-    """Give up retrying a chunk after this many seconds since its first attempt."""
-    backoff_base_s: float = bounded(0.5, ge=0)
-    """First backoff ceiling; doubles per failed attempt."""
-    backoff_max_s: float = bounded(30.0, ge=0)
-    """Largest backoff ceiling."""
-    cooldown_s: float = bounded(2.0, ge=0)
-    """How long a replica that just failed is skipped while others are up."""
-    parse_retries: int = bounded(2, ge=0)
-    """Extra requests when an answer has no usable tags."""
-    max_tokens: int = bounded(96, ge=1)
-    """Generation cap per answer (tags are short; this also bounds a runaway answer). In document mode, per chunk
-    of the window (plus 4 for its header)."""
-    max_tokens_growth: int = bounded(4, ge=1)
-    """An answer cut at the cap is asked again with twice the cap, up to this multiple of ``max_tokens``."""
-    temperature: float = bounded(0.0, ge=0)
-    """Sampling temperature of the first attempt (greedy: reproducible annotations)."""
-    retry_temperature: float = bounded(0.7, ge=0)
-    """Temperature for re-asking after an unparseable answer."""
-    max_chunk_chars: int = bounded(DEFAULT_MAX_CHUNK_CHARS, ge=1)
-    """Chunks are clipped to this many characters in the prompt."""
-    request_mode: str = "document"
-    """``document``: one request per window of a document's chunks; ``chunk``: one request per chunk."""
-    window_chunks: int = bounded(DEFAULT_WINDOW_CHUNKS, ge=1)
-    """Most chunks in one document-level request."""
-    window_chars: int = bounded(DEFAULT_WINDOW_CHARS, ge=1)
-    """Most characters of chunk text in one document-level request (longer chunks are clipped to it)."""
-    structured: str = DEFAULT_STRUCTURED
-    """Structured outputs (the answer's JSON schema in ``response_format``): ``auto``, ``on`` or ``off``."""
-    echo_policy: str = DEFAULT_ECHO_POLICY
-    """Tags that repeat the prompt's examples: ``reask`` (once, with other examples), ``drop`` or ``keep``."""
-    max_response_bytes: int = bounded(1 << 20, ge=1)
-    """Response bodies beyond this are refused."""
-    api_key: Optional[Secret] = field(default=None, repr=False)
-    """Bearer token, if the servers need one."""
-    extra_body: Dict[str, Any] = field(default_factory=dict)
-    """Extra fields merged into every request body (e.g. ``{"top_p": 0.9}``)."""
 
 
 @dataclass
