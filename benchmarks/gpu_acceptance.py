@@ -358,15 +358,18 @@ def layers(info: Dict, smoke: bool) -> Dict[str, str]:
 
 
 def gpu_test_files() -> List[str]:
-    """Every test file that carries the ``gpu`` marker."""
-    tests = os.path.join(REPO, "tests")
+    """Every test file under tests/ (its subfolders included) that carries the ``gpu`` marker, as paths relative
+    to the repository; reads each test file once."""
     found = []
-    for name in sorted(os.listdir(tests)):
-        if name.startswith("test_") and name.endswith(".py"):
-            with open(os.path.join(tests, name), encoding="utf-8") as fh:
-                if "pytest.mark.gpu" in fh.read():
-                    found.append(os.path.join("tests", name))
-    return found
+    for root, dirs, names in os.walk(os.path.join(REPO, "tests")):
+        dirs.sort()
+        for name in sorted(names):
+            if name.startswith("test_") and name.endswith(".py"):
+                path = os.path.join(root, name)
+                with open(path, encoding="utf-8") as fh:
+                    if "pytest.mark.gpu" in fh.read():
+                        found.append(os.path.relpath(path, REPO))
+    return sorted(found)
 
 
 def do_tests(run: Run, later: List[str]) -> None:

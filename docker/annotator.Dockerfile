@@ -26,9 +26,9 @@ ENV ANNOTATOR_MODEL=Qwen/Qwen3-30B-A3B-Instruct-2507 \
     VLLM_NO_USAGE_STATS=1 \
     DO_NOT_TRACK=1
 
-# Only the launcher and the standard-library modules it imports (tests/test_annotator_tools.py runs it from exactly
-# these files): it builds the vLLM command, waits for readiness and forwards SIGTERM from `docker stop` to the
-# whole server process group.
+# Only the launcher and the standard-library modules it imports (tests/annotation/test_annotator_tools.py runs it
+# from exactly these files): it builds the vLLM command, waits for readiness and forwards SIGTERM from
+# `docker stop` to the whole server process group.
 COPY megatron_anchor/__init__.py megatron_anchor/apikey.py megatron_anchor/bounds.py megatron_anchor/cache_dir.py \
      /opt/megatron-anchor/megatron_anchor/
 COPY megatron_anchor/annotation/__init__.py megatron_anchor/annotation/server.py \

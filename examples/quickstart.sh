@@ -98,7 +98,8 @@ python tools/annotate.py --annotator "$ANNOTATOR" --input "$ANNOTATE_INPUT" --ou
 stage "3. tokenizer with the annotation delimiters as special tokens"
 # Trained on the text *and* the annotations' text: otherwise tags are spelled out character by character. 1,500
 # pieces (VOCAB) hold every topic word of the corpus whole; at 1,000 the budget ran out before the cooking and
-# sports words (two of the three SFT topics), which were then spelled letter by letter (tests/test_quickstart.py).
+# sports words (two of the three SFT topics), which were then spelled letter by letter
+# (tests/project/test_quickstart.py).
 python -m megatron_anchor.eval.quickstart tokenizer-text --annotated "$WORK/annotated.jsonl" \
   --output "$WORK/tokenizer_text.jsonl"
 python tools/train_tokenizer.py --input "$WORK/tokenizer_text.jsonl" --output-prefix "$WORK/tokenizer" --vocab-size "$VOCAB"

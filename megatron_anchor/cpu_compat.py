@@ -256,7 +256,7 @@ def _patch_megatron_modules():
     if hasattr(random_module, "_get_cuda_rng_state") and hasattr(random_module, "_set_cuda_rng_state"):
         random_module._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
         random_module._set_cuda_rng_state = lambda *a, **k: None
-    else:  # moved in another megatron-core release: recomputation on CPU fails (tests/test_fast_path.py)
+    else:  # moved in another megatron-core release: recomputation on CPU fails (tests/training/test_fast_path.py)
         logger.warning("megatron_anchor.cpu_compat: megatron-core's CUDA RNG helpers moved; activation "
                        "recomputation will not run on CPU")
 

@@ -45,7 +45,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MEGATRON_CORE_PY312 = "0.19.2"
 """The megatron-core release downloaded for Python 3.12 machines: the newest that ``setup.py`` admits (< 0.20), and
-the one the project's tests run against besides 0.16.1 (``tests/test_megatron_core_versions.py``)."""
+the one the project's tests run against besides 0.16.1 (``tests/project/test_megatron_core_versions.py``)."""
 
 NEVER_INSTALLED = ("torch", "triton", "nvidia-*", "transformer-engine*", "pip", "setuptools", "wheel")
 """Distributions never downloaded nor installed from a wheelhouse: the machine's torch and its CUDA stack are kept

@@ -17,7 +17,7 @@ from megatron_anchor.data.synthetic import write_raw_jsonl  # noqa: E402
 # Fixtures shared across test modules are imported here, and only here: a session fixture imported into several
 # test modules is a separate fixture in each (two vLLM servers, two trainings of the same checkpoint).
 from tests.annotator_fixtures import fake_server, vllm_server  # noqa: E402,F401
-from tests.test_generate_fixtures import (  # noqa: E402,F401
+from tests.inference.test_generate_fixtures import (  # noqa: E402,F401
     exported,
     gpt2_checkpoint,
     gpt2_exported,
@@ -99,7 +99,7 @@ def tiny_plain_dataset(corpus_dir, sp_model, tiny_dataset):
 def sft_data(sp_model, tmp_path_factory):
     """SFT datasets written by tools/preprocess_sft.py from 400 synthetic samples: ``anchored`` (annotation
     before each response) and ``standard`` (``--no-annotations``); values are the dataset prefixes."""
-    from tests.test_sft_preprocess import write_sft_jsonl
+    from tests.data.test_sft_preprocess import write_sft_jsonl
     from megatron_anchor.cli import preprocess_sft
 
     d = tmp_path_factory.mktemp("sft_train")

@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import torch.multiprocessing as mp
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import REPO as REPO_ROOT  # the name the distributed tests import from here
 
 
 def free_port() -> int:

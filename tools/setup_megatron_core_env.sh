@@ -5,7 +5,7 @@
 #
 # GPU images (NGC PyTorch, Python 3.12) install megatron-core 0.17-0.19, while Python 3.11 machines get 0.16.1;
 # the role channel and the trainer lean on megatron-core internals that moved between the two, so the dataset,
-# trainer and generation tests run against both (tests/test_megatron_core_versions.py). This makes, once,
+# trainer and generation tests run against both (tests/project/test_megatron_core_versions.py). This makes, once,
 #   $CACHE/megatron-core-$MCORE_VERSION-py$PYVER/   a virtual environment with the CPU torch and that release
 # where CACHE is $MEGATRON_ANCHOR_CACHE, else ${XDG_CACHE_HOME:-~/.cache}/megatron-anchor. The project itself is
 # not installed there: the tests put the checkout on PYTHONPATH.

@@ -279,7 +279,7 @@ def _add_annotated(line: bytes, batch: PieceBatch, enc: PieceEncoder) -> Optiona
     dict probe. Returns None, leaving the pieces it added for the caller to drop, at the first thing it does not
     vouch for (not an annotated object, a chunk without tags, an empty text, a bad separator or tag): the general
     path then raises the exact error or handles the document. The pieces are those the general path makes
-    (tests/test_fast_preprocess.py compares them)."""
+    (tests/data/test_fast_preprocess.py compares them)."""
     chunks = annotated_chunks(line)
     if not chunks:
         return None
