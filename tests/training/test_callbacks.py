@@ -100,6 +100,7 @@ def session(tiny_dataset, tmp_path_factory):
     return run_distributed(_session, world_size=2, args=(tiny_dataset, str(tmp_path_factory.mktemp("callbacks"))))
 
 
+@pytest.mark.integration
 def test_hooks_run_in_order_and_see_metrics_evaluations_and_checkpoints(session):
     for rank_out in session:
         events, reason = rank_out["schedule"]
@@ -117,6 +118,7 @@ def test_hooks_run_in_order_and_see_metrics_evaluations_and_checkpoints(session)
         ]
 
 
+@pytest.mark.integration
 def test_an_exit_signalled_on_one_rank_reaches_every_ranks_callbacks_once(session):
     for rank, rank_out in enumerate(session):
         events, reason, steps, recorded = rank_out["exit"]
@@ -128,6 +130,7 @@ def test_an_exit_signalled_on_one_rank_reaches_every_ranks_callbacks_once(sessio
         assert not any(e[0] == "post_train" for e in events)
 
 
+@pytest.mark.integration
 def test_the_run_is_resolved_once(session):
     for rank_out in session:
         counts = rank_out["counts"]
