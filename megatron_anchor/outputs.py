@@ -3,6 +3,7 @@
 - :func:`atomic_path` / :func:`atomic_write` / :func:`write_text` / :func:`write_json`: the file is written under
   a temporary name beside its destination and renamed over it only when complete (``os.replace`` is atomic on
   one file system), so a reader, a kill or a full disk never leaves a half-written file where the old one was.
+  :func:`atomic_folder` does the same for a whole folder (an export, an imported checkpoint, a fetched package).
 - :func:`refuse_aliases`: an output that is the same file as one of the inputs (same path, a symbolic or hard
   link) would be emptied before it is read; tools refuse it up front.
 - :func:`check_writable`: an output whose folder cannot be created or written fails now, not after hours of work.
@@ -15,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 from typing import IO, Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -61,6 +64,41 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: Optional[str] = "utf
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_folder(path: PathLike, tmp: Optional[PathLike] = None) -> Iterator[str]:
+    """Yield an empty temporary folder beside ``path`` to fill; on a clean exit it takes ``path``'s place, on an
+    exception (or KeyboardInterrupt) it is removed and ``path`` is left as it was.
+
+    The swap renames an existing ``path`` aside (``TMP-replaced``), renames the new folder in, then removes the
+    old one, so ``path`` is missing only between two renames. ``tmp`` names the temporary folder (a leftover of a
+    killed run under that name is removed first, so a rerun cleans up after it); by default it is a fresh, unique,
+    hidden name (``tempfile.mkdtemp``, made ``0o755`` like an ordinary folder), so nothing that already exists is
+    ever removed on the way. Costs: two renames and the removal of the old folder (its size)."""
+    final = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    if tmp is None:
+        work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+        os.chmod(work, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    else:
+        work = os.fspath(tmp)
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    old = None
+    if os.path.isdir(final):
+        old = work + "-replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(work, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: PathLike, text: Union[str, bytes], fsync: bool = False) -> None:

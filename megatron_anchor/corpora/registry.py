@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List
 
 from megatron_anchor.cache_dir import cache_root
+from megatron_anchor.outputs import atomic_folder
 
 COMPLETE = ".complete"
 
@@ -71,16 +72,9 @@ def fetched(kind: str, name: str, make: Callable[[Path], None]) -> Path:
     with _locked(registry_root() / kind / f".{safe}.lock"):
         if (dest / COMPLETE).exists():  # another process finished it while this one waited
             return dest
-        tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            make(tmp)
-            (tmp / COMPLETE).touch()
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(dest, tmp=dest.with_name(f"{dest.name}.tmp{os.getpid()}")) as tmp:
+            make(Path(tmp))
+            (Path(tmp) / COMPLETE).touch()
     return dest
 
 

@@ -19,9 +19,10 @@ the topic the response is about; template words are chosen to be no cue word at 
 from __future__ import annotations
 
 import json
-import os
 import random
 from typing import AbstractSet, Dict, Iterable, Iterator, List, Sequence, Set, Tuple
+
+from megatron_anchor.outputs import atomic_write
 
 # Cue words of each annotator topic (a chunk uses three of its topic's words and none of another's).
 TOPICS: Dict[str, List[str]] = {
@@ -151,10 +152,9 @@ def calibration_pairs(n: int = 1000, seed: int = CALIBRATION_SEED,
 
 
 def _write_jsonl(path: str, rows: Iterable[Dict]) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def write_demo_corpus(out_dir: str, documents: int, sft_samples: int, seed: int = 0,

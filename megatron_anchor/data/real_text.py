@@ -6,9 +6,10 @@ for calibrating the distinct-class threshold of the diversity judge on documenta
 from __future__ import annotations
 
 import json
-import os
 import random
 from typing import List, Tuple
+
+from megatron_anchor.outputs import atomic_write
 
 CHUNK_CHARS = (40, 800)
 """Blank-line chunks of this many characters are passages (shorter ones are headings and rules, longer ones
@@ -28,13 +29,11 @@ def write_pydoc_corpus(train_path: str, heldout_path: str, heldout_every: int = 
     docs = pydoc_documents()
     counts = [0, 0]
     for which, path in enumerate((train_path, heldout_path)):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(path) as f:
             for i, (name, text) in enumerate(docs):
                 if (i % heldout_every == heldout_every - 1) == bool(which):
                     f.write(json.dumps({"id": f"pydoc-{name}", "text": text}) + "\n")
                     counts[which] += 1
-        os.replace(tmp, path)
     return counts[0], counts[1]
 
 
@@ -57,13 +56,11 @@ def write_pydoc_calibration_pairs(path: str, n: int = 1000, seed: int = 99) -> T
         by_topic.setdefault(name, []).append(chunk)
     several = sorted(name for name, chunks in by_topic.items() if len(chunks) >= 2)
     names = sorted(by_topic)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for _ in range(n):
             a, b = rng.sample(by_topic[rng.choice(several)], 2)
             f.write(json.dumps({"a": a, "b": b, "same": True}) + "\n")
         for _ in range(n):
             t, u = rng.sample(names, 2)
             f.write(json.dumps({"a": rng.choice(by_topic[t]), "b": rng.choice(by_topic[u]), "same": False}) + "\n")
-    os.replace(tmp, path)
     return n, n

@@ -38,7 +38,7 @@ import numpy as np
 from megatron_anchor.annotation.default_annotator import ANNOTATOR_NAME, annotate_text
 from megatron_anchor.annotation.format import Segment, Tag, annotation_segments
 from megatron_anchor.annotation.schema import DocumentError, parse_tags
-from megatron_anchor.data.preprocess import DocumentConverter, DocumentDropped, PartStats, PreprocessConfig
+from megatron_anchor.data.convert import DocumentConverter, DocumentDropped, PartStats, PreprocessConfig
 from megatron_anchor.tokenizer.pieces import EncodedPart, PieceBatch
 from megatron_anchor.roles import ROLE_DTYPE, Role
 

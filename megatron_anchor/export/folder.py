@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -25,6 +23,7 @@ from megatron_anchor.export.hf_llama import (llama_config, llama_problems, qwen2
                                              qwen3_config, qwen3_problems)
 from megatron_anchor.inference.gpt2_adapter import gpt2_state_dict
 from megatron_anchor.inference.model import DecoderLM, ModelSpec
+from megatron_anchor.outputs import atomic_folder
 
 
 class ExportError(ValueError):
@@ -108,11 +107,8 @@ def save_folder(model: DecoderLM, tokenizer, tokenizer_type: str, out_dir: str, 
     layout = choose_layout(model.spec)
     config = layout.config(model.spec, tokenizer.eod, extra)
     check_output_folder(out_dir, overwrite)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    # A fresh, uniquely named folder: nothing that already exists is ever removed on the way.
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.export-", dir=parent)
-    try:
+    # A fresh, uniquely named folder, swapped in when complete: nothing that already exists is removed on the way.
+    with atomic_folder(out_dir) as tmp:
         save_file(layout.state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
@@ -123,17 +119,6 @@ def save_folder(model: DecoderLM, tokenizer, tokenizer_type: str, out_dir: str, 
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
             json.dump({"written_by": "megatron-anchor tools/export_hf.py", "files": files,
                        "source_checkpoint": (extra or {}).get("source_checkpoint")}, f, indent=2)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is an ordinary folder
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.isdir(out_dir):  # an earlier export (checked above): swap, then remove it
-        old = tmp + "-replaced"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
     return files + [MARKER]
 
 

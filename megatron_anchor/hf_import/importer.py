@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Dict, Optional
 
@@ -39,6 +38,7 @@ import torch
 from megatron_anchor.hf_import.families import ImportRefused, model_fields
 from megatron_anchor.hf_import.tokens import missing_delimiters, write_tokenizer_folder
 from megatron_anchor.hf_import.weights import HFWeights
+from megatron_anchor.outputs import atomic_folder
 
 
 def _anchor_config(fields: Dict, seq_length: int, divisible_by: int):
@@ -141,16 +141,8 @@ def import_hf(src: str, out: str, add_annotation_tokens: bool = False, seq_lengt
         raise ImportRefused(f"{out} exists and is not empty; pass --overwrite to replace it")
     # Written under a temporary name and renamed when complete: an existing --output is replaced only then.
     final = os.path.abspath(out)
-    tmp = final.rstrip("/") + ".tmp-import"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_folder(final, tmp=final.rstrip("/") + ".tmp-import") as tmp:
         summary = _write(src, tmp, final, cfg, weights, rows_hf, add_annotation_tokens, eod_token)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
     summary.update(output=out, family=hf_config["model_type"], seconds=round(time.time() - start, 1))
     return summary
 

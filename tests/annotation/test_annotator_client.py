@@ -14,9 +14,9 @@ from megatron_anchor.annotation.llm.client import (
     ClientConfig,
     Secret,
     load_api_key,
-    normalize_url,
 )
 from megatron_anchor.annotation.llm.tagschema import load_schema
+from megatron_anchor.annotation.llm.transport import normalize_url
 from tests.annotator_fixtures import FakeOpenAIServer, FakeReply, FaultProxy, fake_tags_for, free_port
 
 SCHEMA = load_schema()

@@ -70,6 +70,7 @@ def test_annotates_the_corpus_in_the_common_format_and_in_shards(distilled, corp
     assert b"".join(parts) == (tmp_path / "all.jsonl").read_bytes()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_runs_on_ray_like_the_other_annotators(distilled, corpus_dir, tmp_path):
     import ray

@@ -22,7 +22,7 @@ from megatron_anchor.annotation.schema import parse_line
 from tests.annotator_fixtures import FaultProxy, read_jsonl, write_jsonl
 from tests.paths import REPO_DIR as REPO
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 MAX_TOKENS = "64"  # a full tag set is ~50 tokens; the cap keeps a CPU test quick
 

@@ -490,7 +490,9 @@ def base_env(corpus_dir, sp_model, hf_tokenizer_dir):
     return {"raw": str(corpus_dir / "raw.jsonl"), "sp_model": sp_model, "hf_tokenizer": hf_tokenizer_dir}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# Cases on a checkpoint need the session's trained one (torchrun): integration tests.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.integration) if "checkpoint" in c.needs else c
+                                  for c in CASES], ids=[c.id for c in CASES])
 def test_fault(case: Case, base_env, request, tmp_path, capsys, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
@@ -550,6 +552,7 @@ def test_every_tool_has_cases():
 # -- process boundaries: Ctrl-C -------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("annotator", ["default", "distilled"])
 def test_ctrl_c_stops_annotation_cleanly_and_a_rerun_finishes_it(annotator, tmp_path, corpus_dir):
     """SIGINT reaches an in-process annotator (which never awaits anything itself): the tool exits 130 within

@@ -106,6 +106,7 @@ def test_material_from_the_users_files(tmp_path):
     assert material_main(["--out-dir", str(tmp_path / "bad"), "--corpus", str(tmp_path / "missing.jsonl")]) == 2
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_small_study_runs_every_stage_with_real_components(tmp_path, vllm_server):

@@ -104,7 +104,7 @@ def test_annotated_fast_loop_makes_the_general_paths_pieces(hf_tokenizer_dir, co
     exactly the pieces of the general path, repeated annotations and two spellings of the same JSON included;
     whatever it does not vouch for goes back to the general path, which names the chunk that is wrong. A tag list
     that only *looks* like a validated one (a dict whose keys spell a known tag) is not taken from the memo."""
-    from megatron_anchor.data.preprocess import DocumentConverter, PartStats, PreprocessConfig, _add_annotated
+    from megatron_anchor.data.convert import DocumentConverter, PartStats, PreprocessConfig, _add_annotated
     from megatron_anchor.tokenizer.pieces import PieceBatch
 
     tok = build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_dir)

@@ -13,8 +13,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_anchor.annotation.format import render
 from megatron_anchor.annotation.schema import parse_line
+from megatron_anchor.data.convert import document_segments
 from megatron_anchor.data.indexed import check_role_channel, iter_documents, roles_prefix
-from megatron_anchor.data.preprocess import document_segments
 from megatron_anchor.roles import Role
 from megatron_anchor.tokenizer import build_tokenizer
 from tests.conftest import file_bytes
@@ -302,7 +302,7 @@ def test_shard_errors_name_the_global_line(tmp_path, sp_model, capsys):
 
 def test_line_range_head_keeps_whole_lines(tmp_path):
     """The identity check's sample is read as the first whole lines holding at least the sample's bytes."""
-    from megatron_anchor.data.preprocess import LineRange
+    from megatron_anchor.data.partition import LineRange
 
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"aaaa\nbbbbbbbb\ncc\n")

@@ -27,6 +27,7 @@ def test_demo_questions_have_one_right_continuation():
     assert "hellaswag" in PAPER_TASKS and "gsm8k" in PAPER_TASKS
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_lm_eval_runs_the_local_task_offline(gpt2_exported, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
@@ -43,6 +44,7 @@ def test_lm_eval_runs_the_local_task_offline(gpt2_exported, tmp_path, monkeypatc
                                   "--output", str(out)]) == 2
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.timeout(1200)

@@ -61,6 +61,7 @@ def test_reports_of_either_age_fill_the_table():
     assert [g(new) for _, g, _ in gaps] == [g(old) for _, g, _ in gaps] == [0.9, 0.8, 0.7, None, 0.6]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.extended  # two toy quickstarts (~4 minutes); the quickstart test covers the real run
 def test_tiny_ablation_end_to_end_and_resume(tmp_path, monkeypatch, capsys):

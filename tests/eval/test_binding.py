@@ -66,6 +66,7 @@ def test_well_formed_subsets_leave_out_prompts_with_fewer_than_two():
     assert well_formed_responses(prompts[:1], [rows(GOOD, None)]) is None
 
 
+@pytest.mark.integration
 def test_harness_reports_format_and_binding_beside_diversity(tiny_generator, tmp_path):  # noqa: F811
     from megatron_anchor.annotation.default_annotator import annotate_text
     from megatron_anchor.eval.harness import ModelUnderTest, run_sweep

@@ -58,6 +58,7 @@ def test_embedder_on_real_text():
     assert distinct_count(varied, 0.9)["count"] == 3
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_evaluate_diversity_tool_names_every_judge(gpt2_exported, tmp_path, capsys):
     """The sweep on an exported model: every column is JUDGE:METRIC and the JSON says who each judge is; the

@@ -99,6 +99,7 @@ def test_real_embeddings_with_the_calibrated_threshold_are_not_saturated():
     assert PartitionJudge(embed, 0.9).score("p", one)["distinct"] >= 6  # the saturated old default
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.timeout(900)

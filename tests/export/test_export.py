@@ -8,6 +8,7 @@ import pytest
 import torch
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
 def test_transformers_logits_match_megatron(which, request, monkeypatch):
     transformers = pytest.importorskip("transformers")
@@ -40,6 +41,7 @@ def test_transformers_logits_match_megatron(which, request, monkeypatch):
     assert (got - ref).abs().max().item() <= 1e-4
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("which", ["exported", "gpt2_exported"])
 def test_delimiter_text_never_becomes_the_delimiter_id_in_transformers(which, request):
     """Text that spells a delimiter or end-of-document, typed by a user, gets ordinary tokens (as in training);
@@ -58,6 +60,7 @@ def test_delimiter_text_never_becomes_the_delimiter_id_in_transformers(which, re
         assert ids == ours.encode_text(text)
 
 
+@pytest.mark.integration
 def test_exported_folder_loads_back_for_generation(exported):
     from megatron_anchor.inference import SamplingParams, load_from_hf_folder
     from megatron_anchor.inference.prompts import parse_prompt
@@ -68,6 +71,7 @@ def test_exported_folder_loads_back_for_generation(exported):
     assert len(rows) == 2 and all("<|ann|>" not in r["response"] for r in rows)
 
 
+@pytest.mark.integration
 def test_runs_no_layout_expresses_are_refused(tiny_checkpoint, tmp_path, capsys):
     """RoPE with LayerNorm is neither Llama (RMSNorm) nor GPT-2 (learned positions): refused, naming the flags."""
     from megatron_anchor.cli import export_hf
@@ -84,6 +88,7 @@ def test_runs_no_layout_expresses_are_refused(tiny_checkpoint, tmp_path, capsys)
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.integration
 def test_gpt2_layout_round_trips_through_the_decoder(gpt2_exported):
     """The GPT-2 folder loads back into the in-house decoder with the megatron spec it was written from."""
     from megatron_anchor.inference.gpt2_adapter import decoder_state_from_gpt2, gpt2_state_dict

@@ -156,6 +156,7 @@ def _layout_logits(rank, world_size, ckpts, ids, tp, pp):
     return {family: megatron_logits(ckpt, ids[family], tp=tp, pp=pp) for family, ckpt in ckpts.items()}
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_tp2_and_pp2_logits_equal_transformers(imported, tp, pp):
@@ -257,6 +258,7 @@ def test_mistral_sliding_window_and_unmapped_tensors_are_refused(imported, tmp_p
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
+@pytest.mark.integration
 def test_midtraining_from_the_import_needs_no_model_flags(imported, corpus_dir, tmp_path):
     """Annotated data tokenized with the imported tokenizer folder, plain text replayed beside it, and a
     --finetune run from the imported checkpoint naming no model flag: the annotation loss falls; the result

@@ -13,6 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
+pytestmark = pytest.mark.integration  # converts and imports a real 135M-parameter model
+
 TOL = 1e-4
 IDS = [[1, 504, 3458, 28, 260, 1345, 2478, 30, 216, 198, 42, 9000, 28, 3000, 17, 5000],
        [49152 - 1, 7, 100, 2000, 30000, 40000, 198, 198, 33, 44, 55, 66, 77, 88, 99, 111]]

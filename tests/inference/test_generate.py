@@ -16,6 +16,7 @@ def _prompt(**kw):
     return parse_prompt({"prompt": "The market in the old town", **kw}, "test", 0)
 
 
+@pytest.mark.integration
 def test_anchored_writes_annotation_then_response(tiny_generator):
     g, tok = tiny_generator, tiny_generator.tokenizer
     params = SamplingParams(max_new_tokens=24, max_annotation_tokens=32)
@@ -34,6 +35,7 @@ def test_anchored_writes_annotation_then_response(tiny_generator):
         assert row["annotation"]["text"] == tok.decode(s.annotation_ids)
 
 
+@pytest.mark.integration
 def test_annotation_cap_forces_the_closing_delimiter(tiny_generator):
     rows = tiny_generator.generate(_prompt(), 3, "anchored", SamplingParams(max_new_tokens=8,
                                                                             max_annotation_tokens=4), seed=0)
@@ -44,6 +46,7 @@ def test_annotation_cap_forces_the_closing_delimiter(tiny_generator):
         assert all(len(t) == 2 for t in ann["tags"])
 
 
+@pytest.mark.integration
 def test_conditioned_uses_the_given_tags_in_training_format(tiny_generator):
     g, tok = tiny_generator, tiny_generator.tokenizer
     prompt = _prompt(annotation=TAGS)
@@ -61,6 +64,7 @@ def test_conditioned_uses_the_given_tags_in_training_format(tiny_generator):
         g.generate(_prompt(), 1, "conditioned", SamplingParams())
 
 
+@pytest.mark.integration
 def test_seeds_reproduce_and_differ(tiny_generator):
     p = SamplingParams(max_new_tokens=12)
     a = tiny_generator.generate(_prompt(), 2, "plain", p, seed=5)
@@ -69,6 +73,7 @@ def test_seeds_reproduce_and_differ(tiny_generator):
     assert a == b and a != c
 
 
+@pytest.mark.integration
 def test_kv_cache_matches_full_recompute(tiny_generator):
     g, tok = tiny_generator, tiny_generator.tokenizer
     ids = g.prompt_ids(_prompt(), "anchored")
@@ -115,6 +120,7 @@ def test_prompts_batched_together_sample_what_each_samples_alone(position_embedd
     assert any(not s.finished and len(s.response_ids) < 30 for s in together[0])
 
 
+@pytest.mark.integration
 def test_decoder_matches_megatron_logits(tiny_checkpoint, tiny_generator):
     from megatron_anchor.inference.checkpoint import config_from_args, load_megatron_model, megatron_session
 
@@ -132,6 +138,7 @@ def test_decoder_matches_megatron_logits(tiny_checkpoint, tiny_generator):
     assert (ref - ours).abs().max().item() <= 1e-4
 
 
+@pytest.mark.integration
 def test_generate_tool_end_to_end(tiny_checkpoint, tmp_path):
     from megatron_anchor.cli import generate
 
@@ -166,6 +173,7 @@ def test_prompt_file_errors(tmp_path, content, message):
         read_prompts(str(path))
 
 
+@pytest.mark.integration
 def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path, capsys):
     from megatron_anchor.inference import load_from_checkpoint
     from megatron_anchor.cli import generate
@@ -202,6 +210,7 @@ def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path, capsys):
     assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
+@pytest.mark.integration
 def test_checkpoint_carries_its_run_config(tiny_checkpoint):
     """The trainer writes run_config.yaml beside the checkpoint; loading needs no model flags then."""
     import dataclasses

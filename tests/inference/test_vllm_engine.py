@@ -22,7 +22,7 @@ from megatron_anchor.inference.prompts import parse_prompt
 from megatron_anchor.inference.vllm_engine import TokenRequest, VllmGenerator, load_vllm_generator
 from tests.paths import REPO
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # Chi-square tests reject a correct sampler with probability P_MIN; a wrong one (other weights, missing bans, a
 # shifted temperature) gives p-values far below it with these sample sizes.

@@ -110,6 +110,7 @@ def test_every_example_is_covered():
         assert r.returncode == 0, f"{script}: {r.stderr}"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("script", DRY_RUN_HERE)
 def test_cpu_examples_pass_the_trainer_checks(script, tmp_path):
     out = _run(script, tmp_path, {"DOCS": "300"}, str(tmp_path / "work"))
@@ -128,6 +129,7 @@ def gpu_recipe_env(tiny_dataset):
             "TOKENIZER_TYPE": tiny_dataset["tokenizer_type"], "TOKENIZER_MODEL": tiny_dataset["tokenizer_model"]}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("size,world", [("0.6b", 8), ("1b", 8), ("2.5b", 8)])
 def test_gpu_pretraining_recipes_pass_the_trainer_checks(size, world, gpu_recipe_env, tmp_path):
     out = _run(f"gpu/pretrain_{size}.sh", tmp_path, {**gpu_recipe_env, "SAVE_DIR": str(tmp_path / "run")})
@@ -136,6 +138,7 @@ def test_gpu_pretraining_recipes_pass_the_trainer_checks(size, world, gpu_recipe
     assert cfg["training"]["exit_signal"] == "SIGUSR1"
 
 
+@pytest.mark.integration
 def test_multinode_slurm_launch_passes_the_trainer_checks(gpu_recipe_env, tmp_path):
     env = {**gpu_recipe_env, "SLURM_SUBMIT_DIR": REPO_ROOT, "SLURM_JOB_ID": "42", "SLURM_NNODES": "4",
            "SLURM_JOB_NODELIST": "node[0-3]", "SAVE_DIR": str(tmp_path / "run")}
@@ -157,6 +160,7 @@ def _sft_jsonl(path, n=400):
     return str(path)
 
 
+@pytest.mark.integration
 def test_gpu_sft_recipe_packs_and_matches_the_pretraining_architecture(gpu_recipe_env, tiny_plain_dataset,
                                                                        tmp_path):
     """The SFT recipe packs (its data record says so and the trainer then needs --reset-attention-mask) and its
@@ -193,6 +197,7 @@ def test_gpu_sft_recipe_packs_and_matches_the_pretraining_architecture(gpu_recip
     assert r.returncode != 0 and "--num-layers: checkpoint 22, this run 24" in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.integration
 def test_slurm_preprocessing_array_then_merge(tmp_path, corpus_dir, sp_model):
     """The preprocessing array (two tasks) and the merge job, for real on the test corpus."""
     env = {"NUM_SHARDS": "2", "INPUT": str(corpus_dir / "annotated.jsonl"), "OUTPUT_PREFIX": str(tmp_path / "c"),
@@ -203,6 +208,7 @@ def test_slurm_preprocessing_array_then_merge(tmp_path, corpus_dir, sp_model):
     assert os.path.isfile(str(tmp_path / "c_text_document_tokenizer_record.json")), out
 
 
+@pytest.mark.integration
 def test_qwen3_midtraining_recipe_passes_the_trainer_checks(corpus_dir, tmp_path):
     """The GPU recipe on a tiny random Qwen3 folder: the import runs for real, mid-training and both SFT runs are
     checked as for a GPU machine, all with the imported architecture and tokenizer and no model flags."""
@@ -236,6 +242,7 @@ def test_qwen3_midtraining_recipe_passes_the_trainer_checks(corpus_dir, tmp_path
     assert not (work / "midtrained").exists()  # a dry run saves nothing, so a rerun would start from the import
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_smollm2_cpu_midtraining_example_passes_the_trainer_checks(tmp_path):
     """The CPU example's import of the packaged SmolLM2 and its data steps run for real; the trainer is checked."""

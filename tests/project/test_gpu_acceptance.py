@@ -42,6 +42,7 @@ def _report(out_dir):
         return json.load(fh)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_smoke_run_writes_the_report(tmp_path):
     out = str(tmp_path / "out")
@@ -212,6 +213,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_timed_out_torchrun_phase_leaves_no_worker_behind(tmp_path):
     """torchrun starts each worker in a session of its own (torch's SubprocessHandler), and workers that take their

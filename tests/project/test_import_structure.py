@@ -226,3 +226,65 @@ def test_every_module_imports_and_every_imported_name_exists():
         f"{m}:\n{tb}" for m, tb in report["failed"].items())
     assert not report["missing"], "imported names that do not exist:\n" + "\n".join(report["missing"])
     assert len(report["skipped"]) < len(modules), report["skipped"]
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def architecture_floors(text: str) -> Dict[str, int]:
+    """Package folder -> floor, from the layer table of docs/architecture.md (``| 2 | `annotation/` | ... |``);
+    the foundation row (``megatron_anchor/*.py``) is the key ``""``: the package's top-level modules."""
+    floors = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].isdigit() and cells[1].startswith("`") and cells[1].endswith("`"):
+            name = cells[1].strip("`")
+            floors["" if name == f"{PACKAGE}/*.py" else name.rstrip("/")] = int(cells[0])
+    return floors
+
+
+def folder_of(module: str) -> str:
+    """The package folder a module belongs to ("" for the package's top-level modules)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (ROOT / PACKAGE / parts[1]).is_dir()) else ""
+
+
+def test_folders_import_only_from_lower_floors():
+    """The layer table of docs/architecture.md holds: every package folder is in it, and every import between two
+    folders goes down (the foundation's modules import only each other)."""
+    floors = architecture_floors(ARCHITECTURE.read_text(encoding="utf-8"))
+    folders = {p.name for p in (ROOT / PACKAGE).iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    missing = sorted(folders - set(floors))
+    assert not missing, f"package folders missing from the layer table of {ARCHITECTURE}: {missing}"
+    stale = sorted(set(floors) - folders - {""})
+    assert not stale, f"{ARCHITECTURE} lists folders that do not exist: {stale}"
+    graph = import_graph(package_modules())
+    wrong = []
+    for module, targets in sorted(graph.items()):
+        a = folder_of(module)
+        for target in sorted(targets):
+            b = folder_of(target)
+            if a != b and floors[b] >= floors[a]:
+                wrong.append(f"  {module} (floor {floors[a]}) imports {target} (floor {floors[b]})")
+    assert not wrong, f"imports that do not go down the layers of {ARCHITECTURE}:\n" + "\n".join(wrong)
+
+
+def test_the_architecture_page_names_files_that_exist():
+    """Every ``megatron_anchor/...`` path the page names in backticks exists (placeholders in capitals aside)."""
+    import re
+
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    named = set(re.findall(r"`(megatron_anchor/[a-z0-9_/]+(?:\.py)?)`", text))
+    assert len(named) >= 5
+    gone = sorted(p for p in named if not (ROOT / p).exists())
+    assert not gone, f"{ARCHITECTURE} names files that do not exist: {gone}"
+
+
+def test_layer_check_catches_an_upward_import():
+    """The floors read from a made-up table put a lower folder importing a higher one in the wrong."""
+    floors = architecture_floors("| floor | folder | x |\n|---|---|---|\n| 1 | `megatron_anchor/*.py` | f |\n"
+                                 "| 2 | `annotation/` | a |\n| 9 | `eval/` | e |\n")
+    assert floors == {"": 1, "annotation": 2, "eval": 9}
+    assert folder_of("megatron_anchor.annotation.distilled.model") == "annotation"
+    assert folder_of("megatron_anchor.bounds") == ""
+    assert floors[folder_of("megatron_anchor.eval.metrics")] > floors[folder_of("megatron_anchor.annotation.format")]

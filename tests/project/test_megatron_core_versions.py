@@ -33,6 +33,7 @@ def mcore_python():
     return r.stdout.strip().splitlines()[-1].split("=", 1)[1]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_dataset_trainer_and_generation_tests_pass_on_megatron_core_019(mcore_python):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")

@@ -132,6 +132,7 @@ def _dry_run(tmp_path, env):
     return r.stdout + r.stderr, _configs(r.stdout)
 
 
+@pytest.mark.integration
 def test_dry_run_with_every_knob_small(tmp_path):
     """Every knob at a small value at once: the data stages run for real, the trainer checks each launch (flags,
     data, splits) and the report its inputs; validation adapts to tiny datasets or is skipped with a line."""
@@ -158,6 +159,7 @@ def test_dry_run_with_every_knob_small(tmp_path):
     assert "report (dry run): 32 held-out prompts x 2 samples x 2 temperatures (0.5, 1)" in out
 
 
+@pytest.mark.integration
 def test_dry_run_of_a_small_run_that_once_stopped_at_sft(tmp_path):
     """100 SFT samples pack into a dozen or two sequences: a fixed 98,2,0 split left validation empty and the
     trainer refused it; the split now holds one sequence out."""
@@ -220,6 +222,7 @@ def test_readme_update_replaces_only_the_marked_table(tmp_path):
         update_readme(str(work), str(readme), str(tmp_path))
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_quickstart_reduced_anchored_keeps_diversity(tmp_path):
     work = tmp_path / "qs"

@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from megatron_anchor import bounds
-from megatron_anchor.outputs import OutputError, atomic_write, check_outputs, check_writable, refuse_aliases
+from megatron_anchor.outputs import (
+    OutputError,
+    atomic_folder,
+    atomic_write,
+    check_outputs,
+    check_writable,
+    refuse_aliases,
+)
 from tests.paths import REPO
 
 
@@ -127,6 +134,28 @@ def test_atomic_write_replaces_whole_files_or_nothing(tmp_path):
             pass
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_atomic_folder_swaps_whole_folders_or_nothing(tmp_path, named):
+    out = tmp_path / "sub" / "model"
+    tmp = tmp_path / "sub" / "model.tmp-x" if named else None
+    if named:  # a leftover of a killed run under the fixed name is cleared first
+        tmp.mkdir(parents=True)
+        (tmp / "stale").write_text("?")
+    with atomic_folder(out, tmp=tmp) as work:  # creates the parent folder
+        assert os.listdir(work) == []
+        (Path(work) / "a").write_text("first")
+    assert sorted(os.listdir(out)) == ["a"]
+    with pytest.raises(RuntimeError):
+        with atomic_folder(out, tmp=tmp) as work:
+            (Path(work) / "b").write_text("half of the second")
+            raise RuntimeError("the writer fails midway")
+    assert sorted(os.listdir(out)) == ["a"] and (out / "a").read_text() == "first"
+    with atomic_folder(out, tmp=tmp) as work:
+        (Path(work) / "b").write_text("second")
+    assert sorted(os.listdir(out)) == ["b"]
+    assert os.listdir(out.parent) == ["model"]  # no temporary or replaced folder left beside it
+
+
 def test_aliases_are_found_through_links(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("x\n")
@@ -178,6 +207,7 @@ def test_export_replaces_only_an_earlier_export(tmp_path, monkeypatch):
     check_output_folder(str(tmp_path / "new"), overwrite=False, load=str(tmp_path / "ck"))
 
 
+@pytest.mark.integration
 def test_an_export_is_marked_and_replaced_in_place(tiny_checkpoint, exported, tmp_path):
     """The exported folder carries the marker; exporting again with --overwrite replaces it whole."""
     from megatron_anchor.export.folder import MARKER
@@ -234,6 +264,7 @@ def test_checkpoint_file_checks(tmp_path):
     assert latest_problems(str(tmp_path / "none"), "latest_checkpointed_iteration.txt") == []
 
 
+@pytest.mark.integration
 def test_a_checkpoint_without_its_tokenizer_record_needs_the_users_word(tiny_checkpoint, tmp_path, capsys):
     from megatron_anchor.cli import generate
 

@@ -28,6 +28,7 @@ def _args(inp, out, model):
             "--tokenizer-model", model, "--append-eod", "--docs-per-part", "25"]
 
 
+@pytest.mark.integration
 def test_ray_preprocess_equals_single_process(local_ray, corpus_dir, sp_model, tmp_path):
     from megatron_anchor.scaleout.ray_runner import run_on_ray
 
@@ -49,6 +50,7 @@ def _shard_processes():
     return out
 
 
+@pytest.mark.integration
 def test_killed_worker_is_retried_and_nothing_is_lost(local_ray, corpus_dir, sp_model, tmp_path):
     from megatron_anchor.scaleout.ray_runner import run_on_ray
 
@@ -108,6 +110,7 @@ def test_annotate_shards_concatenate_to_the_unsharded_output(corpus_dir, tmp_pat
     assert '"line": 51' in failed  # the bad line, numbered in the whole file
 
 
+@pytest.mark.integration
 def test_ray_annotate_equals_single_process(local_ray, corpus_dir, tmp_path):
     from megatron_anchor.scaleout.ray_runner import run_on_ray
     from megatron_anchor.cli import annotate
@@ -123,6 +126,7 @@ def test_ray_annotate_equals_single_process(local_ray, corpus_dir, tmp_path):
             open(str(tmp_path / "single.jsonl") + suffix, "rb").read()
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_ray_annotate_against_the_real_vllm_server(local_ray, vllm_server, corpus_dir, tmp_path):  # noqa: F811
@@ -144,6 +148,7 @@ def test_ray_annotate_against_the_real_vllm_server(local_ray, vllm_server, corpu
     assert open(tmp_path / "ray.jsonl", "rb").read() == open(tmp_path / "single.jsonl", "rb").read()
 
 
+@pytest.mark.integration
 def test_ray_preprocess_sft_equals_single_process(local_ray, sp_model, tmp_path):
     from megatron_anchor.scaleout.ray_runner import run_on_ray
     from tests.data.test_sft_preprocess import sft_argv, write_sft_jsonl

@@ -139,6 +139,7 @@ def session(tiny_dataset, tmp_path_factory):
     return run_distributed(_session, world_size=2, args=(tiny_dataset, str(tmp_path_factory.mktemp("callbacks"))))
 
 
+@pytest.mark.integration
 def test_hooks_run_in_order_and_see_metrics_evaluations_and_checkpoints(session):
     for rank_out in session:
         events, reason = rank_out["schedule"]
@@ -156,6 +157,7 @@ def test_hooks_run_in_order_and_see_metrics_evaluations_and_checkpoints(session)
         ]
 
 
+@pytest.mark.integration
 def test_an_exit_signalled_on_one_rank_reaches_every_ranks_callbacks_once(session):
     for rank, rank_out in enumerate(session):
         events, reason, steps, recorded = rank_out["exit"]
@@ -167,6 +169,7 @@ def test_an_exit_signalled_on_one_rank_reaches_every_ranks_callbacks_once(sessio
         assert not any(e[0] == "post_train" for e in events)
 
 
+@pytest.mark.integration
 def test_a_signal_during_a_step_stops_the_run_after_that_step_without_a_second_save(session):
     for rank_out in session:
         events, reason, steps = rank_out["mid_step_exit"]
@@ -176,6 +179,7 @@ def test_a_signal_during_a_step_stops_the_run_after_that_step_without_a_second_s
         assert events[-1] == ("pre_exit", 2, reason)
 
 
+@pytest.mark.integration
 def test_the_run_is_resolved_once(session):
     for rank_out in session:
         counts = rank_out["counts"]

@@ -296,6 +296,7 @@ def tp2_pp2(tiny_dataset, tmp_path_factory):
                            threads=1)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_broadcast_from_tensor_parallel_rank0_gives_the_losses_of_every_rank_reading(tp2_pp2):
     for rank in tp2_pp2:
@@ -304,6 +305,7 @@ def test_broadcast_from_tensor_parallel_rank0_gives_the_losses_of_every_rank_rea
     assert all(r["broadcast"] == tp2_pp2[0]["broadcast"] for r in tp2_pp2)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_virtual_pipeline_gives_the_plain_pipeline_loss_and_reshards(tp2_pp2):
     for rank in tp2_pp2:
@@ -314,6 +316,7 @@ def test_virtual_pipeline_gives_the_plain_pipeline_loss_and_reshards(tp2_pp2):
         assert rank["vp_as_plain"]["valid"] == pytest.approx(rank["vp"]["valid"], rel=1e-6)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_recomputation_gives_the_gradients_of_no_recomputation(tp2_pp2):
     for rank in tp2_pp2:
@@ -365,6 +368,7 @@ def single(tmp_path_factory):
     return run_distributed(_profile_and_bf16, 1, args=(str(tmp_path_factory.mktemp("profile")),))[0]
 
 
+@pytest.mark.integration
 def test_profiler_writes_a_trace_of_the_chosen_steps(single):
     assert single["trace"] and os.path.basename(single["trace"]).startswith("rank0.")
     with open(single["trace"], encoding="utf-8") as fh:
@@ -373,6 +377,7 @@ def test_profiler_writes_a_trace_of_the_chosen_steps(single):
     assert all(f > 0 for f in single["flops"])
 
 
+@pytest.mark.integration
 def test_bf16_chunks_are_float16_modules_with_bf16_weights(single):
     is_wrapped, dtypes, out_dtype, rel = single["bf16"]
     assert is_wrapped and dtypes == {torch.bfloat16}
@@ -411,6 +416,7 @@ def _gloo_twin_session(rank, world):
     return dist.get_process_group_ranks(twin), same, dist.get_backend(twin), decode_header(header)["scalars"]["from"]
 
 
+@pytest.mark.integration
 def test_headers_travel_between_host_memories_over_a_gloo_twin_of_each_tensor_parallel_group():
     """On a GPU the tensor-parallel group is NCCL; the batch headers go over a gloo group with the same members, so
     no receiver reads anything back from its device. Here (gloo everywhere) the twin is made the same way."""

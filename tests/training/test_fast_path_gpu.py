@@ -22,7 +22,7 @@ import pytest
 
 from tests.distributed import run_distributed, run_torchrun
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
 ITERS = 30
 """Steps of the runs that are compared with each other (the base model of the fine-tune must learn something)."""

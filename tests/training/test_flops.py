@@ -106,6 +106,7 @@ def measured():
     return run_distributed(_measured_flops, 1, args=(CONFIGS,))[0]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("config", CONFIGS)
 def test_formula_equals_flops_torch_counts_in_gptmodel(measured, config):
     counted, formula = measured[config]

@@ -11,6 +11,8 @@ import pytest
 
 from tests.distributed import gradients, run_distributed
 
+pytestmark = pytest.mark.integration
+
 MICRO, GLOBAL = 2, 8
 
 

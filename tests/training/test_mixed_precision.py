@@ -18,6 +18,8 @@ import pytest
 from tests.distributed import run_distributed
 from tests.training.test_trainer_parallel import _argv, _train
 
+pytestmark = pytest.mark.integration
+
 BASE_ITERS = 30
 # fp16 loss scale whose first steps overflow (the per-token loss sum is large) and then settle: steps 1-3 are
 # skipped on this model and data, so evaluation and saving meet a run that has not updated yet.

@@ -153,6 +153,7 @@ def _packed_vs_alone(rank, world, pe, mode, device="cpu", bf16=False):
     return loss_diff, grad_diff, grad_scale, leak
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("pe", ["learned_absolute", "rope"])
 def test_packed_equals_each_sample_alone_on_cpu(pe):
     loss_diff, grad_diff, grad_scale, leak = run_distributed(_packed_vs_alone, 1, args=(pe, "mask"))[0]
@@ -161,6 +162,7 @@ def test_packed_equals_each_sample_alone_on_cpu(pe):
     assert leak > 1e-3  # the control: without the boundaries the same pack gives other losses
 
 
+@pytest.mark.integration
 @pytest.mark.gpu
 @pytest.mark.parametrize("pe", ["learned_absolute", "rope"])
 def test_packed_thd_equals_each_sample_alone_with_transformer_engine(pe):

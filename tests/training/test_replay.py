@@ -266,6 +266,7 @@ CARRY = {"pretrain": ("sft response", "replay annotation key", "replay annotatio
          "pretrain-text": ("sft response", "replay text")}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("run,policy", [("tp2", "pretrain"), ("pp2", "pretrain"), ("tp2 pretrain-text", "pretrain-text")])
 def test_each_sample_is_scored_under_its_own_datasets_policy(session, run, policy):
     for rank, result in enumerate(session):
@@ -278,11 +279,13 @@ def test_each_sample_is_scored_under_its_own_datasets_policy(session, run, polic
                 assert check["identical"], (rank, run, name)
 
 
+@pytest.mark.integration
 def test_replayed_documents_attend_only_within_themselves(session):
     for result in session:
         assert result["isolation"] == {"before_differs": True, "after_identical": True}
 
 
+@pytest.mark.integration
 def test_sft_and_replay_losses_are_logged_separately(session):
     for metrics in session[-1]["train"] + session[-1]["valid"]:
         sft, replay = metrics["sft loss"], metrics["replay loss"]

@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.paths import REPO
 
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
@@ -125,6 +127,7 @@ def _falls(losses):
     return len(losses) >= 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
 
 
+@pytest.mark.integration
 def test_pretrain_then_anchored_sft_from_the_checkpoint(tiny_dataset, sft_data, sp_model, tmp_path):
     common = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model,
               "--data-cache-path", str(tmp_path / "cache"), "--log-interval", "1", "--eval-iters", "1",
@@ -146,6 +149,7 @@ def test_pretrain_then_anchored_sft_from_the_checkpoint(tiny_dataset, sft_data, 
     assert sft[0] < fresh[0] - 1.0, (sft[0], fresh[0])
 
 
+@pytest.mark.integration
 def test_standard_sft_baseline_trains(sft_data, sp_model, tmp_path):
     losses, _ = _torchrun(["--data-path", sft_data["standard"], "--split", "95,5,0", "--train-iters", "12",
                            "--lr", "3e-3", "--loss-mask-policy", "sft-standard", "--tokenizer-type",

@@ -10,6 +10,8 @@ import pytest
 
 from tests.distributed import run_torchrun
 
+pytestmark = pytest.mark.integration
+
 
 def _args(data, tmp, *extra):
     return [

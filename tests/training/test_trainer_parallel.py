@@ -14,6 +14,8 @@ import pytest
 
 from tests.distributed import gradients, run_distributed
 
+pytestmark = pytest.mark.integration
+
 ITERS = 8
 
 

@@ -20,6 +20,8 @@ import pytest
 from tests.distributed import REPO_ROOT, free_port, run_distributed, run_torchrun
 from tests.training.test_trainer_parallel import ITERS, _argv, _train
 
+pytestmark = pytest.mark.integration
+
 
 def _setup(argv):
     import pretrain_anchor as pa
