@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 
-from megatron_anchor.annotation.annotate import AnnotateError
+from megatron_anchor.annotation.annotate_config import AnnotateError
 from megatron_anchor.annotation.schema import DocumentError
 from megatron_anchor.bounds import ranged
 from megatron_anchor.outputs import atomic_write, require_input, write_json
@@ -121,7 +121,8 @@ def annotate_with_llm(args, annotated_path: str) -> str:
     """
     from pathlib import Path
 
-    from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file, format_summary
+    from megatron_anchor.annotation.annotate import annotate_file
+    from megatron_anchor.annotation.annotate_config import AnnotateConfig, format_summary
     from megatron_anchor.annotation.llm.client import ClientConfig, load_api_key
 
     urls = [u.strip() for item in args.url for u in item.split(",") if u.strip()]
