@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from megatron_anchor.annotation.annotate import AnnotateConfig, Stats, annotate_file
+from megatron_anchor.annotation.annotate import annotate_file
+from megatron_anchor.annotation.annotate_config import AnnotateConfig, Stats
 from megatron_anchor.annotation.llm.client import ClientConfig
 from megatron_anchor.annotation.llm.tagschema import load_schema
 from megatron_anchor.eval.metrics import semantic_entropy

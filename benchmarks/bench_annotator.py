@@ -34,7 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import aiohttp
 
-from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file
+from megatron_anchor.annotation.annotate import annotate_file
+from megatron_anchor.annotation.annotate_config import AnnotateConfig
 from megatron_anchor.annotation.llm.response_cache import AnnotationCache, chunk_hash
 from megatron_anchor.annotation.llm.client import AnnotatorClient, ClientConfig
 from megatron_anchor.annotation.llm.prompt import prompt_id

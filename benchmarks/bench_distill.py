@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one core: before numpy loads
     os.environ.setdefault(_var, "1")
 
-from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file
+from megatron_anchor.annotation.annotate import annotate_file
+from megatron_anchor.annotation.annotate_config import AnnotateConfig
 from megatron_anchor.annotation.distilled.features import FeatureConfig
 from megatron_anchor.annotation.distilled.train import DistillConfig, distill, load_teacher
 from megatron_anchor.annotation.llm.client import ClientConfig

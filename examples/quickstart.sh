@@ -11,7 +11,7 @@
 # base model's tag entropy on held-out prompts where standard SFT loses it.
 #
 # Usage: bash examples/quickstart.sh [WORKDIR]        (default WORKDIR: runs/quickstart)
-# Environment (checked before any stage runs: megatron_anchor/eval/quickstart.py, KNOBS):
+# Environment (checked before any stage runs: megatron_anchor/eval/quickstart_stages.py, KNOBS):
 #   DOCS (pretraining documents, default 12000), PRE_ITERS (default 800), SFT_SAMPLES (default 600),
 #   SFT_ITERS (default 40), SFT_LR (default 2e-4), ARCH (llama, default: RoPE, RMSNorm, SwiGLU; or gpt2: learned
 #   positions, LayerNorm, GeLU, which binds text to its annotation unreliably), DROPOUT (hidden and attention

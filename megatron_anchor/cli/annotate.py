@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from megatron_anchor.annotation.budget import add_budget_arguments, budget_from_args
-from megatron_anchor.annotation.annotate import AnnotateConfig, AnnotateError, annotate_file, format_summary
+from megatron_anchor.annotation.annotate import annotate_file
+from megatron_anchor.annotation.annotate_config import AnnotateConfig, AnnotateError, format_summary
 from megatron_anchor.annotation.llm.client import API_KEY_ENV, ClientConfig, load_api_key
 from megatron_anchor.annotation.llm.examples import ECHO_POLICIES
 from megatron_anchor.annotation.llm.prompt import REQUEST_MODES

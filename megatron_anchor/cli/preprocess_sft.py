@@ -23,14 +23,13 @@ data written with ``--no-annotations``). Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
-from megatron_anchor.annotation.annotate import AnnotateError
+from megatron_anchor.annotation.annotate_config import AnnotateError
 from megatron_anchor.annotation.schema import DocumentError
 from megatron_anchor.bounds import ranged
-from megatron_anchor.outputs import atomic_write, require_input, write_json
+from megatron_anchor.outputs import require_input, write_json
 from megatron_anchor.data.cli import add_output_arguments, add_runtime_arguments, add_tokenizer_arguments
 from megatron_anchor.data.preprocess import PreprocessConfig, run
 from megatron_anchor.data.sft import (
@@ -39,8 +38,6 @@ from megatron_anchor.data.sft import (
     TEMPLATE_PRESETS,
     SFTConverter,
     load_template,
-    parse_sample_line,
-    with_annotations,
 )
 from megatron_anchor.tokenizer import TokenizerError, build_tokenizer
 from megatron_anchor.tokenizer.fast import FastBackendError
@@ -113,39 +110,23 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def annotate_with_llm(args, annotated_path: str) -> str:
-    """First stage for ``--annotator vllm``: annotate every response through the annotate job.
-
-    Each valid sample becomes one job document whose chunks are its assistant turns (already annotated turns keep
-    their tags); the job output is turned back into annotated SFT JSONL at ``annotated_path``. Rerunning resumes
-    the job; its cache makes repeated responses free. Returns the path the second stage reads.
+    """First stage for ``--annotator vllm``: annotate every response through the annotate job
+    (:mod:`megatron_anchor.data.sft_annotate` writes its input and reads its output back) into annotated SFT JSONL
+    at ``annotated_path``. Rerunning resumes the job; its cache makes repeated responses free. Returns the path the
+    second stage reads.
     """
     from pathlib import Path
 
-    from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file, format_summary
+    from megatron_anchor.annotation.annotate import annotate_file
+    from megatron_anchor.annotation.annotate_config import AnnotateConfig, format_summary
     from megatron_anchor.annotation.llm.client import ClientConfig, load_api_key
+    from megatron_anchor.data.sft_annotate import write_annotated_sft, write_job_input
 
     urls = [u.strip() for item in args.url for u in item.split(",") if u.strip()]
     if not urls:
         raise SystemExit("--annotator vllm needs at least one --url")
     job_in, job_out = annotated_path + ".job-input.jsonl", annotated_path + ".job-output.jsonl"
-    bad = 0
-    # Same bytes on a rerun, so the job recognises its input and resumes.
-    with open(args.input, "rb") as src, atomic_write(job_in) as dst:
-        for line_no, line in enumerate(src, 1):
-            if not line.strip():
-                continue
-            where = f"{args.input}:{line_no}"
-            try:
-                sample = parse_sample_line(line, where)
-            except DocumentError:
-                if not args.skip_bad_samples:
-                    raise
-                bad += 1
-                continue
-            chunks = [{"text": t.content, "sep": ""} | ({"tags": [list(x) for x in t.tags]} if t.tags is not None
-                                                          else {}) for t in sample.assistant_turns]
-            dst.write(json.dumps({"chunks": chunks, "sft_line": line_no, "sft": sample.raw},
-                                 ensure_ascii=False) + "\n")
+    bad = write_job_input(args.input, job_in, args.skip_bad_samples)
     client = ClientConfig(urls=urls, model=args.model, concurrency=args.concurrency,
                           api_key=load_api_key(args.api_key_file))
     cfg = AnnotateConfig(input=Path(job_in), output=Path(job_out), annotator="vllm", client=client,
@@ -154,12 +135,7 @@ def annotate_with_llm(args, annotated_path: str) -> str:
                          overwrite=args.overwrite, progress=not args.no_progress)
     stats = annotate_file(cfg)
     logger.info(format_summary(stats, cfg))
-    with open(job_out, "rb") as src, atomic_write(annotated_path) as dst:
-        for line in src:
-            rec = json.loads(line)
-            sample = parse_sample_line(json.dumps(rec["sft"]).encode(), f"{args.input}:{rec['sft_line']}")
-            tags = [[tuple(t) for t in c["tags"]] for c in rec["chunks"]]
-            dst.write(json.dumps(with_annotations(sample, tags), ensure_ascii=False) + "\n")
+    write_annotated_sft(job_out, args.input, annotated_path)
     logger.info(f"annotated SFT JSONL: {annotated_path} (bad input lines skipped: {bad}; samples whose "
                 f"responses could not be annotated: {stats.documents_failed}, see {cfg.failed_path})")
     return annotated_path

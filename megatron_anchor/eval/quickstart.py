@@ -29,6 +29,8 @@ tags), and of responses on the sampled annotation's topic; and every judge again
 only (broken outputs can inflate diversity). The share of the base-to-standard gap closed by anchored SFT is
 reported per judge, over all samples and over well-formed samples only.
 Writes ``WORK/report.json``, ``WORK/report.md``, ``WORK/samples.jsonl`` and ``WORK/pareto.png``.
+
+The script's other stages (``knobs``, ``tokenizer-text``, ``split``) are :mod:`megatron_anchor.eval.quickstart_stages`.
 """
 
 from __future__ import annotations
@@ -39,12 +41,12 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_anchor.annotation.default_annotator import annotate_text
+from megatron_anchor.eval.quickstart_stages import check_knobs, number, split_flag, write_tokenizer_text
 from megatron_anchor.roles import Role
 
 RESPONSE_ROLES = (int(Role.RESPONSE), int(Role.EOD))
@@ -322,142 +324,6 @@ def update_readme(work: str, readme: str = "README.md", repo: str = ".") -> str:
     return readme
 
 
-def write_tokenizer_text(annotated: str, out: str) -> int:
-    """Tokenizer training text that includes the annotations' text (keys and values, without delimiters).
-
-    A tokenizer trained on raw text alone never sees ``topic:``, ``genre:`` or tag values without a leading
-    space, so it spells annotations out character by character (~50 tokens per annotation with a small
-    vocabulary): a tiny model then spends most of its budget on annotation tokens and binds them to the text
-    poorly. Returns the number of documents written."""
-    from megatron_anchor.annotation.format import ANN_CLOSE, ANN_OPEN, serialize_annotation
-
-    n = 0
-    with open(annotated, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
-        for line in f:
-            doc = json.loads(line)
-            parts = []
-            for c in doc["chunks"]:
-                body = serialize_annotation([tuple(t) for t in c.get("tags") or []])
-                parts.append(body.replace(ANN_OPEN, "").replace(ANN_CLOSE, " ") + c["text"] + c.get("sep", ""))
-            g.write(json.dumps({"text": "".join(parts)}) + "\n")
-            n += 1
-    return n
-
-
-VALID_SHARE = 0.02
-"""Share of a dataset's sequences held out for validation (the script's old fixed ``--split 98,2,0``)."""
-MIN_SEQUENCES_FOR_VALIDATION = 8
-"""Below this many sequences validation is skipped: one held-out sequence would be an eighth of the data."""
-
-
-def adaptive_split(sequences: int, valid_share: float = VALID_SHARE,
-                   min_sequences: int = MIN_SEQUENCES_FOR_VALIDATION) -> Optional[str]:
-    """Trainer ``--split`` weights ``TRAIN,VALID,0`` that hold out ``valid_share`` of ``sequences`` for validation,
-    rounded, and at least one sequence, so no split is ever empty (megatron-core assigns ``round(weight share x
-    sequences)`` sequences to each); None when there are fewer than ``min_sequences`` (validation is then skipped:
-    ``--split 1,0,0``). A dataset without sequences is a ValueError."""
-    if sequences < 1:
-        raise ValueError("the dataset has no sequences")
-    if sequences < min_sequences:
-        return None
-    valid = max(1, round(sequences * valid_share))
-    return f"{sequences - valid},{valid},0"
-
-
-def split_flag(prefix: str, valid_share: float = VALID_SHARE) -> Tuple[str, str]:
-    """``(--split value, what it does)`` for the dataset ``PREFIX`` (its ``.idx`` header is read, O(1))."""
-    from megatron_anchor.data.indexed import read_index_header
-
-    n = read_index_header(prefix + ".idx").sequence_count
-    split = adaptive_split(n, valid_share)
-    if split is None:
-        return "1,0,0", (f"validation skipped: {prefix} holds {n} sequences (fewer than "
-                         f"{MIN_SEQUENCES_FOR_VALIDATION})")
-    return split, f"validation on {split.split(',')[1]} of {n} sequences of {prefix}"
-
-
-@dataclass(frozen=True)
-class Knob:
-    """One setting ``examples/quickstart.sh`` reads from the environment (the script's header documents each)."""
-
-    name: str
-    """The environment variable."""
-    parse: Callable[[str], object]
-    """Checks a value: returns it parsed, raises ValueError saying what is wrong."""
-    small: str
-    """A small valid value: the knob test runs the script's dry run with every knob at it."""
-
-
-def _number(kind, low: float, high: Optional[float] = None, low_open: bool = False, high_open: bool = True):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise ValueError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
-        if value < low or (low_open and value == low):
-            raise ValueError(f"must be {'above' if low_open else 'at least'} {low:g}, got {text}")
-        if high is not None and (value > high or (high_open and value == high)):
-            raise ValueError(f"must be {'below' if high_open else 'at most'} {high:g}, got {text}")
-        return value
-    return parse
-
-
-def _one_of(*choices: str):
-    def parse(text: str):
-        if text not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, got {text!r}")
-        return text
-    return parse
-
-
-def _temperatures(text: str):
-    values = [_number(float, 0.0, low_open=True)(x) for x in text.split()]
-    if not values:
-        raise ValueError("needs at least one temperature")
-    return values
-
-
-KNOBS = (
-    Knob("DOCS", _number(int, 1), "60"),
-    Knob("PRE_ITERS", _number(int, 1), "3"),
-    Knob("SFT_SAMPLES", _number(int, 1), "4"),
-    Knob("SFT_ITERS", _number(int, 0), "1"),
-    Knob("SFT_LR", _number(float, 0.0, low_open=True), "1e-6"),
-    Knob("SFT_REPLAY", _number(float, 0.0, 1.0), "0.05"),
-    Knob("SFT_REPLAY_POLICY", _one_of("pretrain", "pretrain-text"), "pretrain-text"),
-    Knob("N", _number(int, 2), "2"),
-    Knob("SEED", _number(int, 0), "3"),
-    Knob("TEMPS", _temperatures, "0.5"),
-    Knob("JUDGE_SAMPLES", _number(int, 1), "1"),
-    Knob("UPDATE_README", _one_of("0", "1"), "0"),
-    Knob("ABILITY", _one_of("0", "1"), "0"),
-    Knob("DRY_RUN", _one_of("0", "1"), "1"),
-    Knob("JUDGE", _one_of("cpu"), ""),
-    Knob("ARCH", _one_of("llama", "gpt2"), "gpt2"),
-    Knob("DROPOUT", _number(float, 0.0, 1.0), "0.05"),
-    Knob("VOCAB", _number(int, 400), "400"),
-    Knob("PRE_LR", _number(float, 0.0, low_open=True), "1e-4"),
-)
-"""The script's numeric and choice settings, checked before any stage runs (paths and URLs are checked by the
-tools that read them: BASE, SFT_INPUT, ANNOTATOR, ANNOTATE_INPUT, JUDGE_URL)."""
-
-
-def check_knobs(values: Dict[str, str]) -> List[str]:
-    """``NAME=reason`` for every knob in ``values`` whose value :data:`KNOBS` refuses (empty when all are valid);
-    an unknown name is refused too. Empty values mean unset."""
-    by_name = {k.name: k for k in KNOBS}
-    errors = []
-    for name, value in values.items():
-        if name not in by_name:
-            errors.append(f"{name}: not a setting of the quickstart (known: {', '.join(by_name)})")
-        elif value != "":
-            try:
-                by_name[name].parse(value)
-            except ValueError as exc:
-                errors.append(f"{name}={value}: {exc}")
-    return errors
-
-
 def _arg(parse: Callable[[str], object]):
     """An argparse type from a knob parser (argparse shows an ArgumentTypeError's own words)."""
     def arg(text: str):
@@ -469,10 +335,10 @@ def _arg(parse: Callable[[str], object]):
 
 
 def _at_least(low: int):
-    return _arg(_number(int, low))
+    return _arg(number(int, low))
 
 
-_positive_float = _arg(_number(float, 0.0, low_open=True))
+_positive_float = _arg(number(float, 0.0, low_open=True))
 
 
 def check_report_inputs(work: str, n: int, temperatures: Sequence[float]) -> List[str]:

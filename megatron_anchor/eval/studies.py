@@ -77,7 +77,7 @@ def _load() -> str:
 def parse_variant(text: str) -> Dict[str, str]:
     """A variant of the quickstart: space-separated ``NAME=VALUE`` settings on top of its defaults (``""``: the
     defaults). Every setting is checked against the script's knobs; a bad one is a ValueError naming it."""
-    from megatron_anchor.eval.quickstart import check_knobs
+    from megatron_anchor.eval.quickstart_stages import check_knobs
 
     settings = {}
     for item in text.split():

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file
+from megatron_anchor.annotation.annotate import annotate_file
+from megatron_anchor.annotation.annotate_config import AnnotateConfig
 from megatron_anchor.annotation.llm.client import AnnotatorClient, ClientConfig
 from megatron_anchor.annotation.llm.examples import EXAMPLE_SETS, echo_values, find_echoes, pick_example
 from megatron_anchor.annotation.llm.parser import parse_document_output, parse_output
@@ -251,7 +252,7 @@ def test_a_cut_document_answer_keeps_only_whole_chunks(structured):
 
 def test_the_job_counts_answers_cut_at_the_token_cap(tmp_path):
     """Cut answers are counted per chunk they carried, apart from malformed ones, and named in the summary."""
-    from megatron_anchor.annotation.annotate import format_summary
+    from megatron_anchor.annotation.annotate_config import format_summary
 
     seen = set()
 

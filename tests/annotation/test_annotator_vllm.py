@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_anchor.annotation.annotate import AnnotateConfig, annotate_file
+from megatron_anchor.annotation.annotate import annotate_file
+from megatron_anchor.annotation.annotate_config import AnnotateConfig
 from megatron_anchor.annotation.llm.client import ClientConfig
 from megatron_anchor.annotation.schema import parse_line
 from tests.annotator_fixtures import FaultProxy, read_jsonl, write_jsonl

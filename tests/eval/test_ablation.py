@@ -1,5 +1,6 @@
-"""The replay ablation tool: its plan, its SFT data sizes, and a tiny real run end to end (the quickstart at toy
-size: one base, two points sharing one standard-SFT checkpoint, table and PNG, resumed without rerunning)."""
+"""The replay ablation (``eval/ablation.py`` and its tool): its plan, its SFT data sizes, and a tiny real run end
+to end (the quickstart at toy size: one base, two points sharing one standard-SFT checkpoint, table and PNG,
+resumed without rerunning)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import os
 
 import pytest
 
-from megatron_anchor.cli import ablation_sft as ab
+from megatron_anchor.cli.ablation_sft import main
+from megatron_anchor.eval import ablation as ab
+from megatron_anchor.eval.studies import QUICKSTART, quickstart_default
 
 
 def test_plan_runs_what_the_targets_need_first(capsys):
@@ -19,9 +22,9 @@ def test_plan_runs_what_the_targets_need_first(capsys):
     assert {(seed, 0.3, "pretrain", n) for seed in (0, 1) for n in (40, 200, 1000)} <= set(first)
     # 4x SFT data only at the lengths that see it.
     assert all(n in (200, 1000) for _, s, n in points if s.sft_factor == 4)
-    assert ab.main(["--dry-run", "--out", "x", "--seeds", "0"]) == 0
+    assert main(["--dry-run", "--out", "x", "--seeds", "0"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == len(ab.plan([0], [40, 200, 1000], ab.DEFAULT_SETTINGS))
-    assert ab.main(["--dry-run", "--settings", "nope"]) == 2
+    assert main(["--dry-run", "--settings", "nope"]) == 2
 
 
 def test_more_sft_data_is_a_superset(tmp_path):
@@ -51,7 +54,7 @@ def test_points_share_one_standard_run_per_length_share_and_data(tmp_path):
 
 def test_reports_of_either_age_fill_the_table():
     """Points written before the judges were named (bare metric names) are read like today's."""
-    from megatron_anchor.cli.ablation_sft import COLUMNS, EMB, TAG, TOPIC
+    from megatron_anchor.eval.ablation import COLUMNS, EMB, TAG, TOPIC
 
     new = {"gap_closed": {TAG: 0.9, TOPIC: 0.8, EMB: 0.7}, "gap_closed_well_formed": {TAG: 0.6}}
     old = {"gap_closed": {"semantic_entropy": 0.9, "topic_entropy": 0.8, "pairwise_distance": 0.7},
@@ -71,7 +74,7 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "ab")
     argv = ["--out", out, "--seeds", "0", "--lengths", "2", "--n", "2", "--settings",
             "replay 0.3, annotations masked"]
-    assert ab.main(argv) == 0
+    assert main(argv) == 0
     rows = json.load(open(os.path.join(out, "results.json")))
     assert [(r["setting"], r["length"], r["policy"], r["replay"]) for r in rows] == [
         ("replay 0.3, annotations masked", 2, "pretrain-text", 0.3)]
@@ -84,7 +87,7 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert os.path.getsize(os.path.join(out, "gap_closed.png")) > 10_000
     # A rerun measures nothing again.
     capsys.readouterr()
-    assert ab.main(argv) == 0
+    assert main(argv) == 0
     assert capsys.readouterr().out.count("(done before)") == 1
 
 
@@ -107,7 +110,7 @@ def test_results_cover_every_finished_point_whichever_run_made_it(tmp_path, caps
         with open(os.path.join(ab.point_dir(out, seed, s, n), "report.json"), "w") as f:
             json.dump(_report(gap), f)
     os.makedirs(os.path.join(out, "seed1", "standard"))  # other folders under a seed are not points
-    assert ab.main(["--out", out, "--seeds", "0", "--lengths", "200", "--settings", masked.name, "--report-only"]) == 0
+    assert main(["--out", out, "--seeds", "0", "--lengths", "200", "--settings", masked.name, "--report-only"]) == 0
     rows = json.load(open(os.path.join(out, "results.json")))
     assert [(r["seed"], r["setting"], r["length"]) for r in rows] == [
         (0, masked.name, 200), (1, masked.name, 200), (1, low.name, 40)]
@@ -122,27 +125,27 @@ def test_one_base_length_per_output_folder(tmp_path, capsys):
     """--pre-iters is recorded with the first run; another length into the same folder is refused (its points
     would share a table with points from a different base), as is a non-default length over older bases."""
     out = str(tmp_path / "a")
-    assert ab.main(["--out", out, "--pre-iters", "700", "--seeds", "0", "--report-only"]) == 0
+    assert main(["--out", out, "--pre-iters", "700", "--seeds", "0", "--report-only"]) == 0
     assert json.load(open(os.path.join(out, "ablation.json"))) == {"pre_iters": 700}
-    assert ab.main(["--out", out, "--pre-iters", "700", "--seeds", "0", "--report-only"]) == 0
+    assert main(["--out", out, "--pre-iters", "700", "--seeds", "0", "--report-only"]) == 0
     with pytest.raises(SystemExit, match="pretrained for 700 iterations, not --pre-iters 500"):
-        ab.main(["--out", out, "--pre-iters", "500", "--seeds", "0", "--report-only"])
+        main(["--out", out, "--pre-iters", "500", "--seeds", "0", "--report-only"])
     old = tmp_path / "b"
     (old / "seed0" / "base").mkdir(parents=True)  # bases written before the record existed: the default length
     with pytest.raises(SystemExit, match="use another --out for --pre-iters 700"):
-        ab.main(["--out", str(old), "--pre-iters", "700", "--seeds", "0", "--report-only"])
+        main(["--out", str(old), "--pre-iters", "700", "--seeds", "0", "--report-only"])
     with pytest.raises(SystemExit) as exit_:
-        ab.main(["--out", str(tmp_path / "c"), "--pre-iters", "0"])
+        main(["--out", str(tmp_path / "c"), "--pre-iters", "0"])
     assert exit_.value.code == 2 and "--pre-iters: must be >= 1" in capsys.readouterr().err
 
 
 def test_the_base_length_default_is_the_quickstarts(monkeypatch):
     """The tool reads the quickstart script's own default (one place holds it), and says so when it cannot."""
-    script = open(ab.QUICKSTART).read()
-    assert f'PRE_ITERS="${{PRE_ITERS:-{ab.quickstart_default("PRE_ITERS")}}}"' in script
+    script = open(QUICKSTART).read()
+    assert f'PRE_ITERS="${{PRE_ITERS:-{quickstart_default("PRE_ITERS")}}}"' in script
     monkeypatch.delenv("PRE_ITERS", raising=False)
-    assert ab.default_pre_iters() == int(ab.quickstart_default("PRE_ITERS"))
+    assert ab.default_pre_iters() == int(quickstart_default("PRE_ITERS"))
     monkeypatch.setenv("PRE_ITERS", "21")
     assert ab.default_pre_iters() == 21
     with pytest.raises(RuntimeError, match="no longer sets NO_SUCH_SETTING"):
-        ab.quickstart_default("NO_SUCH_SETTING")
+        quickstart_default("NO_SUCH_SETTING")

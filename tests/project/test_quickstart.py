@@ -88,7 +88,7 @@ def test_calibration_pairs_are_held_out(tmp_path):
 
 
 def test_the_split_adapts_to_the_number_of_sequences():
-    from megatron_anchor.eval.quickstart import adaptive_split
+    from megatron_anchor.eval.quickstart_stages import adaptive_split
 
     assert adaptive_split(12000) == "11760,240,0"  # 2%, as the old fixed 98,2,0
     assert adaptive_split(15) == "14,1,0"  # the packed SFT set of 100 samples: at least one sequence
@@ -101,7 +101,7 @@ def test_the_split_adapts_to_the_number_of_sequences():
 
 
 def test_knobs_refuse_bad_values_by_name():
-    from megatron_anchor.eval.quickstart import KNOBS, check_knobs
+    from megatron_anchor.eval.quickstart_stages import KNOBS, check_knobs
 
     assert check_knobs({k.name: k.small for k in KNOBS}) == []
     errors = check_knobs({"N": "1", "TEMPS": "0.7 x", "SFT_REPLAY": "1", "DOCS": "0", "PRE_ITERS": "2.5",
@@ -111,7 +111,7 @@ def test_knobs_refuse_bad_values_by_name():
 
 
 def test_every_knob_is_documented_and_checked_by_the_script():
-    from megatron_anchor.eval.quickstart import KNOBS
+    from megatron_anchor.eval.quickstart_stages import KNOBS
 
     script = open(QUICKSTART).read()
     header = script.split("set -euo pipefail")[0]
@@ -136,7 +136,7 @@ def _dry_run(tmp_path, env):
 def test_dry_run_with_every_knob_small(tmp_path):
     """Every knob at a small value at once: the data stages run for real, the trainer checks each launch (flags,
     data, splits) and the report its inputs; validation adapts to tiny datasets or is skipped with a line."""
-    from megatron_anchor.eval.quickstart import KNOBS
+    from megatron_anchor.eval.quickstart_stages import KNOBS
 
     small = {k.name: k.small for k in KNOBS}
     out, configs = _dry_run(tmp_path, small)
@@ -183,7 +183,7 @@ def test_the_tokenizer_keeps_every_topic_word_whole(tmp_path):
     other topics' words, and responses on those topics follow their annotation less."""
     import sentencepiece as spm
 
-    from megatron_anchor.eval.quickstart import write_tokenizer_text
+    from megatron_anchor.eval.quickstart_stages import write_tokenizer_text
     from megatron_anchor.tokenizer.train import train_sentencepiece
     from megatron_anchor.cli import annotate
 

@@ -386,7 +386,8 @@ def test_the_api_key_reaches_vllm_only_through_its_environment(tmp_path, capsys,
 
 
 def test_annotate_job_refuses_settings_that_would_spin(tmp_path):
-    from megatron_anchor.annotation.annotate import AnnotateConfig, AnnotateError, AnnotateJob
+    from megatron_anchor.annotation.annotate import AnnotateJob
+    from megatron_anchor.annotation.annotate_config import AnnotateConfig, AnnotateError
     from megatron_anchor.annotation.llm.client import ClientConfig
 
     src = tmp_path / "in.jsonl"
