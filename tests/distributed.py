@@ -115,9 +115,9 @@ def run_torchrun(script_args: Sequence[str], nproc: int, timeout: float = 600,
 def gradients(trainer, batch) -> List[Any]:
     """One forward-backward of ``batch`` through a trainer from ``megatron_anchor.training.loop.setup``: the
     main-grad of every parameter of its first model chunk (gradient buffers zeroed first)."""
-    from megatron_anchor.training.loop import _forward_backward
+    from megatron_anchor.training.step import forward_backward
 
     for chunk in trainer.model:
         chunk.zero_grad_buffer()
-    _forward_backward(trainer, iter([batch]), forward_only=False)
+    forward_backward(trainer, iter([batch]), forward_only=False)
     return [p.main_grad.clone() for p in trainer.model[0].parameters()]

@@ -15,7 +15,8 @@ Readiness check of running replicas (exit 0 when every URL answers ``/health`` a
 
 ``--dry-run`` prints the command and environment without starting anything (the API key as ``***``). Only the
 standard library is used (:mod:`megatron_anchor.cache_dir`, ``bounds`` and ``apikey`` included), so this file runs
-under any Python, including the vllm venv's. Importable: tests use :func:`start_server`.
+under any Python, including the vllm venv's. The lifecycle (start, readiness, stop) is importable from
+:mod:`megatron_anchor.annotation.server`.
 
 API key: ``--api-key-file FILE`` (or ``$ANNOTATOR_API_KEY``, the variable the clients read too) makes vLLM refuse
 requests without it. The key reaches vLLM through its environment (``VLLM_API_KEY``), never its command line, and

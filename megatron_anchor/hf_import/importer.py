@@ -153,12 +153,13 @@ def _write(src: str, tmp: str, final: str, cfg, weights: HFWeights, rows_hf: int
     ``tmp``; the paths recorded inside are those under ``final``, where ``tmp`` is renamed afterwards."""
     from megatron.core import dist_checkpointing
 
-    from megatron_anchor.inference.checkpoint import TRACKER_FILE, megatron_session, prepare_config
+    from megatron_anchor.inference.checkpoint import megatron_session, prepare_config
     from megatron_anchor.inference.model import ModelSpec
     from megatron_anchor.tokenizer import HuggingFaceAnchorTokenizer, TokenizerError
     from megatron_anchor.tokenizer.record import checkpoint_record_path, tokenizer_record, write_record
-    from megatron_anchor.training.arguments import dump_yaml
-    from megatron_anchor.training.checkpointing import RUN_CONFIG_FILE, WEIGHTS_ONLY_KEY, checkpoint_dir
+    from megatron_anchor.training.checkpoint_files import RUN_CONFIG_FILE, TRACKER_FILE, WEIGHTS_ONLY_KEY
+    from megatron_anchor.training.checkpointing import checkpoint_dir
+    from megatron_anchor.training.config_io import dump_yaml
     from megatron_anchor.training.model import build_transformer_config, model_provider, padded_vocab_size
 
     tok_dir = os.path.join(tmp, "tokenizer")

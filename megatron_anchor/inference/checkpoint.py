@@ -26,10 +26,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from megatron_anchor.training.checkpoint_files import describe_read_error, read_errors
+from megatron_anchor.training.checkpoint_files import TRACKER_FILE, describe_read_error, read_errors
 from megatron_anchor.training.config import AnchorConfig
-
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 
 class CheckpointError(ValueError):
@@ -59,7 +57,7 @@ def config_from_args(argv: Sequence[str], load: Optional[str] = None) -> AnchorC
     parallel settings are irrelevant here and reset so they cannot make the config invalid.
     """
     from megatron_anchor.training.arguments import parse_args
-    from megatron_anchor.training.checkpointing import RUN_CONFIG_FILE
+    from megatron_anchor.training.checkpoint_files import RUN_CONFIG_FILE
 
     argv = list(argv)
     if load is None and "--load" in argv[:-1]:

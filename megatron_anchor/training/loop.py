@@ -22,14 +22,7 @@ import torch.distributed as dist
 
 from megatron_anchor.training import checkpointing, guards, initialize
 from megatron_anchor.training.batch import current_plan, distribute
-from megatron_anchor.training.callbacks import (  # noqa: F401 - throughput, peak_memory_over_ranks: public here too
-    Callback,
-    CallbackList,
-    StepInfo,
-    loop_callbacks,
-    peak_memory_over_ranks,
-    throughput,
-)
+from megatron_anchor.training.callbacks import Callback, CallbackList, StepInfo, loop_callbacks
 from megatron_anchor.training.config import AnchorConfig
 from megatron_anchor.training.flops import ModelShape, device_peak_tflops
 from megatron_anchor.training.model import (build_model_chunks, build_transformer_config, has_transformer_engine,
@@ -37,16 +30,7 @@ from megatron_anchor.training.model import (build_model_chunks, build_transforme
 from megatron_anchor.training.monitor import Monitor, StepProfiler
 from megatron_anchor.training.packing import rank_token_multiple
 from megatron_anchor.training.resolved import ResolvedRun, bind_run, resolve_run
-from megatron_anchor.training.step import (  # noqa: F401 - evaluate, StepReduction, REDUCED_KEYS: public here too
-    REDUCED_KEYS,
-    RunResult,
-    StepReduction,
-    Trainer,
-    check_finite,
-    evaluate,
-    train_step,
-)
-from megatron_anchor.training.step import forward_backward as _forward_backward  # noqa: F401 - the tests' name
+from megatron_anchor.training.step import RunResult, StepReduction, Trainer, check_finite, train_step
 
 def ddp_config(cfg: AnchorConfig):
     """megatron-core's DistributedDataParallelConfig for this run (as Megatron-LM's training.py fills it)."""

@@ -27,11 +27,11 @@ def _argv(prefix, sp_model, cache, global_batch):
 
 def _grads(tr):
     """One global batch through the schedule (megatron's finalize divides by the global token count)."""
-    from megatron_anchor.training.loop import _forward_backward
+    from megatron_anchor.training.step import forward_backward
 
     for chunk in tr.model:
         chunk.zero_grad_buffer()
-    _forward_backward(tr, tr.train_iter, forward_only=False)
+    forward_backward(tr, tr.train_iter, forward_only=False)
     return [p.main_grad.clone() for p in tr.model[0].parameters()]
 
 
